@@ -1,0 +1,79 @@
+# Two set-up commands on a fresh machine: `make train STAGE=1` and `make test`.
+# Every target installs .venv first (CPU build of torch where there is no GPU).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)
+
+STAGE ?= 1
+MODEL ?= tiny
+NPROC ?= 1
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+ARGS ?=
+TRAIN_ARGS := configs/train/$(MODEL)-stage$(STAGE).args
+SAMPLE_DATA := runs/data/sample_stage1/sample_stage1-train-text.idx runs/data/sample_stage2/sample_stage2-train-text.idx
+
+.PHONY: install test test-gpu data train sample bench gpu-check plots lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	@# No GPU here: take the local CPU build first so the torch range below installs nothing more.
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	touch $(STAMP)
+
+# Kernel tests run the Triton kernels in the interpreter on CPU; the rest uses the references.
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -m "not gpu" -q
+	$(PY) -m pytest tests --ignore=tests/kernels -m "not gpu" -q
+
+# On a GPU machine (also the lent one, whose image already has the packages): PYTHON=python3.
+test-gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) -m pytest tests -m gpu -q
+
+data: install $(SAMPLE_DATA)
+
+$(SAMPLE_DATA):
+	$(PY) -m data.pretokenize configs/data/sample.yaml
+
+train: install $(if $(filter tiny,$(MODEL)),data)
+ifeq ($(NPROC)$(NNODES),11)
+	$(PY) -m train @$(TRAIN_ARGS) $(ARGS)
+else
+	$(VENV)/bin/torchrun --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
+		--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) -m train @$(TRAIN_ARGS) $(ARGS)
+endif
+
+sample: install
+	$(PY) -m model.generate --load runs/tiny-stage2/checkpoints --prompts configs/prompts/sample_prompts.jsonl \
+		--out runs/tiny-stage2/sampling_report.json $(ARGS)
+
+bench: install
+	$(PY) -m bench.bench_pretokenize
+	$(PY) -m pytest bench -q --benchmark-only $(ARGS)
+
+# The lent GPU machine: its own python3 (torch, triton, pytest, ...), never `make install`.
+gpu-check:
+	python3 -m bench.gpu_check
+
+plots: install
+	$(PY) -m bench.plots bench/results
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .benchmarks

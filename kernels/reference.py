@@ -1,0 +1,116 @@
+"""Plain-PyTorch reference of every kernel family.
+
+Tests, benchmarks and the CPU training path all use these. `upcast=True` computes in fp32 and
+casts the result back to the input dtype (what the kernels do); `upcast=False` computes in the
+input dtype, which is the "low-precision PyTorch" error baseline the kernel tests compare with.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, upcast: bool = True):
+    """y = x / sqrt(mean(x^2) + eps) * weight.   x: (..., hidden), weight: (hidden,)."""
+    dtype = x.dtype
+    if upcast:
+        x, weight = x.float(), weight.float()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+    return y.to(dtype)
+
+
+def swiglu(gate_up: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+    """silu(gate) * up.   gate_up: (..., 2*ffn) laid out [gate | up] -> (..., ffn)."""
+    dtype = gate_up.dtype
+    gate, up = gate_up.chunk(2, dim=-1)
+    if upcast:
+        gate, up = gate.float(), up.float()
+    return (F.silu(gate) * up).to(dtype)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling_factor: float = 1.0
+):
+    """fp32 cos/sin for integer positions.   positions: (tokens,) -> cos, sin: (tokens, head_dim/2).
+
+    `scaling_factor` is linear position interpolation: positions are divided by it.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    angles = (positions.to(torch.float32) / scaling_factor)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, upcast: bool) -> torch.Tensor:
+    # Half-split ("rotate_half", GPT-NeoX / Hugging Face) layout: pairs are (i, i + head_dim/2).
+    dtype = x.dtype
+    if upcast:
+        x = x.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+
+
+def rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    theta: float = 10000.0,
+    scaling_factor: float = 1.0,
+    upcast: bool = True,
+):
+    """Rotary embedding of q and k.   q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim),
+    positions: (tokens,) integer positions (restarting at 0 for each packed document)."""
+    cos, sin = rotary_cos_sin(positions, q.shape[-1], theta, scaling_factor)
+    return _rotate(q, cos, sin, upcast), _rotate(k, cos, sin, upcast)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    softmax_scale: float | None = None,
+    upcast: bool = True,
+    return_lse: bool = False,
+):
+    """Causal attention inside each packed document, GQA by head groups.
+
+    q: (tokens, heads, head_dim); k, v: (tokens, kv_heads, head_dim); cu_seqlens: (docs + 1,)
+    int32 document boundaries. Returns out: (tokens, heads, head_dim) and, with `return_lse`,
+    lse: (heads, tokens) fp32, the natural-log log-sum-exp of the scaled scores per query.
+    """
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    rep = heads // kv_heads
+    outs, lses = [], []
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qd = q[start:end].transpose(0, 1)  # (heads, n, head_dim)
+        kd = k[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)  # (heads, n, head_dim)
+        vd = v[start:end].transpose(0, 1).repeat_interleave(rep, dim=0)
+        if not return_lse:
+            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+        else:
+            scores = (qd @ kd.transpose(-1, -2)) * scale  # (heads, n, n)
+            n = end - start
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            lses.append(torch.logsumexp(scores.float(), dim=-1))
+            od = scores.softmax(dim=-1) @ vd
+        outs.append(od.transpose(0, 1))
+    out = torch.cat(outs, dim=0).to(dtype)
+    if return_lse:
+        return out, torch.cat(lses, dim=1)
+    return out

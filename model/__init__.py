@@ -1,0 +1,1 @@
+"""Llama-2 model: config presets, the model, Hugging Face interop and sampling."""

@@ -1,0 +1,146 @@
+"""Model configuration: one dataclass and the named presets."""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Llama-2 architecture. Sizes are global (before tensor parallelism)."""
+
+    name: str = "custom"  # preset name or "custom" / "hf:<path>"
+    vocab_size: int = 32007  # tokenizer vocabulary (base + Megatron specials + extra ids), unpadded
+    hidden_size: int = 4096  # model width
+    ffn_hidden_size: int = 11008  # SwiGLU inner width
+    num_layers: int = 32  # transformer blocks
+    num_attention_heads: int = 32  # query heads
+    num_kv_heads: int = 32  # key/value heads (GQA when fewer than query heads)
+    max_position_embeddings: int = 4096  # longest sequence the rotary tables are meant for
+    rope_theta: float = 10000.0  # rotary base
+    rope_scaling_factor: float = 1.0  # linear position interpolation: positions / factor
+    norm_eps: float = 1e-5  # RMSNorm epsilon (the seed's --layernorm_epsilon)
+    hidden_dropout: float = 0.0  # dropout on the residual branches (max layer's value with LIMA)
+    attention_dropout: float = 0.0  # must be 0: flash attention has no dropout
+    lima_dropout: bool = False  # layer i of L gets hidden_dropout * i / (L - 1)
+    init_std: float = 0.02  # normal init std; output projections get std / sqrt(2 * layers)
+    make_vocab_size_divisible_by: int = 128  # embedding rows padded to a multiple of this x TP
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Embedding/head rows: vocab rounded up to a multiple of make_vocab_size_divisible_by * tp."""
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def layer_dropout(self, layer: int) -> float:
+        """Hidden dropout of layer `layer` (0-based); LIMA ramps linearly from 0 to hidden_dropout."""
+        if not self.lima_dropout:
+            return self.hidden_dropout
+        if self.num_layers == 1:
+            return self.hidden_dropout
+        return self.hidden_dropout * layer / (self.num_layers - 1)
+
+    def validate(self, tp: int = 1) -> None:
+        """Raise ValueError naming the field when the architecture is inconsistent."""
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_kv_heads:
+            problems.append(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_kv_heads {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % tp or self.num_kv_heads % tp:
+            problems.append(
+                f"tensor parallel size {tp} must divide num_attention_heads "
+                f"({self.num_attention_heads}) and num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.ffn_hidden_size % tp:
+            problems.append(f"tensor parallel size {tp} must divide ffn_hidden_size {self.ffn_hidden_size}")
+        if self.attention_dropout != 0.0:
+            problems.append(
+                f"attention_dropout={self.attention_dropout}: the flash-attention path has no "
+                "dropout; use 0.0 (as the seed does)"
+            )
+        if not 0.0 <= self.hidden_dropout < 1.0:
+            problems.append(f"hidden_dropout={self.hidden_dropout} must be in [0, 1)")
+        if problems:
+            raise ValueError("invalid model configuration: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CPU default: small enough to train in minutes on 2 cores; GQA (8 heads, 2 KV heads) so the
+    # grouped path is always exercised.
+    "tiny": ModelConfig(
+        name="tiny",
+        hidden_size=256,
+        ffn_hidden_size=688,
+        num_layers=4,
+        num_attention_heads=8,
+        num_kv_heads=2,
+        max_position_embeddings=1024,
+    ),
+    "llama2-7b": ModelConfig(
+        name="llama2-7b",
+        hidden_size=4096,
+        ffn_hidden_size=11008,
+        num_layers=32,
+        num_attention_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama2-13b": ModelConfig(
+        name="llama2-13b",
+        hidden_size=5120,
+        ffn_hidden_size=13824,
+        num_layers=40,
+        num_attention_heads=40,
+        num_kv_heads=40,
+        max_position_embeddings=4096,
+    ),
+    "llama2-70b": ModelConfig(
+        name="llama2-70b",
+        hidden_size=8192,
+        ffn_hidden_size=28672,
+        num_layers=80,
+        num_attention_heads=64,
+        num_kv_heads=8,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def param_count(cfg: ModelConfig, padded_vocab: int | None = None) -> int:
+    """Parameters of the full (unsharded) model, with the padded vocabulary."""
+    v = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size()
+    h, f, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
+    attn = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_attention_heads * hd * h
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    return cfg.num_layers * per_layer + 2 * v * h + h
