@@ -114,3 +114,46 @@ def attention(
     if return_lse:
         return out, torch.cat(lses, dim=1)
     return out
+
+
+def found_nonfinite(grads: torch.Tensor, found_inf: torch.Tensor) -> torch.Tensor:
+    """Set found_inf (1,) fp32 to 1 if any element of grads is inf/NaN (never clears it)."""
+    found_inf.copy_(torch.maximum(found_inf, (~torch.isfinite(grads)).any().float().reshape(1)))
+    return found_inf
+
+
+@torch.no_grad()
+def adamw(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: float | torch.Tensor = 1.0,
+    found_inf: torch.Tensor | None = None,
+    model_out: torch.Tensor | None = None,
+) -> None:
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) on flat (n,) buffers.
+
+    params/exp_avg/exp_avg_sq: fp32, updated in place; grads: fp32 or bf16, multiplied by
+    grad_scale first (the clipping coefficient); found_inf: (1,) flag, non-zero skips the whole
+    update; model_out: low-precision copy of the new params, written in the same pass.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    g = grads.float() * grad_scale
+    params.mul_(1.0 - lr * weight_decay)
+    exp_avg.lerp_(g, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
+    params.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    if model_out is not None:
+        model_out.copy_(params)

@@ -1,0 +1,62 @@
+"""Shared helpers for kernel tests.
+
+Devices: "cpu" runs the Triton kernels in the interpreter (only when TRITON_INTERPRET=1, which
+`make test` sets for tests/kernels); "cuda" runs them on a GPU and carries the `gpu` marker
+(`make test-gpu`). Use the `device` fixture and the helpers below in every kernel test.
+"""
+
+import pytest
+import torch
+
+from kernels._triton import HAS_TRITON, INTERPRET
+
+
+def _devices():
+    params = []
+    if HAS_TRITON and INTERPRET:
+        params.append(pytest.param("cpu", id="cpu-interpret"))
+    params.append(
+        pytest.param(
+            "cuda",
+            id="cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            ],
+        )
+    )
+    return params
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> str:
+    return request.param
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill `t` with NaN (floating) or a sentinel (integer) so an unwritten element fails a test."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(-(2**30))
+
+
+def poisoned_empty(*shape, dtype, device) -> torch.Tensor:
+    return poison(torch.empty(*shape, dtype=dtype, device=device))
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, atol: float = 1e-5, name: str = "out"):
+    """The flash-attention rule: the kernel's error against the fp32 reference is at most twice the
+    low-precision PyTorch reference's own error, plus a small atol. NaNs anywhere fail."""
+    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    assert torch.isfinite(out.float()).all(), f"{name}: non-finite values (unwritten output?)"
+    err = max_err(out, ref_fp32)
+    base = max_err(ref_lowp, ref_fp32)
+    assert err <= 2 * base + atol, f"{name}: kernel error {err:.3e} > 2 x reference error {base:.3e} + {atol:.1e}"
+
+
+# Tolerances for the `atol` term per dtype (the "small atol" of the pass rule).
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
