@@ -1,0 +1,106 @@
+"""ParallelDims: the (tp, pp, dp) layout and its process groups, built once, passed explicitly."""
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelDims:
+    """Megatron rank order: TP innermost (stays inside a node), then DP, then PP outermost.
+
+    rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+    """
+
+    tp: int = 1  # tensor (and sequence) parallel size
+    pp: int = 1  # pipeline parallel size
+    dp: int = 1  # data parallel size
+    rank: int = 0  # global rank of this process
+    tp_group: object = field(default=None, repr=False)  # ProcessGroup, None when tp == 1
+    pp_group: object = field(default=None, repr=False)  # ProcessGroup, None when pp == 1
+    dp_group: object = field(default=None, repr=False)  # ProcessGroup, None when dp == 1
+    pp_ranks: list[int] = field(default_factory=list, repr=False)  # global ranks of my pipeline
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} size must be >= 1, got {getattr(self, name)}")
+        if not self.pp_ranks:
+            self.pp_ranks = [self.global_rank(self.tp_rank, self.dp_rank, p) for p in range(self.pp)]
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
+        return pp_rank * (self.dp * self.tp) + dp_rank * self.tp + tp_rank
+
+    @staticmethod
+    def check(world_size: int, tp: int, pp: int) -> int:
+        """Return dp = world / (tp * pp), or raise a ValueError that says what to change."""
+        if world_size % (tp * pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
+                f"pipeline_model_parallel_size ({pp}); launch a multiple of {tp * pp} processes "
+                "(torchrun --nproc_per_node) or change the parallel sizes"
+            )
+        return world_size // (tp * pp)
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, backend: str | None = None) -> "ParallelDims":
+        """Initialise torch.distributed from torchrun's environment (if launched by it) and create
+        the TP, PP and DP groups. A single process without torchrun needs no process group."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dp = cls.check(world, tp, pp)
+        if world == 1:
+            return cls(tp=tp, pp=pp, dp=dp, rank=0)
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        rank = dist.get_rank()
+        dims = cls(tp=tp, pp=pp, dp=dp, rank=rank)
+        # Every process must create every group, in the same order (torch.distributed rule).
+        for p in range(pp):
+            for d in range(dp):
+                ranks = [dims.global_rank(t, d, p) for t in range(tp)]
+                g = dist.new_group(ranks)
+                if rank in ranks and tp > 1:
+                    dims.tp_group = g
+        for p in range(pp):
+            for t in range(tp):
+                ranks = [dims.global_rank(t, d, p) for d in range(dp)]
+                g = dist.new_group(ranks)
+                if rank in ranks and dp > 1:
+                    dims.dp_group = g
+        for d in range(dp):
+            for t in range(tp):
+                ranks = [dims.global_rank(t, d, p) for p in range(pp)]
+                g = dist.new_group(ranks)
+                if rank in ranks and pp > 1:
+                    dims.pp_group = g
+        return dims
