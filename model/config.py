@@ -1,6 +1,7 @@
 """Model configuration: one dataclass and the named presets."""
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,12 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int = 1) -> int:
-        """Embedding/head rows: vocab rounded up to a multiple of make_vocab_size_divisible_by * tp."""
+        """Embedding/head rows: vocab rounded up to make_vocab_size_divisible_by * tp."""
         multiple = self.make_vocab_size_divisible_by * tp
         return -(-self.vocab_size // multiple) * multiple
 
     def layer_dropout(self, layer: int) -> float:
-        """Hidden dropout of layer `layer` (0-based); LIMA ramps linearly from 0 to hidden_dropout."""
+        """Hidden dropout of layer `layer` (0-based); LIMA ramps it from 0 to hidden_dropout."""
         if not self.lima_dropout:
             return self.hidden_dropout
         if self.num_layers == 1:
@@ -62,7 +63,9 @@ class ModelConfig:
                 f"({self.num_attention_heads}) and num_kv_heads ({self.num_kv_heads})"
             )
         if self.ffn_hidden_size % tp:
-            problems.append(f"tensor parallel size {tp} must divide ffn_hidden_size {self.ffn_hidden_size}")
+            problems.append(
+                f"tensor parallel size {tp} must divide ffn_hidden_size {self.ffn_hidden_size}"
+            )
         if self.attention_dropout != 0.0:
             problems.append(
                 f"attention_dropout={self.attention_dropout}: the flash-attention path has no "
@@ -86,6 +89,78 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
+
+    def param_shapes(self, padded_vocab: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Global (TP=PP=1) parameter names and shapes of `Llama(self, padded_vocab)`, in the
+        order of `named_parameters()`, computed without allocating anything."""
+        v = padded_vocab if padded_vocab is not None else self.padded_vocab_size()
+        h, f, hd = self.hidden_size, self.ffn_hidden_size, self.head_dim
+        qkv = (self.num_attention_heads + 2 * self.num_kv_heads) * hd
+        shapes: dict[str, tuple[int, ...]] = {"embed.weight": (v, h)}
+        for i in range(self.num_layers):
+            shapes[f"layers.{i}.attention_norm.weight"] = (h,)
+            shapes[f"layers.{i}.attention.wqkv.weight"] = (qkv, h)
+            shapes[f"layers.{i}.attention.wo.weight"] = (h, self.num_attention_heads * hd)
+            shapes[f"layers.{i}.mlp_norm.weight"] = (h,)
+            shapes[f"layers.{i}.mlp.w13.weight"] = (2 * f, h)
+            shapes[f"layers.{i}.mlp.w2.weight"] = (h, f)
+        shapes["norm.weight"] = (h,)
+        shapes["output.weight"] = (v, h)
+        return shapes
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any], name: str = "hf") -> "ModelConfig":
+        """Hugging Face `LlamaConfig` (config.json as a dict) -> ModelConfig.
+
+        `vocab_size` is taken as written; an exported checkpoint's config carries the *padded*
+        row count, so callers that know the tokenizer override it with the tokenizer's size.
+        Features our model does not have (tied embeddings, biases, non-SiLU activations,
+        non-linear rope scaling, another head_dim) are refused, naming the key.
+        """
+        model_type = d.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(
+                f"HF config model_type={model_type!r}: only 'llama' configs are supported"
+            )
+        problems = []
+        if d.get("tie_word_embeddings", False):
+            problems.append("tie_word_embeddings=true (Llama-2 has an untied output head)")
+        if d.get("attention_bias", False) or d.get("mlp_bias", False):
+            problems.append("attention_bias/mlp_bias=true (our projections have no bias)")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            problems.append(f"hidden_act={act!r} (SwiGLU needs 'silu')")
+        heads = d["num_attention_heads"]
+        hidden = d["hidden_size"]
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim * heads != hidden:
+            problems.append(f"head_dim={head_dim} differs from hidden_size / num_attention_heads")
+        # Older transformers write rope_theta + rope_scaling; newer ones a rope_parameters dict.
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        factor = 1.0
+        if kind == "linear":
+            factor = float(rope["factor"])
+        elif kind != "default":
+            problems.append(f"rope_scaling type {kind!r} (only 'linear' interpolation)")
+        if problems:
+            raise ValueError("unsupported HF Llama config: " + "; ".join(problems))
+        return cls(
+            name=name,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(hidden),
+            ffn_hidden_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=int(heads),
+            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            rope_theta=float(theta),
+            rope_scaling_factor=factor,
+            norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            attention_dropout=float(d.get("attention_dropout", 0.0)),
+            init_std=float(d.get("initializer_range", 0.02)),
+        )
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -138,9 +213,10 @@ def get_preset(name: str) -> ModelConfig:
 
 def param_count(cfg: ModelConfig, padded_vocab: int | None = None) -> int:
     """Parameters of the full (unsharded) model, with the padded vocabulary."""
-    v = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size()
-    h, f, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.head_dim
-    attn = h * (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * hd + cfg.num_attention_heads * hd * h
-    mlp = 3 * h * f
-    per_layer = attn + mlp + 2 * h
-    return cfg.num_layers * per_layer + 2 * v * h + h
+    total = 0
+    for shape in cfg.param_shapes(padded_vocab).values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += n
+    return total

@@ -1,0 +1,135 @@
+"""Checkpoint layout: full round trip, sharded reads, vocabulary re-padding, atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.config import PRESETS
+from model.llama import Llama
+from train import checkpoint as ckpt
+
+
+def _tiny_state(vocab_rows=None):
+    cfg = PRESETS["tiny"].replace(num_layers=2)
+    torch.manual_seed(0)
+    sd = {n: torch.randn(s) for n, s in cfg.param_shapes().items()}
+    if vocab_rows is not None:
+        for n in ckpt.VOCAB_PARAMS:
+            sd[n] = sd[n][:vocab_rows].clone()
+    return cfg, sd
+
+
+def test_write_full_then_read_full_round_trip(tmp_path):
+    cfg, sd = _tiny_state(vocab_rows=PRESETS["tiny"].vocab_size)  # unpadded vocab rows
+    meta = {"model": cfg.to_dict(), "tokenizer": {"fingerprint": "abc"}, "note": "x"}
+    d = ckpt.write_full_checkpoint(tmp_path, 7, sd, meta)
+    assert d == tmp_path / "iter_0000007"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+    assert not list(tmp_path.glob(".tmp_*"))
+    # padded rows on disk copy row 0
+    with safe_open(str(d / "mp_rank_00_000" / "model.safetensors"), "pt") as f:
+        emb = f.get_tensor("embed.weight")
+    assert emb.shape[0] == cfg.padded_vocab_size(1)
+    assert torch.equal(
+        emb[cfg.vocab_size :], sd["embed.weight"][:1].expand(emb.shape[0] - cfg.vocab_size, -1)
+    )
+    for path in (tmp_path, d):
+        got, gmeta = ckpt.read_full_state_dict(path)
+        assert set(got) == set(sd)
+        for n in sd:
+            assert torch.equal(got[n], sd[n]), n
+        assert gmeta["tokenizer"]["fingerprint"] == "abc" and gmeta["note"] == "x"
+        assert gmeta["iteration"] == 7 and gmeta["has_optimizer"] is False
+    # the written checkpoint loads into the model
+    model = Llama(cfg)
+    index = ckpt.ShardIndex(d)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(ckpt.read_param(index, n, gmeta, model.padded_vocab))
+    assert torch.equal(model.layers["1"].mlp.w2.weight, sd["layers.1.mlp.w2.weight"])
+
+
+def test_write_full_refuses_bad_state(tmp_path):
+    cfg, sd = _tiny_state()
+    meta = {"model": cfg.to_dict()}
+    bad = dict(sd)
+    bad.pop("norm.weight")
+    with pytest.raises(ckpt.CheckpointError, match="missing.*norm.weight"):
+        ckpt.write_full_checkpoint(tmp_path, 1, bad, meta)
+    bad = dict(sd, **{"layers.0.mlp.w2.weight": torch.zeros(3, 3)})
+    with pytest.raises(ckpt.CheckpointError, match="layers.0.mlp.w2.weight"):
+        ckpt.write_full_checkpoint(tmp_path, 1, bad, meta)
+    with pytest.raises(ckpt.CheckpointError, match="'model'"):
+        ckpt.write_full_checkpoint(tmp_path, 1, sd, {})
+    assert not (tmp_path / "latest_checkpointed_iteration.txt").exists()
+
+
+def _write_sharded(iter_dir, name, full, dim, tp):
+    """Shard `full` over `tp` ranks the way fused QKV is sharded: each rank holds two pieces."""
+    n = full.shape[dim]
+    seg = n // 2  # two segments (like [q | kv]) each split over tp
+    for r in range(tp):
+        pieces = [(s * seg + r * seg // tp, seg // tp) for s in range(2)]
+        local = torch.cat([full.narrow(dim, a, b) for a, b in pieces], dim=dim)
+        layout = {"name": name, "global_shape": list(full.shape), "tp_dim": dim, "pieces": pieces}
+        d = iter_dir / ckpt.shard_dir_name(r, 0)
+        d.mkdir(parents=True, exist_ok=True)
+        ckpt._save_safetensors(d / "model.safetensors", {name: local}, {name: layout})
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_sharded_read_any_slice(tmp_path, dim):
+    full = torch.arange(8 * 12, dtype=torch.float32).view(8, 12)
+    _write_sharded(tmp_path, "w", full, dim, tp=2)
+    index = ckpt.ShardIndex(tmp_path)
+    assert torch.equal(index.read("w"), full)
+    # re-slice for another layout (TP=4 of the same fused rule, rank 1), and along the other dim
+    n = full.shape[dim]
+    pieces = [(1 * n // 8, n // 8), (n // 2 + n // 8, n // 8)]
+    want = torch.cat([full.narrow(dim, a, b) for a, b in pieces], dim=dim)
+    assert torch.equal(index.read("w", dim=dim, pieces=pieces), want)
+    other = 1 - dim
+    assert torch.equal(index.read("w", dim=other, pieces=[(2, 3)]), full.narrow(other, 2, 3))
+
+
+def test_incomplete_shard_set_is_refused(tmp_path):
+    full = torch.randn(8, 4)
+    _write_sharded(tmp_path, "w", full, 0, tp=2)
+    import shutil
+
+    shutil.rmtree(tmp_path / ckpt.shard_dir_name(1, 0))
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.ShardIndex(tmp_path).read("w")
+
+
+def test_vocab_repadding(tmp_path):
+    cfg, sd = _tiny_state()
+    d = ckpt.write_full_checkpoint(tmp_path, 1, sd, {"model": cfg.to_dict()})
+    _, meta = ckpt.read_full_state_dict(d)
+    index = ckpt.ShardIndex(d)
+    bigger = cfg.padded_vocab_size(4)  # as a TP=4 model would pad
+    t = ckpt.read_param(index, "output.weight", meta, bigger)
+    assert t.shape[0] == bigger
+    assert torch.equal(t[: cfg.vocab_size], sd["output.weight"][: cfg.vocab_size])
+    assert torch.equal(t[-1], sd["output.weight"][0])
+    part = ckpt.read_param(
+        index, "output.weight", meta, bigger, dim=0, pieces=[(bigger // 4, bigger // 4)]
+    )
+    assert torch.equal(part, t[bigger // 4 : bigger // 2])
+
+
+def test_resave_same_iteration_and_latest_written_last(tmp_path):
+    cfg, sd = _tiny_state()
+    ckpt.write_full_checkpoint(tmp_path, 3, sd, {"model": cfg.to_dict(), "v": 1})
+    ckpt.write_full_checkpoint(tmp_path, 3, sd, {"model": cfg.to_dict(), "v": 2})
+    assert json.loads((tmp_path / "iter_0000003" / "meta.json").read_text())["v"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000003",
+        "latest_checkpointed_iteration.txt",
+    ]
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.resolve_iteration_dir(tmp_path / "nope")
+    with pytest.raises(ckpt.CheckpointError, match="holds no checkpoint"):
+        ckpt.resolve_iteration_dir(tmp_path / "iter_0000003" / "mp_rank_00_000")

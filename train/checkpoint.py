@@ -1,0 +1,510 @@
+"""Checkpoints in Megatron's directory layout, with safetensors for tensors and JSON for the rest.
+
+    {save}/latest_checkpointed_iteration.txt      "500", written last (atomically)
+    {save}/iter_0000500/meta.json                 iteration, model config, vocab, tokenizer,
+                                                  layout, args, consumed samples, scheduler
+    {save}/iter_0000500/mp_rank_{tp:02d}_{pp:03d}/
+        model.safetensors                         this (tp, pp) rank's parameter shards
+        optim_dp{dp:03d}.safetensors              fp32 master weights + Adam moments
+        state_dp{dp:03d}.json                     RNG states and the data loader's position
+
+No pickles anywhere. Every tensor in a safetensors file carries its layout in the file's
+`__metadata__["tensors"]` (a JSON map, key -> {name, global_shape, tp_dim, pieces}): `tp_dim` is
+the sharded dimension (None: a full copy) and `pieces` the (global_start, length) ranges along it
+that this shard holds, in local order (fused QKV / gate-up shards hold several). `ShardIndex.read`
+assembles any slice of any global tensor from whatever shard set is on disk, reading lazily,
+which is what loading at another tensor/pipeline layout needs.
+
+A whole checkpoint directory is first written under a temporary name and renamed into place,
+and `latest_checkpointed_iteration.txt` is replaced only after that, so a crash never leaves a
+half-written iteration where a resume would find it.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.config import ModelConfig
+
+FORMAT = "oasst-trainer-checkpoint"
+FORMAT_VERSION = 1
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+META_FILE = "meta.json"
+MODEL_FILE = "model.safetensors"
+VOCAB_PARAMS = ("embed.weight", "output.weight")  # rows = padded vocabulary
+OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message saying why and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# names and paths
+
+
+def iteration_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def shard_dir_name(tp_rank: int, pp_rank: int) -> str:
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def optim_file_name(dp_rank: int) -> str:
+    return f"optim_dp{dp_rank:03d}.safetensors"
+
+
+def state_file_name(dp_rank: int) -> str:
+    return f"state_dp{dp_rank:03d}.json"
+
+
+def latest_iteration(save_dir: str | os.PathLike) -> int | None:
+    """The iteration named by `latest_checkpointed_iteration.txt`, or None when there is none."""
+    path = Path(save_dir) / LATEST_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        return int(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from e
+
+
+def resolve_iteration_dir(path: str | os.PathLike) -> Path:
+    """A save directory (follows latest_checkpointed_iteration.txt) or an iter_XXXXXXX directory."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    it = latest_iteration(path)
+    if it is None:
+        raise CheckpointError(
+            f"{path} holds no checkpoint: neither {META_FILE} (an iteration directory) nor "
+            f"{LATEST_FILE} (a save directory) is there"
+        )
+    d = path / iteration_dir_name(it)
+    if not (d / META_FILE).is_file():
+        raise CheckpointError(
+            f"{path / LATEST_FILE} names iteration {it} but {d / META_FILE} is missing"
+        )
+    return d
+
+
+def read_meta(iter_dir: str | os.PathLike) -> dict:
+    path = Path(iter_dir) / META_FILE
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format={meta.get('format')!r})")
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})"
+        )
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# per-tensor layout
+
+
+def tensor_layout(name: str, t: torch.Tensor) -> dict:
+    """Layout metadata of a (possibly TP-sharded) parameter from the attributes the parallel
+    layers set: tp_dim (int or None), tp_pieces [(global_start, length), ...], global_shape.
+    A tensor without them is a full, unsharded copy."""
+    tp_dim = getattr(t, "tp_dim", None)
+    global_shape = list(getattr(t, "global_shape", None) or t.shape)
+    pieces = getattr(t, "tp_pieces", None)
+    if tp_dim is not None and pieces is None:
+        raise CheckpointError(f"parameter {name} has tp_dim={tp_dim} but no tp_pieces")
+    if tp_dim is not None:
+        pieces = [[int(s), int(n)] for s, n in pieces]
+        if sum(n for _, n in pieces) != t.shape[tp_dim]:
+            raise CheckpointError(
+                f"parameter {name}: tp_pieces {pieces} do not add up to the local shape"
+            )
+    return {"name": name, "global_shape": global_shape, "tp_dim": tp_dim, "pieces": pieces}
+
+
+def _save_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], layouts: dict[str, dict]
+) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {"format": FORMAT, "tensors": json.dumps(layouts, sort_keys=True)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+class _Entry:
+    """One stored tensor: file, key and layout."""
+
+    def __init__(self, file: Path, key: str, layout: dict):
+        self.file, self.key = file, key
+        self.tp_dim = layout["tp_dim"]
+        self.pieces = layout["pieces"]
+        self.global_shape = tuple(layout["global_shape"])
+
+
+class ShardIndex:
+    """Every tensor stored in one iteration directory, by (kind, global name).
+
+    kind is "model" (model.safetensors) or one of "master", "exp_avg", "exp_avg_sq" (the
+    optimizer files, keys "{kind}/{name}"). Only headers are read here; tensors are read lazily.
+    """
+
+    def __init__(self, iter_dir: str | os.PathLike):
+        self.dir = Path(iter_dir)
+        self.entries: dict[tuple[str, str], list[_Entry]] = {}
+        shard_dirs = sorted(p for p in self.dir.glob("mp_rank_*") if p.is_dir())
+        if not shard_dirs:
+            raise CheckpointError(f"{self.dir} has no mp_rank_* shard directories")
+        for sd in shard_dirs:
+            self._add(sd / MODEL_FILE, "model")
+            # Optimizer state replicated over DP is stored once (dp 0); a sharded optimizer would
+            # write one file per dp rank, each holding its own pieces.
+            for f in sorted(sd.glob("optim_dp*.safetensors")):
+                self._add(f, None)
+
+    def _add(self, file: Path, kind: str | None) -> None:
+        if not file.is_file():
+            return
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+            layouts = json.loads(meta.get("tensors", "{}"))
+            for key in f.keys():
+                if key not in layouts:
+                    raise CheckpointError(f"{file}: tensor {key} has no layout metadata")
+                k, name = (kind, key) if kind else key.split("/", 1)
+                self.entries.setdefault((k, name), []).append(_Entry(file, key, layouts[key]))
+
+    def names(self, kind: str = "model") -> list[str]:
+        return [n for k, n in self.entries if k == kind]
+
+    def has(self, name: str, kind: str = "model") -> bool:
+        return (kind, name) in self.entries
+
+    def global_shape(self, name: str, kind: str = "model") -> tuple[int, ...]:
+        return self._entries(name, kind)[0].global_shape
+
+    def _entries(self, name: str, kind: str) -> list[_Entry]:
+        if (kind, name) not in self.entries:
+            raise CheckpointError(f"{self.dir}: no {kind} tensor named {name}")
+        return self.entries[(kind, name)]
+
+    def read(
+        self,
+        name: str,
+        kind: str = "model",
+        dim: int | None = None,
+        pieces: Iterable[tuple[int, int]] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """The slice of global tensor `name` made of `pieces` [(global_start, length), ...] along
+        `dim`, concatenated in that order (the whole tensor when dim is None), from any shard set.
+        """
+        entries = self._entries(name, kind)
+        shape = list(entries[0].global_shape)
+        want = [(0, shape[0])] if dim is None else [(int(s), int(n)) for s, n in pieces]
+        dim_w = 0 if dim is None else dim
+        out_shape = list(shape)
+        out_shape[dim_w] = sum(n for _, n in want)
+        full = [e for e in entries if e.tp_dim is None]
+        sources = full[:1] if full else entries  # one full copy suffices; shards are disjoint
+        out = None
+        covered = 0
+        for e in sources:
+            with safe_open(str(e.file), "pt") as f:
+                sl = f.get_slice(e.key)
+                stored = [(0, shape[0])] if e.tp_dim is None else e.pieces
+                dim_s = 0 if e.tp_dim is None else e.tp_dim
+                local_s = 0
+                for s_start, s_len in stored:
+                    out_off = 0
+                    for w_start, w_len in want:
+                        box = _intersect(shape, dim_s, s_start, s_len, dim_w, w_start, w_len)
+                        if box is not None:
+                            src = [slice(lo, hi) for lo, hi in box]
+                            dst = [slice(lo, hi) for lo, hi in box]
+                            src[dim_s] = slice(
+                                box[dim_s][0] - s_start + local_s, box[dim_s][1] - s_start + local_s
+                            )
+                            dst[dim_w] = slice(
+                                box[dim_w][0] - w_start + out_off, box[dim_w][1] - w_start + out_off
+                            )
+                            part = sl[tuple(src)]
+                            if out is None:
+                                out = torch.empty(out_shape, dtype=dtype or part.dtype)
+                            out[tuple(dst)] = part.to(out.dtype)
+                            covered += part.numel()
+                        out_off += w_len
+                    local_s += s_len
+        expected = 1
+        for d in out_shape:
+            expected *= d
+        if out is None or covered != expected:
+            raise CheckpointError(
+                f"{self.dir}: the stored shards of {kind} tensor {name} cover {covered} of the "
+                f"{expected} asked for (dim {dim}, pieces {want}): the shard set is incomplete"
+            )
+        return out
+
+
+def _intersect(shape, dim_a, a_start, a_len, dim_b, b_start, b_len):
+    """Per-dimension [lo, hi) of the intersection of two slabs of a tensor of `shape` (each full
+    except along its own dimension), or None when empty."""
+    box = [[0, n] for n in shape]
+    for d, s, n in ((dim_a, a_start, a_len), (dim_b, b_start, b_len)):
+        box[d] = [max(box[d][0], s), min(box[d][1], s + n)]
+        if box[d][0] >= box[d][1]:
+            return None
+    return box
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary padding
+
+
+def pad_vocab_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad (or trim) the rows of an embedding/output matrix to `rows`; new rows copy row 0 (the
+    unk token), the convention of the released checkpoint, so padded logits stay unremarkable."""
+    if t.shape[0] >= rows:
+        return t[:rows]
+    extra = t[:1].expand(rows - t.shape[0], *t.shape[1:])
+    return torch.cat([t, extra], dim=0)
+
+
+def read_param(
+    index: ShardIndex,
+    name: str,
+    meta: dict,
+    padded_vocab: int,
+    kind: str = "model",
+    dim: int | None = None,
+    pieces: Iterable[tuple[int, int]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Read a parameter slice for a model whose vocabulary is padded to `padded_vocab` rows.
+    Vocabulary matrices saved with another padding are trimmed to the real vocabulary and padded
+    again (row 0 copies), then sliced."""
+    if name in VOCAB_PARAMS and index.global_shape(name, kind)[0] != padded_vocab:
+        full = index.read(name, kind, dtype=dtype)[: meta["vocab_size"]]
+        full = pad_vocab_rows(full, padded_vocab)
+        if dim is None:
+            return full
+        return torch.cat([full.narrow(dim, s, n) for s, n in pieces], dim=dim)
+    return index.read(name, kind, dim=dim, pieces=pieces, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic directory writes
+
+
+def _is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _is_dist():
+        dist.barrier()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _tmp_dir(save_dir: Path, iteration: int) -> Path:
+    return save_dir / f".tmp_{iteration_dir_name(iteration)}"
+
+
+def _begin(save_dir: Path, iteration: int, rank: int) -> Path:
+    tmp = _tmp_dir(save_dir, iteration)
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    return tmp
+
+
+def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
+    _barrier()
+    final = save_dir / iteration_dir_name(iteration)
+    if rank == 0:
+        tmp = _tmp_dir(save_dir, iteration)
+        if final.exists():  # re-saving an iteration: move the old one out of the way first
+            old = save_dir / f".old_{iteration_dir_name(iteration)}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomic(save_dir / LATEST_FILE, f"{iteration}\n")
+    _barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------------------
+# full (unsharded) checkpoints: HF import/export and tools
+
+
+def _base_meta(meta: dict, iteration: int) -> dict:
+    if "model" not in meta:
+        raise CheckpointError(
+            "meta must hold 'model': the ModelConfig as a dict (ModelConfig.to_dict())"
+        )
+    cfg = ModelConfig.from_dict(meta["model"])
+    out = dict(meta)
+    out["format"], out["version"] = FORMAT, FORMAT_VERSION
+    out["iteration"] = int(iteration)
+    out["vocab_size"] = int(meta.get("vocab_size", cfg.vocab_size))
+    if out["vocab_size"] != cfg.vocab_size:
+        raise CheckpointError(
+            f"meta vocab_size {out['vocab_size']} differs from the model config's {cfg.vocab_size}"
+        )
+    return out
+
+
+def write_full_checkpoint(
+    save_dir: str | os.PathLike, iteration: int, state_dict: dict[str, torch.Tensor], meta: dict
+) -> Path:
+    """Write a complete checkpoint (as TP=1, PP=1, weights only) that `--load` accepts.
+
+    state_dict: global names (those of `Llama(cfg).named_parameters()`), full tensors; the
+    vocabulary matrices may have `vocab_size` rows or already be padded to the TP=1 padding
+    (extra rows are added by copying row 0). meta: must hold "model" (ModelConfig.to_dict());
+    "vocab_size" defaults to the config's; "tokenizer" (e.g. {"fingerprint": ...}) is checked
+    against the data when training loads it; any other JSON-able keys are kept. Returns the
+    iteration directory. A checkpoint without optimizer state loads as a release: training
+    starts at iteration 0 with a fresh optimizer.
+    """
+    save_dir = Path(save_dir)
+    meta = _base_meta(meta, iteration)
+    cfg = ModelConfig.from_dict(meta["model"])
+    padded = cfg.padded_vocab_size(1)
+    expected = cfg.param_shapes(padded)
+    missing = sorted(set(expected) - set(state_dict))
+    unknown = sorted(set(state_dict) - set(expected))
+    if missing or unknown:
+        raise CheckpointError(
+            f"state_dict does not match the model config: missing {missing[:8]}, "
+            f"unknown {unknown[:8]}"
+        )
+    tensors, layouts = {}, {}
+    for name, shape in expected.items():
+        t = state_dict[name]
+        if name in VOCAB_PARAMS:
+            if t.shape[0] not in (cfg.vocab_size, padded) or tuple(t.shape[1:]) != shape[1:]:
+                raise CheckpointError(
+                    f"{name}: shape {tuple(t.shape)}; "
+                    f"expected ({cfg.vocab_size} or {padded}, {shape[1]})"
+                )
+            t = pad_vocab_rows(t, padded)
+        elif tuple(t.shape) != shape:
+            raise CheckpointError(f"{name}: shape {tuple(t.shape)}, expected {shape}")
+        tensors[name] = t
+        layouts[name] = {"name": name, "global_shape": list(shape), "tp_dim": None, "pieces": None}
+    meta.update(
+        padded_vocab_size=padded,
+        layout={"tp": 1, "pp": 1, "dp": 1},
+        has_optimizer=False,
+        has_trainer_state=False,
+    )
+    tmp = _begin(save_dir, iteration, 0)
+    (tmp / shard_dir_name(0, 0)).mkdir()
+    _save_safetensors(tmp / shard_dir_name(0, 0) / MODEL_FILE, tensors, layouts)
+    _write_json(tmp / META_FILE, meta)
+    return _commit(save_dir, iteration, 0)
+
+
+def read_full_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """All model tensors of a checkpoint (a save dir or an iter dir, any TP/PP layout), gathered
+    to full tensors with the padded vocabulary rows trimmed to `vocab_size`; and its meta."""
+    iter_dir = resolve_iteration_dir(path)
+    meta = read_meta(iter_dir)
+    index = ShardIndex(iter_dir)
+    out = {}
+    for name in index.names("model"):
+        t = index.read(name)
+        out[name] = t[: meta["vocab_size"]] if name in VOCAB_PARAMS else t
+    return out, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# training checkpoints (every rank)
+
+
+def rng_state() -> dict:
+    """Torch CPU and CUDA generator states as JSON lists of bytes."""
+    state = {"cpu": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    *,
+    params: dict[str, torch.Tensor],
+    optim_state: dict[str, dict[str, torch.Tensor]] | None,
+    meta: dict,
+    rank_state: dict,
+    ranks: tuple[int, int, int, int],
+) -> Path:
+    """Collective: every rank calls it. params: this rank's model parameters by global name (with
+    the layout attributes); optim_state: kind -> name -> fp32 tensor with the parameter's local
+    shape, written only by dp rank 0 (replicated over DP); meta: JSON, written by global rank 0;
+    rank_state: this rank's RNG + loader state (JSON); ranks: (global, tp, pp, dp)."""
+    save_dir = Path(save_dir)
+    rank, tp_rank, pp_rank, dp_rank = ranks
+    meta = _base_meta(meta, iteration)
+    tmp = _begin(save_dir, iteration, rank)
+    shard = tmp / shard_dir_name(tp_rank, pp_rank)
+    shard.mkdir(exist_ok=True)
+    if dp_rank == 0:
+        layouts = {n: tensor_layout(n, p) for n, p in params.items()}
+        _save_safetensors(shard / MODEL_FILE, params, layouts)
+        if optim_state is not None:
+            tensors, olayouts = {}, {}
+            for kind, by_name in optim_state.items():
+                for n, t in by_name.items():
+                    key = f"{kind}/{n}"
+                    tensors[key] = t
+                    olayouts[key] = dict(layouts[n], name=n)
+            _save_safetensors(shard / optim_file_name(0), tensors, olayouts)
+    _write_json(shard / state_file_name(dp_rank), rank_state)
+    if rank == 0:
+        _write_json(tmp / META_FILE, meta)
+    return _commit(save_dir, iteration, rank)
+
+
+def read_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, dp_rank: int) -> dict | None:
+    """This rank's saved RNG + loader state, or None when the checkpoint has none for it."""
+    path = Path(iter_dir) / shard_dir_name(tp_rank, pp_rank) / state_file_name(dp_rank)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
