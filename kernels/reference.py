@@ -122,6 +122,14 @@ def found_nonfinite(grads: torch.Tensor, found_inf: torch.Tensor) -> torch.Tenso
     return found_inf
 
 
+def grad_sq_norm_and_nonfinite(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of squares of grads (n,) and a non-finite flag: ((1,) fp32, (1,) fp32 in {0, 1})."""
+    g = grads.float()
+    sq = g.square().sum(dtype=torch.float32).reshape(1)
+    found = (~torch.isfinite(g)).any().float().reshape(1)
+    return sq, found
+
+
 @torch.no_grad()
 def adamw(
     params: torch.Tensor,
@@ -153,7 +161,8 @@ def adamw(
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
-    denom = (exp_avg_sq / bc2).sqrt_().add_(eps)
+    # torch's order: sqrt(v) / sqrt(bc2) + eps, so eps meets a gradient-scale value, not v.
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(eps)
     params.addcdiv_(exp_avg, denom, value=-lr / bc1)
     if model_out is not None:
         model_out.copy_(params)
