@@ -1,0 +1,273 @@
+"""SentencePiece tokenizer with Megatron-LLM's id layout.
+
+Ids: the base SentencePiece vocabulary (n pieces), then `<CLS> <SEP> <EOD> <MASK>`, then the pad,
+bos and eos pieces when the model has none of its own (Llama has bos `<s>` = 1 and eos `</s>` = 2
+but no pad, so only `<PAD>` is added), then each extra id (`<|im_start|>`, `<|im_end|>`). With
+Llama-2's 32000-piece model that is `<|im_start|>` = 32005, `<|im_end|>` = 32006, vocab 32007: the
+ids of the released checkpoint.
+
+Encoding splits every special token out of the text first (so a literal `<|im_end|>` or `</s>` in
+the text becomes that one id, as in Megatron-LLM) and hands the pieces between them to
+SentencePiece, one call per piece; no BOS is added. `decode` is the exact inverse of `encode` for
+any text (specials are written back verbatim, no spaces inserted).
+"""
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+DEFAULT_TOKENIZER_PATH = str(Path(__file__).resolve().parent / "assets" / "sample_sp.model")
+DEFAULT_EXTRA_IDS = ("<|im_start|>", "<|im_end|>")
+IM_START, IM_END = DEFAULT_EXTRA_IDS
+
+# Added after the base vocabulary, in this order, unless the model already has the piece.
+_MEGATRON_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
+
+
+def parse_extra_ids(value: str | Sequence[str] | None) -> list[str]:
+    """`--vocab_extra_ids_list` value -> token list.
+
+    Accepts the seed's shell-quoted form `"\\"<|im_start|>,<|im_end|>\\""` (quotes kept in the
+    value), a plain comma-separated string, or a sequence of strings. None or "" -> [].
+    """
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        # The seed quotes the list twice for the shell; whatever quotes survive belong to no token.
+        while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            text = text[1:-1].strip()
+        items = text.split(",") if text else []
+    else:
+        items = list(value)
+    tokens = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"vocab_extra_ids_list: expected strings, found {item!r}")
+        token = item.strip().strip("\"'").strip()
+        if not token:
+            continue
+        if token in tokens:
+            raise ValueError(f"vocab_extra_ids_list: {token!r} is listed twice in {value!r}")
+        tokens.append(token)
+    return tokens
+
+
+class Tokenizer:
+    """SentencePiece model + Megatron-LLM special ids + extra ids (ChatML by default)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        vocab_extra_ids_list: Sequence[str] | str | None = DEFAULT_EXTRA_IDS,
+    ):
+        self.model_path = str(model_path)
+        path = Path(self.model_path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model {self.model_path} does not exist: pass the path of a "
+                "SentencePiece `tokenizer.model` (e.g. Llama-2's)"
+            )
+        model_bytes = path.read_bytes()
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(model_bytes)
+        except Exception as e:  # sentencepiece raises a bare RuntimeError/OSError
+            raise ValueError(f"{self.model_path} is not a SentencePiece model: {e}") from None
+        self.extra_ids: list[str] = parse_extra_ids(vocab_extra_ids_list)
+        self.fingerprint = _fingerprint(model_bytes, self.extra_ids)
+        self.base_vocab_size = self._sp.GetPieceSize()
+
+        # Megatron-LLM's layout: a special that is already a piece keeps that piece's id.
+        pieces = {self._sp.IdToPiece(i): i for i in range(self.base_vocab_size)}
+        self.special_tokens: dict[str, int] = {}
+        next_id = self.base_vocab_size
+
+        def add(token: str) -> int:
+            nonlocal next_id
+            if token not in pieces:
+                pieces[token] = next_id
+                next_id += 1
+            self.special_tokens[token] = pieces[token]
+            return pieces[token]
+
+        self.cls_id, self.sep_id, self.eod_id, self.mask_id = (add(t) for t in _MEGATRON_SPECIALS)
+        self.pad_id = add(self._own_piece(self._sp.pad_id(), "<PAD>"))
+        self.bos_id = add(self._own_piece(self._sp.bos_id(), "<BOS>"))
+        self.eos_id = add(self._own_piece(self._sp.eos_id(), "<EOS>"))
+        for token in self.extra_ids:
+            add(token)
+        self.vocab_size = next_id
+        self.unk_id = self._sp.unk_id()
+        self._id_to_special = {i: t for t, i in self.special_tokens.items()}
+        # Longest first, so a special that is a prefix of another never cuts it short.
+        alternatives = sorted(self.special_tokens, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
+        self._first_chars = {t[0] for t in alternatives}
+
+    def _own_piece(self, piece_id: int, fallback: str) -> str:
+        if 0 <= piece_id < self.base_vocab_size:
+            return self._sp.IdToPiece(piece_id)
+        return fallback
+
+    @property
+    def im_start_id(self) -> int:
+        return self._extra_id(IM_START)
+
+    @property
+    def im_end_id(self) -> int:
+        return self._extra_id(IM_END)
+
+    def _extra_id(self, token: str) -> int:
+        if token not in self.special_tokens:
+            raise KeyError(
+                f"{token} is not a token of this tokenizer: extra ids are {self.extra_ids}; "
+                "ChatML needs vocab_extra_ids_list to contain <|im_start|>,<|im_end|>"
+            )
+        return self.special_tokens[token]
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token or of a base piece."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        i = self._sp.PieceToId(token)
+        if i == self.unk_id and token != self._sp.IdToPiece(self.unk_id):
+            raise KeyError(f"{token!r} is not a piece of {self.model_path}")
+        return i
+
+    def piece(self, token_id: int) -> str:
+        """The piece (or special token) of one id."""
+        token_id = int(token_id)
+        if token_id in self._id_to_special:
+            return self._id_to_special[token_id]
+        if 0 <= token_id < self.base_vocab_size:
+            return self._sp.IdToPiece(token_id)
+        raise IndexError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+
+    def _segments(self, text: str) -> list[str]:
+        """[text, special, text, special, ..., text]: specials at odd positions."""
+        if not any(c in text for c in self._first_chars):
+            return [text]
+        return self._split.split(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`: specials split out first, no BOS."""
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` of many texts with one SentencePiece call (the per-call overhead dominates
+        short pieces such as the `\\n` after every `<|im_end|>`)."""
+        segmented = [self._segments(t) for t in texts]
+        plain = [seg for segs in segmented for seg in segs[::2]]
+        encoded = self._sp.Encode(plain, out_type=int, num_threads=1) if plain else []
+        out = []
+        k = 0
+        special = self.special_tokens
+        for segs in segmented:
+            ids = list(encoded[k])
+            k += 1
+            for j in range(1, len(segs), 2):
+                ids.append(special[segs[j]])
+                ids.extend(encoded[k])
+                k += 1
+            out.append(ids)
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Exact inverse of `encode`: base ids through SentencePiece, specials verbatim."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._id_to_special:
+                if run:
+                    parts.append(self._sp.Decode(run))
+                    run = []
+                parts.append(self._id_to_special[i])
+            elif 0 <= i < self.base_vocab_size:
+                run.append(i)
+            else:
+                raise IndexError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        if run:
+            parts.append(self._sp.Decode(run))
+        return "".join(parts)
+
+    def describe(self) -> dict:
+        """What later stages check data against (written beside every output)."""
+        return {
+            "model_path": self.model_path,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "base_vocab_size": self.base_vocab_size,
+            "extra_ids": list(self.extra_ids),
+            "special_tokens": dict(self.special_tokens),
+            "pad_id": self.pad_id,
+            "eod_id": self.eod_id,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "unk_id": self.unk_id,
+        }
+
+    def __getstate__(self) -> dict:
+        return {"model_path": self.model_path, "extra_ids": self.extra_ids}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_path"], state["extra_ids"])
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, "
+            f"extra_ids={self.extra_ids})"
+        )
+
+
+def _fingerprint(model_bytes: bytes, extra_ids: Sequence[str]) -> str:
+    h = hashlib.sha256(model_bytes)
+    h.update(b"\0extra_ids\0")
+    h.update(json.dumps(list(extra_ids)).encode())
+    return h.hexdigest()
+
+
+def train_sentencepiece(lines: Iterable[str], out_path: str | Path, vocab_size: int) -> bytes:
+    """Train a small Llama-like BPE model, deterministically, and write it to `out_path`.
+
+    Llama-2's normalizer settings (no whitespace folding, digits split, byte fallback, unk 0 /
+    bos 1 / eos 2, no pad), one thread and no input sampling or shuffling, so the same lines and
+    the same sentencepiece version give the same bytes.
+    """
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(list(lines)),
+        model_writer=buffer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    data = buffer.getvalue()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out_path)
+    return data
