@@ -1,0 +1,298 @@
+"""Pretokenizer mix configs: the seed's YAML, read verbatim.
+
+    <mix name>:
+      datasets:
+        - <dataset name>:          # the kind (megacode2, orca-chat, ...) unless `kind:` says
+            fraction: 0.5          # train part only: seeded sample without replacement
+            val_split: 0.01        # share held out for val (Open-Assistant's default: 0.2)
+            max_val_set: 1000      # cap on the val part (a seeded subset)
+            ...                    # kind options: lang, top_k, input_file_path, filter_words
+      output_dir: "output/..."
+      filename_prefix: "..."
+      min_assistant_tokens: 25     # samples with fewer assistant tokens are skipped (counted)
+      rng_seed: 42                 # optional
+
+A dataset is read from `path:` if given, else from `--data-root/<dataset name>`
+(`input_file_path` for oasst_export); relative paths are taken from `--data-root` (default: the
+current directory), absolute ones as they are. Unknown keys are errors that list the allowed ones
+and name the file and line.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data.errors import DataError
+from data.sources import KINDS, Kind, list_files, parse_langs
+
+MIX_KEYS = ("datasets", "output_dir", "filename_prefix", "min_assistant_tokens", "rng_seed")
+COMMON_KEYS = ("kind", "path", "fraction", "val_split", "max_val_set")
+DEFAULT_VAL_SPLIT = 0.2  # Open-Assistant's default when a dataset gives none
+DEFAULT_SEED = 42
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mix, resolved to files."""
+
+    name: str  # the YAML name (key in stats.json and dataset_ranges)
+    kind: Kind
+    location: Path
+    files: list[Path]
+    fraction: float = 1.0
+    val_split: float = DEFAULT_VAL_SPLIT
+    max_val_set: int | None = None
+    options: dict = field(default_factory=dict)  # the kind's options, parsed
+
+    @property
+    def display(self) -> str:
+        """Name in the stats text, after Open-Assistant's (`Subset of ...` once split/sampled)."""
+        base = (
+            f"{self.kind.display} ({self.name})" if self.kind.name == "chat" else self.kind.display
+        )
+        if self.kind.unit == "sample" and (self.val_split > 0 or self.fraction < 1):
+            return f"Subset of {base}"
+        return base
+
+
+@dataclass
+class MixConfig:
+    """One mix: its datasets and where its files go."""
+
+    name: str
+    datasets: list[DatasetSpec]
+    output_dir: Path
+    filename_prefix: str
+    min_assistant_tokens: int | None = None
+    rng_seed: int = DEFAULT_SEED
+    source: str = ""  # config file
+
+
+class _Marked(dict):
+    """A YAML mapping that remembers the line of each key."""
+
+    line: int = 0
+    lines: dict
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Marked:
+    loader.flatten_mapping(node)
+    out = _Marked()
+    out.line = node.start_mark.line + 1
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in out:
+            raise DataError(
+                f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}: duplicate key {key!r}"
+            )
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = key_node.start_mark.line + 1
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _line(mapping, key=None) -> int:
+    if isinstance(mapping, _Marked):
+        return mapping.lines.get(key, mapping.line) if key is not None else mapping.line
+    return 0
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise DataError(f"{where}: invalid YAML ({e.problem or e.context})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise DataError(
+            f"{path}: expected a mapping of mix names to mixes "
+            "(e.g. `oasst_top1: {datasets: [...], output_dir: ..., filename_prefix: ...}`)"
+        )
+    return data
+
+
+def _number(
+    where: str, key: str, value, lo: float, hi: float, lo_open=False, hi_open=False, integer=False
+):
+    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise DataError(f"{where}: {key} must be {kind}, found {value!r}")
+    if (value < lo or (lo_open and value == lo)) or (value > hi or (hi_open and value == hi)):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise DataError(f"{where}: {key} = {value!r} is outside {lb}{lo}, {hi}{rb}")
+    return value
+
+
+def _resolve(data_root: Path, value) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else data_root / p
+
+
+def _dataset(entry, where_file: str, mix: str, data_root: Path) -> DatasetSpec:
+    line = _line(entry)
+    if isinstance(entry, str):
+        name, opts = entry, {}
+    elif isinstance(entry, dict) and len(entry) == 1:
+        name, opts = next(iter(entry.items()))
+        opts = opts if opts is not None else {}
+        if not isinstance(opts, dict):
+            raise DataError(
+                f"{where_file}:{line}: options of dataset {name!r} must be a mapping, "
+                f"found {opts!r}"
+            )
+    else:
+        raise DataError(
+            f"{where_file}:{line}: each entry of {mix}.datasets must be `- name:` with its options "
+            f"indented below, found {entry!r}"
+        )
+    name = str(name)
+    kind_name = str(opts.get("kind", name))
+    if kind_name not in KINDS:
+        raise DataError(
+            f"{where_file}:{_line(opts, 'kind') or line}: unknown dataset {kind_name!r} in mix "
+            f"{mix!r}; known kinds: {', '.join(KINDS)} (another name needs `kind: <one of these>`)"
+        )
+    kind = KINDS[kind_name]
+    allowed = COMMON_KEYS + tuple(kind.options)
+    for key in opts:
+        if key not in allowed:
+            raise DataError(
+                f"{where_file}:{_line(opts, key)}: unknown key {key!r} for dataset {name!r} "
+                f"({kind.name}); allowed: {', '.join(allowed)}"
+            )
+
+    def at(key: str) -> str:
+        return f"{where_file}:{_line(opts, key) or line}: dataset {name!r}"
+
+    fraction = _number(at("fraction"), "fraction", opts.get("fraction", 1.0), 0, 1, lo_open=True)
+    val_split = _number(
+        at("val_split"), "val_split", opts.get("val_split", DEFAULT_VAL_SPLIT), 0, 1, hi_open=True
+    )
+    max_val_set = opts.get("max_val_set")
+    if max_val_set is not None:
+        max_val_set = _number(
+            at("max_val_set"), "max_val_set", max_val_set, 0, float("inf"), integer=True
+        )
+    options = {k: opts.get(k, default) for k, default in kind.options.items()}
+    if "filter_words" in options and not isinstance(options["filter_words"], bool):
+        raise DataError(f"{at('filter_words')}: filter_words must be true or false")
+    if "lang" in options:
+        value = options["lang"]
+        if value is not None and not isinstance(value, str | list):
+            raise DataError(f"{at('lang')}: lang must be a comma-separated string or a list")
+        options["lang"] = parse_langs(value)
+    if options.get("top_k") is not None:
+        options["top_k"] = _number(
+            at("top_k"), "top_k", options["top_k"], 1, float("inf"), integer=True
+        )
+    if kind.name == "oasst_export" and options.get("input_file_path") is not None:
+        location = _resolve(data_root, options["input_file_path"])
+    elif "path" in opts:
+        location = _resolve(data_root, opts["path"])
+    else:
+        location = data_root / name
+    files = list_files(location, f"{where_file}:{line}: dataset {name!r}")
+    return DatasetSpec(
+        name=name,
+        kind=kind,
+        location=location,
+        files=files,
+        fraction=float(fraction),
+        val_split=float(val_split),
+        max_val_set=max_val_set,
+        options=options,
+    )
+
+
+def load_mixes(
+    config_path: str | Path,
+    data_root: str | Path = ".",
+    output_dir: str | Path | None = None,
+    mix: str | None = None,
+) -> list[MixConfig]:
+    """Parse and check a config file; resolve every dataset to its files (missing files fail
+    here, before anything is tokenized)."""
+    config_path = str(config_path)
+    data = read_yaml(config_path)
+    data_root = Path(data_root)
+    if mix is not None and mix not in data:
+        raise DataError(
+            f"{config_path}: no mix named {mix!r}; the file defines {', '.join(map(str, data))}"
+        )
+    names = [mix] if mix is not None else list(data)
+    mixes = []
+    for name in names:
+        body = data[name]
+        where = f"{config_path}:{_line(data, name)}"
+        if not isinstance(body, dict):
+            raise DataError(
+                f"{where}: mix {name!r} must be a mapping with datasets, output_dir and "
+                "filename_prefix"
+            )
+        for key in body:
+            if key not in MIX_KEYS:
+                raise DataError(
+                    f"{config_path}:{_line(body, key)}: unknown key {key!r} in mix {name!r}; "
+                    f"allowed: {', '.join(MIX_KEYS)}"
+                )
+        for key in ("datasets", "output_dir", "filename_prefix"):
+            if key not in body:
+                raise DataError(f"{where}: mix {name!r} has no {key!r}")
+        datasets = body["datasets"]
+        if not isinstance(datasets, list) or not datasets:
+            raise DataError(
+                f"{config_path}:{_line(body, 'datasets')}: {name}.datasets must be a non-empty list"
+            )
+        specs = [_dataset(e, config_path, str(name), data_root) for e in datasets]
+        seen = set()
+        for s in specs:
+            if s.name in seen:
+                raise DataError(f"{config_path}: dataset {s.name!r} appears twice in mix {name!r}")
+            seen.add(s.name)
+        mat = body.get("min_assistant_tokens")
+        if mat is not None:
+            where_mat = f"{config_path}:{_line(body, 'min_assistant_tokens')}"
+            mat = _number(where_mat, "min_assistant_tokens", mat, 0, float("inf"), integer=True)
+        seed = body.get("rng_seed", DEFAULT_SEED)
+        seed = _number(
+            f"{config_path}:{_line(body, 'rng_seed')}", "rng_seed", seed, 0, 2**63 - 1, integer=True
+        )
+        prefix = body["filename_prefix"]
+        if not isinstance(prefix, str) or not prefix or "/" in prefix:
+            raise DataError(
+                f"{config_path}:{_line(body, 'filename_prefix')}: filename_prefix must be a "
+                "file name"
+            )
+        if output_dir is None:
+            out = Path(str(body["output_dir"]))
+        else:
+            out = Path(output_dir) if len(names) == 1 else Path(output_dir) / str(name)
+        mixes.append(
+            MixConfig(
+                name=str(name),
+                datasets=specs,
+                output_dir=out,
+                filename_prefix=prefix,
+                min_assistant_tokens=mat,
+                rng_seed=seed,
+                source=config_path,
+            )
+        )
+    return mixes

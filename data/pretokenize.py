@@ -1,0 +1,385 @@
+"""Pretokenize a dataset mix into Megatron's indexed format.
+
+    python -m data.pretokenize CONFIG.yaml [--data-root DIR] [--tokenizer PATH] [--output-dir DIR]
+                               [--workers N] [--skip-bad-records] [--mix NAME]
+
+For each mix of the config (or only `--mix`), writes into its output_dir:
+  {prefix}-{train,val}-text.{bin,idx}   token ids (uint16 below 65500 ids, else int32)
+  {prefix}-{train,val}-role.{bin,idx}   role ids (0 system, 1 user, 2 assistant, 3 context)
+  {prefix}-{train,val}_stats.txt        the model card's statistics layout
+  {prefix}-{train,val}-meta.json        tokenizer fingerprint, vocab, per-dataset index ranges
+  stats.json, special_tokens.json
+Every file is written under a temporary name and renamed only when the whole mix is done.
+
+Datasets are streamed twice when they are split or sampled: a scanning pass (parse and filter,
+nothing kept but one byte per record) fixes the seeded train/val/unused assignment of the valid
+records, then the tokenizing pass reads them again and tokenizes only what is used. Datasets
+without val_split or fraction take one pass. Samples are written per dataset in file order (the
+trainer shuffles); the assignment depends only on the seed, never on `--workers`.
+"""
+
+import argparse
+import json
+import math
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic import AtomicFileSet
+from data.config import DatasetSpec, MixConfig, load_mixes
+from data.errors import DataError
+from data.indexed import IndexedWriter, best_dtype
+from data.sources import iter_records
+from data.stats import TokenStats, stats_text
+from data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
+from data.workers import BAD, OK, Chunk, Workers
+
+SPLITS = ("train", "val")
+TRAIN, VAL = 1, 2
+FORMAT = "oasst-trainer/sft-indexed-v1"
+_CHUNK_RECORDS = 512
+_CHUNK_BYTES = 1 << 20
+_BAD_EXAMPLES = 5
+
+
+@dataclass
+class SourceReport:
+    """What one dataset's files held, before any split."""
+
+    records: int = 0
+    valid: int = 0  # usable records (samples, or trees for oasst_export)
+    dropped: Counter = field(default_factory=Counter)  # reason -> records
+    bad: int = 0
+    bad_examples: list = field(default_factory=list)
+    assigned: dict = field(default_factory=dict)  # split -> records
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "valid": self.valid,
+            "dropped": dict(self.dropped),
+            "bad_records": self.bad,
+            "bad_examples": [f"{loc}: {why}" for loc, why in self.bad_examples],
+            "assigned": self.assigned,
+        }
+
+
+def split_assignment(valid: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndarray:
+    """Per record (valid or not): 0 unused, 1 train, 2 val.
+
+    One seeded permutation of the valid records: its first ceil(n * val_split) are the val part
+    (the first max_val_set of them kept), the next int(n_train * fraction) are the train sample
+    (without replacement). Seeded by (rng_seed, dataset name) only.
+    """
+    idx = np.flatnonzero(valid)
+    n = idx.size
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())]))
+    perm = rng.permutation(n)
+    n_val = min(n, math.ceil(n * spec.val_split - 1e-9)) if spec.val_split > 0 else 0
+    n_val_kept = n_val if spec.max_val_set is None else min(n_val, spec.max_val_set)
+    n_train_kept = int((n - n_val) * spec.fraction + 1e-9)
+    assign = np.zeros(valid.size, dtype=np.int8)
+    assign[idx[perm[:n_val_kept]]] = VAL
+    assign[idx[perm[n_val : n_val + n_train_kept]]] = TRAIN
+    return assign
+
+
+def _chunks(spec: DatasetSpec, assign: np.ndarray | None, tokenize: bool) -> Iterator[Chunk]:
+    """The dataset's records in order, cut into chunks that never span two files."""
+    columns = list(spec.kind.columns) if spec.kind.columns else None
+    start = 0
+    for path in spec.files:
+        records: list = []
+        nbytes = 0
+        for location, raw in iter_records(path, columns):
+            records.append((location, raw))
+            nbytes += len(raw) if isinstance(raw, bytes) else 256
+            if len(records) >= _CHUNK_RECORDS or nbytes >= _CHUNK_BYTES:
+                yield _chunk(spec, path, start, records, assign, tokenize)
+                start += len(records)
+                records, nbytes = [], 0
+        if records:
+            yield _chunk(spec, path, start, records, assign, tokenize)
+            start += len(records)
+
+
+def _chunk(
+    spec: DatasetSpec, path: Path, start: int, records: list, assign, tokenize: bool
+) -> Chunk:
+    a = None if assign is None else assign[start : start + len(records)].tobytes()
+    return Chunk(spec.kind.name, spec.options, str(path), start, records, a, tokenize)
+
+
+class _SplitOutput:
+    """The text and role writers of one split, and its statistics."""
+
+    def __init__(self, files: AtomicFileSet, base: Path, tok: Tokenizer):
+        self.base = base
+        self.text_idx = files.path(f"{base}-text.idx")
+        self.role_idx = files.path(f"{base}-role.idx")
+        self.text = IndexedWriter(
+            files.path(f"{base}-text.bin"), best_dtype(tok.vocab_size), tok.vocab_size
+        )
+        self.role = IndexedWriter(files.path(f"{base}-role.bin"), np.uint16, 4)
+        self.stats: list[TokenStats] = []
+        self.ranges: dict[str, list[int]] = {}
+
+    def write(self, tokens, roles, sizes, keep: np.ndarray) -> None:
+        per_token = np.repeat(keep, sizes)
+        self.text.add_many(tokens[per_token], sizes[keep])
+        self.role.add_many(roles[per_token], sizes[keep])
+
+    def finalize(self) -> None:
+        self.text.finalize(self.text_idx)
+        self.role.finalize(self.role_idx)
+
+    def close(self) -> None:
+        self.text.close()
+        self.role.close()
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="rec",
+        disable=None if enabled else True,
+        leave=False,
+        file=sys.stderr,
+    )
+
+
+def _count(report: SourceReport, status: list[str], bad: list, skip_bad: bool) -> None:
+    for s in status:
+        report.records += 1
+        if s == OK:
+            report.valid += 1
+        elif s != BAD:
+            report.dropped[s] += 1
+    if bad:
+        if not skip_bad:
+            location, reason = bad[0]
+            raise DataError(
+                f"{location}: {reason}\n  fix the record, or pass --skip-bad-records to skip "
+                "and count such records"
+            )
+        report.bad += len(bad)
+        room = _BAD_EXAMPLES - len(report.bad_examples)
+        report.bad_examples += bad[: max(0, room)]
+
+
+def _process_dataset(
+    spec: DatasetSpec,
+    mix: MixConfig,
+    workers: Workers,
+    outputs: dict[int, _SplitOutput],
+    skip_bad: bool,
+    progress: bool,
+) -> SourceReport:
+    report = SourceReport()
+    assign = None
+    if spec.val_split > 0 or spec.fraction < 1:
+        valid = bytearray()
+        bar = _progress(None, f"{spec.name}: scan", progress)
+        for res in workers.map(_chunks(spec, None, tokenize=False)):
+            _count(report, res.status, res.bad, skip_bad)
+            valid += bytes(s == OK for s in res.status)
+            bar.update(len(res.status))
+        bar.close()
+        assign = split_assignment(np.frombuffer(bytes(valid), dtype=bool), spec, mix.rng_seed)
+        report.assigned = {"train": int((assign == TRAIN).sum()), "val": int((assign == VAL).sum())}
+        total = report.assigned["train"] + report.assigned["val"]
+    else:
+        total = None
+
+    mat = mix.min_assistant_tokens or 0
+    stats = {
+        TRAIN: TokenStats(spec.display, spec.fraction),
+        VAL: TokenStats(spec.display, 1.0),
+    }
+    first = {s: len(outputs[s].text) for s in outputs}
+    bar = _progress(total, f"{spec.name}: tokenize", progress)
+    for res in workers.map(_chunks(spec, assign, tokenize=True)):
+        if assign is None:
+            _count(report, res.status, res.bad, skip_bad)
+            splits = np.full(res.sizes.size, TRAIN, dtype=np.int8)
+            bar.update(len(res.status))
+        else:
+            a = assign[res.start : res.start + len(res.status)]
+            if len(a) != len(res.status) or any(
+                (a[i] != 0) != (s == OK) for i, s in enumerate(res.status)
+            ):
+                raise DataError(
+                    f"{spec.location}: the dataset changed between the scanning and the tokenizing "
+                    "pass; rerun when its files are no longer being written"
+                )
+            splits = a[res.sample_record]
+            bar.update(int(np.count_nonzero(a)))
+        accepted = res.assistant >= mat
+        for split, out in outputs.items():
+            in_split = splits == split
+            if not in_split.any():
+                continue
+            stats[split].add(res.sizes[in_split], res.assistant[in_split], accepted[in_split])
+            out.write(res.tokens, res.roles, res.sizes, in_split & accepted)
+    bar.close()
+    if assign is None:
+        report.assigned = {"train": report.valid, "val": 0}
+    for split, out in outputs.items():
+        out.stats.append(stats[split])
+        out.ranges[spec.name] = [first[split], len(out.text)]
+    return report
+
+
+def pretokenize_mix(
+    mix: MixConfig,
+    tokenizer_path: str = DEFAULT_TOKENIZER_PATH,
+    workers: int = 1,
+    skip_bad_records: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenize one mix and write its files; returns what stats.json holds."""
+    tok = Tokenizer(tokenizer_path)
+    out_dir = mix.output_dir
+    prefix = out_dir / mix.filename_prefix
+    reports: dict[str, SourceReport] = {}
+    with AtomicFileSet() as files, Workers(workers, tokenizer_path, tok.extra_ids) as pool:
+        outputs = {
+            TRAIN: _SplitOutput(files, Path(f"{prefix}-train"), tok),
+            VAL: _SplitOutput(files, Path(f"{prefix}-val"), tok),
+        }
+        try:
+            for spec in mix.datasets:
+                reports[spec.name] = _process_dataset(
+                    spec, mix, pool, outputs, skip_bad_records, progress
+                )
+            for out in outputs.values():
+                out.finalize()
+        finally:
+            for out in outputs.values():
+                out.close()
+        summary = {
+            "format": FORMAT,
+            "mix": mix.name,
+            "config": mix.source,
+            "output_dir": str(out_dir),
+            "filename_prefix": mix.filename_prefix,
+            "min_assistant_tokens": mix.min_assistant_tokens,
+            "rng_seed": mix.rng_seed,
+            "tokenizer": tok.describe(),
+            "datasets": {
+                s.name: {
+                    "kind": s.kind.name,
+                    "location": str(s.location),
+                    "files": [str(f) for f in s.files],
+                    "fraction": s.fraction,
+                    "val_split": s.val_split,
+                    "max_val_set": s.max_val_set,
+                    **reports[s.name].to_dict(),
+                }
+                for s in mix.datasets
+            },
+            "splits": {},
+        }
+        texts = {}
+        for split_id, name in zip((TRAIN, VAL), SPLITS):
+            out = outputs[split_id]
+            total = TokenStats("total", 1.0)
+            for s in out.stats:
+                total.merge(s)
+            summary["splits"][name] = {
+                "datasets": {spec.name: s.to_dict() for spec, s in zip(mix.datasets, out.stats)},
+                "total": total.to_dict(),
+            }
+            texts[name] = stats_text(str(out_dir), out.stats, total)
+            files.path(f"{out.base}_stats.txt").write_text(texts[name], encoding="utf-8")
+            meta = {
+                "format": FORMAT,
+                "mix": mix.name,
+                "split": name,
+                "num_samples": len(out.text),
+                "num_tokens": out.text.num_elements,
+                "text_dtype": str(out.text.dtype),
+                "role_ids": {"system": 0, "user": 1, "assistant": 2, "context": 3},
+                "dataset_ranges": out.ranges,
+                "tokenizer": tok.describe(),
+            }
+            _write_json(files.path(f"{out.base}-meta.json"), meta)
+        _write_json(files.path(out_dir / "stats.json"), summary)
+        _write_json(files.path(out_dir / "special_tokens.json"), tok.special_tokens)
+        files.commit()
+    for name in SPLITS:
+        print(texts[name])
+    return summary
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.pretokenize",
+        description="Tokenize Open-Assistant style dataset mixes into Megatron indexed files.",
+    )
+    parser.add_argument("config", help="YAML file of mixes (e.g. configs/data/oasst_top1.yaml)")
+    parser.add_argument(
+        "--data-root",
+        default=".",
+        help="where dataset names and relative paths resolve (default: .)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="SentencePiece model (default: the bundled sample tokenizer)",
+    )
+    parser.add_argument("--output-dir", default=None, help="override the mix's output_dir")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
+    parser.add_argument(
+        "--skip-bad-records", action="store_true", help="count and skip unreadable records"
+    )
+    parser.add_argument("--mix", default=None, help="only this mix of the config")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    tokenizer = args.tokenizer or DEFAULT_TOKENIZER_PATH
+    try:
+        mixes = load_mixes(args.config, args.data_root, args.output_dir, args.mix)
+        if not Path(tokenizer).is_file():
+            raise DataError(f"{tokenizer}: tokenizer model not found (--tokenizer)")
+        for mix in mixes:
+            summary = pretokenize_mix(
+                mix, tokenizer, args.workers, args.skip_bad_records, not args.no_progress
+            )
+            for name, info in summary["datasets"].items():
+                if info["bad_records"]:
+                    print(
+                        f"warning: {mix.name}/{name}: skipped {info['bad_records']} bad "
+                        "record(s), e.g. " + "; ".join(info["bad_examples"][:2]),
+                        file=sys.stderr,
+                    )
+            tr, va = summary["splits"]["train"]["total"], summary["splits"]["val"]["total"]
+            print(
+                f"{mix.name}: wrote {mix.output_dir}/{mix.filename_prefix}-{{train,val}}-* "
+                f"(train {tr['accepted_samples']} samples / {tr['accepted_tokens']} tokens, "
+                f"val {va['accepted_samples']} / {va['accepted_tokens']})"
+            )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was renamed into place", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
