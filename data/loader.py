@@ -1,0 +1,430 @@
+"""Training batches from pretokenized text+role files.
+
+Rows of `seq_length` tokens are built from a global sample order (a seeded permutation per
+epoch), independent of the data-parallel size: packing (default) puts whole samples into rows,
+first-fit over a few open rows in that order; padding puts one sample per row. Global step i takes
+rows [i*G, (i+1)*G) of the row stream (G = global_batch_size, epochs follow one another); DP rank
+r takes its contiguous G/dp_size of them, in micro-batches of micro_batch_size rows. The state is
+the number of rows consumed, so a run resumed at another DP size sees the same global batches.
+
+Micro-batch (CPU tensors):
+    tokens        (B, S) int64    inputs
+    labels        (B, S) int64    next token of the same document (pad where there is none)
+    loss_mask     (B, S) float32  1 where the label is an assistant-role token
+    position_ids  (B, S) int64    restart at 0 at every document
+    cu_seqlens    (segments+1,)   int32 boundaries over the flattened B*S tokens: one segment per
+                                  document, the padding at the end of a packed row its own
+                                  segment (padding mode: one segment per row)
+    max_seqlen    int             longest segment
+    num_truncated int             samples cut on the right (their last label is the true next
+                                  token, the mask stays aligned with the labels)
+"""
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.chat import Role
+from data.errors import DataError
+from data.indexed import IndexedDataset
+
+_OPEN_ROWS = 8  # rows kept open while packing: first fit among them, the oldest closed first
+_ROUND = 16  # padding mode with variable_seq_lengths: lengths rounded up to this
+_STATE_VERSION = 1
+
+
+class SFTDataset:
+    """`{prefix}-text.{bin,idx}` and `{prefix}-role.{bin,idx}`, checked against each other and
+    against the pretokenizer's `{prefix}-meta.json` (tokenizer fingerprint, vocab size, pad id,
+    per-dataset index ranges) when it is there.
+
+    `vocab_size`: the model's vocabulary, to refuse token ids it cannot embed (defaults to the
+    tokenizer's vocabulary recorded in the meta file).
+    """
+
+    def __init__(self, prefix: str, vocab_size: int | None = None, validate: bool = True):
+        self.prefix = str(prefix)
+        self.text = IndexedDataset(f"{self.prefix}-text")
+        self.role = IndexedDataset(f"{self.prefix}-role")
+        if len(self.text) != len(self.role) or not np.array_equal(self.text.sizes, self.role.sizes):
+            bad = _first_mismatch(self.text.sizes, self.role.sizes)
+            raise DataError(
+                f"{self.role.idx_path}: does not match {self.text.idx_path} ({len(self.role)} vs "
+                f"{len(self.text)} sequences; first difference at sequence {bad}); the two files "
+                "come from different runs"
+            )
+        self.meta_path = Path(f"{self.prefix}-meta.json")
+        self.meta: dict | None = None
+        if self.meta_path.is_file():
+            try:
+                self.meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{self.meta_path}: unreadable ({e})") from None
+        tok = (self.meta or {}).get("tokenizer", {})
+        self.fingerprint: str | None = tok.get("fingerprint")
+        self.vocab_size: int | None = tok.get("vocab_size")
+        self.pad_id: int | None = tok.get("pad_id")
+        self.dataset_ranges: dict[str, tuple[int, int]] = {
+            k: (int(a), int(b)) for k, (a, b) in (self.meta or {}).get("dataset_ranges", {}).items()
+        }
+        for name, (a, b) in self.dataset_ranges.items():
+            if not 0 <= a <= b <= len(self):
+                raise DataError(
+                    f"{self.meta_path}: range of {name!r} [{a}, {b}) is outside [0, {len(self)}]"
+                )
+        if validate:
+            self._validate(vocab_size if vocab_size is not None else self.vocab_size)
+
+    def _validate(self, vocab_size: int | None) -> None:
+        roles = self.role.data
+        if roles.size and int(roles.max()) > max(Role):
+            raise DataError(
+                f"{self.role.bin_path}: role id {int(roles.max())} in sequence "
+                f"{self._sequence_of(int(np.argmax(roles > max(Role))))}; role ids are 0 system, "
+                "1 user, 2 assistant, 3 context"
+            )
+        tokens = self.text.data
+        if vocab_size is not None and tokens.size:
+            hi = int(tokens.max())
+            if hi >= vocab_size:
+                seq = self._sequence_of(int(np.argmax(tokens >= vocab_size)))
+                raise DataError(
+                    f"{self.text.bin_path}: token id {hi} >= vocab size {vocab_size} (first in "
+                    f"sequence {seq}); the data was made with another tokenizer or the model's "
+                    "vocabulary is too small"
+                )
+
+    def _sequence_of(self, element: int) -> int:
+        ends = np.cumsum(self.text.sizes, dtype=np.int64)
+        return int(np.searchsorted(ends, element, side="right"))
+
+    def check_tokenizer(self, fingerprint: str) -> None:
+        """Refuse data made with another tokenizer (skipped when the data has no meta file)."""
+        if self.fingerprint is not None and fingerprint != self.fingerprint:
+            raise DataError(
+                f"{self.meta_path}: made with tokenizer {self.fingerprint[:12]}..., not "
+                f"{fingerprint[:12]}... (model file or extra ids differ); re-run data.pretokenize "
+                "with the model's tokenizer"
+            )
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.text.sizes
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, roles) of sample i, memory-mapped views."""
+        return self.text[i], self.role[i]
+
+
+def _first_mismatch(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.size, b.size)
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class LoaderConfig:
+    """How rows and micro-batches are made."""
+
+    seq_length: int  # tokens per row (the model's sequence length)
+    micro_batch_size: int  # rows per micro-batch
+    global_batch_size: int  # rows per optimizer step, over all data-parallel ranks
+    dp_rank: int = 0  # this rank's index among the data-parallel ranks
+    dp_size: int = 1  # number of data-parallel ranks
+    packing: bool = True  # whole samples packed per row (else one sample per row, padded)
+    variable_seq_lengths: bool = (
+        False  # padding mode: pad to the micro-batch's longest, rounded to 16
+    )
+    seed: int = 1234  # seeds the per-epoch sample order
+    shuffle: bool = True  # a seeded permutation per epoch (else dataset order)
+    drop_last: bool = False  # skip an epoch's last rows that do not fill a global batch
+    pad_id: int | None = None  # padding token; None: the dataset's pad id, else 0
+
+    def validate(self) -> None:
+        problems = []
+        if self.seq_length < 2:
+            problems.append(f"seq_length={self.seq_length} must be at least 2")
+        if self.micro_batch_size < 1 or self.dp_size < 1:
+            problems.append("micro_batch_size and dp_size must be positive")
+        elif self.global_batch_size % (self.micro_batch_size * self.dp_size):
+            problems.append(
+                f"global_batch_size {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size x dp_size = {self.micro_batch_size} x {self.dp_size}"
+            )
+        if self.global_batch_size < 1:
+            problems.append("global_batch_size must be positive")
+        if not 0 <= self.dp_rank < max(1, self.dp_size):
+            problems.append(f"dp_rank {self.dp_rank} is outside [0, {self.dp_size})")
+        if self.packing and self.variable_seq_lengths:
+            problems.append("variable_seq_lengths applies to padding mode only (packing=False)")
+        if problems:
+            raise ValueError("invalid loader configuration: " + "; ".join(problems))
+
+
+def pack_rows(
+    order: np.ndarray, lengths: np.ndarray, seq_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pack samples, in `order`, into rows of `seq_length` tokens.
+
+    First fit among the last `_OPEN_ROWS` open rows (a new row when none has room, the oldest
+    emitted when too many are open), so rows follow the sample order closely while wasting little
+    (next-fit alone loses about half a sample per row). Samples longer than a row get a row of
+    their own (truncated later). Returns (samples, offsets): row k holds
+    samples[offsets[k]:offsets[k + 1]].
+    """
+    capped = np.minimum(lengths[order], seq_length).tolist()
+    order_list = order.tolist()
+    rows: list[list[int]] = []
+    open_rows: list[list[int]] = []  # each: [room, sample, sample, ...]
+    for idx, n in zip(order_list, capped):
+        k = next((k for k, row in enumerate(open_rows) if row[0] >= n), -1)
+        if k < 0:
+            if len(open_rows) == _OPEN_ROWS:
+                rows.append(open_rows.pop(0))
+            open_rows.append([seq_length, idx])
+            k = len(open_rows) - 1
+        else:
+            open_rows[k].append(idx)
+        open_rows[k][0] -= n
+        if open_rows[k][0] == 0:  # full: emit now rather than when it is the oldest
+            rows.append(open_rows.pop(k))
+    rows += open_rows
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(r) - 1 for r in rows])
+    samples = np.fromiter((i for r in rows for i in r[1:]), dtype=np.int64, count=int(offsets[-1]))
+    return samples, offsets
+
+
+class _Rows:
+    """Row k of one epoch -> its sample indices."""
+
+    def __init__(self, samples: np.ndarray, offsets: np.ndarray):
+        self.samples = samples
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        return self.samples[self.offsets[k] : self.offsets[k + 1]]
+
+
+def _plan_rows(ds: SFTDataset, order: np.ndarray, cfg: LoaderConfig) -> _Rows:
+    if cfg.packing:
+        return _Rows(*pack_rows(order, ds.sizes, cfg.seq_length))
+    return _Rows(order.astype(np.int64), np.arange(order.size + 1, dtype=np.int64))
+
+
+def build_micro_batch(
+    ds: SFTDataset, rows: list[np.ndarray], cfg: LoaderConfig, batch_size: int | None = None
+) -> dict:
+    """One micro-batch from rows of sample indices (empty rows are all padding, mask 0)."""
+    pad = _pad_id(ds, cfg)
+    b_size = batch_size or len(rows)
+    S = cfg.seq_length
+    if not cfg.packing and cfg.variable_seq_lengths:
+        longest = max((min(int(ds.sizes[r[0]]), S) for r in rows if len(r)), default=1)
+        S = min(S, _ROUND * math.ceil(longest / _ROUND))
+    tokens = np.full((b_size, S), pad, dtype=np.int64)
+    labels = np.full((b_size, S), pad, dtype=np.int64)
+    mask = np.zeros((b_size, S), dtype=np.float32)
+    pos = np.zeros((b_size, S), dtype=np.int64)
+    cu = [0]
+    truncated = 0
+    for b in range(b_size):
+        row = rows[b] if b < len(rows) else ()
+        off = 0
+        for i in row:
+            t, r = ds.sample(int(i))
+            n = min(t.size, S - off)
+            if t.size > n:
+                truncated += 1
+                lab, lab_roles = t[1 : n + 1], r[1 : n + 1]  # the true next token exists
+            else:
+                lab, lab_roles = t[1:n], r[1:n]  # the document's last token has no label
+            tokens[b, off : off + n] = t[:n]
+            labels[b, off : off + lab.size] = lab
+            mask[b, off : off + lab.size] = lab_roles == Role.ASSISTANT
+            pos[b, off : off + n] = np.arange(n)
+            off += n
+            if cfg.packing:
+                cu.append(b * S + off)
+        if off < S:
+            pos[b, off:] = np.arange(S - off) if cfg.packing else np.arange(off, S)
+        if not cfg.packing or off < S:
+            cu.append((b + 1) * S)
+    cu_seqlens = np.array(cu, dtype=np.int32)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(mask),
+        "position_ids": torch.from_numpy(pos),
+        "cu_seqlens": torch.from_numpy(cu_seqlens),
+        "max_seqlen": int(np.diff(cu_seqlens).max()) if cu_seqlens.size > 1 else 0,
+        "num_truncated": truncated,
+    }
+
+
+def _pad_id(ds: SFTDataset, cfg: LoaderConfig) -> int:
+    if cfg.pad_id is not None:
+        return int(cfg.pad_id)
+    return int(ds.pad_id) if ds.pad_id is not None else 0
+
+
+class BatchLoader:
+    """Deterministic, epoch-aware, resumable stream of global batches for one DP rank.
+
+    `indices`: the samples to use (default: all), e.g. one dataset's range.
+    """
+
+    def __init__(self, dataset: SFTDataset, cfg: LoaderConfig, indices: np.ndarray | None = None):
+        cfg.validate()
+        self.ds = dataset
+        self.cfg = cfg
+        self.indices = (
+            np.arange(len(dataset), dtype=np.int64)
+            if indices is None
+            else np.asarray(indices, np.int64)
+        )
+        if self.indices.size == 0:
+            raise DataError(f"{dataset.prefix}: no samples to train on")
+        if self.indices.min() < 0 or self.indices.max() >= len(dataset):
+            raise ValueError(f"indices must be in [0, {len(dataset)})")
+        self._epoch = 0
+        self._row = 0  # next row of the current epoch
+        self.consumed_rows = 0
+        self.consumed_documents = 0
+        self._plans: dict[int, _Rows] = {}
+
+    # -- the row stream -------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.cfg.shuffle:
+            return self.indices
+        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, epoch]))
+        return self.indices[rng.permutation(self.indices.size)]
+
+    def _plan(self, epoch: int) -> _Rows:
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = _plan_rows(self.ds, self._order(epoch), self.cfg)
+        return self._plans[epoch]
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next row."""
+        return self._epoch
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows of the current epoch (with packing it can differ slightly between epochs)."""
+        return len(self._plan(self._epoch))
+
+    @property
+    def consumed_samples(self) -> int:
+        """Rows (sequences of seq_length) consumed so far: Megatron's consumed_samples."""
+        return self.consumed_rows
+
+    def _take_rows(self, count: int) -> list[np.ndarray]:
+        G = self.cfg.global_batch_size
+        out: list[np.ndarray] = []
+        while len(out) < count:
+            plan = self._plan(self._epoch)
+            if self.cfg.drop_last and len(plan) < G:
+                raise DataError(
+                    f"{self.ds.prefix}: an epoch has {len(plan)} rows, fewer than "
+                    f"global_batch_size {G}; with drop_last no global batch could ever be filled"
+                )
+            left = len(plan) - self._row
+            if left <= 0 or (self.cfg.drop_last and len(out) == 0 and left < G):
+                self._epoch += 1
+                self._row = 0
+                continue
+            take = min(left, count - len(out))
+            out += [plan[self._row + k] for k in range(take)]
+            self._row += take
+        return out
+
+    def next_global_batch(self) -> list[dict]:
+        """This DP rank's micro-batches for the next optimizer step."""
+        cfg = self.cfg
+        rows = self._take_rows(cfg.global_batch_size)
+        self.consumed_rows += len(rows)
+        self.consumed_documents += sum(len(r) for r in rows)
+        per_rank = cfg.global_batch_size // cfg.dp_size
+        mine = rows[cfg.dp_rank * per_rank : (cfg.dp_rank + 1) * per_rank]
+        mbs = cfg.micro_batch_size
+        return [build_micro_batch(self.ds, mine[k : k + mbs], cfg) for k in range(0, per_rank, mbs)]
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            yield self.next_global_batch()
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position in the row stream (independent of the DP layout)."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "row_in_epoch": self._row,
+            "consumed_samples": self.consumed_rows,
+            "consumed_documents": self.consumed_documents,
+            "num_samples": int(self.indices.size),
+            "seed": self.cfg.seed,
+            "seq_length": self.cfg.seq_length,
+            "packing": self.cfg.packing,
+            "shuffle": self.cfg.shuffle,
+            "drop_last": self.cfg.drop_last,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise DataError(
+                f"data loader state version {state.get('version')!r}; expected {_STATE_VERSION}"
+            )
+        ours = self.state_dict()
+        # These define the row stream: a change would silently show other batches.
+        for key in ("num_samples", "seed", "seq_length", "packing", "shuffle", "drop_last"):
+            if state.get(key) != ours[key]:
+                raise DataError(
+                    f"cannot resume the data loader: {key} was {state.get(key)!r} when the state "
+                    f"was saved and is {ours[key]!r} now (the batches would differ)"
+                )
+        self._epoch = int(state["epoch"])
+        self._row = int(state["row_in_epoch"])
+        self.consumed_rows = int(state["consumed_samples"])
+        self.consumed_documents = int(state["consumed_documents"])
+
+
+def iter_eval_batches(
+    dataset: SFTDataset, cfg: LoaderConfig, indices: np.ndarray | None = None
+) -> Iterator[dict]:
+    """One pass over the samples in dataset order, in micro-batches of this DP rank.
+
+    Micro-batch j goes to rank j % dp_size. Every rank yields the same number of micro-batches,
+    each of micro_batch_size rows: the missing ones are padding with loss_mask 0, so ranks that
+    reduce after every micro-batch stay in step.
+    """
+    cfg.validate()
+    order = (
+        np.arange(len(dataset), dtype=np.int64)
+        if indices is None
+        else np.asarray(indices, np.int64)
+    )
+    rows = _plan_rows(dataset, order, cfg)
+    mbs = cfg.micro_batch_size
+    n_micro = math.ceil(len(rows) / mbs)
+    per_rank = math.ceil(n_micro / cfg.dp_size)
+    for k in range(per_rank):
+        j = k * cfg.dp_size + cfg.dp_rank
+        chunk = [rows[r] for r in range(j * mbs, min((j + 1) * mbs, len(rows)))]
+        yield build_micro_batch(dataset, chunk, cfg, batch_size=mbs)
