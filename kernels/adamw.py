@@ -58,12 +58,13 @@ if HAS_TRITON:
         HAS_INF: tl.constexpr,
         HAS_OUT: tl.constexpr,
     ):
+        if HAS_INF:
+            # A skipped step costs one 4-byte read per program. (Folding the flag into the mask
+            # would hide n's divisibility from the compiler and narrow every access.)
+            if tl.load(inf_ptr).to(tl.float32) != 0.0:
+                return
         # int64: flat optimizer buffers of large models pass 2^31 elements.
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        if HAS_INF:
-            # A skipped step has no live elements: masked-off accesses move no bytes, so it costs
-            # one 4-byte read per program.
-            n = tl.where(tl.load(inf_ptr).to(tl.float32) == 0.0, n, 0)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if SCALE_IS_PTR:
@@ -150,9 +151,19 @@ if HAS_TRITON:
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def adamw_bytes(n: int, grad_bytes: int = 2, out_bytes: int = 2) -> int:
+    """Bytes one step must move (the GB/s denominator) over n elements:
+    read params, exp_avg, exp_avg_sq (3 * 4) and grads (grad_bytes); write params, exp_avg,
+    exp_avg_sq (3 * 4) and the model copy (out_bytes, 0 without one)   = n * (24 + g + o)."""
+    return n * (24 + grad_bytes + out_bytes)
+
+
 def _launch_config(n: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the AdamW and non-finite kernels: 8 fp32 per thread, two 16-byte
-    accesses per stream; deterministic, never autotuned (the update is in place)."""
+    accesses per stream; deterministic, never autotuned (the update is in place).
+
+    Accesses are 16 bytes wide only when n is a multiple of 16 (Triton then knows the tail mask
+    is constant over each vector): the trainer's buffers, sums of Llama parameter sizes, are."""
     return 2048, 8
 
 
@@ -212,7 +223,7 @@ def _adamw_triton(
     _check_flat("exp_avg", exp_avg, n, (torch.float32,), dev)
     _check_flat("exp_avg_sq", exp_avg_sq, n, (torch.float32,), dev)
     if model_out is not None:
-        _check_flat("model_out", model_out, n, _FLOAT_DTYPES, dev)
+        _check_flat("model_out", model_out, n, (torch.bfloat16, torch.float16), dev)
     if step < 1:
         raise ValueError(f"fused_adamw: step counts from 1 (bias correction), got {step}")
     if n == 0:
@@ -229,17 +240,9 @@ def _adamw_triton(
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
     cfg_block, cfg_warps = _launch_config(n)
-    block = block or cfg_block
-    grid = (triton.cdiv(n, block),)
-    _adamw_kernel[grid](
-        params,
-        grads,
-        exp_avg,
-        exp_avg_sq,
-        model_out if model_out is not None else params,
-        scale_t,
-        inf_t,
-        n,
+    block, num_warps = block or cfg_block, num_warps or cfg_warps
+    out = model_out if model_out is not None else params
+    consts = (
         1.0 if scale_is_ptr else float(grad_scale),
         1.0 - lr * weight_decay,
         1.0 - beta1,
@@ -248,12 +251,30 @@ def _adamw_triton(
         -lr / bc1,
         math.sqrt(bc2),
         eps,
-        BLOCK=block,
-        SCALE_IS_PTR=scale_is_ptr,
-        HAS_INF=found_inf is not None,
-        HAS_OUT=model_out is not None,
-        num_warps=num_warps or cfg_warps,
     )
+    # The bulk (a multiple of 16 elements) and the few left over in a second launch: with n a
+    # multiple of 16 the compiler keeps every access 16 bytes wide; with any other n it would
+    # narrow all of them to one element. Buffers of Llama parameters need only the first.
+    bulk = n - n % 16
+    for lo, hi in ((0, bulk), (bulk, n)):
+        if hi == lo:
+            continue
+        _adamw_kernel[(triton.cdiv(hi - lo, block),)](
+            params[lo:hi],
+            grads[lo:hi],
+            exp_avg[lo:hi],
+            exp_avg_sq[lo:hi],
+            out[lo:hi],
+            scale_t,
+            inf_t,
+            hi - lo,
+            *consts,
+            BLOCK=block,
+            SCALE_IS_PTR=scale_is_ptr,
+            HAS_INF=found_inf is not None,
+            HAS_OUT=model_out is not None,
+            num_warps=num_warps,
+        )
 
 
 def fused_adamw(
@@ -272,7 +293,8 @@ def fused_adamw(
     found_inf: torch.Tensor | None = None,
     model_out: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step in place over flat (n,) buffers, in one launch.
+    """One AdamW step in place over flat (n,) buffers, in one launch (two when n is not a
+    multiple of 16: the last n % 16 elements go separately, see _adamw_triton).
 
     params, exp_avg, exp_avg_sq: (n,) fp32, updated in place. grads: (n,) fp32/bf16/fp16, read
     and multiplied by grad_scale (a float, or a 1-element device tensor such as the clipping

@@ -1,0 +1,491 @@
+"""`make gpu-check`: test and benchmark everything on a lent GPU in one call (< 8 min on an H100).
+
+    python3 -m bench.gpu_check [--full] [--out-dir bench/results] [--budget-s 450]
+
+Steps, each under its own time budget, each reported (a failure is a loud row, never a lost run):
+  1. telemetry (nvidia-ml-py: card, driver, clocks, power, memory, clock-limit reasons)
+  2. ceilings in this process: a 2 GiB device-to-device copy (GB/s, read + write bytes) and an
+     8192^3 bf16 matmul (TFLOP/s)
+  3. `python3 -m pytest tests -m gpu` in a subprocess: pass/fail/skip counts, failed test ids,
+     the tail of its output
+  4. one subprocess per benchmark family that exists: bench.bench_kernels, bench.bench_attention,
+     bench.bench_parallel, each calling `gpu_rows(ceilings, quick)` (plus `deadline=` when the
+     function accepts it, so it can stop cleanly before the hard kill). A subprocess per family
+     keeps a crashed kernel (a poisoned CUDA context) from taking the others down.
+  5. telemetry again (clocks and power after load)
+Then it writes bench/results/<YYYY-MM-DD>-<card>.json and .md (copies under $OUT when set, with
+the per-section logs) and prints the short table last. Exit status 1 when a test failed or a
+section crashed or timed out; the files are written either way.
+
+Without a CUDA device it says so and exits 0. `--cpu-smoke` runs the whole plumbing on CPU with
+tiny shapes (into a temporary folder unless --out-dir is given): a check of this script, not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (name, module, nominal budget in seconds on one H100, quick mode). The total with start-up and
+# ceilings stays under 8 minutes; time a section leaves unused goes to the ones after it.
+SECTIONS = [
+    ("tests", None, 140),
+    ("kernels", "bench.bench_kernels", 150),
+    ("attention", "bench.bench_attention", 90),
+    ("parallel", "bench.bench_parallel", 30),
+]
+TOTAL_BUDGET_S = 450
+FULL_SCALE = 3  # --full: every budget times this
+GRACE_S = 15  # a child's own deadline is this much before its hard kill
+MIN_SECTION_S = 20  # a section with less time left is skipped (and reported)
+
+
+def git_commit(repo: Path = REPO) -> dict:
+    """{"commit", "dirty"} from git, or from .git/HEAD and the refs when git is not installed."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
+        if sha:
+            return {"commit": sha, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        head = (repo / ".git" / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return {"commit": head, "dirty": None}
+        ref = head[5:]
+        loose = repo / ".git" / ref
+        if loose.exists():
+            return {"commit": loose.read_text().strip(), "dirty": None}
+        packed = repo / ".git" / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.exists() else []:
+            if line.endswith(" " + ref):
+                return {"commit": line.split()[0], "dirty": None}
+        return {"commit": f"unknown ({ref} not found)", "dirty": None}
+    except OSError as e:
+        return {"commit": f"unknown ({e})", "dirty": None}
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100-80gb-hbm3'."""
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return re.sub(r"^nvidia-", "", s) or "unknown-card"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
+    env.pop("TRITON_INTERPRET", None)  # the GPU run must compile the kernels, not interpret them
+    return env
+
+
+def _run(cmd: list[str], timeout_s: float, log: Path) -> dict:
+    """Run cmd in its own process group with a hard timeout; its output goes to log."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc, timed_out = proc.wait(timeout=max(1.0, timeout_s)), False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: also compile workers it started
+            rc, timed_out = proc.wait(), True
+    text = log.read_text(errors="replace")
+    return {
+        "returncode": rc,
+        "timed_out": timed_out,
+        "seconds": round(time.time() - t0, 1),
+        "tail": text[-3000:],
+    }
+
+
+def run_tests(budget_s: float, logdir: Path, tests_path: str) -> dict:
+    """`pytest <tests_path> -m gpu`; counts from its JUnit XML, which survives any output format."""
+    xml = logdir / "tests-junit.xml"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        tests_path,
+        "-m",
+        "gpu",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={xml}",
+    ]
+    out = _run(cmd, budget_s, logdir / "tests.log")
+    out.update(passed=None, failed=None, errors=None, skipped=None, failed_ids=[])
+    if xml.exists():
+        try:
+            root = ET.parse(xml).getroot()
+            suite = root if root.tag == "testsuite" else root.find("testsuite")
+            total = int(suite.get("tests", 0))
+            out["failed"] = int(suite.get("failures", 0))
+            out["errors"] = int(suite.get("errors", 0))
+            out["skipped"] = int(suite.get("skipped", 0))
+            out["passed"] = total - out["failed"] - out["errors"] - out["skipped"]
+            for case in suite.iter("testcase"):
+                if case.find("failure") is not None or case.find("error") is not None:
+                    out["failed_ids"].append(f"{case.get('classname')}::{case.get('name')}")
+        except (ET.ParseError, AttributeError, ValueError) as e:
+            out["parse_error"] = str(e)
+    summary = [
+        ln
+        for ln in out["tail"].splitlines()
+        if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)
+    ]
+    out["summary"] = summary[-1].strip("= ") if summary else ""
+    # pytest's 0 is all passed, 5 is nothing collected (no gpu tests yet); anything else failed
+    out["ok"] = not out["timed_out"] and out["returncode"] in (0, 5)
+    return out
+
+
+def run_section(
+    name: str, module: str, budget_s: float, ceilings: dict, quick: bool, logdir: Path, device: str
+) -> dict:
+    """Run `module.gpu_rows` in a child process; returns the section record with its rows."""
+    result = logdir / f"{name}-rows.json"
+    ceil = logdir / "ceilings.json"
+    ceil.write_text(json.dumps(ceilings))
+    deadline = time.time() + max(budget_s - GRACE_S, budget_s / 2)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.gpu_check",
+        "--child",
+        module,
+        "--ceilings",
+        str(ceil),
+        "--result",
+        str(result),
+        "--deadline",
+        str(deadline),
+        "--device",
+        device,
+    ] + (["--quick"] if quick else [])
+    out = _run(cmd, budget_s, logdir / f"{name}.log")
+    out["rows"] = json.loads(result.read_text()) if result.exists() else []
+    out["ok"] = out["returncode"] == 0 and not out["timed_out"] and result.exists()
+    return out
+
+
+def child_main(args) -> int:
+    """In the child: import the family's module, call gpu_rows, write its rows as JSON."""
+    import torch  # noqa: F401  (import before the module so its CUDA errors name the module)
+
+    mod = importlib.import_module(args.child)
+    ceilings = json.loads(Path(args.ceilings).read_text())
+    fn = mod.gpu_rows
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    if "deadline" in params:
+        kwargs["deadline"] = args.deadline
+    if "device" in params:
+        kwargs["device"] = args.device
+    elif args.device != "cuda":
+        print(f"{args.child}.gpu_rows has no device argument: skipped on {args.device}")
+        Path(args.result).write_text("[]")
+        return 0
+    rows = fn(ceilings, args.quick, **kwargs)
+    Path(args.result).write_text(json.dumps([r.to_dict() for r in rows], default=str))
+    return 0
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "host": platform.node()}
+    for mod in ("torch", "triton", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:
+            out[mod] = f"not importable ({type(e).__name__})"
+    return out
+
+
+def _write_markdown(path: Path, doc: dict, summary: str, table: str) -> None:
+    m, c, t = doc["meta"], doc.get("ceilings", {}), doc.get("tests", {})
+    tel = doc.get("telemetry", {}).get("before", {})
+    git, ver = m["git"], m["versions"]
+    dirty = " (dirty tree)" if git.get("dirty") else ""
+    mode = "quick" if m["quick"] else "full"
+    lines = [f"# gpu-check {m['date']} on {m['card']}", ""]
+    if m.get("cpu_smoke"):
+        lines += ["**CPU SMOKE RUN: a check of the script's plumbing, not a measurement.**", ""]
+    lines += [
+        f"Commit `{git['commit']}`{dirty}; torch {ver.get('torch')}, triton {ver.get('triton')}; "
+        f"{mode} mode; {m['seconds']:.0f} s in all.",
+        "",
+        f"Card: {tel.get('name', '-')}, driver {tel.get('driver', '-')}, "
+        f"SM clock {tel.get('sm_clock_mhz', '-')} / {tel.get('sm_clock_max_mhz', '-')} MHz, "
+        f"memory clock {tel.get('mem_clock_mhz', '-')} MHz, "
+        f"power {tel.get('power_w', '-')} / {tel.get('power_limit_w', '-')} W.",
+        "",
+    ]
+    if c.get("copy_gbps"):
+        lines.append(
+            f"Ceilings: copy {c['copy_gbps']:.4g} GB/s (read + write bytes); "
+            f"matmul {c['matmul_n']}^3 {c['matmul_dtype']} {c['matmul_tflops']:.4g} TFLOP/s."
+        )
+    else:
+        lines.append(f"Ceilings: FAILED {c.get('error', '')}")
+    tests = f"Tests (`pytest tests -m gpu`): {t.get('summary') or t.get('returncode', 'not run')}"
+    if t.get("failed_ids"):
+        tests += "; failed: " + ", ".join(t["failed_ids"])
+    if t.get("timed_out"):
+        tests += " (TIMED OUT)"
+    sections = ", ".join(
+        f"{k} {v['status']} ({v.get('seconds', 0)} s)" for k, v in doc["sections"].items()
+    )
+    lines += ["", tests, "", f"Sections: {sections}", ""]
+    lines += [
+        "## Summary",
+        "",
+        "```",
+        summary,
+        "```",
+        "",
+        "## All rows",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python3 -m bench.gpu_check", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--full", action="store_true", help=f"every shape; budgets x{FULL_SCALE}")
+    ap.add_argument(
+        "--out-dir", default=None, help="where the JSON and .md go (default bench/results)"
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=TOTAL_BUDGET_S, help="whole-run budget in seconds"
+    )
+    ap.add_argument("--tests-path", default="tests", help="what pytest -m gpu runs")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="run the plumbing on CPU with tiny shapes"
+    )
+    # child mode (internal)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ceilings", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(args)
+
+    t_start = time.time()
+    import torch
+
+    from bench.harness import (
+        Row,
+        format_summary,
+        format_table,
+        measure_ceilings,
+        telemetry,
+        write_json,
+    )
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.cpu_smoke:
+        print(
+            "gpu_check: no CUDA device (torch.cuda.is_available() is False): nothing to measure "
+            "here.\n"
+            "Run it on the lent GPU machine (`make gpu-check`), or add --cpu-smoke to check this "
+            "script's plumbing on CPU with tiny shapes."
+        )
+        return 0
+    device = "cuda" if cuda else "cpu"
+    quick = not args.full
+    scale = 1 if quick else FULL_SCALE
+    total_budget = args.budget_s * scale
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    card = torch.cuda.get_device_name(0) if cuda else "cpu-smoke"
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif cuda:
+        out_dir = REPO / "bench" / "results"
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="gpu_check_smoke_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{date}-{card_slug(card)}"
+    logdir = Path(tempfile.mkdtemp(prefix="gpu_check_logs_"))
+    mode = "quick" if quick else "full"
+    print(f"gpu_check: {card} ({device}), {mode} mode, budget {total_budget:.0f} s", flush=True)
+
+    meta = {
+        "date": date,
+        "time_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "card": card,
+        "device": device,
+        "quick": quick,
+        "cpu_smoke": not cuda,
+        "git": git_commit(),
+        "versions": _versions(),
+        "argv": sys.argv,
+        "budgets_s": {},
+        "seconds": None,
+    }
+    if cuda:
+        p = torch.cuda.get_device_properties(0)
+        meta.update(
+            capability=f"{p.major}.{p.minor}",
+            sm_count=p.multi_processor_count,
+            cuda_runtime=torch.version.cuda,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+        )
+    doc: dict = {"telemetry": {"before": telemetry()}, "sections": {}}
+
+    # ceilings, in this process (plain torch ops: no kernel of ours can poison this context)
+    t0 = time.time()
+    try:
+        ceilings = (
+            measure_ceilings(device) if cuda else measure_ceilings("cpu", copy_mib=64, matmul_n=512)
+        )
+        status = "ok"
+    except Exception as e:
+        ceilings = {"error": f"{type(e).__name__}: {e}"}
+        status = "FAILED"
+    doc["ceilings"] = ceilings
+    doc["sections"]["ceilings"] = {"status": status, "seconds": round(time.time() - t0, 1)}
+    shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in ceilings.items()}
+    print(f"ceilings: {status} {json.dumps(shown)}", flush=True)
+
+    rows: list[Row] = []
+    failed = status != "ok"
+    for i, (name, module, nominal) in enumerate(SECTIONS):
+        if module is not None and importlib.util.find_spec(module) is None:
+            doc["sections"][name] = {
+                "status": "absent",
+                "seconds": 0,
+                "note": f"{module} does not exist yet",
+            }
+            continue
+        remaining = total_budget - (time.time() - t_start)
+        later = sum(
+            n * scale
+            for nm, mod, n in SECTIONS[i + 1 :]
+            if mod is None or importlib.util.find_spec(mod)
+        )
+        budget = min(2 * nominal * scale, remaining - later)
+        if budget < MIN_SECTION_S:
+            doc["sections"][name] = {
+                "status": "SKIPPED",
+                "seconds": 0,
+                "note": f"only {budget:.0f} s left of the run's budget",
+            }
+            rows.append(
+                Row(name, "-", "-", "-", "-", error=f"section skipped: only {budget:.0f} s left")
+            )
+            failed = True
+            continue
+        meta["budgets_s"][name] = round(budget)
+        print(f"{name}: up to {budget:.0f} s ...", flush=True)
+        if module is None:
+            rec = run_tests(budget, logdir, args.tests_path)
+            doc["tests"] = rec
+            status = "ok" if rec["ok"] and not rec["failed"] and not rec["errors"] else "FAILED"
+            late = ", TIMED OUT" if rec["timed_out"] else ""
+            summ = rec["summary"] or "no summary line"
+            print(f"tests: {summ} (rc {rec['returncode']}{late})", flush=True)
+        else:
+            rec = run_section(name, module, budget, ceilings, quick, logdir, device)
+            new = [Row.from_dict(d) for d in rec.pop("rows")]
+            rows += new
+            status = "ok" if rec["ok"] else "FAILED"
+            if not rec["ok"]:
+                why = "timed out" if rec["timed_out"] else f"exit {rec['returncode']}"
+                last = rec["tail"].strip().splitlines()[-1:] or [""]
+                rows.append(
+                    Row(
+                        name,
+                        "-",
+                        "-",
+                        "-",
+                        "-",
+                        error=f"section {why} after {rec['seconds']} s: {last[0][:200]}",
+                    )
+                )
+            print(f"{name}: {status}, {len(new)} rows in {rec['seconds']} s", flush=True)
+        failed |= status != "ok"
+        keep = ("seconds", "returncode", "timed_out") + (("tail",) if status != "ok" else ())
+        doc["sections"][name] = {"status": status, **{k: rec[k] for k in keep}}
+
+    doc["telemetry"]["after"] = telemetry()
+    meta["seconds"] = round(time.time() - t_start, 1)
+    table, summary = format_table(rows), format_summary(rows)
+    json_path = write_json(rows, {**meta, "extra": doc}, out_dir / f"{stem}.json")
+    doc_for_md = {"meta": meta, **doc}
+    md_path = out_dir / f"{stem}.md"
+    _write_markdown(md_path, doc_for_md, summary, table)
+    copies = []
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"])
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in (json_path, md_path):
+            shutil.copy2(src, dest / src.name)
+            copies.append(str(dest / src.name))
+        shutil.copytree(logdir, dest / f"{stem}-logs", dirs_exist_ok=True)
+
+    # The short table last (the device tool returns only the end of the output); every row is
+    # in the .md and the JSON.
+    print()
+    t = doc.get("tests", {})
+    print(
+        f"tests -m gpu: {t.get('summary') or 'not run'}"
+        + (f"; FAILED: {', '.join(t['failed_ids'][:10])}" if t.get("failed_ids") else "")
+        + (" (TIMED OUT)" if t.get("timed_out") else "")
+    )
+    c = ceilings
+    if c.get("copy_gbps"):
+        print(
+            f"ceilings: copy {c['copy_gbps']:.0f} GB/s, matmul {c['matmul_tflops']:.0f} TFLOP/s; "
+            f"sections: " + ", ".join(f"{k}={v['status']}" for k, v in doc["sections"].items())
+        )
+    print(
+        f"wrote {json_path} and {md_path}"
+        + (f" (+ copies in $OUT: {', '.join(copies)})" if copies else "")
+    )
+    print(f"gpu_check {'FAILED' if failed else 'ok'} in {meta['seconds']:.0f} s on {card}")
+    print()
+    print(summary)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Unit tests of the benchmark plumbing: rows, ratios, goals, tables, JSON, plots, gpu_check.
+
+Every number below is a FAKE TIMING made up to test the table/JSON/plot code; none is a
+measurement, and everything is written under pytest's tmp_path only.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from bench import gpu_check
+from bench.harness import (
+    Row,
+    add_ratios,
+    format_summary,
+    format_table,
+    read_json,
+    time_quantiles,
+    write_json,
+)
+
+CEILINGS = {"copy_gbps": 2000.0, "matmul_tflops": 800.0}  # fake
+
+
+def _fake_rows() -> list[Row]:
+    rows = [
+        Row(
+            "rmsnorm",
+            "16x32",
+            "bf16",
+            "fwd",
+            "ours",
+            ms=1.0,
+            bytes=10**9,
+            goals={"pct_of_ceiling": 40, "torch_compile": 1.0},
+        ),
+        Row("rmsnorm", "16x32", "bf16", "fwd", "torch_eager", ms=2.0, bytes=10**9),
+        Row("rmsnorm", "16x32", "bf16", "fwd", "torch_compile", ms=0.8, bytes=10**9),
+        Row(
+            "rmsnorm",
+            "16x32",
+            "bf16",
+            "bwd",
+            "ours",
+            ms=4.0,
+            bytes=10**9,
+            goals={"pct_of_ceiling": 10},
+        ),
+        Row("attention", "seq=8", "bf16", "fwd", "ours", ms=2.0, flops=1e12),
+        Row("swiglu", "8x8", "bf16", "fwd", "liger", error="ImportError: fake"),
+    ]
+    for r in rows:
+        r.fill_rates(CEILINGS)
+    add_ratios(rows)
+    return rows
+
+
+def test_rates_ratios_and_goals():
+    rows = _fake_rows()
+    ours_fwd, eager, _, ours_bwd, attn, _ = rows
+    assert ours_fwd.gbps == pytest.approx(1000.0) and ours_fwd.pct_of_ceiling == pytest.approx(50.0)
+    assert attn.tflops == pytest.approx(500.0) and attn.pct_of_ceiling == pytest.approx(62.5)
+    assert ours_fwd.ratio_vs == pytest.approx({"torch_eager": 2.0, "torch_compile": 0.8})
+    assert eager.ratio_vs == {} and ours_bwd.ratio_vs == {}
+    assert ours_fwd.missed_goals() == ["torch_compile 0.80 < 1"]
+    assert ours_bwd.missed_goals() == []  # 12.5% >= 10%
+    assert Row("x", "s", "bf16", "fwd", "ours", goals={"torch_fused": 1.05}).missed_goals() == [
+        "torch_fused ? < 1.05"
+    ]
+
+
+def test_tables_show_every_case_and_error():
+    rows = _fake_rows()
+    table, summary = format_table(rows), format_summary(rows)
+    assert len(table.splitlines()) == 2 + len(rows)
+    assert "ERROR: ImportError: fake" in table and "ERROR: ImportError: fake" in summary
+    assert "MISSED torch_compile 0.80 < 1" in summary
+    assert "1000 GB/s" in summary and "500 TF/s" in summary
+
+
+def test_json_round_trip(tmp_path):
+    rows = _fake_rows()
+    path = write_json(
+        rows, {"date": "2000-01-01", "extra": {"ceilings": CEILINGS}}, tmp_path / "r.json"
+    )
+    back, doc = read_json(path)
+    assert [r.to_dict() for r in back] == [r.to_dict() for r in rows]
+    assert doc["meta"] == {"date": "2000-01-01"} and doc["ceilings"] == CEILINGS
+    assert json.loads(path.read_text())["rows"][0]["pass"] == "fwd"
+
+
+def test_cpu_timer_returns_ordered_quantiles():
+    x = torch.randn(1000)
+    t = time_quantiles(lambda: x.sum(), warmup=1, rep=5, cuda=False)
+    assert 0 < t.p20 <= t.ms <= t.p80
+
+
+def test_plots_from_result_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench import plots
+
+    write_json(
+        _fake_rows(),
+        {"card": "fake", "date": "2000-01-01", "extra": {"ceilings": CEILINGS}},
+        tmp_path / "r.json",
+    )
+    (tmp_path / "not_a_result.json").write_text('{"rows": [{"op": 1}]}')
+    assert plots.main([str(tmp_path)]) == 0
+    assert (tmp_path / "r-bandwidth.png").stat().st_size > 1000
+    assert (tmp_path / "r-tflops.png").stat().st_size > 1000
+
+
+def test_card_slug_and_commit_without_git(tmp_path):
+    assert gpu_check.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    (tmp_path / ".git" / "refs" / "heads").mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".git" / "packed-refs").write_text(
+        "# pack-refs\n" + "ab" * 20 + " refs/heads/main\n"
+    )
+    assert gpu_check.git_commit(tmp_path)["commit"] == "ab" * 20
+    (tmp_path / ".git" / "refs" / "heads" / "main").write_text("cd" * 20 + "\n")
+    assert gpu_check.git_commit(tmp_path)["commit"] == "cd" * 20
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_check_without_cuda_says_so(capsys):
+    assert gpu_check.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+
+
+FAKE_MODULES = {
+    # gpu_rows with FAKE TIMINGS: a unit test of the section plumbing, not a measurement
+    "fake_good.py": """
+        from bench.harness import Row
+        def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
+            r = Row("fakeop", "1x1", "bf16", "fwd", "ours", ms=1.0, bytes=10**6, note="FAKE")
+            return [r.fill_rates(ceilings)]
+    """,
+    "fake_bad.py": """
+        def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
+            raise RuntimeError("fake kernel crash")
+    """,
+    "fake_slow.py": """
+        import time
+        def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
+            time.sleep(600)
+    """,
+    "test_fake_gpu.py": """
+        import pytest
+        @pytest.mark.gpu
+        def test_ok():
+            pass
+        @pytest.mark.gpu
+        def test_broken():
+            assert False
+    """,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
+def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, capsys):
+    for name, text in FAKE_MODULES.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 1)
+    monkeypatch.setattr(gpu_check, "GRACE_S", 1)
+    monkeypatch.setattr(
+        gpu_check,
+        "SECTIONS",
+        [
+            ("tests", None, 60),
+            ("good", "fake_good", 60),
+            ("bad", "fake_bad", 60),
+            ("slow", "fake_slow", 2),
+            ("later", "not_written_yet", 60),
+        ],
+    )
+    rc = gpu_check.main(
+        [
+            "--cpu-smoke",
+            "--out-dir",
+            str(tmp_path / "res"),
+            "--budget-s",
+            "400",
+            "--tests-path",
+            str(tmp_path / "test_fake_gpu.py"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 1, out  # a failed test and two failed sections
+    [json_path] = (tmp_path / "res").glob("*-cpu-smoke.json")
+    rows, doc = read_json(json_path)
+    assert doc["meta"]["cpu_smoke"] and doc["meta"]["git"]["commit"]
+    assert doc["tests"]["passed"] == 1 and doc["tests"]["failed"] == 1
+    assert doc["tests"]["failed_ids"] == ["test_fake_gpu::test_broken"]
+    s = doc["sections"]
+    assert (s["good"]["status"], s["bad"]["status"], s["slow"]["status"], s["later"]["status"]) == (
+        "ok",
+        "FAILED",
+        "FAILED",
+        "absent",
+    )
+    assert s["slow"]["timed_out"] and "fake kernel crash" in s["bad"]["tail"]
+    assert [r.op for r in rows] == ["fakeop", "bad", "slow"]
+    assert (
+        rows[0].pct_of_ceiling is not None
+        and "fake kernel crash" in rows[1].error
+        and "timed out" in rows[2].error
+    )
+    assert (tmp_path / "out" / json_path.name).exists() and (
+        tmp_path / "out" / json_path.with_suffix(".md").name
+    ).exists()
+    assert out.rstrip().splitlines()[-1].startswith("slow"), "the short table must come last"
