@@ -33,13 +33,15 @@ _MEGATRON_SPECIALS = ("<CLS>", "<SEP>", "<EOD>", "<MASK>")
 def parse_extra_ids(value: str | Sequence[str] | None) -> list[str]:
     """`--vocab_extra_ids_list` value -> token list.
 
-    Accepts the seed's shell-quoted form `"\\"<|im_start|>,<|im_end|>\\""` (quotes kept in the
-    value), a plain comma-separated string, or a sequence of strings. None or "" -> [].
+    Accepts the seed's shell-quoted form `"\\"<|im_start|>,<|im_end|>\\""` (as the shell passes
+    it, or verbatim with its backslashes), a plain comma-separated string, or a sequence of
+    strings. None or "" -> [].
     """
     if value is None:
         return []
     if isinstance(value, str):
-        text = value.strip()
+        # Verbatim from an arguments file the shell never saw: `"\"a,b\""` -> `""a,b""`.
+        text = value.strip().replace('\\"', '"').replace("\\'", "'")
         # The seed quotes the list twice for the shell; whatever quotes survive belong to no token.
         while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
             text = text[1:-1].strip()

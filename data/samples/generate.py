@@ -433,9 +433,20 @@ def main() -> None:
     for path in write_samples(args.out, data):
         print(f"wrote {path} ({path.stat().st_size} bytes)")
     if not args.no_tokenizer:
+        import hashlib
+
+        import sentencepiece
+
         from data.tokenizer import train_sentencepiece
 
         model = train_sentencepiece(tokenizer_lines(data), args.tokenizer, SAMPLE_VOCAB_SIZE)
+        info = {
+            "sentencepiece": sentencepiece.__version__,  # the trainer that made these exact bytes
+            "sha256": hashlib.sha256(model).hexdigest(),
+            "vocab_size": SAMPLE_VOCAB_SIZE,
+            "made_by": "python -m data.samples.generate",
+        }
+        args.tokenizer.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
         print(f"wrote {args.tokenizer} ({len(model)} bytes, vocab {SAMPLE_VOCAB_SIZE})")
 
 

@@ -1,0 +1,95 @@
+import pytest
+
+from data.chat import Conversation, Role, as_role, format_text, render, render_many, render_prompt
+
+
+def _conv() -> Conversation:
+    return Conversation(
+        turns=[
+            (Role.USER, "How many pens does Ana have?"),
+            (Role.CONTEXT, "Ana has 3 pens."),
+            (Role.ASSISTANT, "Ana has 3 pens."),
+            (Role.USER, "And twice that?"),
+            (Role.ASSISTANT, "3 * 2 = 6."),
+        ],
+        system="Answer briefly.",
+    )
+
+
+def test_chatml_text():
+    assert format_text(_conv()) == (
+        "<|im_start|>system\nAnswer briefly.<|im_end|>\n"
+        "<|im_start|>user\nHow many pens does Ana have?<|im_end|>\n"
+        "<|im_start|>context\nAna has 3 pens.<|im_end|>\n"
+        "<|im_start|>assistant\nAna has 3 pens.<|im_end|>\n"
+        "<|im_start|>user\nAnd twice that?<|im_end|>\n"
+        "<|im_start|>assistant\n3 * 2 = 6.<|im_end|>\n"
+    )
+
+
+def test_render_roles_per_token(tok):
+    conv = _conv()
+    ids, roles = render(conv, tok)
+    assert len(ids) == len(roles)
+    # Per-turn tokenization equals tokenizing the whole text (every turn ends in <|im_end|>\n).
+    assert ids == tok.encode(format_text(conv))
+    expected_roles = []
+    for text, role in [
+        ("<|im_start|>system\nAnswer briefly.<|im_end|>\n", 0),
+        ("<|im_start|>user\nHow many pens does Ana have?<|im_end|>\n", 1),
+        ("<|im_start|>context\nAna has 3 pens.<|im_end|>\n", 3),
+        ("<|im_start|>assistant\nAna has 3 pens.<|im_end|>\n", 2),
+        ("<|im_start|>user\nAnd twice that?<|im_end|>\n", 1),
+        ("<|im_start|>assistant\n3 * 2 = 6.<|im_end|>\n", 2),
+    ]:
+        expected_roles += [role] * len(tok.encode(text))
+    assert roles == expected_roles
+    # The assistant's header and its closing <|im_end|>\n are assistant tokens.
+    first_assistant = roles.index(2)
+    assert ids[first_assistant] == tok.im_start_id
+    assert tok.decode(ids[first_assistant : first_assistant + 3]).startswith(
+        "<|im_start|>assistant"
+    )
+    assert roles[-1] == 2 and tok.decode(ids[-3:]).endswith("<|im_end|>\n")
+
+
+def test_render_many_matches_render(tok):
+    convs = [
+        _conv(),
+        [("user", "hi"), ("assistant", "hello")],
+        [{"role": "prompter", "content": "x"}],
+    ]
+    assert render_many(convs, tok) == [render(c, tok) for c in convs]
+
+
+def test_render_prompt_for_generation(tok):
+    ids = render_prompt([("user", "What is 2 + 2?")], tok, system="Be brief.")
+    text = tok.decode(ids)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ids[-3:] == tok.encode("<|im_start|>assistant\n")[-3:]
+    # A leading system message in the messages works the same way.
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 2?"},
+    ]
+    assert render_prompt(msgs, tok) == ids
+
+
+def test_render_prompt_conflicting_system(tok):
+    with pytest.raises(ValueError, match="different system"):
+        render_prompt([("system", "A"), ("user", "q")], tok, system="B")
+
+
+def test_roles():
+    assert [int(r) for r in Role] == [0, 1, 2, 3]
+    assert (
+        as_role("prompter") == Role.USER
+        and as_role("Assistant") == Role.ASSISTANT
+        and as_role(3) == Role.CONTEXT
+    )
+    with pytest.raises(ValueError, match="unknown role"):
+        as_role("bot")

@@ -1,0 +1,397 @@
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.atomic import AtomicFileSet
+from data.chat import Conversation, format_text, render
+from data.indexed import IndexedDataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+STATS_CHATS = [
+    [("user", "What is 2 + 3?"), ("assistant", "2 + 3 = 5.")],  # 28 tokens, 14 assistant
+    [
+        ("user", 'Reverse the word "apple".'),
+        ("assistant", 'The word "apple" reversed is "elppa".'),
+    ],  # 31, 19
+    [
+        ("system", "Be brief."),
+        ("user", "Sort the list [3, 1, 2]."),
+        ("assistant", "The sorted list is [1, 2, 3]."),
+    ],  # 48, 19
+    [("user", "Hi"), ("assistant", "Hello")],  # 17, 9
+]
+STATS_CODE = [
+    (
+        "Write a Python function named `add` that returns the sum of two numbers.",
+        "def add(a, b):\n    return a + b",
+    ),  # 41, 18
+    ("What is 7 * 6?", "7 * 6 = 42. The answer is 42."),  # 36, 22
+]
+
+
+def _chat_rows(chats):
+    return [{"messages": [{"role": r, "content": c} for r, c in chat]} for chat in chats]
+
+
+def _stats_fixture(files):
+    files.jsonl("src/chat/c.jsonl", _chat_rows(STATS_CHATS))
+    rows = [{"USER": q, "ASSISTANT": a} for q, a in STATS_CODE]
+    files.parquet(
+        "src/megacode2/train.parquet",
+        rows[:1] + [{"USER": "dropped: blank", "ASSISTANT": " "}] + rows[1:],
+    )
+    return files.mix(
+        "st",
+        [{"chat": {"val_split": 0}}, {"megacode2": {"val_split": 0}}],
+        min_assistant_tokens=15,
+    )
+
+
+def test_stats_on_a_hand_computed_fixture(files, tok, pretok):
+    # Token counts by the tokenizer alone (not the pipeline): the numbers below follow from them.
+    counts = [(len(tok.encode(format_text(c))), render(c, tok)[1].count(2)) for c in STATS_CHATS]
+    assert counts == [(28, 14), (31, 19), (48, 19), (17, 9)]
+    code = [render([("user", q), ("assistant", a)], tok) for q, a in STATS_CODE]
+    assert [(len(i), r.count(2)) for i, r in code] == [(41, 18), (36, 22)]
+
+    config = _stats_fixture(files)
+    rc, out, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 0, err
+    out_dir = files.root / "out" / "st"
+    expected = f"""# Stats for {out_dir}
+
+## Stats for 'ChatDataset (chat)' (4 samples (100.0%))
+-----------------
+  Accepted: 2/4 (50.0%)
+  Accepted tokens: 79
+  Skipped: 2 (50.0%)
+  Min tokens per sample: 31
+  Max tokens per sample: 48
+  Avg tokens per sample: 39.5
+-----------------
+
+## Stats for 'InstructionDataset (megacode2)' (2 samples (100.0%))
+-----------------
+  Accepted: 2/2 (100.0%)
+  Accepted tokens: 77
+  Skipped: 0 (0.0%)
+  Min tokens per sample: 36
+  Max tokens per sample: 41
+  Avg tokens per sample: 38.5
+-----------------
+
+## Stats for 'total' (6 samples (100.0%))
+-----------------
+  Accepted: 4/6 (66.7%)
+  Accepted tokens: 156
+  Skipped: 2 (33.3%)
+  Min tokens per sample: 31
+  Max tokens per sample: 48
+  Avg tokens per sample: 39.0
+-----------------
+"""
+    assert (out_dir / "st-train_stats.txt").read_text() == expected
+    assert expected in out  # printed too, as Open-Assistant's pretokenizer does
+    val = (out_dir / "st-val_stats.txt").read_text()
+    assert (
+        "## Stats for 'total' (0 samples (100.0%))\n-----------------\n  Accepted: 0/0 (0.0%)"
+        in val
+    )
+
+    stats = json.loads((out_dir / "stats.json").read_text())
+    total = stats["splits"]["train"]["total"]
+    assert total["skipped_tokens"] == 28 + 17 and total["skipped_samples"] == 2
+    assert total["accepted_assistant_tokens"] == 19 + 19 + 18 + 22
+    assert stats["datasets"]["megacode2"]["dropped"] == {"blank": 1}
+    assert stats["datasets"]["chat"]["records"] == 4 and stats["min_assistant_tokens"] == 15
+
+
+def test_text_bin_decode_round_trip(files, tok, pretok):
+    config = _stats_fixture(files)
+    assert pretok(config, "--data-root", files.root / "src")[0] == 0
+    prefix = files.root / "out" / "st" / "st-train"
+    text, role = IndexedDataset(f"{prefix}-text"), IndexedDataset(f"{prefix}-role")
+    assert text.dtype == np.uint16 and role.dtype == np.uint16
+    kept = [Conversation.from_messages(STATS_CHATS[i]) for i in (1, 2)]
+    kept += [Conversation.from_messages([("user", q), ("assistant", a)]) for q, a in STATS_CODE]
+    assert len(text) == len(kept)
+    for i, conv in enumerate(kept):
+        assert tok.decode(text[i]) == format_text(conv)
+        ids, roles = render(conv, tok)
+        assert text[i].tolist() == ids and role[i].tolist() == roles
+    meta = json.loads(Path(f"{prefix}-meta.json").read_text())
+    assert meta["dataset_ranges"] == {"chat": [0, 2], "megacode2": [2, 4]}
+    assert (
+        meta["tokenizer"]["fingerprint"] == tok.fingerprint
+        and meta["tokenizer"]["vocab_size"] == 1031
+    )
+    special = json.loads((files.root / "out" / "st" / "special_tokens.json").read_text())
+    assert special["<|im_start|>"] == tok.im_start_id and special["<|im_end|>"] == tok.im_end_id
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_sample_config_writes_the_makefile_paths_and_is_worker_independent(
+    tmp_path, pretok, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # output_dir in sample.yaml is relative: runs/data/...
+    rc, _, err = pretok(REPO / "configs/data/sample.yaml", "--data-root", REPO)
+    assert rc == 0, err
+    for mix in ("sample_stage1", "sample_stage2"):
+        d = tmp_path / "runs" / "data" / mix
+        for split in ("train", "val"):
+            for feature in ("text", "role"):
+                for ext in ("bin", "idx"):
+                    assert (d / f"{mix}-{split}-{feature}.{ext}").is_file()
+            assert (d / f"{mix}-{split}_stats.txt").is_file() and (
+                d / f"{mix}-{split}-meta.json"
+            ).is_file()
+        assert (d / "stats.json").is_file() and (d / "special_tokens.json").is_file()
+        assert not list(d.glob(".*.tmp"))
+    one = _digest(tmp_path / "runs")
+    rc, _, err = pretok(REPO / "configs/data/sample.yaml", "--data-root", REPO, "--workers", "2")
+    assert rc == 0, err
+    assert _digest(tmp_path / "runs") == one
+
+
+def test_fraction_val_split_max_val_set(files, pretok, make_chat_rows, tok):
+    files.jsonl("src/c.jsonl", make_chat_rows(100))
+    ds = {"chat": {"path": "c.jsonl", "val_split": 0.1, "max_val_set": 4, "fraction": 0.5}}
+    config = files.mix("fr", [ds])
+    assert pretok(config, "--data-root", files.root / "src")[0] == 0
+    out = files.root / "out" / "fr"
+    train, val = IndexedDataset(out / "fr-train-text"), IndexedDataset(out / "fr-val-text")
+    # ceil(100 * 0.1) = 10 held out, 4 of them kept; int(90 * 0.5) = 45 train samples.
+    assert (len(train), len(val)) == (45, 4)
+    train_texts = {tok.decode(train[i]) for i in range(len(train))}
+    val_texts = {tok.decode(val[i]) for i in range(len(val))}
+    assert len(train_texts) == 45 and not train_texts & val_texts
+    stats = (out / "fr-train_stats.txt").read_text()
+    assert "## Stats for 'Subset of ChatDataset (chat)' (45 samples (50.0%))" in stats
+    assert json.loads((out / "stats.json").read_text())["datasets"]["chat"]["assigned"] == {
+        "train": 45,
+        "val": 4,
+    }
+
+    # Same seed -> same selection; another rng_seed -> another one.
+    again = files.mix("fr2", [ds])
+    assert pretok(again, "--data-root", files.root / "src")[0] == 0
+    assert (files.root / "out/fr2/fr2-train-text.bin").read_bytes() == (
+        out / "fr-train-text.bin"
+    ).read_bytes()
+    other = files.mix("fr3", [ds], rng_seed=7)
+    assert pretok(other, "--data-root", files.root / "src")[0] == 0
+    assert (files.root / "out/fr3/fr3-train-text.bin").read_bytes() != (
+        out / "fr-train-text.bin"
+    ).read_bytes()
+
+
+def test_oasst_split_by_tree(files, pretok, tok):
+    def tree(i):
+        def m(role, text, replies=()):
+            return {"role": role, "text": text, "lang": "en", "review_result": True, "rank": None,
+                    "deleted": False, "synthetic": False, "replies": list(replies)}  # fmt: skip
+
+        prompt = m(
+            "prompter",
+            f"tree {i}",
+            [m("assistant", f"answer {i} one"), m("assistant", f"answer {i} two")],
+        )
+        return {"message_tree_id": str(i), "tree_state": "ready_for_export", "prompt": prompt}
+
+    files.jsonl("src/trees.jsonl.gz", [tree(i) for i in range(20)], gz=True)
+    config = files.mix(
+        "oa", [{"oasst_export": {"input_file_path": "trees.jsonl.gz", "val_split": 0.25}}]
+    )
+    assert pretok(config, "--data-root", files.root / "src")[0] == 0
+    out = files.root / "out" / "oa"
+    trees_of = {}
+    for split in ("train", "val"):
+        ds = IndexedDataset(out / f"oa-{split}-text")
+        trees_of[split] = [
+            tok.decode(ds[i]).split("tree ")[1].split("<")[0] for i in range(len(ds))
+        ]
+    assert (
+        len(trees_of["val"]) == 2 * 5 and len(trees_of["train"]) == 2 * 15
+    )  # threads, by whole trees
+    assert not set(trees_of["train"]) & set(trees_of["val"])
+    assert (
+        "## Stats for 'ListDataset' (30 samples (100.0%))"
+        in (out / "oa-train_stats.txt").read_text()
+    )
+
+
+def test_dataset_locations(files, pretok, make_chat_rows, tmp_path_factory):
+    elsewhere = tmp_path_factory.mktemp("abs") / "data.jsonl"
+    elsewhere.write_text("".join(json.dumps(r) + "\n" for r in make_chat_rows(3)))
+    files.jsonl("root/chat/a.jsonl", make_chat_rows(2))  # by name under --data-root
+    files.jsonl("root/sub/b.jsonl", make_chat_rows(4))  # `path:` relative to --data-root
+    config = files.mix(
+        "loc",
+        [
+            {"chat": {"val_split": 0}},
+            {"mine": {"kind": "chat", "path": "sub/b.jsonl", "val_split": 0}},
+            {"far": {"kind": "chat", "path": str(elsewhere), "val_split": 0}},
+        ],
+    )
+    rc, _, err = pretok(
+        config, "--data-root", files.root / "root", "--output-dir", files.root / "o"
+    )
+    assert rc == 0, err
+    meta = json.loads((files.root / "o" / "loc-train-meta.json").read_text())
+    assert meta["dataset_ranges"] == {"chat": [0, 2], "mine": [2, 6], "far": [6, 9]}
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+def _outputs(files) -> list[Path]:
+    out = files.root / "out"
+    return sorted(p for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [', "malformed JSON"),
+        (b'{"messages": [{"role": "user", "content": "\xff"}]}', "invalid UTF-8"),
+        ('{"text": "no messages"}', "missing column 'messages'"),
+        ('{"messages": []}', "empty conversation"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "no assistant turn"),
+        ('{"messages": [{"role": "robot", "content": "q"}]}', "messages[0]: unknown role 'robot'"),
+    ],
+)
+def test_bad_records_error_with_file_line_or_are_counted(
+    files, pretok, make_chat_rows, line, message
+):
+    good = [json.dumps(r).encode() for r in make_chat_rows(4)]
+    bad = line if isinstance(line, bytes) else line.encode()
+    path = files.raw("src/chat.jsonl", b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
+    config = files.mix("bad", [{"chat": {"path": "chat.jsonl", "val_split": 0.25}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "Traceback" not in err
+    assert f"{path}:3: {message}" in err and "--skip-bad-records" in err
+    assert _outputs(files) == []  # nothing half-written
+
+    rc, _, err = pretok(config, "--data-root", files.root / "src", "--skip-bad-records")
+    assert rc == 0, err
+    info = json.loads((files.root / "out/bad/stats.json").read_text())["datasets"]["chat"]
+    assert (
+        info["bad_records"] == 1
+        and info["valid"] == 4
+        and info["bad_examples"][0].startswith(f"{path}:3")
+    )
+    assert "skipped 1 bad record" in err
+
+
+def test_skip_bad_records_counts_several(files, pretok, make_chat_rows):
+    rows = [json.dumps(r) for r in make_chat_rows(6)]
+    rows[1], rows[4] = "not json", '{"messages": []}'
+    files.jsonl("src/c.jsonl", rows)
+    config = files.mix("sk", [{"chat": {"path": "c.jsonl", "val_split": 0}}])
+    assert pretok(config, "--data-root", files.root / "src", "--skip-bad-records")[0] == 0
+    stats = json.loads((files.root / "out/sk/stats.json").read_text())
+    assert stats["datasets"]["chat"]["bad_records"] == 2
+    assert stats["splits"]["train"]["total"]["total_samples"] == 4
+
+
+def test_parquet_missing_column_is_fatal_even_when_skipping(files, pretok):
+    files.parquet("src/megacode2/x.parquet", [{"USER": "q", "RESPONSE": "a"}])
+    config = files.mix("pq", [{"megacode2": {}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src", "--skip-bad-records")
+    assert rc == 2 and "x.parquet: missing column(s) ['ASSISTANT']" in err
+
+
+TAIL = "  output_dir: o\n  filename_prefix: m\n"
+
+
+def _one(dataset: str, option: str) -> str:
+    return f"m:\n  datasets:\n    - {dataset}:\n        {option}\n" + TAIL
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (_one("chat", "fractoin: 0.5"),
+         r":4: unknown key 'fractoin' for dataset 'chat' \(chat\); allowed: kind, path, fraction"),
+        ("m:\n  datasets:\n    - chat: {}\n" + TAIL + "  epochs: 2\n",
+         r":6: unknown key 'epochs' in mix 'm'; allowed: datasets, output_dir"),
+        ("m:\n  datasets:\n    - alpaca: {}\n" + TAIL,
+         r":3: unknown dataset 'alpaca' in mix 'm'; known kinds: megacode2, oa_leet10k, orca-chat"),
+        (_one("chat", "path: nowhere.jsonl"), r"nowhere\.jsonl does not exist"),
+        (_one("chat", "fraction: 1.5"), r":4: dataset 'chat': fraction = 1.5 is outside \(0, 1\]"),
+        (_one("chat", "val_split: 1"), r"val_split = 1 is outside \[0, 1\)"),
+        (_one("oasst_export", "top_k: 0"), r"top_k = 0 is outside"),
+        ("m:\n  datasets: [chat]\n  output_dir: o\n", r"mix 'm' has no 'filename_prefix'"),
+        ("m:\n  datasets:\n    - chat: {}\n   bad indent: x\n", r":4: invalid YAML"),
+        ("m: {}\nm: {}\n", r":2: duplicate key 'm'"),
+        ("- just\n- a list\n", r"expected a mapping of mix names"),
+    ],
+)  # fmt: skip
+def test_config_errors_name_file_line_and_allowed_keys(
+    files, pretok, make_chat_rows, body, message
+):
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(2))
+    config = files.text("bad.yaml", body)
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "Traceback" not in err
+    assert str(config) in err or "does not exist" in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_cli_errors(files, pretok, make_chat_rows):
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(2))
+    config = files.mix("m", [{"chat": {}}])
+    rc, _, err = pretok(config, "--mix", "other")
+    assert rc == 2 and "no mix named 'other'; the file defines m" in err
+    rc, _, err = pretok(
+        config, "--data-root", files.root / "src", "--tokenizer", files.root / "none.model"
+    )
+    assert rc == 2 and "none.model: tokenizer model not found" in err
+    rc, _, err = pretok(files.root / "missing.yaml")
+    assert rc == 2 and "missing.yaml: config file not found" in err
+
+
+# -- atomic outputs -----------------------------------------------------------------------------
+
+
+def test_failed_run_keeps_previous_outputs(files, pretok, make_chat_rows):
+    files.jsonl("src/a/x.jsonl", make_chat_rows(10))
+    files.jsonl("src/b/y.jsonl", make_chat_rows(10, start=10))
+    config = files.mix(
+        "at", [{"first": {"kind": "chat", "path": "a"}}, {"second": {"kind": "chat", "path": "b"}}]
+    )
+    assert pretok(config, "--data-root", files.root / "src")[0] == 0
+    before = _digest(files.root / "out")
+    # The second dataset now fails after the first one has been tokenized and partly written.
+    files.jsonl("src/b/y.jsonl", [json.dumps(r) for r in make_chat_rows(3)] + ["{broken"])
+    files.jsonl("src/a/x.jsonl", make_chat_rows(12))
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "y.jsonl:4: malformed JSON" in err
+    assert _digest(files.root / "out") == before  # untouched, and no temporary file left behind
+
+
+def test_atomic_file_set(tmp_path):
+    final = tmp_path / "d" / "f.txt"
+    with AtomicFileSet() as files:
+        tmp = files.path(final)
+        tmp.write_text("new")
+        assert not final.exists() and tmp.name.startswith(".f.txt.")
+        files.commit()
+    assert final.read_text() == "new" and not tmp.exists()
+    with pytest.raises(RuntimeError), AtomicFileSet() as files:
+        files.path(final).write_text("half")
+        raise RuntimeError("interrupted")
+    assert final.read_text() == "new" and list(final.parent.iterdir()) == [final]
