@@ -63,7 +63,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.recompute_core = False  # selective recompute of rotary + attention
 
-    def core(self, qkv: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    def core(
+        self, qkv: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ):
         """qkv: (tokens, (heads + 2 kv_heads) * head_dim) -> (tokens, heads * head_dim)."""
         hd = self.head_dim
         q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
@@ -76,7 +78,9 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, cu_seqlens, max_seqlen):
         qkv = self.wqkv(x)
-        out = _maybe_recompute(self.recompute_core, self.core, qkv, positions, cu_seqlens, max_seqlen)
+        out = _maybe_recompute(
+            self.recompute_core, self.core, qkv, positions, cu_seqlens, max_seqlen
+        )
         return self.wo(out)
 
 
@@ -163,7 +167,9 @@ class Llama(nn.Module):
         `num_layers` layers of this stage.
         """
         if granularity not in RECOMPUTE_MODES:
-            raise ValueError(f"recompute granularity {granularity!r}; expected one of {RECOMPUTE_MODES}")
+            raise ValueError(
+                f"recompute granularity {granularity!r}; expected one of {RECOMPUTE_MODES}"
+            )
         selective = granularity == "selective"
         for block in self.layers.values():
             block.recompute_norms = selective

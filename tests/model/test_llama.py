@@ -1,0 +1,161 @@
+"""The model: packing, GQA, LIMA dropout, recompute, config helpers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import PRESETS, ModelConfig, param_count
+from model.llama import Llama
+
+CFG = PRESETS["tiny"].replace(num_layers=3, hidden_size=96, ffn_hidden_size=200,
+                              num_attention_heads=6, num_kv_heads=2, vocab_size=101)  # fmt: skip
+
+
+def _model(cfg=CFG, seed=0):
+    m = Llama(cfg)
+    m.init_weights(torch.Generator().manual_seed(seed))
+    return m.eval()
+
+
+def test_packed_batch_equals_each_document_alone():
+    model = _model()
+    g = torch.Generator().manual_seed(1)
+    lengths = [7, 19, 1, 13]
+    docs = [torch.randint(0, CFG.vocab_size, (n,), generator=g) for n in lengths]
+    tokens = torch.cat(docs)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(tokens, positions, cu, max(lengths))
+        for i, d in enumerate(docs):
+            alone = model(
+                d, torch.arange(len(d)), torch.tensor([0, len(d)], dtype=torch.int32), len(d)
+            )
+            torch.testing.assert_close(packed[cu[i] : cu[i + 1]], alone, rtol=1e-5, atol=1e-5)
+    # (batch, seq) input with two rows, flattened by the model, is the same computation
+    with torch.no_grad():
+        rows = tokens[:40].view(2, 20)
+        pos = torch.cat([torch.arange(20), torch.arange(20)]).view(2, 20)
+        out = model(rows, pos, torch.tensor([0, 20, 40], dtype=torch.int32), 20)
+        first = model(rows[0], torch.arange(20), torch.tensor([0, 20], dtype=torch.int32), 20)
+    torch.testing.assert_close(out[:20], first, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_attention_equals_mha_with_repeated_kv_heads():
+    model = _model()
+    att = model.layers["0"].attention
+    hd, nh, nkv = CFG.head_dim, CFG.num_attention_heads, CFG.num_kv_heads
+    T = 23
+    torch.manual_seed(0)
+    x = torch.randn(T, CFG.hidden_size)
+    pos = torch.arange(T)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    with torch.no_grad():
+        ours = att(x, pos, cu, T)
+        qkv = att.wqkv(x)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = q.view(T, nh, hd), k.view(T, nkv, hd), v.view(T, nkv, hd)
+        # rotary by hand (half-split layout), then plain causal MHA with each KV head repeated
+        inv = 1.0 / (CFG.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+        ang = pos[:, None].float() * inv[None]
+        cos, sin = ang.cos()[:, None], ang.sin()[:, None]
+
+        def rot(t):
+            a, b = t.chunk(2, dim=-1)
+            return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+        q, k = rot(q), rot(k)
+        rep = nh // nkv
+        k = k.repeat_interleave(rep, dim=1)  # query head h uses KV head h // rep
+        v = v.repeat_interleave(rep, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        out = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, nh * hd)
+        want = att.wo(out)
+    torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scaling_divides_positions():
+    cfg = CFG.replace(rope_scaling_factor=4.0)
+    a, b = _model(cfg), _model(CFG)
+    t = torch.randint(0, CFG.vocab_size, (12,))
+    cu = torch.tensor([0, 12], dtype=torch.int32)
+    with torch.no_grad():
+        scaled = a(t, torch.arange(12) * 4, cu, 12)
+        plain = b(t, torch.arange(12), cu, 12)
+    torch.testing.assert_close(scaled, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_lima_dropout_probabilities():
+    cfg = CFG.replace(num_layers=5, hidden_dropout=0.25, lima_dropout=True)
+    assert [cfg.layer_dropout(i) for i in range(5)] == [0.0, 0.0625, 0.125, 0.1875, 0.25]
+    model = Llama(cfg)
+    assert [model.layers[str(i)].dropout.p for i in range(5)] == [0.0, 0.0625, 0.125, 0.1875, 0.25]
+    flat = CFG.replace(num_layers=5, hidden_dropout=0.25)
+    assert [flat.layer_dropout(i) for i in range(5)] == [0.25] * 5
+    assert CFG.replace(num_layers=1, hidden_dropout=0.3, lima_dropout=True).layer_dropout(0) == 0.3
+
+
+@pytest.mark.parametrize("granularity,method", [("selective", "uniform"), ("full", "uniform"),
+                                                ("full", "block")])  # fmt: skip
+def test_recompute_gives_the_same_gradients(granularity, method):
+    cfg = CFG.replace(hidden_dropout=0.2, lima_dropout=True)
+    t = torch.randint(0, cfg.vocab_size, (2, 16))
+    pos = torch.arange(16).repeat(2, 1)
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    grads = []
+    for mode in ("none", granularity):
+        m = _model(cfg).train()
+        m.set_recompute(mode, method, num_layers=2)
+        torch.manual_seed(5)
+        F.cross_entropy(m(t, pos, cu, 16), t.reshape(-1)).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_activation_report_orders_the_modes():
+    from train.memory import activation_report
+
+    rep = activation_report(_model().train(), 64, "cpu", torch.float32)
+    assert rep["full"] < rep["selective"] < rep["none"]
+    # full recompute keeps only the block input: hidden fp32 values per token
+    assert rep["full"] == pytest.approx(CFG.hidden_size * 4, rel=0.05)
+
+
+def test_param_shapes_and_count_match_the_module():
+    for name in ("tiny", "llama2-7b"):
+        cfg = PRESETS[name]
+        if name == "tiny":
+            m = Llama(cfg)
+            assert {n: tuple(p.shape) for n, p in m.named_parameters()} == cfg.param_shapes()
+            assert param_count(cfg) == sum(p.numel() for p in m.parameters())
+    # Llama-2-7B with the 32000-piece vocabulary: 6,738,415,616 parameters (Meta's count)
+    assert param_count(PRESETS["llama2-7b"].replace(vocab_size=32000)) == 6_738_415_616
+
+
+def test_from_hf_config():
+    d = {"model_type": "llama", "vocab_size": 32128, "hidden_size": 8192,
+         "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+         "num_key_value_heads": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+         "rope_theta": 10000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+         "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02}  # fmt: skip
+    cfg = ModelConfig.from_hf_config(d)
+    seventy = PRESETS["llama2-70b"]
+    for f in (
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "num_kv_heads",
+    ):
+        assert getattr(cfg, f) == getattr(seventy, f)
+    assert cfg.rope_scaling_factor == 2.0 and cfg.vocab_size == 32128
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        ModelConfig.from_hf_config(dict(d, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic'"):
+        ModelConfig.from_hf_config(dict(d, rope_scaling={"type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="model_type='mistral'"):
+        ModelConfig.from_hf_config(dict(d, model_type="mistral"))

@@ -1,0 +1,190 @@
+"""Flags: the seed's lists verbatim, dry runs, bad flags, inconsistent values."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from model.config import PRESETS
+from train import checkpoint as ckpt
+from train.args import ArgsError, parse_args
+from train.config import resolve
+from train.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CARD = ROOT.parent / "shared" / "seed" / "model-card.md"
+SEED_FILES = {s: ROOT / "configs" / "train" / f"llama2-70b-stage{s}.args" for s in (1, 2)}
+
+
+def _flag_lines(text: str) -> list[str]:
+    return [ln.strip() for ln in text.splitlines() if ln.strip().startswith("--")]
+
+
+@pytest.mark.skipif(not CARD.is_file(), reason="the seed model card is not beside this checkout")
+def test_args_files_hold_the_seed_lists_verbatim():
+    card = CARD.read_text()
+    blocks = re.findall(r"Arguments for Stage (\d).*?```\n(.*?)```", card, re.S)
+    assert len(blocks) == 2
+    for stage, body in blocks:
+        ours = _flag_lines(SEED_FILES[int(stage)].read_text())
+        seed = _flag_lines(body)
+        assert ours[: len(seed)] == seed
+        assert ours[len(seed) :] == ["--model llama2-70b"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_seed_lists_parse_with_megatron_meaning(stage):
+    ns, given = parse_args([f"@{SEED_FILES[stage]}"])
+    assert ns.tensor_model_parallel_size == 8 and ns.pipeline_model_parallel_size == 4
+    assert ns.vocab_file == "./llama2/Llama-2-7b/tokenizer.model"  # the --flag=value form
+    assert ns.vocab_extra_ids_list == '"<|im_start|>,<|im_end|>"'  # one shell quoting level gone
+    assert ns.tie_embed_logits is False and ns.use_rms_norm and ns.glu_activation == "swiglu"
+    assert ns.bias_gelu_fusion is False and ns.bias_dropout_fusion is False
+    assert ns.global_batch_size == 64 and ns.micro_batch_size == 2 and ns.seq_length == 4096
+    assert (ns.adam_beta1, ns.adam_beta2, ns.adam_eps) == (0.9, 0.95, 1e-12)
+    assert ns.lr == 1e-5 and ns.min_lr == 1e-6 and ns.lr_warmup_iters == 100
+    assert ns.weight_decay == 1e-6 and ns.lr_decay_style == "cosine"
+    assert ns.recompute_granularity == "selective" and ns.sequence_parallel
+    assert ns.use_checkpoint_args and ns.wandb_logger and ns.log_timers_to_tensorboard
+    assert ns.data_path[0].endswith("-train")
+    if stage == 1:
+        assert ns.train_iters == 12000 and ns.hidden_dropout == 0.0 and not ns.finetune
+        assert not ns.lima_dropout and ns.save_interval == 500
+    else:
+        assert ns.train_iters == 519 and ns.hidden_dropout == 0.25 and ns.lima_dropout
+        assert ns.finetune and ns.save_interval == 346
+    assert "hidden_dropout" in given and "clip_grad" not in given
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_dry_run_of_the_70b_lists(stage, capsys):
+    assert main([f"@{SEED_FILES[stage]}", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "68,989,231,104" in out  # Llama-2-70B with the vocabulary padded to 32768 (TP 8)
+    assert "num_kv_heads ............................ 8" in out
+    assert "cannot run yet" in out and "pipeline" in out
+    assert "not checked here" in out and "tokenizer.model" in out and "does not exist" in out
+    assert "num_microbatches ........................ 32" in out
+    if stage == 2:
+        assert "lima_dropout ............................ True" in out
+
+
+def test_real_run_of_a_deferred_layout_fails_before_any_work(capsys):
+    assert main([f"@{SEED_FILES[1]}"]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline parallelism" in err
+
+
+def _tiny(*extra):
+    return ["--model", "tiny", "--micro_batch_size", "2", "--global_batch_size", "8",
+            "--seq_length", "128", "--train_iters", "10", "--lr", "1e-3",
+            "--data_path", "nowhere-train", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--micro_batch_sise", "2"],
+            "unknown flag --micro_batch_sise; did you mean --micro_batch_size?",
+        ),
+        (["--tensor-model-parallel-size", "2"], "did you mean --tensor_model_parallel_size?"),
+        (["--lr_warmup_iter=5"], "did you mean --lr_warmup_iters?"),
+        (["--lr_decay_style", "exponential"], "invalid choice: 'exponential'"),
+    ],
+)
+def test_bad_flags_name_the_nearest_valid_one(argv, message):
+    with pytest.raises(ArgsError) as e:
+        parse_args(_tiny(*argv))
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "world", "message"),
+    [
+        (
+            ["--global_batch_size", "7"],
+            1,
+            "--global_batch_size 7 is not divisible by --micro_batch_size 2",
+        ),
+        (
+            [],
+            3,
+            "--global_batch_size 8 is not divisible by --micro_batch_size 2 x data parallel size 3",
+        ),
+        (
+            ["--tensor_model_parallel_size", "4"],
+            4,
+            "must divide num_attention_heads (8) and num_kv_heads (2)",
+        ),
+        (["--seq_length", "2048"], 1, "--seq_length 2048 exceeds max_position_embeddings 1024"),
+        (["--min_lr", "1"], 1, "--min_lr 1.0 exceeds --lr"),
+        (["--attention_dropout", "0.1"], 1, "attention_dropout=0.1"),
+        (["--finetune"], 1, "--finetune needs --load"),
+        (["--recompute_granularity", "selective", "--recompute_method", "block"], 1, "full only"),
+        (["--glu_activation", "geglu"], 1, "Llama uses swiglu"),
+        (["--fp16"], 1, "use --bf16"),
+        (["--train_samples", "100"], 1, "sample-based training"),
+        (["--data_path", "a-train", "b-train"], 1, "one pretokenized prefix"),
+        (["--model_name", "llama2"], 1, "--use_rms_norm, --glu_activation swiglu"),
+        (["--pipeline_model_parallel_size", "3"], 3, "num_layers 4 is not divisible by pipeline"),
+    ],
+)
+def test_inconsistent_values_fail_before_any_work(extra, world, message):
+    ns, given = parse_args(_tiny(*extra))
+    with pytest.raises(ArgsError) as e:
+        resolve(ns, given, world_size=world)
+    assert message in str(e.value)
+
+
+def test_missing_architecture_is_explained():
+    ns, given = parse_args(_tiny()[2:])
+    with pytest.raises(ArgsError, match="architecture is not known"):
+        resolve(ns, given, world_size=1)
+
+
+def test_args_file_quoting_comments_and_override(tmp_path):
+    f = tmp_path / "x.args"
+    f.write_text('# comment\n--model tiny  # trailing\n--vocab_extra_ids_list "\\"<a>,<b>\\""\n'
+                 "--lr 1e-3\n")  # fmt: skip
+    ns, given = parse_args([f"@{f}", "--lr", "5e-4"])
+    assert ns.model == "tiny" and ns.lr == 5e-4 and ns.vocab_extra_ids_list == '"<a>,<b>"'
+    with pytest.raises(ArgsError, match="does not exist"):
+        parse_args(["@/nonexistent.args"])
+
+
+def test_use_checkpoint_args_fills_unset_architecture(tmp_path):
+    cfg = PRESETS["tiny"].replace(num_layers=2, hidden_size=128, num_attention_heads=4,
+                                  num_kv_heads=1, ffn_hidden_size=256, vocab_size=1031)  # fmt: skip
+    sd = {n: __import__("torch").zeros(s) for n, s in cfg.param_shapes().items()}
+    ckpt.write_full_checkpoint(tmp_path, 0, sd, {"model": cfg.to_dict()})
+    ns, given = parse_args(
+        _tiny("--load", str(tmp_path), "--use_checkpoint_args", "--num_layers", "4")
+    )
+    rc = resolve(ns, given, world_size=1)
+    m = rc.model
+    assert (m.hidden_size, m.num_attention_heads, m.num_kv_heads, m.ffn_hidden_size) == (
+        128,
+        4,
+        1,
+        256,
+    )
+    assert m.num_layers == 4  # given explicitly: kept
+    assert m.vocab_size == 1031  # no tokenizer file here: the checkpoint's vocabulary
+    # without --use_checkpoint_args the preset stands
+    ns, given = parse_args(_tiny("--load", str(tmp_path)))
+    assert resolve(ns, given, world_size=1).model.hidden_size == PRESETS["tiny"].hidden_size
+
+
+def test_hf_config_as_model(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
+        "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    }))  # fmt: skip
+    ns, given = parse_args(_tiny()[2:] + ["--model", str(tmp_path / "config.json")])
+    rc = resolve(ns, given, world_size=1)
+    assert rc.model.num_layers == 3 and rc.model.num_kv_heads == 2 and rc.model.norm_eps == 1e-6

@@ -1,0 +1,280 @@
+"""Command line: Megatron-LLM's flags (every flag of the seed's two argument lists, with their
+Megatron-LLM meaning) plus ours. `python -m train [flags] [@file.args]`.
+
+An `@file` argument is replaced by the flags in that file, read line by line with shell quoting
+rules (`#` starts a comment), so the seed's lists can be pasted verbatim, including
+`--vocab_extra_ids_list "\\"<|im_start|>,<|im_end|>\\""` and `--vocab_file=./...`. Flags given
+after an @file override the file's values (argparse keeps the last occurrence).
+
+Defaults follow Megatron-LLM's `arguments.py` except `--attention_dropout` (0.0 here: the
+flash-attention path has no dropout) and `--clip_grad` (1.0, the same). Flags of a later issue
+fail when a run starts (not in `--dry_run`, which only reports them).
+"""
+
+import argparse
+import difflib
+import shlex
+import sys
+from pathlib import Path
+
+METRICS = ("perplexity", "accuracy", "instruct_accuracy", "count_loss_mask")
+
+
+class ArgsError(ValueError):
+    """Bad command-line input; the message says what to change."""
+
+
+def expand_args_files(argv: list[str]) -> list[str]:
+    """Replace every `@path` by the flags in that file (recursively), shell-quoted per line."""
+    out: list[str] = []
+    for a in argv:
+        if not a.startswith("@"):
+            out.append(a)
+            continue
+        path = Path(a[1:])
+        if not path.is_file():
+            raise ArgsError(f"arguments file {path} (from {a!r}) does not exist")
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                tokens = shlex.split(line, comments=True, posix=True)
+            except ValueError as e:
+                raise ArgsError(f"{path}:{lineno}: cannot parse {line.strip()!r}: {e}") from e
+            out.extend(expand_args_files(tokens))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ArgsError instead of exiting, so callers (and tests) see the text."""
+
+    def error(self, message: str):
+        raise ArgsError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m train",
+        description="Llama-2 SFT trainer (Megatron-LLM flags). Arguments may come from @file.args.",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="preset (tiny, llama2-7b, llama2-13b, llama2-70b) or a Hugging "
+        "Face config.json path; architecture flags below override its fields",
+    )
+    g.add_argument(
+        "--model_name",
+        choices=["llama", "llama2", "codellama"],
+        help="Megatron-LLM model family; with it the Llama flags are mandatory, as there",
+    )
+    g.add_argument("--num_layers", type=int)
+    g.add_argument("--hidden_size", type=int)
+    g.add_argument("--ffn_hidden_size", type=int)
+    g.add_argument("--num_attention_heads", type=int)
+    g.add_argument("--num_attention_heads_kv", type=int, help="KV heads (GQA)")
+    g.add_argument(
+        "--use_multiquery_attn",
+        action="store_true",
+        help="Megatron-LLM's GQA switch; GQA follows --num_attention_heads_kv here",
+    )
+    g.add_argument("--max_position_embeddings", type=int)
+    g.add_argument("--make_vocab_size_divisible_by", type=int)
+    g.add_argument("--layernorm_epsilon", type=float)
+    g.add_argument("--rope_theta", type=float)
+    g.add_argument("--rope_scaling_factor", type=float, help="linear position interpolation")
+    g.add_argument("--init_method_std", type=float)
+    g.add_argument("--use_rms_norm", action="store_true", help="Llama: always RMSNorm")
+    g.add_argument("--glu_activation", choices=["swiglu", "geglu", "reglu", "liglu"])
+    g.add_argument("--position_embedding_type", choices=["rotary", "absolute"])
+    g.add_argument(
+        "--no_tie_embed_logits",
+        action="store_false",
+        dest="tie_embed_logits",
+        default=True,
+        help="untied embedding and output head (Llama)",
+    )
+    g.add_argument("--use_bias", action="store_true")
+    g.add_argument("--use_post_ln", action="store_true")
+    g.add_argument(
+        "--use_flash_attn",
+        action="store_true",
+        help="accepted: attention is always the varlen flash kernel",
+    )
+    g.add_argument(
+        "--no_bias_gelu_fusion",
+        action="store_false",
+        dest="bias_gelu_fusion",
+        help="accepted: no biases, nothing to fuse",
+    )
+    g.add_argument(
+        "--no_bias_dropout_fusion",
+        action="store_false",
+        dest="bias_dropout_fusion",
+        help="accepted: no biases, nothing to fuse",
+    )
+
+    g = p.add_argument_group("regularization")
+    g.add_argument("--hidden_dropout", type=float, default=0.1)
+    g.add_argument("--attention_dropout", type=float, default=0.0)
+    g.add_argument(
+        "--lima_dropout", action="store_true", help="layer i of L gets hidden_dropout * i / (L - 1)"
+    )
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--clip_grad", type=float, default=1.0, help="global L2 norm; 0 disables")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_eps", type=float, default=1e-8)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro_batch_size", type=int)
+    g.add_argument("--global_batch_size", type=int)
+    g.add_argument("--train_iters", type=int)
+    g.add_argument("--train_samples", type=int)
+    g.add_argument(
+        "--loss_reduction",
+        choices=["global", "microbatch"],
+        default="global",
+        help="global: mean over every loss-mask token of the global batch; "
+        "microbatch: Megatron-LLM's mean of per-micro-batch means",
+    )
+    g.add_argument("--recompute_granularity", choices=["full", "selective"])
+    g.add_argument("--recompute_activations", action="store_true", help="= selective")
+    g.add_argument("--recompute_method", choices=["uniform", "block"])
+    g.add_argument("--recompute_num_layers", type=int, default=1)
+    g.add_argument("--bf16", action="store_true", help="bf16 model on GPU (fp32 on CPU)")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit_interval", type=int, help="stop after an iteration divisible by it")
+    g.add_argument("--rampup_batch_size", nargs="*")
+    g.add_argument("--use_distributed_optimizer", action="store_true")
+    g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="validate, print the resolved config and parameter count, exit",
+    )
+
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument(
+        "--lr_decay_style",
+        choices=["constant", "linear", "cosine", "inverse-square-root"],
+        default="linear",
+    )
+    g.add_argument("--lr_decay_iters", type=int)
+    g.add_argument("--lr_warmup_iters", type=int, default=0)
+    g.add_argument("--lr_warmup_fraction", type=float)
+    g.add_argument("--lr_decay_samples", type=int)
+    g.add_argument("--lr_warmup_samples", type=int, default=0)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--save_interval", type=int)
+    g.add_argument("--load")
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="load weights only: iteration 0, fresh optimizer, no RNG/data restore",
+    )
+    g.add_argument(
+        "--use_checkpoint_args",
+        action="store_true",
+        help="architecture flags not given here come from the checkpoint",
+    )
+    g.add_argument("--no_save_optim", action="store_true")
+    g.add_argument("--no_save_rng", action="store_true")
+    g.add_argument("--no_load_optim", action="store_true")
+    g.add_argument("--no_load_rng", action="store_true")
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--tensor_model_parallel_size", type=int, default=1)
+    g.add_argument("--pipeline_model_parallel_size", type=int, default=1)
+    g.add_argument("--num_layers_per_virtual_pipeline_stage", type=int)
+    g.add_argument("--sequence_parallel", action="store_true")
+    g.add_argument("--distributed_backend", choices=["nccl", "gloo"])
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data_path",
+        nargs="+",
+        help="pretokenized prefix: {PREFIX}-text / {PREFIX}-role (.bin/.idx); the "
+        "validation split is the same prefix with -train replaced by -val",
+    )
+    g.add_argument("--vocab_file", help="SentencePiece tokenizer.model")
+    g.add_argument("--tokenizer_type", choices=["SentencePieceTokenizer"])
+    g.add_argument("--vocab_extra_ids_list", help='e.g. "<|im_start|>,<|im_end|>"')
+    g.add_argument("--seq_length", type=int)
+    g.add_argument(
+        "--packing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pack documents into seq_length with per-document attention "
+        "(--no-packing: one padded document per row, as Megatron-LLM)",
+    )
+    g.add_argument(
+        "--variable_seq_lengths",
+        action="store_true",
+        help="without packing: pad each micro-batch to its longest document only",
+    )
+
+    g = p.add_argument_group("validation")
+    g.add_argument("--eval_iters", type=int, default=100)
+    g.add_argument("--eval_interval", type=int, default=1000)
+    g.add_argument("--metrics", nargs="*", choices=list(METRICS), default=list(METRICS))
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log_interval", type=int, default=100)
+    g.add_argument("--tensorboard_dir")
+    g.add_argument("--log_timers_to_tensorboard", action="store_true")
+    g.add_argument("--wandb_logger", action="store_true")
+    g.add_argument("--wandb_project", default="oasst-trainer")
+    g.add_argument("--wandb_entity")
+    g.add_argument("--wandb_id")
+    g.add_argument("--run_dir", help="where metrics.jsonl goes (default: --save)")
+    g.add_argument(
+        "--activation_memory_report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure activation bytes per layer with/without recompute",
+    )
+    return p
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+
+
+def _unknown_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    known = _option_strings(parser)
+    lines = []
+    for u in unknown:
+        if not u.startswith("-"):
+            lines.append(f"unexpected value {u!r} (no flag takes it here)")
+            continue
+        flag = u.split("=", 1)[0]
+        guess = difflib.get_close_matches(
+            flag.replace("-", "_"), [k.replace("-", "_") for k in known], n=1, cutoff=0.5
+        )
+        hint = ""
+        if guess:
+            real = next(k for k in known if k.replace("-", "_") == guess[0])
+            hint = f"; did you mean {real}?"
+        lines.append(f"unknown flag {flag}{hint}")
+    return "; ".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """Parse the command line. Returns the namespace and the set of destinations given explicitly
+    (what `--use_checkpoint_args` must not override)."""
+    argv = expand_args_files(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ArgsError(_unknown_message(parser, unknown))
+    # Which destinations were set on the command line: parse again against a namespace of sentinels.
+    sentinel = object()
+    probe = argparse.Namespace(**{k: sentinel for k in vars(ns)})
+    parser.parse_known_args(argv, namespace=probe)
+    given = {k for k, v in vars(probe).items() if v is not sentinel}
+    return ns, given

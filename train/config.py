@@ -1,0 +1,545 @@
+"""Resolved run configuration: one small dataclass per component, built and validated from the
+parsed flags before any work starts. Each component is handed only its own part."""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from model.config import PRESETS, ModelConfig, param_count
+from train.args import ArgsError
+
+# Llama-2's SentencePiece model has 32000 pieces; Megatron-LLM adds <CLS> <SEP> <EOD> <MASK> <PAD>.
+LLAMA2_BASE_VOCAB = 32000
+MEGATRON_SPECIALS = 5
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Process layout (Megatron rank order)."""
+
+    tp: int = 1  # tensor model parallel size
+    pp: int = 1  # pipeline model parallel size
+    dp: int = 1  # data parallel size = world / (tp * pp)
+    sequence_parallel: bool = False  # shard norms/dropout over the sequence (only with tp > 1)
+    virtual_stage_layers: int | None = None  # layers per virtual pipeline stage (interleaved)
+    backend: str | None = None  # torch.distributed backend; None: nccl on GPU, gloo on CPU
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data loader needs."""
+
+    train_prefix: str  # {prefix}-text / {prefix}-role .bin/.idx
+    valid_prefix: str | None  # the -val twin, None when the prefix has no -train suffix
+    vocab_file: str | None  # SentencePiece model
+    vocab_extra_ids: str | None  # --vocab_extra_ids_list as given
+    seq_length: int  # tokens per row
+    micro_batch_size: int  # rows per micro-batch
+    global_batch_size: int  # rows per optimizer step, all DP ranks
+    packing: bool  # pack documents with per-document attention
+    variable_seq_lengths: bool  # without packing, pad to the longest row of the micro-batch
+    seed: int  # shuffling seed
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW (decoupled weight decay) and clipping."""
+
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float  # on matrices; norms get none
+    clip_grad: float  # global L2 norm bound; 0 disables
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule in iterations (see train.lr)."""
+
+    lr: float
+    min_lr: float
+    decay_style: str  # constant | linear | cosine | inverse-square-root
+    warmup_iters: int
+    decay_iters: int
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Saving and loading."""
+
+    save: str | None
+    save_interval: int | None  # None: only at the end
+    load: str | None
+    finetune: bool  # weights only
+    use_checkpoint_args: bool
+    save_optim: bool = True
+    save_rng: bool = True
+    load_optim: bool = True
+    load_rng: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Console, TensorBoard, metrics.jsonl, wandb."""
+
+    log_interval: int
+    tensorboard_dir: str | None
+    log_timers: bool
+    wandb: bool
+    wandb_project: str
+    wandb_entity: str | None
+    wandb_id: str | None
+    run_dir: str | None  # metrics.jsonl lives here
+    activation_memory_report: bool
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Validation."""
+
+    interval: int
+    iters: int
+    metrics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The training loop proper."""
+
+    train_iters: int
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int  # per DP rank per step
+    loss_reduction: str  # global | microbatch
+    bf16: bool  # honoured on GPU only
+    recompute_granularity: str  # none | selective | full
+    recompute_method: str | None  # uniform | block, with full only
+    recompute_num_layers: int
+    seed: int
+    exit_interval: int | None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig
+    data: DataConfig
+    optim: OptimizerConfig
+    schedule: ScheduleConfig
+    ckpt: CheckpointConfig
+    log: LogConfig
+    eval: EvalConfig
+    loop: LoopConfig
+    notes: list[str] = field(default_factory=list)  # decisions worth printing
+    deferred: list[str] = field(default_factory=list)  # valid, but needs a later issue to run
+    unchecked: list[str] = field(default_factory=list)  # could not be checked on this machine
+    checkpoint_meta: dict | None = None  # meta.json of --load, when readable
+
+    def to_dict(self) -> dict:
+        d = {
+            k: asdict(getattr(self, k))
+            for k in (
+                "model",
+                "parallel",
+                "data",
+                "optim",
+                "schedule",
+                "ckpt",
+                "log",
+                "eval",
+                "loop",
+            )
+        }
+        d["eval"]["metrics"] = list(d["eval"]["metrics"])
+        return d
+
+    def param_count(self) -> int:
+        return param_count(self.model, self.model.padded_vocab_size(self.parallel.tp))
+
+
+ARCH_FLAGS = {  # flag dest -> ModelConfig field
+    "num_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_attention_heads_kv": "num_kv_heads",
+    "max_position_embeddings": "max_position_embeddings",
+    "make_vocab_size_divisible_by": "make_vocab_size_divisible_by",
+    "layernorm_epsilon": "norm_eps",
+    "rope_theta": "rope_theta",
+    "rope_scaling_factor": "rope_scaling_factor",
+    "init_method_std": "init_std",
+}
+
+
+def _fail(problems: list[str]) -> None:
+    if problems:
+        raise ArgsError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def _refuse_unsupported(ns, problems: list[str]) -> None:
+    """Megatron flags whose feature this trainer does not have (the message says what to use)."""
+    if ns.fp16:
+        problems.append("--fp16 (loss-scaled fp16) is not supported: use --bf16")
+    if ns.train_samples is not None or ns.lr_decay_samples is not None or ns.lr_warmup_samples:
+        problems.append(
+            "sample-based training (--train_samples/--lr_decay_samples/--lr_warmup_samples) is not "
+            "supported: give --train_iters, --lr_decay_iters, --lr_warmup_iters"
+        )
+    if ns.rampup_batch_size:
+        problems.append("--rampup_batch_size is not supported: use a constant --global_batch_size")
+    if ns.use_distributed_optimizer:
+        problems.append("--use_distributed_optimizer is not supported yet: drop the flag")
+    if ns.optimizer != "adam":
+        problems.append(f"--optimizer {ns.optimizer}: only adam (AdamW) is implemented")
+    if ns.data_path and len(ns.data_path) > 1:
+        problems.append(
+            f"--data_path takes one pretokenized prefix, got {ns.data_path}: blends are made by "
+            "the pretokenizer's dataset mix (configs/data/*.yaml)"
+        )
+    # The architecture is Llama: contradicting flags are errors, as in Megatron-LLM's LlamaModel.
+    if ns.glu_activation not in (None, "swiglu"):
+        problems.append(f"--glu_activation {ns.glu_activation}: Llama uses swiglu")
+    if ns.position_embedding_type not in (None, "rotary"):
+        problems.append(
+            f"--position_embedding_type {ns.position_embedding_type}: Llama uses rotary"
+        )
+    if ns.use_bias:
+        problems.append("--use_bias: Llama has no biases")
+    if ns.use_post_ln:
+        problems.append("--use_post_ln: Llama is pre-norm")
+    if ns.model_name is not None:
+        missing = []
+        if not ns.use_rms_norm:
+            missing.append("--use_rms_norm")
+        if ns.glu_activation != "swiglu":
+            missing.append("--glu_activation swiglu")
+        if ns.position_embedding_type != "rotary":
+            missing.append("--position_embedding_type rotary")
+        if ns.tie_embed_logits:
+            missing.append("--no_tie_embed_logits")
+        if missing:
+            problems.append(
+                f"--model_name {ns.model_name} needs {', '.join(missing)} (mandatory for Llama in "
+                "Megatron-LLM); or drop --model_name, and the Llama architecture is implied"
+            )
+
+
+def _base_model(ns, given: set[str], rc_notes: list[str], unchecked: list[str]):
+    """ModelConfig before vocabulary: --model, then the checkpoint's (--use_checkpoint_args),
+    then explicit architecture flags. Returns (config or None, checkpoint meta or None)."""
+    cfg = None
+    if ns.model:
+        if ns.model in PRESETS:
+            cfg = PRESETS[ns.model]
+        elif ns.model.endswith(".json") or Path(ns.model).is_dir():
+            path = Path(ns.model)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise ArgsError(f"--model {ns.model}: {path} does not exist")
+            cfg = ModelConfig.from_hf_config(json.loads(path.read_text()), name=f"hf:{path}")
+        else:
+            raise ArgsError(
+                f"--model {ns.model!r}: not a preset ({', '.join(PRESETS)}) nor a Hugging Face "
+                "config.json path"
+            )
+    meta = None
+    if ns.load:
+        from train import checkpoint as ckpt
+
+        try:
+            meta = ckpt.read_meta(ckpt.resolve_iteration_dir(ns.load))
+        except (ckpt.CheckpointError, OSError, json.JSONDecodeError) as e:
+            unchecked.append(f"--load {ns.load}: {e}")
+    if ns.use_checkpoint_args and meta is not None:
+        saved = ModelConfig.from_dict(meta["model"])
+        arch = {f: getattr(saved, f) for f in ARCH_FLAGS.values()}
+        arch.update(name=saved.name, vocab_size=saved.vocab_size)
+        if cfg is not None and any(getattr(cfg, k) != v for k, v in arch.items() if k != "name"):
+            rc_notes.append(
+                f"--use_checkpoint_args: the checkpoint's architecture overrides --model {ns.model}"
+            )
+        cfg = (cfg or ModelConfig()).replace(**arch)
+    elif ns.use_checkpoint_args and cfg is None:
+        unchecked.append(
+            "--use_checkpoint_args: checkpoint unreadable, architecture not known from it"
+        )
+    overrides = {ARCH_FLAGS[k]: getattr(ns, k) for k in ARCH_FLAGS if k in given}
+    if cfg is None:
+        required = ("num_layers", "hidden_size", "num_attention_heads")
+        if not all(k in given for k in required):
+            raise ArgsError(
+                "the model architecture is not known: pass --model (a preset or HF config.json), "
+                "--load with --use_checkpoint_args, or --num_layers/--hidden_size/"
+                "--num_attention_heads (and --ffn_hidden_size, --num_attention_heads_kv)"
+            )
+        cfg = ModelConfig(name="custom")
+        overrides.setdefault("num_kv_heads", overrides["num_attention_heads"])
+        overrides.setdefault("ffn_hidden_size", 4 * overrides["hidden_size"])
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    return cfg, meta
+
+
+def _vocab_size(ns, meta, extra_ids: list[str], notes: list[str], unchecked: list[str]) -> int:
+    """The tokenizer's vocabulary (Megatron-LLM layout), from the tokenizer file when present."""
+    if ns.vocab_file and Path(ns.vocab_file).is_file():
+        from data.tokenizer import Tokenizer
+
+        return Tokenizer(ns.vocab_file, extra_ids).vocab_size
+    if meta is not None:
+        notes.append(f"vocabulary size {meta['vocab_size']} taken from the checkpoint")
+        return int(meta["vocab_size"])
+    v = LLAMA2_BASE_VOCAB + MEGATRON_SPECIALS + len(extra_ids)
+    unchecked.append(
+        f"--vocab_file {ns.vocab_file}: not found here; vocabulary assumed to be Llama-2's "
+        f"32000 pieces + 5 Megatron specials + {len(extra_ids)} extra ids = {v}"
+    )
+    return v
+
+
+def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
+    """Validate the flags and build the run configuration; raise ArgsError listing every problem.
+
+    world_size: processes of the run (default: $WORLD_SIZE, or tp * pp when not launched, which
+    a dry run reports)."""
+    problems: list[str] = []
+    notes: list[str] = []
+    deferred: list[str] = []
+    unchecked: list[str] = []
+    _refuse_unsupported(ns, problems)
+    _fail(problems)
+
+    from data.tokenizer import parse_extra_ids
+
+    extra_ids = parse_extra_ids(ns.vocab_extra_ids_list)
+    base, meta = _base_model(ns, given, notes, unchecked)
+    vocab = _vocab_size(ns, meta, extra_ids, notes, unchecked)
+    model = base.replace(
+        vocab_size=vocab,
+        hidden_dropout=ns.hidden_dropout,
+        attention_dropout=ns.attention_dropout,
+        lima_dropout=ns.lima_dropout,
+    )
+
+    tp, pp = ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        _fail([f"parallel sizes must be >= 1 (tensor {tp}, pipeline {pp})"])
+    if world_size is None:
+        env = os.environ.get("WORLD_SIZE")
+        if env is None:
+            world_size = tp * pp
+            if ns.dry_run and tp * pp > 1:
+                notes.append(
+                    f"world size assumed {world_size} (tp x pp, data parallel 1); set WORLD_SIZE "
+                    "to check another"
+                )
+        else:
+            world_size = int(env)
+    if world_size % (tp * pp):
+        problems.append(
+            f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) "
+            "parallel size"
+        )
+    dp = max(1, world_size // (tp * pp))
+    sp = ns.sequence_parallel and tp > 1
+    if ns.sequence_parallel and tp == 1:
+        notes.append("--sequence_parallel ignored at tensor parallel size 1 (as Megatron)")
+    if ns.num_layers_per_virtual_pipeline_stage is not None:
+        if pp <= 2:
+            problems.append(
+                "--num_layers_per_virtual_pipeline_stage needs pipeline parallel size > 2"
+            )
+        elif model.num_layers % ns.num_layers_per_virtual_pipeline_stage:
+            problems.append(
+                "num_layers is not divisible by --num_layers_per_virtual_pipeline_stage"
+            )
+    if model.num_layers % pp:
+        problems.append(
+            f"num_layers {model.num_layers} is not divisible by pipeline parallel size {pp}"
+        )
+    try:
+        model.validate(tp)
+    except ValueError as e:
+        problems.append(str(e))
+
+    if ns.micro_batch_size is None or ns.micro_batch_size < 1:
+        problems.append("--micro_batch_size (>= 1) is required")
+    micro = ns.micro_batch_size or 1
+    global_bs = ns.global_batch_size if ns.global_batch_size is not None else micro * dp
+    if global_bs % (micro * dp):
+        problems.append(
+            f"--global_batch_size {global_bs} is not divisible by --micro_batch_size {micro} x "
+            f"data parallel size {dp}"
+        )
+    if ns.seq_length is None:
+        problems.append("--seq_length is required")
+    elif ns.seq_length > model.max_position_embeddings:
+        problems.append(
+            f"--seq_length {ns.seq_length} exceeds max_position_embeddings "
+            f"{model.max_position_embeddings}"
+        )
+    if not ns.train_iters or ns.train_iters < 1:
+        problems.append("--train_iters (>= 1) is required")
+    if ns.lr is None:
+        problems.append("--lr is required")
+    elif ns.min_lr > ns.lr:
+        problems.append(f"--min_lr {ns.min_lr} exceeds --lr {ns.lr}")
+    if ns.lr_warmup_fraction is not None and ns.lr_warmup_iters:
+        problems.append("give only one of --lr_warmup_fraction and --lr_warmup_iters")
+    if not ns.data_path:
+        problems.append("--data_path is required")
+    for name in ("log_interval", "eval_interval"):
+        if getattr(ns, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if ns.eval_iters < 0:
+        problems.append("--eval_iters must be >= 0")
+    if ns.save_interval is not None and ns.save_interval < 1:
+        problems.append("--save_interval must be >= 1")
+    if ns.finetune and not ns.load:
+        problems.append("--finetune needs --load (the weights to start from)")
+    if ns.use_checkpoint_args and not ns.load:
+        problems.append("--use_checkpoint_args needs --load")
+    granularity = "selective" if ns.recompute_activations else (ns.recompute_granularity or "none")
+    method = ns.recompute_method
+    if granularity == "selective" and method is not None:
+        problems.append(
+            "--recompute_method applies to --recompute_granularity full only (as Megatron)"
+        )
+    if granularity == "full" and method is None:
+        method = "uniform"
+        notes.append("--recompute_granularity full without --recompute_method: uniform")
+    if ns.recompute_num_layers < 1:
+        problems.append("--recompute_num_layers must be >= 1")
+    _fail(problems)
+
+    train_iters = ns.train_iters
+    decay_iters = ns.lr_decay_iters if ns.lr_decay_iters is not None else train_iters
+    warmup = ns.lr_warmup_iters
+    if ns.lr_warmup_fraction is not None:
+        warmup = int(ns.lr_warmup_fraction * decay_iters)
+    if warmup > decay_iters and ns.lr_decay_style != "constant":
+        _fail([f"warm-up ({warmup} iterations) is longer than the decay ({decay_iters})"])
+
+    prefix = ns.data_path[0]
+    valid = prefix[: -len("-train")] + "-val" if prefix.endswith("-train") else None
+    if valid is None:
+        notes.append(f"--data_path {prefix} does not end in -train: no validation split")
+
+    if pp > 1:
+        deferred.append(
+            f"--pipeline_model_parallel_size {pp}: pipeline parallelism arrives with the pipeline "
+            "issue (parallel/pipeline.py); run with 1 until then"
+        )
+    if ns.num_layers_per_virtual_pipeline_stage is not None:
+        deferred.append(
+            "--num_layers_per_virtual_pipeline_stage: interleaved 1F1B arrives with the "
+            "pipeline issue"
+        )
+    if tp > 1:
+        try:
+            import parallel.parallelize  # noqa: F401
+        except ImportError:
+            deferred.append(
+                f"--tensor_model_parallel_size {tp}: tensor parallelism arrives with the parallel "
+                "runtime issue (parallel/parallelize.py)"
+            )
+    if ns.bf16:
+        notes.append("--bf16: bf16 model on GPU with fp32 master weights; fp32 everywhere on CPU")
+    for flag, value in (("--vocab_file", ns.vocab_file), ("--load", ns.load)):
+        if value and not Path(value).exists() and not any(value in u for u in unchecked):
+            unchecked.append(f"{flag} {value}: not found here")
+    for suffix in ("-text.idx", "-text.bin", "-role.idx", "-role.bin"):
+        if not Path(prefix + suffix).is_file():
+            unchecked.append(f"--data_path: {prefix}{suffix} not found here")
+            break
+
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(
+            tp, pp, dp, sp, ns.num_layers_per_virtual_pipeline_stage, ns.distributed_backend
+        ),
+        data=DataConfig(
+            prefix,
+            valid,
+            ns.vocab_file,
+            ns.vocab_extra_ids_list,
+            ns.seq_length,
+            micro,
+            global_bs,
+            ns.packing,
+            ns.variable_seq_lengths,
+            ns.seed,
+        ),
+        optim=OptimizerConfig(
+            ns.adam_beta1, ns.adam_beta2, ns.adam_eps, ns.weight_decay, ns.clip_grad
+        ),
+        schedule=ScheduleConfig(ns.lr, ns.min_lr, ns.lr_decay_style, warmup, decay_iters),
+        ckpt=CheckpointConfig(
+            ns.save,
+            ns.save_interval,
+            ns.load,
+            ns.finetune,
+            ns.use_checkpoint_args,
+            not ns.no_save_optim,
+            not ns.no_save_rng,
+            not ns.no_load_optim,
+            not ns.no_load_rng,
+        ),
+        log=LogConfig(
+            ns.log_interval,
+            ns.tensorboard_dir,
+            ns.log_timers_to_tensorboard,
+            ns.wandb_logger,
+            ns.wandb_project,
+            ns.wandb_entity,
+            ns.wandb_id,
+            ns.run_dir or ns.save,
+            ns.activation_memory_report,
+        ),
+        eval=EvalConfig(ns.eval_interval, ns.eval_iters, tuple(ns.metrics)),
+        loop=LoopConfig(
+            train_iters,
+            micro,
+            global_bs,
+            global_bs // (micro * dp),
+            ns.loss_reduction,
+            ns.bf16,
+            granularity,
+            method,
+            ns.recompute_num_layers,
+            ns.seed,
+            ns.exit_interval,
+        ),
+        notes=notes,
+        deferred=deferred,
+        unchecked=unchecked,
+        checkpoint_meta=meta,
+    )
+
+
+def describe(rc: RunConfig) -> str:
+    """Human-readable resolved configuration (printed by --dry_run and at start-up)."""
+    lines = ["------------------------ resolved configuration ------------------------"]
+    for section, values in rc.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"  {k} {'.' * max(2, 40 - len(k))} {v}")
+    m, tp = rc.model, rc.parallel.tp
+    n = rc.param_count()
+    lines.append(
+        f"parameters: {n:,} ({n / 1e9:.2f} B) with the vocabulary padded to "
+        f"{m.padded_vocab_size(tp)} (vocab {m.vocab_size}, tp {tp}); per (tp, pp) rank about "
+        f"{n / (tp * rc.parallel.pp) / 1e9:.2f} B"
+    )
+    for title, items in (
+        ("notes", rc.notes),
+        ("cannot run yet", rc.deferred),
+        ("not checked here", rc.unchecked),
+    ):
+        if items:
+            lines.append(f"{title}:")
+            lines.extend(f"  - {x}" for x in items)
+    lines.append("-------------------------------------------------------------------------")
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""Validation metrics over the loss-mask tokens of the validation split.
+
+For every evaluated micro-batch, with per-token cross-entropy l_t, loss mask m_t in {0, 1},
+prediction p_t = argmax of the logits over the real (unpadded) vocabulary and label y_t:
+
+- loss:              sum_t m_t l_t / sum_t m_t, over all evaluated batches (token-weighted mean)
+- perplexity:        exp(loss)
+- accuracy:          sum_t m_t [p_t == y_t] / sum_t m_t
+- instruct_accuracy: the same over the instruct mask i_t = m_t * k_t, where k_t = 0 at the label
+                     positions that are ChatML scaffolding rather than reply text: each label equal
+                     to <|im_start|> and the two labels after it in its row (role name, newline),
+                     and each label equal to <|im_end|> and the two after it (as Megatron-LLM's
+                     metric); k_t = 1 elsewhere. With no ChatML ids known it equals accuracy.
+- count_loss_mask:   sum_t m_t / number of rows (loss tokens per sequence, as Megatron-LLM)
+
+Sums are taken over data-parallel ranks before dividing, so the numbers do not depend on the
+layout.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def argmax_vocab(logits: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
+    """Global argmax over the first `vocab_size` columns. logits: (tokens, vocab_local); with a
+    tensor-parallel group each rank holds a contiguous vocabulary shard, in rank order."""
+    local = logits.shape[-1]
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    start = rank * local
+    valid = max(0, min(local, vocab_size - start))
+    masked = logits.float()
+    if valid < local:
+        masked = masked.clone()
+        masked[:, valid:] = float("-inf")
+    best, idx = masked.max(dim=-1)
+    idx = idx + start
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return idx
+    world = dist.get_world_size(tp_group)
+    bests = [torch.empty_like(best) for _ in range(world)]
+    idxs = [torch.empty_like(idx) for _ in range(world)]
+    dist.all_gather(bests, best, group=tp_group)
+    dist.all_gather(idxs, idx, group=tp_group)
+    which = torch.stack(bests).argmax(dim=0)  # first rank wins ties: the lowest id, as torch.max
+    return torch.stack(idxs).gather(0, which[None]).squeeze(0)
+
+
+def instruct_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_start: int | None,
+                  im_end: int | None) -> torch.Tensor:  # fmt: skip
+    """labels, loss_mask: (rows, seq) -> loss_mask with the ChatML scaffolding labels removed."""
+    keep = torch.ones_like(loss_mask)
+    for tok in (im_start, im_end):
+        if tok is None:
+            continue
+        hit = labels == tok
+        for shift in range(3):
+            keep[:, shift:][hit[:, : hit.shape[1] - shift]] = 0
+    return loss_mask * keep
+
+
+class EvalStats:
+    """Running sums of one evaluation."""
+
+    FIELDS = ("loss_sum", "tokens", "correct", "instruct_correct", "instruct_tokens", "rows")
+
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+
+    def add(self, per_token_loss, pred, labels, loss_mask, im_start, im_end) -> None:
+        """per_token_loss, pred: (tokens,); labels, loss_mask: (rows, seq)."""
+        m = loss_mask.reshape(-1).double()
+        hit = (pred == labels.reshape(-1)).double()
+        im = instruct_mask(labels, loss_mask, im_start, im_end).reshape(-1).double()
+        self.sums += torch.stack([
+            (per_token_loss.double() * m).sum(), m.sum(), (hit * m).sum(), (hit * im).sum(),
+            im.sum(), torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=m.device),
+        ])  # fmt: skip
+
+    def result(self, dp_group=None, metrics=None) -> dict:
+        sums = self.sums.clone()
+        if dp_group is not None and dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(sums, group=dp_group)
+        s = dict(zip(self.FIELDS, sums.tolist()))
+        tokens = max(s["tokens"], 1.0)
+        loss = s["loss_sum"] / tokens
+        out = {"loss": loss, "loss_tokens": int(s["tokens"])}
+        all_metrics = {
+            "perplexity": ("ppl", math.exp(min(loss, 700.0))),
+            "accuracy": ("accuracy", s["correct"] / tokens),
+            "instruct_accuracy": (
+                "instruct_accuracy",
+                s["instruct_correct"] / max(s["instruct_tokens"], 1.0),
+            ),
+            "count_loss_mask": ("count_loss_mask", s["tokens"] / max(s["rows"], 1.0)),
+        }
+        for name, (key, value) in all_metrics.items():
+            if metrics is None or name in metrics:
+                out[key] = value
+        return out

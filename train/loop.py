@@ -1,0 +1,381 @@
+"""The training loop: build, (re)load, step, evaluate, log, save.
+
+One step = the micro-batches of one global batch on this data-parallel rank, each forward +
+backward into the fp32 GradBuffer, one DP reduction, the global gradient norm, clipping, and
+one fused AdamW update (skipped, and logged, when the gradients are not finite).
+
+Loss normalisation (`--loss_reduction`):
+- global (default): every micro-batch's masked token-loss sum is divided by N, the loss-mask
+  token count of the whole global batch (all micro-batches, all DP ranks; one all-reduce before
+  the first forward). Summing gradients over micro-batches and DP ranks then gives exactly the
+  gradient of (sum of masked token losses) / N, however the tokens fall into micro-batches.
+- microbatch: Megatron-LLM's mean of per-micro-batch means: each micro-batch's masked mean
+  divided by (micro-batches x DP). A micro-batch without loss tokens contributes 0 (Megatron's
+  0 / 0 would be NaN).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from model.llama import Llama
+from parallel.cross_entropy import cross_entropy
+from parallel.data_parallel import GradBuffer
+from parallel.dims import ParallelDims
+from parallel.grad_norm import clip_coefficient, global_grad_norm
+from train import checkpoint as ckpt
+from train.config import RunConfig
+from train.data import TokenizerInfo, to_device
+from train.evaluate import EvalStats, argmax_vocab
+from train.lr import lr_at
+from train.metrics import (
+    Telemetry,
+    causal_pairs,
+    eval_line,
+    log,
+    memory_gib,
+    peak_flops_per_gpu,
+    step_flops,
+    train_line,
+)
+from train.optimizer import FlatAdamW
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t
+
+
+@dataclass
+class StepResult:
+    loss: float  # the step's loss as defined by --loss_reduction
+    loss_tokens: int  # loss-mask tokens of the global batch
+    tokens: int  # tokens processed (all rows, all DP ranks)
+    pairs: int  # causal attention pairs (for FLOPs)
+    grad_norm: float
+    skipped: bool
+
+
+def build_model(rc: RunConfig, dims: ParallelDims, device, dtype) -> Llama:
+    """The full model from the seed (so every layout starts from the same weights), made
+    parallel, recompute set, moved to the device."""
+    from parallel.parallelize import parallelize
+
+    model = Llama(rc.model, rc.model.padded_vocab_size(1))
+    gen = torch.Generator().manual_seed(rc.loop.seed)
+    model.init_weights(gen)
+    model = parallelize(model, dims, sequence_parallel=rc.parallel.sequence_parallel)
+    model.set_recompute(rc.loop.recompute_granularity, rc.loop.recompute_method or "uniform",
+                        rc.loop.recompute_num_layers)  # fmt: skip
+    return model.to(device=device, dtype=dtype)
+
+
+class Trainer:
+    """Owns the model, optimizer, gradient buffer and loop state of one rank."""
+
+    def __init__(self, rc: RunConfig, dims: ParallelDims, tok: TokenizerInfo, device=None):
+        self.rc, self.dims, self.tok = rc, dims, tok
+        self.device = torch.device(device or "cpu")
+        on_gpu = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if (rc.loop.bf16 and on_gpu) else torch.float32
+        self.model = build_model(rc, dims, self.device, self.dtype)
+        self.optimizer = FlatAdamW(list(self.model.named_parameters()), rc.optim)
+        self.params = self.optimizer.params_in_order()
+        self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.skipped_total = 0
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+
+    def _micro_loss(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token loss (T,), loss mask (T,)) of one micro-batch."""
+        logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
+        per_token = cross_entropy(logits, mb["labels"].reshape(-1), group=self.dims.tp_group,
+                                  vocab_size=self.rc.model.vocab_size)  # fmt: skip
+        return per_token, mb["loss_mask"].reshape(-1).to(per_token.dtype)
+
+    def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
+        rc, dims = self.rc, self.dims
+        mbs = [to_device(mb, self.device) for mb in micro_batches]
+        counts = torch.tensor(
+            [sum(float(mb["loss_mask"].sum()) for mb in mbs),
+             sum(mb["tokens"].numel() for mb in mbs),
+             sum(causal_pairs(mb["cu_seqlens"]) for mb in mbs)],
+            dtype=torch.float64, device=self.device,
+        )  # fmt: skip
+        _all_reduce(counts, dims.dp_group)
+        n_loss, n_tokens, n_pairs = (int(x) for x in counts.tolist())
+        global_mode = rc.loop.loss_reduction == "global"
+        denom_micro = len(mbs) * dims.dp
+        self.model.train()
+        self.grads.zero()
+        logged = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, mb in enumerate(mbs):
+            self.grads.set_sync(i == len(mbs) - 1)
+            per_token, mask = self._micro_loss(mb)
+            masked = (per_token * mask).sum()
+            if global_mode:
+                loss = masked / max(n_loss, 1)
+                logged += masked.detach().double()
+            else:
+                mean = masked / mask.sum().clamp(min=1.0)
+                loss = mean / denom_micro
+                logged += mean.detach().double()
+            loss.backward()
+        self.grads.finish()
+        _all_reduce(logged, dims.dp_group)
+        step_loss = float(logged) / (max(n_loss, 1) if global_mode else denom_micro)
+
+        norm = global_grad_norm(self.params, groups=(dims.tp_group, dims.pp_group))
+        skipped = not math.isfinite(norm)
+        if skipped:
+            self.skipped_total += 1
+        else:
+            coef = clip_coefficient(norm, rc.optim.clip_grad) if rc.optim.clip_grad > 0 else 1.0
+            self.optimizer.step(lr, grad_scale=coef)
+        return StepResult(step_loss, n_loss, n_tokens, n_pairs, norm, skipped)
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def evaluate(self, loader, iters: int) -> dict:
+        """Metrics over `iters` global batches of `loader` (see train.evaluate)."""
+        self.model.eval()
+        stats = EvalStats(self.device)
+        try:
+            for _ in range(iters):
+                for mb in loader.next_global_batch():
+                    mb = to_device(mb, self.device)
+                    logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"],
+                                        mb["max_seqlen"])  # fmt: skip
+                    labels = mb["labels"].reshape(-1)
+                    per_token = cross_entropy(logits, labels, group=self.dims.tp_group,
+                                              vocab_size=self.rc.model.vocab_size)  # fmt: skip
+                    pred = argmax_vocab(logits, self.rc.model.vocab_size, self.dims.tp_group)
+                    stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
+                              self.tok.im_start, self.tok.im_end)  # fmt: skip
+        finally:
+            self.model.train()
+        return stats.result(self.dims.dp_group, self.rc.eval.metrics)
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def checkpoint_meta(self) -> dict:
+        rc = self.rc
+        return {
+            "model": rc.model.to_dict(),
+            "vocab_size": rc.model.vocab_size,
+            "padded_vocab_size": self.model.padded_vocab,
+            "tokenizer": self.tok.to_dict(),
+            "layout": {
+                "tp": self.dims.tp,
+                "pp": self.dims.pp,
+                "dp": self.dims.dp,
+                "sequence_parallel": rc.parallel.sequence_parallel,
+            },  # fmt: skip
+            "args": rc.to_dict(),
+            "consumed_train_samples": self.consumed_samples,
+            "scheduler": {
+                "lr": rc.schedule.lr,
+                "min_lr": rc.schedule.min_lr,
+                "decay_style": rc.schedule.decay_style,
+                "warmup_iters": rc.schedule.warmup_iters,
+                "decay_iters": rc.schedule.decay_iters,
+                "last_lr": lr_at(rc.schedule, max(self.iteration, 1)),
+            },  # fmt: skip
+            "optimizer": {"step": self.optimizer.step_count, "skipped": self.skipped_total},
+            "has_optimizer": rc.ckpt.save_optim,
+            "has_trainer_state": True,
+        }
+
+    def save(self, loader_state: dict | None) -> None:
+        rc, d = self.rc, self.dims
+        rank_state = {"loader": loader_state, "consumed_train_samples": self.consumed_samples}
+        if rc.ckpt.save_rng:
+            rank_state["rng"] = ckpt.rng_state()
+        ckpt.save_checkpoint(
+            rc.ckpt.save, self.iteration,
+            params=dict(self.model.named_parameters()),
+            optim_state=self.optimizer.state_tensors() if rc.ckpt.save_optim else None,
+            meta=self.checkpoint_meta(), rank_state=rank_state,
+            ranks=(d.rank, d.tp_rank, d.pp_rank, d.dp_rank),
+        )  # fmt: skip
+
+    def load(self, path: str) -> dict | None:
+        """Load --load. Returns this rank's saved loader state when training resumes (None for
+        --finetune or a weights-only checkpoint)."""
+        rc, d = self.rc, self.dims
+        iter_dir = ckpt.resolve_iteration_dir(path)
+        meta = ckpt.read_meta(iter_dir)
+        self._check_compatible(meta, iter_dir)
+        index = ckpt.ShardIndex(iter_dir)
+        padded = self.model.padded_vocab
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                dim = getattr(p, "tp_dim", None)
+                t = ckpt.read_param(index, name, meta, padded, dim=dim,
+                                    pieces=getattr(p, "tp_pieces", None))  # fmt: skip
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ckpt.CheckpointError(
+                        f"{iter_dir}: {name} has shape {tuple(t.shape)} here, the model wants "
+                        f"{tuple(p.shape)}; is the architecture the same (--use_checkpoint_args)?"
+                    )
+                p.copy_(t)
+        self.optimizer.sync_master_from_model()
+        resume = not rc.ckpt.finetune and meta.get("has_trainer_state", False)
+        if not resume:
+            why = "--finetune" if rc.ckpt.finetune else "a weights-only checkpoint"
+            log(f" loaded weights of {iter_dir} ({why}): iteration 0, fresh optimizer")
+            return None
+        self.iteration = int(meta["iteration"])
+        self.consumed_samples = int(meta["consumed_train_samples"])
+        self.skipped_total = int(meta["optimizer"].get("skipped", 0))
+        if rc.ckpt.load_optim and meta.get("has_optimizer"):
+            self.optimizer.load_state_tensors(
+                lambda kind, name, p: ckpt.read_param(
+                    index, name, meta, padded, kind=kind, dim=getattr(p, "tp_dim", None),
+                    pieces=getattr(p, "tp_pieces", None), dtype=torch.float32)
+            )  # fmt: skip
+            self.optimizer.step_count = int(meta["optimizer"]["step"])
+        else:
+            log(" optimizer state not loaded (--no_load_optim or none saved): fresh moments")
+        state = ckpt.read_rank_state(iter_dir, d.tp_rank, d.pp_rank, d.dp_rank)
+        if state is None:
+            raise ckpt.CheckpointError(
+                f"{iter_dir} has no trainer state for (tp {d.tp_rank}, pp {d.pp_rank}, dp "
+                f"{d.dp_rank}): it was saved at another layout; resume with --finetune"
+            )
+        if rc.ckpt.load_rng and "rng" in state:
+            ckpt.set_rng_state(state["rng"])
+        log(f" resumed from {iter_dir} at iteration {self.iteration}")
+        return state.get("loader")
+
+    def _check_compatible(self, meta: dict, iter_dir) -> None:
+        saved_tok = meta.get("tokenizer") or {}
+        ours = self.tok
+        fp = saved_tok.get("fingerprint")
+        if meta["vocab_size"] != ours.vocab_size or (
+            fp and ours.fingerprint and fp != ours.fingerprint
+        ):
+            raise ckpt.CheckpointError(
+                f"{iter_dir} was trained with another tokenizer/vocabulary (vocab "
+                f"{meta['vocab_size']}, fingerprint {fp}, extra ids {saved_tok.get('extra_ids')}) "
+                f"than this run (vocab {ours.vocab_size}, fingerprint {ours.fingerprint}, extra "
+                f"ids {ours.extra_ids}): use the same --vocab_file and --vocab_extra_ids_list, "
+                "and data pretokenized with them"
+            )
+        saved = meta["model"]
+        arch = (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+        )
+        diff = [f"{k}: checkpoint {saved[k]}, run {getattr(self.rc.model, k)}"
+                for k in arch if saved[k] != getattr(self.rc.model, k)]  # fmt: skip
+        if diff:
+            raise ckpt.CheckpointError(
+                f"{iter_dir} holds another architecture ({'; '.join(diff)}): pass "
+                "--use_checkpoint_args or the matching --model"
+            )
+
+
+def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loader,
+                 eval_loaders: dict, telemetry: Telemetry | None) -> list[dict]:  # fmt: skip
+    """The loop. eval_loaders: name -> zero-argument factory of a fresh loader (each evaluation
+    sees the same batches, so the curve compares like with like). Returns the logged rows."""
+    loop = rc.loop
+    peak = peak_flops_per_gpu() if trainer.device.type == "cuda" else None
+    world = dims.world_size
+    history: list[dict] = []
+    acc = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+    t_start = time.perf_counter()
+    start_iter = trainer.iteration
+    last_norm = float("nan")
+
+    def evaluate(it: int) -> None:
+        for name, factory in eval_loaders.items():
+            t0 = time.perf_counter()
+            res = trainer.evaluate(factory(), rc.eval.iters)
+            res["eval_s"] = time.perf_counter() - t0
+            if telemetry is not None:
+                log(eval_line(it, name, res))
+                telemetry.record("eval", it, {"dataset": name, **res}, f"validation/{name}")
+            history.append({"type": "eval", "iteration": it, "dataset": name, **res})
+
+    while trainer.iteration < loop.train_iters:
+        t0 = time.perf_counter()
+        batch = train_loader.next_global_batch()
+        lr = lr_at(rc.schedule, trainer.iteration + 1)
+        res = trainer.train_step(batch, lr)
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        trainer.iteration += 1
+        trainer.consumed_samples += loop.global_batch_size
+        last_norm = res.grad_norm
+        if res.skipped:
+            acc["skipped"] += 1
+            log(f" iteration {trainer.iteration}: gradient norm {res.grad_norm}, step skipped")
+        else:
+            acc["loss"] += res.loss
+            acc["n"] += 1
+        acc["time"] += dt
+        acc["tokens"] += res.tokens
+        acc["flops"] += step_flops(rc.model, trainer.model.padded_vocab, res.tokens, res.pairs)
+        it = trainer.iteration
+        if it % rc.log.log_interval == 0 or it == loop.train_iters:
+            elapsed = time.perf_counter() - t_start
+            per_iter = elapsed / (it - start_iter)
+            mem, mem_what = memory_gib()
+            row = {
+                "consumed_samples": trainer.consumed_samples,
+                "iter_ms": 1000 * acc["time"] / (acc["n"] + acc["skipped"]),
+                "lr": lr,
+                "global_batch_size": loop.global_batch_size,
+                "lm_loss": acc["loss"] / acc["n"] if acc["n"] else float("nan"),
+                "grad_norm": last_norm,
+                "skipped": acc["skipped"],
+                "skipped_total": trainer.skipped_total,
+                "tokens_per_s": acc["tokens"] / acc["time"],
+                "tflops": acc["flops"] / acc["time"] / world / 1e12
+                if trainer.device.type == "cuda"
+                else None,
+                "mfu": acc["flops"] / acc["time"] / world / peak if peak else None,
+                "mem_gib": mem,
+                "mem_what": mem_what,
+                "loss_tokens": res.loss_tokens,
+                "eta_s": per_iter * (loop.train_iters - it),
+            }
+            if telemetry is not None:
+                log(train_line(it, loop.train_iters, row))
+                telemetry.record("train", it, row, "train")
+            history.append({"type": "train", "iteration": it, **row})
+            acc = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+        if eval_loaders and rc.eval.iters > 0 and it % rc.eval.interval == 0:
+            evaluate(it)
+        saving = rc.ckpt.save and (
+            (rc.ckpt.save_interval and it % rc.ckpt.save_interval == 0) or it == loop.train_iters
+        )
+        stop = loop.exit_interval is not None and it % loop.exit_interval == 0
+        if saving or (stop and rc.ckpt.save):
+            t1 = time.perf_counter()
+            trainer.save(train_loader.state_dict())
+            if telemetry is not None:
+                took = time.perf_counter() - t1
+                log(f" saved checkpoint at iteration {it} to {rc.ckpt.save} ({took:.1f} s)")
+        if stop:
+            log(f" exiting at iteration {it} (--exit_interval {loop.exit_interval})")
+            break
+    if eval_loaders and rc.eval.iters > 0 and trainer.iteration % rc.eval.interval != 0:
+        evaluate(trainer.iteration)
+    return history

@@ -1,0 +1,103 @@
+"""`python -m train`: parse, validate, (dry-run or) set up the ranks and train."""
+
+import os
+import sys
+import time
+
+import torch
+
+from train.args import ArgsError, parse_args
+from train.config import RunConfig, describe, resolve
+from train.metrics import is_logging_rank, log
+
+
+def _fail(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        ns, given = parse_args(argv)
+        rc = resolve(ns, given)
+    except ArgsError as e:
+        return _fail(str(e))
+    if ns.dry_run:
+        print(describe(rc), flush=True)
+        print("dry run: nothing allocated, no process launched", flush=True)
+        return 0
+    if rc.deferred:
+        return _fail(
+            "these settings need a later part of the project:\n  - " + "\n  - ".join(rc.deferred)
+        )
+    return train(rc)
+
+
+def train(rc: RunConfig) -> int:
+    """Set up this rank and run the loop; returns the exit code."""
+    from parallel.dims import ParallelDims
+    from train import checkpoint as ckpt
+    from train.data import DataError, eval_splits, make_loader, open_datasets
+    from train.loop import Trainer, run_training
+    from train.memory import activation_report
+    from train.metrics import Telemetry
+
+    t_setup = time.perf_counter()
+    dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend)
+    if dims.dp != rc.parallel.dp:
+        return _fail(f"launched with data parallel size {dims.dp}, configured for {rc.parallel.dp}")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # Megatron's seeding: the same stream on every DP rank, offset per pipeline stage.
+    torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)
+    logging = is_logging_rank()
+    try:
+        train_ds, valid_ds, tok = open_datasets(rc.data)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        return _fail(str(e))
+    if tok.vocab_size != rc.model.vocab_size:
+        rc.model = rc.model.replace(vocab_size=tok.vocab_size)
+    try:
+        trainer = Trainer(rc, dims, tok, device)
+        loader_state = trainer.load(rc.ckpt.load) if rc.ckpt.load else None
+    except ckpt.CheckpointError as e:
+        return _fail(str(e))
+    train_loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
+    if loader_state is not None:
+        train_loader.load_state_dict(loader_state)
+    eval_loaders = {}
+    if valid_ds is not None:
+        for name, indices in eval_splits(valid_ds).items():
+            eval_loaders[name] = (lambda idx=indices: make_loader(
+                valid_ds, rc.data, dims.dp_rank, dims.dp, indices=idx))  # fmt: skip
+    telemetry = None
+    if logging:
+        wandb_cfg = None
+        if rc.log.wandb:
+            wandb_cfg = {"project": rc.log.wandb_project, "entity": rc.log.wandb_entity,
+                         "id": rc.log.wandb_id, "dir": rc.log.run_dir}  # fmt: skip
+        telemetry = Telemetry(rc.log.run_dir, rc.log.tensorboard_dir, wandb_cfg, rc.to_dict())
+        log(describe(rc))
+        n_local = sum(p.numel() for p in trainer.model.parameters())
+        log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
+            f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
+            f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
+        if rc.log.activation_memory_report:
+            tokens = min(rc.data.seq_length, 256)
+            rep = activation_report(trainer.model, tokens, device, trainer.dtype)
+            per_mb = rc.data.seq_length * rc.data.micro_batch_size
+            parts = [f"{k} {v:,.0f} B/token = {v * per_mb / 2**20:.1f} MiB per micro-batch"
+                     for k, v in rep.items()]  # fmt: skip
+            log(f" activation memory per layer, measured ({per_mb} tokens per micro-batch): "
+                f"{'; '.join(parts)}; this run: {rc.loop.recompute_granularity}")  # fmt: skip
+            values = {f"bytes_per_token_{k}": v for k, v in rep.items()}
+            telemetry.record("activation_memory", trainer.iteration, values, "memory")
+    try:
+        run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry)
+    finally:
+        if telemetry is not None:
+            telemetry.close()
+    return 0
