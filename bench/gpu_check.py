@@ -55,6 +55,7 @@ TOTAL_BUDGET_S = 450
 FULL_SCALE = 3  # --full: every budget times this
 GRACE_S = 15  # a child's own deadline is this much before its hard kill
 MIN_SECTION_S = 20  # a section with less time left is skipped (and reported)
+INTERRUPT_S = 10  # a section past its budget gets SIGINT this long before SIGKILL
 
 
 def git_commit(repo: Path = REPO) -> dict:
@@ -107,17 +108,26 @@ def _env() -> dict:
 
 
 def _run(cmd: list[str], timeout_s: float, log: Path) -> dict:
-    """Run cmd in its own process group with a hard timeout; its output goes to log."""
+    """Run cmd in its own process group within timeout_s; its output goes to log.
+
+    At the limit the group gets SIGINT first (pytest then still writes its summary and JUnit
+    XML), and SIGKILL INTERRUPT_S later: the group also holds any compile workers it started."""
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
+        soft = max(1.0, timeout_s - INTERRUPT_S)
         try:
-            rc, timed_out = proc.wait(timeout=max(1.0, timeout_s)), False
+            rc, timed_out = proc.wait(timeout=soft), False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group: also compile workers it started
-            rc, timed_out = proc.wait(), True
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=INTERRUPT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
     text = log.read_text(errors="replace")
     return {
         "returncode": rc,

@@ -170,6 +170,7 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     monkeypatch.setattr(gpu_check, "MIN_SECTION_S", 1)
     monkeypatch.setattr(gpu_check, "GRACE_S", 1)
+    monkeypatch.setattr(gpu_check, "INTERRUPT_S", 1)
     monkeypatch.setattr(
         gpu_check,
         "SECTIONS",
