@@ -21,6 +21,7 @@ CPU-visible timing at small shapes are in bench/test_bench_kernels.py.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,13 +128,33 @@ def _liger() -> dict[str, Callable]:
     return out
 
 
-def cases(quick: bool, device: str) -> list[Case]:
-    """Every rmsnorm / swiglu / rotary case (fwd and bwd) for `device`."""
-    from kernels.rmsnorm import rmsnorm
-    from kernels.rotary import rotary
-    from kernels.swiglu import swiglu
+def _why(e: Exception) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
-    sh = shapes(quick, device)
+
+def _public(module: str, name: str, failures: list[Row]):
+    """The public function of a kernel family; when its module does not import (a Triton
+    version mismatch, say), an error row instead and the other families go on."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as e:
+        failures.append(Row(name, "-", "bf16", "-", OURS, error=f"{module}: {_why(e)}"))
+        return None
+
+
+def cases(quick: bool, device: str, failures: list[Row] | None = None) -> list[Case]:
+    """Every rmsnorm / swiglu / rotary case (fwd and bwd) for `device`; a family whose module
+    does not import is left out with an error row appended to `failures`."""
+    failures = [] if failures is None else failures
+    rmsnorm = _public("kernels.rmsnorm", "rmsnorm", failures)
+    swiglu = _public("kernels.swiglu", "swiglu", failures)
+    rotary = _public("kernels.rotary", "rotary", failures)
+    sh = dict(shapes(quick, device))
+    for fn, op in ((rmsnorm, "rmsnorm"), (swiglu, "swiglu"), (rotary, "rotary")):
+        if fn is None:
+            sh[op] = []
     liger = _liger() if device != "cpu" else {}
     b = torch.finfo(DTYPE).bits // 8
     out: list[Case] = []
@@ -279,7 +300,7 @@ def _measure(
         row.fill_rates(ceilings)
         return row, result
     except Exception as e:  # one failing impl must not lose the others
-        row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        row.error = _why(e)
         return row, None
     finally:
         if torch.cuda.is_available():
@@ -308,7 +329,7 @@ def kernel_rows(
             setattr(torch._dynamo.config, knob, 64)
     rows: list[Row] = []
     refs: dict[int, list] = {}
-    all_cases = cases(quick, device)
+    all_cases = cases(quick, device, rows)
     for ci, case in enumerate(all_cases):
         row, refs[ci] = _measure(
             case, "torch_eager", case.impls["torch_eager"], None, ceilings, timing, deadline
@@ -383,14 +404,14 @@ def adamw_rows(
         try:
             call = make_call()
             if check is not None:
-                row.rel_err = check()
-                if not row.rel_err <= 1e-5:
-                    row.error = f"params differ from reference.adamw: rel err {row.rel_err:.2e}"
+                row.rel_err = check()  # of the update; fp32 rounding lands near 1e-7
+                if not row.rel_err <= 1e-4:
+                    row.error = f"update differs from reference.adamw: rel err {row.rel_err:.2e}"
             t = time_quantiles(call, **timing)
             row.ms, row.ms_p20, row.ms_p80 = t.ms, t.p20, t.p80
             row.fill_rates(ceilings)
         except Exception as e:
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            row.error = _why(e)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -413,11 +434,14 @@ def adamw_rows(
             return lambda: fused_adamw(p, g, m, v, **kw)
 
         def verify():
-            # the first step, checked on the first 1M elements against the reference
+            # the first step on the first 1M elements against the reference: the error of the
+            # update itself, not of the (much larger) weights
             fused_adamw(bufs["p"], bufs["g"], bufs["m"], bufs["v"], **hp, step=1)
             rp, rg, rm, rv = bufs.pop("ref")
+            p0 = rp.clone()
             reference.adamw(rp, rg, rm, rv, **hp, step=1)
-            return ((bufs["p"][: rp.numel()] - rp).norm() / rp.norm()).item()
+            ours_delta = bufs["p"][: rp.numel()] - p0
+            return ((ours_delta - (rp - p0)).norm() / (rp - p0).norm()).item()
 
         return make, (verify if check else None)
 
@@ -476,8 +500,10 @@ def gpu_rows(
     check of this code, never a measurement."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench.bench_kernels.gpu_rows: no CUDA device")
-    rows = kernel_rows(ceilings, quick, device, deadline)
+    rows: list[Row] = []
+    # AdamW first: a few seconds, and its rows must not wait behind torch.compile
     for (n,) in shapes(quick, device)["adamw"]:
         rows += adamw_rows(ceilings, n, device, deadline, variants=device != "cpu")
+    rows += kernel_rows(ceilings, quick, device, deadline)
     add_ratios(rows)
     return rows
