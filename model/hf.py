@@ -1,0 +1,731 @@
+"""Hugging Face Llama interop: import a `transformers` Llama directory as our checkpoint, export
+ours as one that `transformers`, TGI and vLLM load.
+
+    python -m model.hf import HF_DIR OUT_DIR [--tp N --pp M] [--vocab_extra_ids_list ...]
+    python -m model.hf export CKPT_DIR HF_OUT [--pad-multiple 128] [--max-shard-size 5GB]
+
+Name and layout map (ours <- HF, per layer i):
+  embed.weight                       <- model.embed_tokens.weight   (rows grown, then padded)
+  layers.i.attention_norm.weight     <- model.layers.i.input_layernorm.weight
+  layers.i.attention.wqkv.weight     <- cat(q_proj, k_proj, v_proj)   rows [q | k | v]
+  layers.i.attention.wo.weight       <- o_proj
+  layers.i.mlp_norm.weight           <- post_attention_layernorm.weight
+  layers.i.mlp.w13.weight            <- cat(gate_proj, up_proj)       rows [gate | up]
+  layers.i.mlp.w2.weight             <- down_proj
+  norm.weight                        <- model.norm.weight
+  output.weight                      <- lm_head.weight               (rows grown, then padded)
+HF's Llama checkpoints already store q/k in the half-split ("rotate_half") rotary layout that
+kernels/rotary uses, so no row permutation is applied (tests/hf checks logits against HF's).
+
+Both directions hold at most one layer's tensors in memory: import reads single tensors from the
+safetensors shards and hands them to the checkpoint writer one at a time, export reads ours the
+same way and streams them into HF shards.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from data.tokenizer import DEFAULT_EXTRA_IDS, DEFAULT_TOKENIZER_PATH, Tokenizer
+from model.config import ModelConfig
+from train import checkpoint as ckpt
+
+HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading Hugging Face safetensors shards lazily
+
+
+class HFWeights:
+    """Tensors of a HF model directory, read one at a time from its safetensors shards.
+
+    Uses `model.safetensors.index.json` when present, else a single `model.safetensors`.
+    """
+
+    def __init__(self, hf_dir: str | Path):
+        self.dir = Path(hf_dir)
+        index = self.dir / HF_INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.dir / HF_SINGLE).exists():
+            with safe_open(self.dir / HF_SINGLE, framework="pt") as f:
+                weight_map = {k: HF_SINGLE for k in f.keys()}
+        else:
+            bins = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = f" (found {bins}: re-save them with safetensors)" if bins else ""
+            raise FileNotFoundError(f"{self.dir}: neither {HF_INDEX} nor {HF_SINGLE}{hint}")
+        self.weight_map: dict[str, str] = weight_map
+        self._open: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _file(self, name: str):
+        if name not in self.weight_map:
+            raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
+        fname = self.weight_map[name]
+        if fname not in self._open:
+            self._open[fname] = safe_open(self.dir / fname, framework="pt")
+        return self._open[fname]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._file(name).get_slice(name).get_dtype()
+        found = {v: k for k, v in _ST_DTYPE.items()}.get(code)
+        if found is None:
+            raise ValueError(f"{self.dir}: {name} has dtype {code}; expected F32, BF16 or F16")
+        return found
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def config_from_hf(hf_config: dict, vocab_size: int, name: str) -> ModelConfig:
+    """Our ModelConfig for a HF `config.json`, with the vocabulary of our tokenizer layout."""
+    cfg = ModelConfig.from_hf_config(hf_config, name=name)
+    return cfg.replace(vocab_size=vocab_size)
+
+
+def hf_config_from_ours(cfg: ModelConfig, rows: int, dtype: torch.dtype, ids: dict) -> dict:
+    """A `LlamaConfig` dict. Written in the flat form (rope_theta / rope_scaling) that both older
+    and newer `transformers`, TGI and vLLM read."""
+    rope_scaling = None
+    if cfg.rope_scaling_factor != 1.0:
+        rope_scaling = {"type": "linear", "rope_type": "linear", "factor": cfg.rope_scaling_factor}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": rows,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": rope_scaling,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": cfg.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary rows
+
+
+def vocab_rows(w: torch.Tensor, base: int, vocab: int, copied: list[int]) -> torch.Tensor:
+    """HF (rows, hidden) -> ours (vocab, hidden): the base SentencePiece rows [0, base) as they
+    are, the HF rows of `copied` (added tokens the HF model already has, at our ids), and every
+    other new token initialised as the mean of the base rows (computed in fp32)."""
+    out = torch.empty(vocab, w.shape[1], dtype=w.dtype)
+    out[:base] = w[:base]
+    if vocab > base:
+        out[base:] = w[:base].float().mean(dim=0).to(w.dtype)
+    if copied:
+        out[copied] = w[copied]
+    return out
+
+
+def pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, hidden) -> (rows, hidden): padding rows replicate row 0 (unk), as the released model."""
+    n = w.shape[0]
+    if rows < n:
+        raise ValueError(f"cannot pad {n} rows down to {rows}")
+    return torch.cat([w, w[:1].expand(rows - n, -1)], dim=0)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ----------------------------------------------------------------------------------------------
+# Import: HF -> ours
+
+
+def _hf_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def import_tensors(
+    hf: HFWeights,
+    cfg: ModelConfig,
+    padded_vocab: int,
+    base_vocab: int,
+    copied: list[int],
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (our name, full tensor) in `Llama.named_parameters()` order, reading only the HF
+    tensors each one needs. Vocabulary matrices: see `vocab_rows`, then padding rows copying
+    row 0 up to `padded_vocab`."""
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+
+    def vocab_matrix(hf_name: str) -> torch.Tensor:
+        w = cast(hf.get(hf_name))
+        return pad_rows(vocab_rows(w, base_vocab, cfg.vocab_size, copied), padded_vocab)
+
+    yield "embed.weight", vocab_matrix("model.embed_tokens.weight")
+    for i in range(cfg.num_layers):
+        p = _hf_prefix(i)
+        yield f"layers.{i}.attention_norm.weight", cast(hf.get(p + "input_layernorm.weight"))
+        qkv = [hf.get(p + f"self_attn.{x}_proj.weight") for x in "qkv"]
+        yield f"layers.{i}.attention.wqkv.weight", cast(torch.cat(qkv, dim=0))
+        yield f"layers.{i}.attention.wo.weight", cast(hf.get(p + "self_attn.o_proj.weight"))
+        yield f"layers.{i}.mlp_norm.weight", cast(hf.get(p + "post_attention_layernorm.weight"))
+        gate_up = [hf.get(p + f"mlp.{x}_proj.weight") for x in ("gate", "up")]
+        yield f"layers.{i}.mlp.w13.weight", cast(torch.cat(gate_up, dim=0))
+        yield f"layers.{i}.mlp.w2.weight", cast(hf.get(p + "mlp.down_proj.weight"))
+    yield "norm.weight", cast(hf.get("model.norm.weight"))
+    yield "output.weight", vocab_matrix("lm_head.weight")
+
+
+def hf_added_tokens(hf_dir: Path, tok: Tokenizer, hf_rows: int) -> list[int]:
+    """Ids in [base vocab, HF rows) whose rows the import keeps: those the HF tokenizer config
+    declares with the same token as ours (e.g. the released SFT model's ChatML rows). A declared
+    token that differs from ours is an error; undeclared rows are padding and are dropped."""
+    path = hf_dir / "tokenizer_config.json"
+    declared = {}
+    if path.is_file():
+        decoder = json.loads(path.read_text()).get("added_tokens_decoder") or {}
+        declared = {int(i): d["content"] for i, d in decoder.items()}
+    copied = []
+    for i in sorted(declared):
+        if i < tok.base_vocab_size or i >= hf_rows:
+            continue
+        ours = tok.piece(i) if i < tok.vocab_size else None
+        if declared[i] != ours:
+            raise ValueError(
+                f"{path}: id {i} is {declared[i]!r} but our layout (base vocabulary, "
+                f"Megatron specials, extra ids {tok.extra_ids}) gives {ours!r} there: pass the "
+                "--vocab_extra_ids_list the model was trained with"
+            )
+        copied.append(i)
+    return copied
+
+
+def check_hf_shapes(hf: HFWeights, cfg: ModelConfig, base_vocab: int) -> int:
+    """Validate every HF tensor's shape against the config before converting anything; return
+    the HF vocabulary row count."""
+    rows = hf.shape("model.embed_tokens.weight")[0]
+    if rows < base_vocab:
+        raise ValueError(
+            f"{hf.dir}: the embedding has {rows} rows but tokenizer.model has {base_vocab} pieces"
+        )
+    if "lm_head.weight" not in hf:
+        raise ValueError(f"{hf.dir}: no lm_head.weight (tied embeddings are not supported)")
+    want = hf_shapes(cfg, rows)
+    for name, shape in want.items():
+        if hf.shape(name) != shape:
+            raise ValueError(
+                f"{hf.dir}: {name} has shape {hf.shape(name)}, config.json implies {shape}"
+            )
+    unused = sorted(set(hf.weight_map) - set(want))
+    if unused:
+        raise ValueError(f"{hf.dir}: tensors the Llama mapping does not use: {unused[:5]}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: ours -> HF
+
+
+def export_tensors(
+    get: Callable[[str], torch.Tensor], cfg: ModelConfig, rows: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) from our tensors (`get(name)` returns one, vocab rows trimmed to
+    cfg.vocab_size), splitting the fused projections; vocabulary rows padded to `rows` with
+    copies of row 0. Every tensor is its own contiguous copy (safetensors refuses shared ones)."""
+    hd = cfg.head_dim
+    q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_kv_heads * hd
+
+    def vocab(name: str) -> torch.Tensor:
+        return pad_rows(get(name)[: cfg.vocab_size], rows).contiguous()
+
+    yield "model.embed_tokens.weight", vocab("embed.weight")
+    for i in range(cfg.num_layers):
+        p, ours = _hf_prefix(i), f"layers.{i}."
+        yield p + "input_layernorm.weight", get(ours + "attention_norm.weight")
+        q, k, v = get(ours + "attention.wqkv.weight").split([q_rows, kv_rows, kv_rows], dim=0)
+        yield p + "self_attn.q_proj.weight", q.clone()
+        yield p + "self_attn.k_proj.weight", k.clone()
+        yield p + "self_attn.v_proj.weight", v.clone()
+        yield p + "self_attn.o_proj.weight", get(ours + "attention.wo.weight")
+        yield p + "post_attention_layernorm.weight", get(ours + "mlp_norm.weight")
+        gate, up = get(ours + "mlp.w13.weight").split(cfg.ffn_hidden_size, dim=0)
+        yield p + "mlp.gate_proj.weight", gate.clone()
+        yield p + "mlp.up_proj.weight", up.clone()
+        yield p + "mlp.down_proj.weight", get(ours + "mlp.w2.weight")
+    yield "model.norm.weight", get("norm.weight")
+    yield "lm_head.weight", vocab("output.weight")
+
+
+def hf_shapes(cfg: ModelConfig, rows: int) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes in export order, without touching any tensor."""
+    h, hd, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    shapes = {"model.embed_tokens.weight": (rows, h)}
+    for i in range(cfg.num_layers):
+        p = _hf_prefix(i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (cfg.num_attention_heads * hd, h)
+        shapes[p + "self_attn.k_proj.weight"] = (cfg.num_kv_heads * hd, h)
+        shapes[p + "self_attn.v_proj.weight"] = (cfg.num_kv_heads * hd, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * hd)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (f, h)
+        shapes[p + "mlp.up_proj.weight"] = (f, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, f)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (rows, h)
+    return shapes
+
+
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving split of tensors into shards of at most max_shard_bytes (a tensor
+    larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes.items():
+        if shards[-1] and used + nbytes > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += nbytes
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming safetensors writer
+
+
+class SafetensorsStream:
+    """Writes one safetensors file tensor by tensor.
+
+    The header (names, dtype, shapes, byte offsets) follows from the shapes alone, so it is
+    written first and each tensor's bytes are appended as it arrives: the writer never holds more
+    than the tensor it is given (a 70B import does not need the model in memory).
+    """
+
+    def __init__(
+        self, path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, metadata: dict
+    ):
+        if dtype not in _ST_DTYPE:
+            raise ValueError(f"unsupported dtype {dtype}; expected one of {list(_ST_DTYPE)}")
+        self.path, self.dtype = Path(path), dtype
+        self.order = list(shapes.items())
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+        offset = 0
+        for name, shape in self.order:
+            nbytes = math.prod(shape) * itemsize
+            header[name] = {
+                "dtype": _ST_DTYPE[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)))
+        self._f.write(blob)
+        self._next = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._next >= len(self.order):
+            raise ValueError(f"{self.path}: unexpected extra tensor {name}")
+        want, shape = self.order[self._next]
+        if name != want or tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.path}: expected {want} {tuple(shape)} next, got {name} {tuple(t.shape)}"
+            )
+        flat = t.detach().to("cpu", self.dtype).contiguous().reshape(-1)
+        self._f.write(flat.view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.order):
+            missing = [n for n, _ in self.order[self._next :]]
+            self._f.close()
+            raise ValueError(f"{self.path}: {len(missing)} tensors never written: {missing[:4]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def write_hf_shards(
+    out_dir: Path,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> dict:
+    """Stream `tensors` (in the order of `shapes`) into model-0000X-of-0000Y.safetensors files and
+    write model.safetensors.index.json. Returns the index."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {n: math.prod(s) * itemsize for n, s in shapes.items()}
+    shards = plan_shards(sizes, max_shard_bytes)
+    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    weight_map = {}
+    tensors = iter(tensors)
+    for fname, members in zip(names, shards):
+        stream = SafetensorsStream(
+            out_dir / fname, {n: shapes[n] for n in members}, dtype, {"format": "pt"}
+        )
+        for name in members:
+            got, t = next(tensors)
+            stream.write(got, t)
+            weight_map[name] = fname
+        stream.close()
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    (out_dir / HF_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 5GB, 500MB or a byte count")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index((m.group(2) or " ").upper())
+    return int(float(m.group(1)) * base**power)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer files
+
+
+def _added_token(content: str) -> dict:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
+
+
+def write_tokenizer_files(out_dir: Path, tok: Tokenizer, model_max_length: int) -> str:
+    """tokenizer.model (copy), tokenizer_config.json (every special id of our layout as an added
+    token, ChatML chat_template), special_tokens_map.json and, when `transformers` is installed,
+    tokenizer.json. Returns the tokenizer class written into the config.
+
+    Our ids come from SentencePiece run on each text piece between special tokens, which adds
+    SentencePiece's dummy prefix to every piece. transformers' LlamaTokenizer rebuilds its own
+    pipeline (a Metaspace pre-tokenizer that does not prefix a piece already starting with a
+    space), so the fast tokenizer.json is written with the SentencePiece-exact normalizer
+    (prepend "▁", spaces -> "▁") and the config names the generic fast class that loads it as is.
+    """
+    shutil.copyfile(tok.model_path, out_dir / "tokenizer.model")
+    added = {tok.unk_id: tok.piece(tok.unk_id)}
+    added.update({i: t for t, i in tok.special_tokens.items()})
+    special_map = {
+        "bos_token": tok.piece(tok.bos_id),
+        "eos_token": tok.piece(tok.im_end_id),
+        "unk_token": tok.piece(tok.unk_id),
+        "pad_token": tok.piece(tok.pad_id),
+        "additional_special_tokens": list(tok.extra_ids),
+    }
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "added_tokens_decoder": {str(i): _added_token(t) for i, t in sorted(added.items())},
+        **special_map,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if _write_fast_tokenizer(out_dir):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config["tokenizer_class"]
+
+
+def _write_fast_tokenizer(out_dir: Path) -> bool:
+    try:
+        from tokenizers import normalizers
+        from transformers import AutoTokenizer
+    except ImportError:
+        print("transformers is not installed: tokenizer.json not written (the slow files are)")
+        return False
+    # Convert the SentencePiece model (+ added tokens) with transformers' own converter, then
+    # swap the pre-tokenizer for the normalizer that reproduces SentencePiece's dummy prefix.
+    backend = AutoTokenizer.from_pretrained(str(out_dir)).backend_tokenizer
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    backend.pre_tokenizer = None
+    backend.save(str(out_dir / "tokenizer.json"))
+    return True
+
+
+def checkpoint_tokenizer(meta: dict, path: str | None = None) -> Tokenizer:
+    """The tokenizer a checkpoint was made with: `path` if given, else the model file its meta
+    names, else the committed default; the first whose fingerprint matches the checkpoint's (when
+    it records one) and whose vocabulary size matches."""
+    info = meta.get("tokenizer") or {}
+    extra = info.get("extra_ids", info.get("vocab_extra_ids_list", list(DEFAULT_EXTRA_IDS)))
+    want = info.get("fingerprint")
+    # model_path: our imports (Tokenizer.describe()); vocab_file: the trainer's checkpoints.
+    candidates = [path] if path else [info.get("model_path"), info.get("vocab_file")]
+    candidates += [] if path else [DEFAULT_TOKENIZER_PATH]
+    tried = []
+    for cand in candidates:
+        if not cand or not Path(cand).is_file():
+            continue
+        tok = Tokenizer(cand, extra)
+        if (want is None or tok.fingerprint == want) and tok.vocab_size == meta["vocab_size"]:
+            return tok
+        tried.append(f"{cand} (fingerprint {tok.fingerprint[:12]}, vocab {tok.vocab_size})")
+    raise ValueError(
+        f"no tokenizer matches the checkpoint (fingerprint {str(want)[:12]}, vocab "
+        f"{meta['vocab_size']}, extra ids {extra}); tried {tried or candidates}: pass --tokenizer "
+        "with the tokenizer.model the model was trained with"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def _dtype_arg(name: str, found: torch.dtype) -> torch.dtype:
+    return found if name == "auto" else DTYPES[name]
+
+
+def import_hf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    vocab_extra_ids_list: str | list[str] | None = DEFAULT_EXTRA_IDS,
+    tokenizer_path: str | None = None,
+    dtype: str = "auto",
+) -> Path:
+    """Convert a HF Llama directory into a checkpoint (TP=1, PP=1 on disk; `--load` reshards it
+    to whatever layout the run uses). Returns the iteration directory."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    tok = Tokenizer(tokenizer_path or str(hf_dir / "tokenizer.model"), vocab_extra_ids_list)
+    cfg = config_from_hf(hf_config, tok.vocab_size, name=f"hf:{hf_dir.resolve()}")
+    cfg.validate(tp)
+    if pp < 1 or cfg.num_layers % pp:
+        raise ValueError(f"--pp {pp}: must divide num_layers ({cfg.num_layers})")
+    hf = HFWeights(hf_dir)
+    hf_rows = check_hf_shapes(hf, cfg, tok.base_vocab_size)
+    copied = hf_added_tokens(hf_dir, tok, hf_rows)
+    out_dtype = _dtype_arg(dtype, hf.dtype("model.embed_tokens.weight"))
+    padded = cfg.padded_vocab_size(1)
+    meta = {
+        "format": ckpt.FORMAT,
+        "version": ckpt.FORMAT_VERSION,
+        "iteration": 0,
+        "model": cfg.to_dict(),
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab_size": padded,
+        "layout": {"tp": 1, "pp": 1, "dp": 1},
+        "has_optimizer": False,
+        "has_trainer_state": False,
+        "tokenizer": tok.describe(),
+        "hf_import": {
+            "source": str(hf_dir.resolve()),
+            "hf_vocab_rows": hf_rows,
+            "copied_added_token_ids": copied,
+            "new_token_rows": "mean of the base vocabulary rows",
+            "padding_rows": "copies of row 0",
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "requested_layout": {"tp": tp, "pp": pp},
+        },
+    }
+    shapes = cfg.param_shapes(padded)
+    final = out_dir / ckpt.iteration_dir_name(0)
+    if final.exists():
+        raise FileExistsError(f"{final} already exists: import into an empty directory")
+    tmp = out_dir / f".tmp_{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / ckpt.shard_dir_name(0, 0)).mkdir(parents=True)
+    layouts = {
+        n: {"name": n, "global_shape": list(s), "tp_dim": None, "pieces": None}
+        for n, s in shapes.items()
+    }
+    stream = SafetensorsStream(
+        tmp / ckpt.shard_dir_name(0, 0) / ckpt.MODEL_FILE,
+        shapes,
+        out_dtype,
+        {"format": ckpt.FORMAT, "tensors": json.dumps(layouts, sort_keys=True)},
+    )
+    with torch.no_grad():
+        for name, t in import_tensors(hf, cfg, padded, tok.base_vocab_size, copied, out_dtype):
+            stream.write(name, t)
+    stream.close()
+    (tmp / ckpt.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    os.replace(tmp, final)
+    (out_dir / ckpt.LATEST_FILE).write_text("0\n")
+    return final
+
+
+def export_hf(
+    ckpt_path: str | Path,
+    hf_out: str | Path,
+    pad_multiple: int = 128,
+    max_shard_bytes: int = 5 * 10**9,
+    tokenizer_path: str | None = None,
+    dtype: str = "auto",
+) -> Path:
+    """Write a `transformers` Llama directory from a checkpoint (a save dir or an iteration
+    dir, any TP/PP layout), reading one tensor at a time."""
+    hf_out = Path(hf_out)
+    iter_dir = ckpt.resolve_iteration_dir(ckpt_path)
+    meta = ckpt.read_meta(iter_dir)
+    cfg = ModelConfig.from_dict(meta["model"])
+    tok = checkpoint_tokenizer(meta, tokenizer_path)
+    index = ckpt.ShardIndex(iter_dir)
+    missing = sorted(set(cfg.param_shapes()) - set(index.names("model")))
+    if missing:
+        raise ValueError(f"{iter_dir}: the checkpoint lacks {missing[:5]} (a pipeline stage?)")
+    if pad_multiple < 1:
+        raise ValueError(f"--pad-multiple {pad_multiple}: must be >= 1")
+    rows = round_up(cfg.vocab_size, pad_multiple)
+    found = index.read("norm.weight").dtype
+    out_dtype = _dtype_arg(dtype, found)
+    hf_out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(p.name for p in hf_out.glob("model*.safetensors*"))
+    if stale:
+        raise FileExistsError(f"{hf_out} already holds {stale[:3]}: export into an empty directory")
+
+    def get(name: str) -> torch.Tensor:
+        t = index.read(name)
+        return t[: cfg.vocab_size] if name in ckpt.VOCAB_PARAMS else t
+
+    with torch.no_grad():
+        write_hf_shards(
+            hf_out, export_tensors(get, cfg, rows), hf_shapes(cfg, rows), out_dtype, max_shard_bytes
+        )
+    ids = {"bos": tok.bos_id, "eos": tok.im_end_id, "pad": tok.pad_id}
+    hf_config = hf_config_from_ours(cfg, rows, out_dtype, ids)
+    (hf_out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.im_end_id,
+        "pad_token_id": tok.pad_id,
+    }
+    (hf_out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    write_tokenizer_files(hf_out, tok, cfg.max_position_embeddings)
+    return hf_out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.hf", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser(
+        "import", help="HF Llama directory -> our checkpoint (for --load --finetune)"
+    )
+    imp.add_argument("hf_dir", help="config.json, model*.safetensors (+ index), tokenizer.model")
+    imp.add_argument("out_dir", help="save directory to create (gets iter_0000000/)")
+    imp.add_argument("--tp", type=int, default=1, help="tensor parallel size the run will use")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline parallel size the run will use")
+    imp.add_argument(
+        "--vocab_extra_ids_list",
+        default=",".join(DEFAULT_EXTRA_IDS),
+        help="extra tokens after the Megatron specials (default: %(default)s)",
+    )
+    imp.add_argument("--tokenizer", help="tokenizer.model (default: HF_DIR/tokenizer.model)")
+    imp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: as stored")
+    exp = sub.add_parser("export", help="our checkpoint -> HF Llama directory")
+    exp.add_argument("ckpt_dir", help="save directory (follows latest) or iter_XXXXXXX directory")
+    exp.add_argument("hf_out", help="output directory")
+    exp.add_argument(
+        "--pad-multiple",
+        "--pad_multiple",
+        type=int,
+        default=128,
+        dest="pad_multiple",
+        help="vocabulary rows padded (copies of row 0) to a multiple of this",
+    )
+    exp.add_argument(
+        "--max-shard-size",
+        "--max_shard_size",
+        type=parse_size,
+        default="5GB",
+        dest="max_shard_size",
+        help="largest safetensors shard (default 5GB)",
+    )
+    exp.add_argument("--tokenizer", help="tokenizer.model (default: the one the checkpoint names)")
+    exp.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: as stored")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "import":
+            d = import_hf(
+                args.hf_dir,
+                args.out_dir,
+                args.tp,
+                args.pp,
+                args.vocab_extra_ids_list,
+                args.tokenizer,
+                args.dtype,
+            )
+            print(f"wrote {d}")
+            print(
+                f"train from it with: --load {args.out_dir} --finetune "
+                f"--tensor_model_parallel_size {args.tp} --pipeline_model_parallel_size {args.pp}"
+            )
+        else:
+            d = export_hf(
+                args.ckpt_dir,
+                args.hf_out,
+                args.pad_multiple,
+                args.max_shard_size,
+                args.tokenizer,
+                args.dtype,
+            )
+            print(f"wrote {d}")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"model.hf {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

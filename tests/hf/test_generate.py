@@ -1,0 +1,230 @@
+"""Generation: KV-cache decode against recomputation, against transformers, sampling, report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.chat import render_prompt
+from model.generate import (
+    LLAMA2_SYSTEM_MESSAGE,
+    KVCache,
+    SamplingParams,
+    forward_cached,
+    generate,
+    load_model,
+    main,
+    read_prompts,
+    sample_next,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MESSAGES = [
+    [("user", "hello world")],
+    [("user", "the quick brown fox jumps over a lazy dog while assistant and user talk")],
+    [("system", "be brief"), ("user", "python code?"), ("assistant", "yes"), ("user", "42")],
+    [("user", "cats")],
+]
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return [render_prompt(m, tokenizer) for m in MESSAGES]
+
+
+def _greedy_without_cache(model, prompt: list[int], steps: int, stop: set[int]) -> list[int]:
+    """Reference: the model's own forward over the whole sequence for every new token."""
+    seq, out = list(prompt), []
+    dev = model.embed.weight.device
+    for _ in range(steps):
+        n = len(seq)
+        with torch.no_grad():
+            logits = model(
+                torch.tensor(seq, device=dev),
+                torch.arange(n, device=dev),
+                torch.tensor([0, n], dtype=torch.int32, device=dev),
+                n,
+            )
+        tok = int(logits[-1, : model.cfg.vocab_size].argmax())
+        out.append(tok)
+        seq.append(tok)
+        if tok in stop:
+            break
+    return out
+
+
+def test_cached_greedy_equals_recomputation(our_model, tokenizer):
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=10)
+    stop = {tokenizer.im_end_id}
+    # batch_size 3: prompts of different lengths share a batch, so prefill padding is exercised.
+    got = generate(our_model, prompts, params, stop, tokenizer.vocab_size, batch_size=3)
+    for prompt, c in zip(prompts, got):
+        want = _greedy_without_cache(our_model, prompt, 10, stop)
+        assert c.tokens == want
+        assert c.stop_reason == ("stop" if want[-1] in stop else "length")
+    assert len({tuple(c.tokens) for c in got}) > 1  # the prompts do steer the outputs
+
+
+def test_greedy_equals_transformers_generate(exported, our_model, tokenizer):
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    hf_model.eval()
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    ours = generate(our_model, prompts, params, {tokenizer.im_end_id}, tokenizer.vocab_size, 4)
+    for prompt, c in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+            )
+        assert out[0, len(prompt) :].tolist() == c.tokens
+
+
+def test_stops_at_stop_id(our_model, tokenizer):
+    prompt = _prompts(tokenizer)[1]
+    free = generate(
+        our_model, [prompt], SamplingParams(max_new_tokens=12), set(), tokenizer.vocab_size
+    )
+    tokens = free[0].tokens
+    assert free[0].stop_reason == "length" and len(tokens) == 12
+    stop = tokens[5]
+    first = tokens.index(stop)
+    got = generate(
+        our_model, [prompt], SamplingParams(max_new_tokens=12), {stop}, tokenizer.vocab_size
+    )
+    assert got[0].tokens == tokens[: first + 1] and got[0].stop_reason == "stop"
+
+
+def test_sampling_filters():
+    logits = torch.log(torch.tensor([[0.05, 0.6, 0.3, 0.05], [0.4, 0.05, 0.3, 0.25]]))
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, SamplingParams(temperature=0.0)).tolist() == [1, 0]
+    draws = torch.stack([sample_next(logits, SamplingParams(1.0, top_k=2), g) for _ in range(300)])
+    assert set(draws[:, 0].tolist()) == {1, 2} and set(draws[:, 1].tolist()) == {0, 2}
+    # top_p 0.5: row 0 keeps {1} (0.6 >= 0.5); row 1 keeps {0, 2} (0.4 < 0.5 <= 0.7).
+    draws = torch.stack(
+        [sample_next(logits, SamplingParams(1.0, top_p=0.5), g) for _ in range(300)]
+    )
+    assert set(draws[:, 0].tolist()) == {1} and set(draws[:, 1].tolist()) == {0, 2}
+    # A low temperature sharpens towards the argmax.
+    draws = torch.stack([sample_next(logits, SamplingParams(0.05), g) for _ in range(100)])
+    assert draws[:, 0].eq(1).all() and draws[:, 1].eq(0).all()
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=1.0, top_p=0.0).validate()
+
+
+def test_seeded_sampling_is_reproducible(our_model, tokenizer):
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=8)
+    runs = [
+        generate(
+            our_model,
+            prompts,
+            params,
+            {tokenizer.im_end_id},
+            tokenizer.vocab_size,
+            2,
+            torch.Generator().manual_seed(7),
+        )
+        for _ in range(2)
+    ]
+    assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]]
+    assert all(t < tokenizer.vocab_size for c in runs[0] for t in c.tokens)
+
+
+def test_report_cli(tmp_path, imported, tokenizer):
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [
+        json.dumps("hello world"),
+        json.dumps({"prompt": "python code?", "system": "be brief"}),
+        json.dumps({"messages": [{"role": "user", "content": "cats"}]}),
+    ]
+    prompts.write_text("\n".join(lines) + "\n\n")
+    out = tmp_path / "r" / "report.json"
+    args = ["--load", str(imported), "--prompts", str(prompts), "--out", str(out)]
+    assert (
+        main(args + ["--max_new_tokens", "6", "--system_preset", "llama2", "--batch_size", "2"])
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert report["system_message"] == LLAMA2_SYSTEM_MESSAGE
+    assert report["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+    assert [p["prompt"] for p in report["prompts"]] == ["hello world", "python code?", "cats"]
+    assert report["prompts"][2]["messages"] == [{"role": "user", "content": "cats"}]
+    # The per-prompt system message wins over the preset: that prompt is much shorter.
+    n_tokens = [p["prompt_tokens"] for p in report["prompts"]]
+    assert n_tokens[1] < n_tokens[0] and n_tokens[0] == len(
+        render_prompt([("user", "hello world")], tokenizer, system=LLAMA2_SYSTEM_MESSAGE)
+    )
+    for p in report["prompts"]:
+        assert [r["sampling_config"] for r in p["results"]] == ["greedy", "nucleus9"]
+        for r in p["results"]:
+            assert len(r["outputs"]) == 1 and isinstance(r["outputs"][0], str)
+            assert 1 <= r["output_tokens"][0] <= 6
+            assert r["sampling_params"]["max_new_tokens"] == 6
+    assert report["stats"]["generated_tokens"] == sum(
+        r["output_tokens"][0] for p in report["prompts"] for r in p["results"]
+    )
+    # custom sampling with several samples per prompt
+    assert main(args + ["--max_new_tokens", "4", "--top_k", "5", "--num_samples", "2"]) == 0
+    report = json.loads(out.read_text())
+    r = report["prompts"][0]["results"]
+    assert [x["sampling_config"] for x in r] == ["custom"] and len(r[0]["outputs"]) == 2
+    assert r[0]["sampling_params"] == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 5,
+        "max_new_tokens": 4,
+    }
+
+
+def test_prompt_file_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"ok"\n{"prompt": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read_prompts(bad)
+    bad.write_text('"ok"\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+        read_prompts(bad)
+
+
+def test_bundled_prompts_parse():
+    prompts = read_prompts(REPO / "configs" / "prompts" / "sample_prompts.jsonl")
+    assert len(prompts) >= 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_cached_decode_matches_model_forward(random_ckpt, tokenizer, dtype):
+    """On GPU (Triton rmsnorm/rotary/swiglu, flash attention in the model's forward): the cached
+    decode's logits at every generated position match the model's full forward of the sequence,
+    and in fp32 greedy decoding equals recomputation without a cache."""
+    model, _, _ = load_model(random_ckpt, torch.device("cuda"), dtype)
+    prompts = _prompts(tokenizer)
+    stop = {tokenizer.im_end_id}
+    got = generate(model, prompts, SamplingParams(max_new_tokens=10), stop, tokenizer.vocab_size, 4)
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+    for prompt, c in zip(prompts, got):
+        seq = prompt + c.tokens
+        n = len(seq)
+        with torch.no_grad():
+            full = model(
+                torch.tensor(seq, device="cuda"),
+                torch.arange(n, device="cuda"),
+                torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+                n,
+            )
+            # Prefill the prompt, then feed the generated tokens one by one through the cache.
+            cache = KVCache(model, 1, n, dtype, "cuda")
+            ids = torch.tensor([seq], device="cuda")
+            pos = torch.arange(n, device="cuda")[None]
+            step = [forward_cached(model, ids[:, : len(prompt)], pos[:, : len(prompt)], cache)[0]]
+            for i in range(len(prompt), n):
+                step.append(forward_cached(model, ids[:, i : i + 1], pos[:, i : i + 1], cache)[0])
+            cached = torch.cat(step)
+        torch.testing.assert_close(cached.float(), full.float(), **tol)
+        if dtype == torch.float32:
+            assert c.tokens == _greedy_without_cache(model, prompt, 10, stop)

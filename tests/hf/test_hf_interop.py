@@ -1,0 +1,270 @@
+"""HF import/export: logits against transformers, bitwise round trips, vocabulary rows, files."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from data.chat import render_prompt
+from data.tokenizer import Tokenizer
+from model.config import ModelConfig
+from model.hf import (
+    CHATML_TEMPLATE,
+    HFWeights,
+    SafetensorsStream,
+    export_hf,
+    import_hf,
+    main,
+    parse_size,
+    plan_shards,
+)
+from train import checkpoint as ckpt
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "the quick brown fox jumps over a lazy dog",
+    "assistant and user talk about python code 42",
+    "poems about cats",
+]
+
+
+def _hf_model(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _hf_tensors(path) -> dict[str, torch.Tensor]:
+    hf = HFWeights(path)
+    return {name: hf.get(name) for name in hf.weight_map}
+
+
+def _ours_packed_logits(model, docs: list[list[int]]) -> list[torch.Tensor]:
+    """Our logits for several documents packed into one flattened batch (varlen)."""
+    tokens = torch.tensor([t for d in docs for t in d])
+    positions = torch.cat([torch.arange(len(d)) for d in docs])
+    bounds = [0]
+    for d in docs:
+        bounds.append(bounds[-1] + len(d))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    with torch.no_grad():
+        logits = model(tokens, positions, cu, max(len(d) for d in docs))
+    return [logits[s:e] for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _docs(tokenizer: Tokenizer) -> list[list[int]]:
+    docs = [tokenizer.encode(t) for t in TEXTS]
+    docs.append(render_prompt([("user", "hello world")], tokenizer, system="be brief"))
+    return docs
+
+
+def test_import_logits_equal_transformers(hf_dir, our_model, tokenizer):
+    hf_model = _hf_model(hf_dir)
+    base = tokenizer.base_vocab_size
+    docs = [d for d in _docs(tokenizer)[:3]]  # base-vocabulary ids only: the HF model's tokens
+    ours = _ours_packed_logits(our_model, docs)
+    for doc, got in zip(docs, ours):
+        with torch.no_grad():
+            want = hf_model(torch.tensor([doc])).logits[0]
+        assert want.shape[-1] == base
+        torch.testing.assert_close(got[:, :base], want, rtol=1e-5, atol=1e-5)
+
+
+def test_import_vocabulary_rows(hf_dir, imported, tokenizer):
+    sd, meta = ckpt.read_full_state_dict(imported)
+    hf = _hf_tensors(hf_dir)
+    base, vocab = tokenizer.base_vocab_size, tokenizer.vocab_size
+    assert meta["vocab_size"] == vocab and meta["model"]["vocab_size"] == vocab
+    assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint
+    for ours, theirs in (
+        ("embed.weight", "model.embed_tokens.weight"),
+        ("output.weight", "lm_head.weight"),
+    ):
+        w = sd[ours]
+        assert w.shape[0] == vocab
+        assert torch.equal(w[:base], hf[theirs])
+        mean = hf[theirs].float().mean(0)
+        for i in range(base, vocab):  # new tokens (Megatron specials, ChatML) = mean row
+            assert torch.equal(w[i], mean), i
+    # On disk the rows are padded to the TP=1 multiple with copies of row 0.
+    index = ckpt.ShardIndex(ckpt.resolve_iteration_dir(imported))
+    padded = index.read("embed.weight")
+    assert padded.shape[0] % 128 == 0 and padded.shape[0] > vocab
+    assert torch.equal(padded[vocab:], padded[:1].expand(padded.shape[0] - vocab, -1))
+
+
+def test_export_loads_in_transformers_with_same_logits(exported, our_model, tokenizer):
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["vocab_size"] % 128 == 0 and cfg["vocab_size"] >= tokenizer.vocab_size
+    assert cfg["rope_theta"] == 5000.0 and cfg["rope_scaling"]["factor"] == 2.0
+    index = json.loads((exported / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n > 1 and shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    hf_model = _hf_model(exported)
+    vocab = tokenizer.vocab_size
+    docs = _docs(tokenizer)  # including Megatron-special and ChatML ids
+    for doc, got in zip(docs, _ours_packed_logits(our_model, docs)):
+        with torch.no_grad():
+            want = hf_model(torch.tensor([doc])).logits[0]
+        torch.testing.assert_close(got[:, :vocab], want[:, :vocab], rtol=1e-5, atol=1e-5)
+        # Padding logits come from row-0 copies: each equals the unk logit exactly.
+        assert torch.equal(want[:, vocab:], want[:, :1].expand(-1, want.shape[1] - vocab))
+
+
+def test_export_padding_rows_equal_row_zero(exported, tokenizer):
+    hf = _hf_tensors(exported)
+    vocab = tokenizer.vocab_size
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = hf[name]
+        assert w.shape[0] % 128 == 0
+        assert torch.equal(w[vocab:], w[:1].expand(w.shape[0] - vocab, -1)), name
+
+
+def test_hf_import_export_keeps_every_tensor_bitwise(hf_dir, exported, tokenizer):
+    """HF -> ours -> HF: every HF tensor comes back bit for bit (vocabulary matrices: the rows
+    the HF model had)."""
+    before, after = _hf_tensors(hf_dir), _hf_tensors(exported)
+    assert set(before) == set(after)
+    base = tokenizer.base_vocab_size
+    for name, t in before.items():
+        got = after[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            got = got[:base]
+        assert got.dtype == t.dtype and torch.equal(got, t), name
+
+
+def test_ours_export_import_keeps_every_tensor_bitwise(tmp_path, imported, tokenizer):
+    """ours -> HF -> ours with arbitrary (trained-looking) rows for the added tokens: the export
+    declares them in tokenizer_config.json, so the import copies them instead of re-initialising."""
+    _, meta = ckpt.read_full_state_dict(imported)
+    cfg = ModelConfig.from_dict(meta["model"])
+    g = torch.Generator().manual_seed(1)
+    sd = {n: torch.randn(s, generator=g) for n, s in cfg.param_shapes(cfg.vocab_size).items()}
+    ckpt.write_full_checkpoint(
+        tmp_path / "a", 3, sd, {"model": meta["model"], "tokenizer": tokenizer.describe()}
+    )
+    export_hf(tmp_path / "a", tmp_path / "hf", max_shard_bytes=50_000)
+    import_hf(tmp_path / "hf", tmp_path / "b")
+    a, _ = ckpt.read_full_state_dict(tmp_path / "a")
+    b, bmeta = ckpt.read_full_state_dict(tmp_path / "b")
+    assert set(a) == set(b) == set(sd)
+    for name in sd:
+        assert torch.equal(a[name], b[name]), name
+        assert torch.equal(b[name], sd[name]), name
+    assert bmeta["hf_import"]["copied_added_token_ids"] == list(
+        range(tokenizer.base_vocab_size, tokenizer.vocab_size)
+    )
+
+
+def test_import_writes_what_write_full_checkpoint_writes(tmp_path, imported):
+    """The streaming writer must stay in step with train.checkpoint's own full writer."""
+    sd, meta = ckpt.read_full_state_dict(imported)
+    ref = ckpt.write_full_checkpoint(tmp_path, 0, sd, {k: meta[k] for k in ("model", "tokenizer")})
+    ours = ckpt.resolve_iteration_dir(imported)
+    ref_meta, our_meta = ckpt.read_meta(ref), ckpt.read_meta(ours)
+    assert set(our_meta) - {"hf_import"} == set(ref_meta)
+    for key in ref_meta:
+        assert our_meta[key] == ref_meta[key], key
+    names = ckpt.shard_dir_name(0, 0), ckpt.MODEL_FILE
+    with (
+        safe_open(str(ref.joinpath(*names)), "pt") as f,
+        safe_open(str(ours.joinpath(*names)), "pt") as g,
+    ):
+        assert f.metadata() == g.metadata()
+        assert set(f.keys()) == set(g.keys())
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), g.get_tensor(k)), k
+
+
+def test_exported_tokenizer_reproduces_our_ids(exported, tokenizer):
+    hf_tok = transformers.AutoTokenizer.from_pretrained(exported)
+    assert len(hf_tok) == tokenizer.vocab_size
+    for token, i in tokenizer.special_tokens.items():
+        assert hf_tok.convert_tokens_to_ids(token) == i, token
+    assert hf_tok.eos_token_id == tokenizer.im_end_id
+    assert hf_tok.pad_token_id == tokenizer.pad_id
+    texts = TEXTS + [
+        " leading space and  two spaces",
+        "line one\nline two\n\n",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+        "a<|im_end|> b<PAD>c<EOD>",
+        "ünïcödé 日本",
+    ]
+    for text in texts:
+        assert hf_tok.encode(text, add_special_tokens=True) == tokenizer.encode(text), text
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is python code?"},
+        {"role": "assistant", "content": "a language"},
+        {"role": "user", "content": "thanks"},
+    ]
+    templated = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert hf_tok.encode(templated) == render_prompt(messages, tokenizer)
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tokenizer.im_end_id
+    tok_cfg = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tok_cfg["chat_template"] == CHATML_TEMPLATE
+    declared = {int(i): d["content"] for i, d in tok_cfg["added_tokens_decoder"].items()}
+    for i in range(tokenizer.base_vocab_size, tokenizer.vocab_size):
+        assert declared[i] == tokenizer.piece(i)
+    assert (exported / "tokenizer.model").read_bytes() == open(tokenizer.model_path, "rb").read()
+
+
+def test_import_refuses_a_conflicting_added_token(tmp_path, exported):
+    """A HF model whose added tokens sit at other ids than our layout gives is refused."""
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "hf")
+    path = tmp_path / "hf" / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    ids = sorted(int(i) for i in cfg["added_tokens_decoder"])
+    a, b = str(ids[-2]), str(ids[-1])  # swap <|im_start|> and <|im_end|>
+    dec = cfg["added_tokens_decoder"]
+    dec[a], dec[b] = dec[b], dec[a]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="vocab_extra_ids_list"):
+        import_hf(tmp_path / "hf", tmp_path / "out")
+
+
+def test_safetensors_stream_and_shard_planning(tmp_path):
+    shapes = {"a": (3, 5), "b": (7,), "c": (2, 2, 2)}
+    tensors = {n: torch.randn(s).to(torch.bfloat16) for n, s in shapes.items()}
+    stream = SafetensorsStream(tmp_path / "x.safetensors", shapes, torch.bfloat16, {"k": "v"})
+    for n, t in tensors.items():
+        stream.write(n, t)
+    stream.close()
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+        for n, t in tensors.items():
+            assert torch.equal(f.get_tensor(n), t)
+    stream = SafetensorsStream(tmp_path / "y.safetensors", shapes, torch.float32, {})
+    with pytest.raises(ValueError, match="expected a"):
+        stream.write("b", torch.zeros(7))
+    assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
+    assert parse_size("1234") == 1234
+
+
+def test_cli(tmp_path, hf_dir, imported, capsys):
+    assert main(["import", str(hf_dir), str(tmp_path / "a"), "--tp", "2", "--pp", "2"]) == 0
+    assert "--load" in capsys.readouterr().out
+    meta = ckpt.read_meta(ckpt.resolve_iteration_dir(tmp_path / "a"))
+    assert meta["hf_import"]["requested_layout"] == {"tp": 2, "pp": 2}
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 1}  # resharded when loaded
+    # 4 query heads, 2 KV heads, 2 layers: TP 4 and PP 3 cannot work
+    assert main(["import", str(hf_dir), str(tmp_path / "b"), "--tp", "4"]) == 1
+    assert "num_kv_heads" in capsys.readouterr().err
+    assert main(["import", str(hf_dir), str(tmp_path / "c"), "--pp", "3"]) == 1
+    assert "--pp 3" in capsys.readouterr().err
+    assert main(["import", str(hf_dir), str(tmp_path / "a")]) == 1  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    out = tmp_path / "hf"
+    args = ["export", str(imported), str(out), "--pad-multiple", "64", "--dtype", "bf16"]
+    assert main(args) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] % 64 == 0 and cfg["vocab_size"] - 64 < cfg["eos_token_id"]
+    assert cfg["torch_dtype"] == "bfloat16"
+    with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    assert main(args) == 1  # never overwrites
