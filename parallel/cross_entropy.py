@@ -1,14 +1,119 @@
-"""Cross-entropy over (possibly vocab-sharded) logits. (Vocab-parallel path: issue 6.)"""
+"""Cross-entropy (and argmax) over vocab-sharded logits, never gathering the full logits.
+
+Rank r of the TP group holds logits columns [r V_l, (r + 1) V_l) of the padded vocabulary.
+Columns >= vocab_size are padding: they are excluded from the softmax (set to -inf), so the loss
+and its gradient do not depend on how far the vocabulary was padded -- at TP=1 too, where this
+is the same code with a group of size 1.
+
+Per token t: loss_t = log Σ_v exp(z_tv - m_t) - (z_t,label - m_t), with m_t the global max.
+Communication per call: one all-reduce(max) of (T,) and one all-reduce(sum) of (2, T) (the
+softmax denominator and the label's logit travel together).
+"""
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+
+from parallel.comm import all_gather_dim0, group_rank, group_size
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
-    """Per-token loss in fp32.   logits: (tokens, vocab_local), labels: (tokens,) -> (tokens,).
+def _valid_columns(local_vocab: int, rank: int, vocab_size: int) -> int:
+    return max(0, min(local_vocab, vocab_size - rank * local_vocab))
 
-    With a tensor-parallel `group` the logits are this rank's vocabulary shard and the full
-    logits are never gathered."""
-    if group is not None:
-        raise NotImplementedError("vocab-parallel cross-entropy lands with the parallel runtime (issue 6)")
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+
+def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    if labels.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) (masked positions too: the loss mask is applied "
+            f"by multiplying), found {lo}..{hi}; an ignore index such as -100 is not supported"
+        )
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, group, vocab_size):
+        tokens, local_vocab = logits.shape
+        size, rank = group_size(group), group_rank(group)
+        start = rank * local_vocab
+        valid = _valid_columns(local_vocab, rank, vocab_size)
+        # fp32 working copy; it becomes the softmax saved for the backward.
+        z = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        if valid < local_vocab:
+            z[:, valid:] = float("-inf")
+        m = z.max(dim=-1).values  # (T,); -inf on a rank holding only padding
+        if size > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        z.sub_(m.unsqueeze(1))
+        local = labels - start
+        mine = (local >= 0) & (local < local_vocab)
+        idx = local.clamp(0, local_vocab - 1).unsqueeze(1)  # (T, 1)
+        picked = torch.where(mine, z.gather(1, idx).squeeze(1), 0.0)
+        z.exp_()
+        stats = torch.stack([z.sum(dim=-1), picked])  # (2, T)
+        if size > 1:
+            dist.all_reduce(stats, group=group)
+        sum_exp, picked = stats[0], stats[1]
+        z.div_(sum_exp.unsqueeze(1))  # softmax
+        ctx.save_for_backward(z, idx, mine)
+        ctx.dtype = logits.dtype
+        return sum_exp.log() - picked
+
+    @staticmethod
+    def backward(ctx, dloss):
+        softmax, idx, mine = ctx.saved_tensors
+        # d loss_t / d z_tv = softmax_tv - [v == label_t]; padded columns have softmax 0.
+        grad = softmax  # reused in place: the graph is not kept after this backward
+        grad.scatter_add_(1, idx, -mine.to(grad.dtype).unsqueeze(1))
+        grad.mul_(dloss.unsqueeze(1))
+        return grad.to(ctx.dtype), None, None, None
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group=None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Per-token loss in fp32.   logits: (tokens, padded_vocab / tp) this rank's shard,
+    labels: (tokens,) global ids in [0, vocab_size) -> (tokens,).
+
+    vocab_size: the real vocabulary; logits of padding columns (>= vocab_size) are excluded.
+    None means every column is real. The loss mask is the caller's: multiply the result.
+    """
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"cross_entropy wants logits (tokens, vocab_local) and labels (tokens,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    padded = logits.shape[1] * group_size(group)
+    vocab_size = padded if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= padded:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in (0, {padded}] (the padded vocabulary)"
+        )
+    _check_labels(labels, vocab_size)
+    return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_size)
+
+
+@torch.no_grad()
+def argmax(logits: torch.Tensor, group=None, vocab_size: int | None = None) -> torch.Tensor:
+    """Global argmax over vocab-sharded logits, padding columns excluded; ties go to the lowest
+    id, as torch.argmax.   logits: (tokens, vocab_local) -> (tokens,) int64 (for accuracy)."""
+    tokens, local_vocab = logits.shape
+    size, rank = group_size(group), group_rank(group)
+    vocab_size = local_vocab * size if vocab_size is None else vocab_size
+    valid = _valid_columns(local_vocab, rank, vocab_size)
+    if valid > 0:
+        best, idx = logits[:, :valid].float().max(dim=-1)
+    else:
+        best = logits.new_full((tokens,), float("-inf"), dtype=torch.float32)
+        idx = torch.zeros(tokens, dtype=torch.long, device=logits.device)
+    idx = idx + rank * local_vocab
+    if size == 1:
+        return idx
+    every_best = all_gather_dim0(best.unsqueeze(0), group)  # (size, T)
+    every_idx = all_gather_dim0(idx.unsqueeze(0), group)  # (size, T)
+    winner = every_best.argmax(dim=0, keepdim=True)  # first max: the lowest rank, lowest id
+    return every_idx.gather(0, winner).squeeze(0)

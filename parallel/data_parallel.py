@@ -1,38 +1,167 @@
-"""fp32 gradient buffer with data-parallel reduction."""
+"""fp32 gradient buffer with bucketed data-parallel all-reduce overlapped with the backward.
+
+    buf = GradBuffer(params, dims.dp_group, tp_group=dims.tp_group)
+    buf.zero()
+    for i, mb in enumerate(micro_batches):
+        buf.set_sync(i == len(micro_batches) - 1)  # or `with buf.no_sync():` but for the last
+        loss(mb).backward()                        # the last backward launches the all-reduces
+    buf.finish()                                   # waits; every p.main_grad is now reduced
+
+Layout: one flat fp32 buffer, parameters in the given order (so an optimizer's parameter groups
+can be contiguous slices of it), cut into buckets of about `bucket_mb` MB taken from the *end*:
+bucket 0 holds the last parameters, whose gradients the backward produces first. On the synced
+micro-batch each parameter's post-accumulate hook adds p.grad into p.main_grad; when a bucket's
+last parameter is in, its asynchronous all-reduce starts while the backward goes on. Every DP
+rank runs the same graph, so the hooks fire -- and the collectives are issued -- in the same
+order on all of them (the rule NCCL and gloo need, and what Megatron relies on too).
+
+The reduction is a SUM: the trainer divides the loss by the global batch's loss-mask token count
+(all micro-batches, all DP ranks; `all_reduce_sum` that count over DP first), so summing the
+ranks' gradients gives the gradient of the global mean.
+
+Sequence-parallel norm weights (`p.sequence_parallel`) hold per-token-shard partial gradients on
+each TP rank; `finish()` sums them over `tp_group` in one coalesced all-reduce per step (instead
+of one per norm per micro-batch).
+"""
+
+import contextlib
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from parallel.comm import group_size
+
 
 class GradBuffer:
-    """Flat fp32 gradient accumulation for `params` (in order); `p.main_grad` is a view into it.
+    """Flat fp32 gradient accumulation for `params`; `p.main_grad` is a view into `.buffer`,
+    parameters back to back in the given order."""
 
-    A post-accumulate hook adds each p.grad into p.main_grad and frees p.grad, so bf16 models
-    accumulate micro-batches in fp32. `finish()` sums main grads over the data-parallel group
-    (the loss is already normalised by the global token count, so a sum is the right reduction).
-    """
-
-    def __init__(self, params: list[nn.Parameter], dp_group=None):
-        self.params = list(params)
-        self.dp_group = dp_group
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        dp_group=None,
+        tp_group=None,
+        bucket_mb: float = 25.0,
+    ):
+        self.params = [p for p in params if p.requires_grad]
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("GradBuffer got the same parameter twice")
+        self._sp = [p for p in self.params if getattr(p, "sequence_parallel", False)]
+        if self._sp and group_size(tp_group) != self._sp[0].tp_size:
+            raise ValueError(
+                f"{len(self._sp)} sequence-parallel norm weights need their gradients summed over "
+                f"the tensor-parallel group (size {self._sp[0].tp_size}): build the buffer as "
+                "GradBuffer(params, dims.dp_group, tp_group=dims.tp_group)"
+            )
+        self.dp_group, self.tp_group = dp_group, tp_group
         device = self.params[0].device if self.params else torch.device("cpu")
         numel = sum(p.numel() for p in self.params)
         self.buffer = torch.zeros(numel, dtype=torch.float32, device=device)
-        offset = 0
+        offsets, offset = [], 0
         for p in self.params:
             p.main_grad = self.buffer[offset : offset + p.numel()].view_as(p)
+            offsets.append(offset)
             offset += p.numel()
-            p.register_post_accumulate_grad_hook(self._accumulate)
 
-    @staticmethod
-    def _accumulate(p: nn.Parameter) -> None:
+        # Buckets: [start, end) ranges of the buffer filled from the end, with parameter counts.
+        cap = max(1, int(bucket_mb * 2**20 / 4))
+        self._ranges: list[tuple[int, int]] = []
+        self._counts: list[int] = []
+        self._bucket_of: dict[int, int] = {}
+        end = count = 0
+        for i in reversed(range(len(self.params))):
+            p = self.params[i]
+            if count == 0:
+                end = offsets[i] + p.numel()
+            self._bucket_of[id(p)] = len(self._ranges)
+            count += 1
+            if i == 0 or end - offsets[i] >= cap:
+                self._ranges.append((offsets[i], end))
+                self._counts.append(count)
+                count = 0
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        self._sync = True
+        self._reset()
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._ranges)
+
+    def _reset(self) -> None:
+        self._finished = False
+        self._pending = list(self._counts)
+        self._launched = [False] * len(self._ranges)
+        self._works: list = []
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        problem = None
+        b = self._bucket_of[id(p)]
+        if self._finished:
+            problem = (
+                "a backward after GradBuffer.finish(): the gradients were already reduced for "
+                "this step; call zero() before the next step's backward"
+            )
+        elif self._sync and self._launched[b]:
+            problem = (
+                "a gradient arrived for a bucket that was already all-reduced this step: call "
+                "GradBuffer.set_sync(False) (or use `with buf.no_sync():`) for every micro-batch "
+                "but the last"
+            )
+        if problem is not None:
+            p.grad = None  # leave no stale .grad behind to leak into a later backward
+            raise RuntimeError(problem)
         p.main_grad.add_(p.grad)
         p.grad = None
+        if self._sync:
+            self._pending[b] -= 1
+            if self._pending[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        self._launched[b] = True
+        if group_size(self.dp_group) > 1:
+            start, end = self._ranges[b]
+            work = dist.all_reduce(self.buffer[start:end], group=self.dp_group, async_op=True)
+            self._works.append(work)
+
+    def set_sync(self, sync: bool) -> None:
+        """False: the following backwards only accumulate (micro-batches before the last)."""
+        self._sync = sync
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate without reducing inside the block (micro-batches before the last)."""
+        before = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = before
 
     def zero(self) -> None:
+        """Clear the gradients for a new step."""
+        if self._works:
+            raise RuntimeError("GradBuffer.zero() with all-reduces in flight: call finish() first")
         self.buffer.zero_()
+        self._reset()
 
     def finish(self) -> None:
-        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
-            dist.all_reduce(self.buffer, group=self.dp_group)
+        """Launch what the hooks did not (no synced micro-batch, or parameters that got no
+        gradient), in bucket order; wait for every bucket; then sum the sequence-parallel norm
+        grads over TP. Afterwards every main_grad holds the step's reduced gradient."""
+        for b in range(len(self._ranges)):
+            if not self._launched[b]:
+                self._launch(b)
+        for work in self._works:
+            work.wait()
+        if self._sp and group_size(self.tp_group) > 1:
+            grads = [p.main_grad for p in self._sp]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.tp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self._reset()
+        self._finished = True

@@ -28,8 +28,12 @@ class ParallelDims:
         for name in ("tp", "pp", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} size must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside tp*pp*dp = {self.world_size} ranks")
         if not self.pp_ranks:
-            self.pp_ranks = [self.global_rank(self.tp_rank, self.dp_rank, p) for p in range(self.pp)]
+            self.pp_ranks = [
+                self.global_rank(self.tp_rank, self.dp_rank, p) for p in range(self.pp)
+            ]
 
     @property
     def world_size(self) -> int:
@@ -73,7 +77,10 @@ class ParallelDims:
     def build(cls, tp: int = 1, pp: int = 1, backend: str | None = None) -> "ParallelDims":
         """Initialise torch.distributed from torchrun's environment (if launched by it) and create
         the TP, PP and DP groups. A single process without torchrun needs no process group."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if dist.is_initialized():
+            world = dist.get_world_size()
+        else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
         dp = cls.check(world, tp, pp)
         if world == 1:
             return cls(tp=tp, pp=pp, dp=dp, rank=0)
