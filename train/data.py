@@ -1,16 +1,15 @@
 """The trainer's side of the data pipeline: open the pretokenized splits, check them against the
 tokenizer, and build one loader per split (and per dataset of the validation split)."""
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from data.errors import DataError
 from train.config import DataConfig
-
-
-class DataError(ValueError):
-    """Missing or inconsistent data, with what to do about it."""
 
 
 @dataclass
@@ -44,46 +43,42 @@ def _check_prefix(prefix: str, flag: str) -> None:
 
 
 def open_datasets(cfg: DataConfig):
-    """(train dataset, validation dataset or None, TokenizerInfo); the tokenizer named by
-    --vocab_file must be the one the data was made with."""
+    """(train dataset, validation dataset or None, TokenizerInfo). With --vocab_file the data
+    must have been made by that tokenizer (same model file and extra ids)."""
     from data.loader import SFTDataset
     from data.tokenizer import Tokenizer, parse_extra_ids
 
     _check_prefix(cfg.train_prefix, "--data_path")
-    train = SFTDataset(cfg.train_prefix)
-    valid = None
-    if cfg.valid_prefix is not None and Path(cfg.valid_prefix + "-text.idx").is_file():
-        valid = SFTDataset(cfg.valid_prefix)
     extra = parse_extra_ids(cfg.vocab_extra_ids)
-    im_start = im_end = None
-    fingerprint = getattr(train, "fingerprint", None)
+    tok = None
     if cfg.vocab_file is not None:
         if not Path(cfg.vocab_file).is_file():
             raise DataError(f"--vocab_file {cfg.vocab_file} does not exist")
         tok = Tokenizer(cfg.vocab_file, extra)
-        if tok.vocab_size != train.vocab_size or (fingerprint and fingerprint != tok.fingerprint):
+    train = SFTDataset(cfg.train_prefix, vocab_size=tok.vocab_size if tok else None)
+    valid = None
+    if cfg.valid_prefix is not None and Path(cfg.valid_prefix + "-text.idx").is_file():
+        valid = SFTDataset(cfg.valid_prefix, vocab_size=tok.vocab_size if tok else None)
+    for ds in (train, valid):
+        if ds is not None and tok is not None:
+            ds.check_tokenizer(tok.fingerprint)
+    if tok is not None:
+        chatml = [tok.special_tokens.get(t) for t in ("<|im_start|>", "<|im_end|>")]
+        info = TokenizerInfo(tok.vocab_size, tok.fingerprint, *chatml, cfg.vocab_file, extra)
+    else:
+        if train.vocab_size is None:
             raise DataError(
-                f"--data_path {cfg.train_prefix} was tokenized with another tokenizer (vocab "
-                f"{train.vocab_size}, fingerprint {fingerprint}) than --vocab_file "
-                f"{cfg.vocab_file} "
-                f"with extra ids {extra} (vocab {tok.vocab_size}, fingerprint {tok.fingerprint}): "
-                "pretokenize again with this tokenizer, or pass the one the data was made with"
+                f"{cfg.train_prefix}: the data has no -meta.json naming its tokenizer; pass "
+                "--vocab_file (and --vocab_extra_ids_list) so the vocabulary is known"
             )
-        fingerprint = tok.fingerprint
-        im_start = tok.special_tokens.get("<|im_start|>")
-        im_end = tok.special_tokens.get("<|im_end|>")
-    if valid is not None and valid.vocab_size != train.vocab_size:
-        raise DataError(
-            f"{cfg.valid_prefix}: vocabulary {valid.vocab_size} differs from the train split's"
-        )
-    info = TokenizerInfo(train.vocab_size, fingerprint, im_start, im_end, cfg.vocab_file, extra)
+        info = TokenizerInfo(train.vocab_size, train.fingerprint, None, None, None, extra)
     return train, valid, info
 
 
-def make_loader(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices=None, seed_offset=0):
-    from data.loader import BatchLoader, LoaderConfig
+def loader_config(cfg: DataConfig, dp_rank: int, dp_size: int):
+    from data.loader import LoaderConfig
 
-    lcfg = LoaderConfig(
+    return LoaderConfig(
         seq_length=cfg.seq_length,
         micro_batch_size=cfg.micro_batch_size,
         global_batch_size=cfg.global_batch_size,
@@ -91,20 +86,37 @@ def make_loader(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices=No
         dp_size=dp_size,
         packing=cfg.packing,
         variable_seq_lengths=cfg.variable_seq_lengths,
-        seed=cfg.seed + seed_offset,
+        seed=cfg.seed,
     )
-    return BatchLoader(dataset, lcfg, indices=indices)
 
 
-def eval_splits(valid) -> dict[str, object]:
-    """name -> document indices for per-dataset validation ("all" = the whole split)."""
-    out = {"all": None}
+def make_loader(dataset, cfg: DataConfig, dp_rank: int, dp_size: int):
+    """The training stream of global batches (epoch-aware, resumable)."""
+    from data.loader import BatchLoader
+
+    return BatchLoader(dataset, loader_config(cfg, dp_rank, dp_size))
+
+
+def eval_batches(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices, iters: int):
+    """The first `iters` global batches' worth of validation micro-batches of this DP rank, in
+    dataset order: every evaluation sees the same batches, so the curve compares like with like
+    (Megatron instead continues through the split)."""
+    from data.loader import iter_eval_batches
+
+    per_rank = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
+    it = iter_eval_batches(dataset, loader_config(cfg, dp_rank, dp_size), indices)
+    return itertools.islice(it, iters * per_rank)
+
+
+def eval_splits(valid) -> dict[str, np.ndarray | None]:
+    """name -> sample indices for per-dataset validation ("all" = the whole split); datasets
+    are listed separately only when the split holds more than one."""
+    out: dict[str, np.ndarray | None] = {"all": None}
     ranges = getattr(valid, "dataset_ranges", None) or {}
-    items = ranges.items() if isinstance(ranges, dict) else ranges
-    for name, r in items:
-        start, end = (r.start, r.stop) if isinstance(r, range) else r
-        if end > start and len(ranges) > 1:
-            out[str(name)] = range(start, end)
+    if len(ranges) > 1:
+        for name, (start, end) in ranges.items():
+            if end > start:
+                out[str(name)] = np.arange(start, end, dtype=np.int64)
     return out
 
 

@@ -5,7 +5,7 @@ prediction p_t = argmax of the logits over the real (unpadded) vocabulary and la
 
 - loss:              sum_t m_t l_t / sum_t m_t, over all evaluated batches (token-weighted mean)
 - perplexity:        exp(loss)
-- accuracy:          sum_t m_t [p_t == y_t] / sum_t m_t
+- accuracy:          sum_t m_t [p_t == y_t] / sum_t m_t   (p_t: parallel.cross_entropy.argmax)
 - instruct_accuracy: the same over the instruct mask i_t = m_t * k_t, where k_t = 0 at the label
                      positions that are ChatML scaffolding rather than reply text: each label equal
                      to <|im_start|> and the two labels after it in its row (role name, newline),
@@ -21,30 +21,6 @@ import math
 
 import torch
 import torch.distributed as dist
-
-
-def argmax_vocab(logits: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
-    """Global argmax over the first `vocab_size` columns. logits: (tokens, vocab_local); with a
-    tensor-parallel group each rank holds a contiguous vocabulary shard, in rank order."""
-    local = logits.shape[-1]
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    start = rank * local
-    valid = max(0, min(local, vocab_size - start))
-    masked = logits.float()
-    if valid < local:
-        masked = masked.clone()
-        masked[:, valid:] = float("-inf")
-    best, idx = masked.max(dim=-1)
-    idx = idx + start
-    if tp_group is None or dist.get_world_size(tp_group) == 1:
-        return idx
-    world = dist.get_world_size(tp_group)
-    bests = [torch.empty_like(best) for _ in range(world)]
-    idxs = [torch.empty_like(idx) for _ in range(world)]
-    dist.all_gather(bests, best, group=tp_group)
-    dist.all_gather(idxs, idx, group=tp_group)
-    which = torch.stack(bests).argmax(dim=0)  # first rank wins ties: the lowest id, as torch.max
-    return torch.stack(idxs).gather(0, which[None]).squeeze(0)
 
 
 def instruct_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_start: int | None,

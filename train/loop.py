@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from model.llama import Llama
-from parallel.cross_entropy import cross_entropy
+from parallel.cross_entropy import argmax, cross_entropy
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_coefficient, global_grad_norm
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.data import TokenizerInfo, to_device
-from train.evaluate import EvalStats, argmax_vocab
+from train.evaluate import EvalStats
 from train.lr import lr_at
 from train.metrics import (
     Telemetry,
@@ -145,22 +145,21 @@ class Trainer:
     # evaluation
 
     @torch.no_grad()
-    def evaluate(self, loader, iters: int) -> dict:
-        """Metrics over `iters` global batches of `loader` (see train.evaluate)."""
+    def evaluate(self, micro_batches) -> dict:
+        """Metrics over an iterable of this rank's validation micro-batches (see train.evaluate)."""
         self.model.eval()
         stats = EvalStats(self.device)
         try:
-            for _ in range(iters):
-                for mb in loader.next_global_batch():
-                    mb = to_device(mb, self.device)
-                    logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"],
-                                        mb["max_seqlen"])  # fmt: skip
-                    labels = mb["labels"].reshape(-1)
-                    per_token = cross_entropy(logits, labels, group=self.dims.tp_group,
-                                              vocab_size=self.rc.model.vocab_size)  # fmt: skip
-                    pred = argmax_vocab(logits, self.rc.model.vocab_size, self.dims.tp_group)
-                    stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
-                              self.tok.im_start, self.tok.im_end)  # fmt: skip
+            for mb in micro_batches:
+                mb = to_device(mb, self.device)
+                logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"],
+                                    mb["max_seqlen"])  # fmt: skip
+                labels = mb["labels"].reshape(-1)
+                per_token = cross_entropy(logits, labels, group=self.dims.tp_group,
+                                          vocab_size=self.rc.model.vocab_size)  # fmt: skip
+                pred = argmax(logits, self.dims.tp_group, vocab_size=self.rc.model.vocab_size)
+                stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
+                          self.tok.im_start, self.tok.im_end)  # fmt: skip
         finally:
             self.model.train()
         return stats.result(self.dims.dp_group, self.rc.eval.metrics)
@@ -291,13 +290,14 @@ class Trainer:
 
 def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loader,
                  eval_loaders: dict, telemetry: Telemetry | None) -> list[dict]:  # fmt: skip
-    """The loop. eval_loaders: name -> zero-argument factory of a fresh loader (each evaluation
-    sees the same batches, so the curve compares like with like). Returns the logged rows."""
+    """The loop. eval_loaders: name -> zero-argument factory of an iterable of validation
+    micro-batches (a fresh one per evaluation). Returns the logged rows."""
     loop = rc.loop
     peak = peak_flops_per_gpu() if trainer.device.type == "cuda" else None
     world = dims.world_size
     history: list[dict] = []
-    acc = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+    fresh = {"loss": 0.0, "n": 0, "time": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+    acc = dict(fresh)
     t_start = time.perf_counter()
     start_iter = trainer.iteration
     last_norm = float("nan")
@@ -305,7 +305,7 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
     def evaluate(it: int) -> None:
         for name, factory in eval_loaders.items():
             t0 = time.perf_counter()
-            res = trainer.evaluate(factory(), rc.eval.iters)
+            res = trainer.evaluate(factory())
             res["eval_s"] = time.perf_counter() - t0
             if telemetry is not None:
                 log(eval_line(it, name, res))
@@ -315,6 +315,7 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
     while trainer.iteration < loop.train_iters:
         t0 = time.perf_counter()
         batch = train_loader.next_global_batch()
+        acc["data"] += time.perf_counter() - t0
         lr = lr_at(rc.schedule, trainer.iteration + 1)
         res = trainer.train_step(batch, lr)
         if trainer.device.type == "cuda":
@@ -356,11 +357,15 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
                 "loss_tokens": res.loss_tokens,
                 "eta_s": per_iter * (loop.train_iters - it),
             }
+            if rc.log.log_timers:
+                steps = acc["n"] + acc["skipped"]
+                row["timers/data_ms"] = 1000 * acc["data"] / steps
+                row["timers/step_ms"] = 1000 * (acc["time"] - acc["data"]) / steps
             if telemetry is not None:
                 log(train_line(it, loop.train_iters, row))
                 telemetry.record("train", it, row, "train")
             history.append({"type": "train", "iteration": it, **row})
-            acc = {"loss": 0.0, "n": 0, "time": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+            acc = dict(fresh)
         if eval_loaders and rc.eval.iters > 0 and it % rc.eval.interval == 0:
             evaluate(it)
         saving = rc.ckpt.save and (
@@ -373,6 +378,8 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
             if telemetry is not None:
                 took = time.perf_counter() - t1
                 log(f" saved checkpoint at iteration {it} to {rc.ckpt.save} ({took:.1f} s)")
+                if rc.log.log_timers:
+                    telemetry.record("checkpoint", it, {"timers/save_s": took}, "train")
         if stop:
             log(f" exiting at iteration {it} (--exit_interval {loop.exit_interval})")
             break

@@ -37,7 +37,7 @@ def train(rc: RunConfig) -> int:
     """Set up this rank and run the loop; returns the exit code."""
     from parallel.dims import ParallelDims
     from train import checkpoint as ckpt
-    from train.data import DataError, eval_splits, make_loader, open_datasets
+    from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
     from train.loop import Trainer, run_training
     from train.memory import activation_report
     from train.metrics import Telemetry
@@ -56,7 +56,7 @@ def train(rc: RunConfig) -> int:
     logging = is_logging_rank()
     try:
         train_ds, valid_ds, tok = open_datasets(rc.data)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, OSError, ValueError) as e:
         return _fail(str(e))
     if tok.vocab_size != rc.model.vocab_size:
         rc.model = rc.model.replace(vocab_size=tok.vocab_size)
@@ -67,12 +67,16 @@ def train(rc: RunConfig) -> int:
         return _fail(str(e))
     train_loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
     if loader_state is not None:
-        train_loader.load_state_dict(loader_state)
+        try:
+            train_loader.load_state_dict(loader_state)
+        except DataError as e:
+            return _fail(f"{rc.ckpt.load}: {e}")
     eval_loaders = {}
     if valid_ds is not None:
         for name, indices in eval_splits(valid_ds).items():
-            eval_loaders[name] = (lambda idx=indices: make_loader(
-                valid_ds, rc.data, dims.dp_rank, dims.dp, indices=idx))  # fmt: skip
+            eval_loaders[name] = lambda idx=indices: eval_batches(
+                valid_ds, rc.data, dims.dp_rank, dims.dp, idx, rc.eval.iters
+            )
     telemetry = None
     if logging:
         wandb_cfg = None

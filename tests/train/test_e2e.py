@@ -1,0 +1,111 @@
+"""`python -m train` end to end on the pretokenized sample mix: stage 1 from scratch, then stage 2
+with --finetune from stage 1's checkpoint, both from the tiny args files (shortened)."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.args import parse_args
+from train.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGE1 = ROOT / "configs" / "train" / "tiny-stage1.args"
+STAGE2 = ROOT / "configs" / "train" / "tiny-stage2.args"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    for mix in ("sample_stage1", "sample_stage2"):
+        subprocess.run(
+            [sys.executable, "-m", "data.pretokenize", "configs/data/sample.yaml", "--mix", mix,
+             "--output-dir", str(out / mix), "--no-progress"],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+    return out
+
+
+def _rows(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == kind]
+
+
+def _short(run: Path, data: Path, mix: str, iters: int) -> list[str]:
+    return [
+        "--data_path", str(data / mix / f"{mix}-train"), "--save", str(run / "checkpoints"),
+        "--run_dir", str(run), "--tensorboard_dir", str(run / "tb"), "--train_iters", str(iters),
+        "--seq_length", "128", "--global_batch_size", "4", "--micro_batch_size", "2",
+        "--log_interval", "2", "--eval_iters", "1",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage1(data_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stage1")
+    argv = [f"@{STAGE1}", *_short(run, data_dir, "sample_stage1", 16), "--lr_warmup_iters", "2",
+            "--save_interval", "8", "--eval_interval", "8"]  # fmt: skip
+    assert main(argv) == 0
+    return run
+
+
+def test_stage1_trains_and_writes_everything(stage1, capsys):
+    train = _rows(stage1, "train")
+    assert [r["iteration"] for r in train] == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert train[-1]["lm_loss"] < 0.75 * train[0]["lm_loss"], [r["lm_loss"] for r in train]
+    assert train[-1]["consumed_samples"] == 64 and "timers/step_ms" in train[-1]
+    evals = _rows(stage1, "eval")
+    names = {r["dataset"] for r in evals}
+    assert {"all", "megacode2", "chat"} <= names
+    assert [r["iteration"] for r in evals if r["dataset"] == "all"] == [8, 16]
+    first, last = (r for r in evals if r["dataset"] == "all")
+    assert last["loss"] < first["loss"]
+    for key in ("ppl", "accuracy", "instruct_accuracy", "count_loss_mask"):
+        assert key in last
+    assert last["ppl"] == pytest.approx(math.exp(last["loss"]))
+    assert _rows(stage1, "activation_memory")
+    assert list((stage1 / "tb").glob("events.out.tfevents.*"))
+    ck = stage1 / "checkpoints"
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "16"
+    assert (ck / "iter_0000008").is_dir() and (ck / "iter_0000016").is_dir()
+
+
+def test_stage2_finetunes_from_stage1(stage1, data_dir, tmp_path, capsys):
+    argv = [f"@{STAGE2}", *_short(tmp_path, data_dir, "sample_stage2", 6),
+            "--load", str(stage1 / "checkpoints"), "--eval_interval", "3"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(--finetune): iteration 0, fresh optimizer" in out
+    train = _rows(tmp_path, "train")
+    assert [r["iteration"] for r in train] == [2, 4, 6] and train[0]["consumed_samples"] == 8
+    meta = json.loads((tmp_path / "checkpoints" / "iter_0000006" / "meta.json").read_text())
+    assert meta["model"]["hidden_dropout"] == 0.25 and meta["model"]["lima_dropout"] is True
+    # started from stage 1's weights, not from scratch: the loss is far below ln(vocab)
+    assert train[0]["lm_loss"] < 0.8 * math.log(meta["vocab_size"])
+
+
+def test_stage2_runs_three_epochs(data_dir):
+    """The stage-2 args file's train_iters is 3 epochs of the sample split, rounded up."""
+    from data.loader import BatchLoader, LoaderConfig, SFTDataset
+
+    ns, _ = parse_args([f"@{STAGE2}"])
+    ds = SFTDataset(str(data_dir / "sample_stage2" / "sample_stage2-train"))
+    cfg = LoaderConfig(seq_length=ns.seq_length, micro_batch_size=ns.micro_batch_size,
+                       global_batch_size=ns.global_batch_size, seed=ns.seed)  # fmt: skip
+    loader = BatchLoader(ds, cfg)
+    for _ in range(ns.train_iters - 1):
+        loader.next_global_batch()
+    assert loader.epoch == 2  # the last step starts inside the third epoch ...
+    loader.next_global_batch()
+    assert loader.epoch == 3  # ... and finishes it
+
+
+def test_another_tokenizer_is_refused_by_the_data(data_dir, tmp_path, capsys):
+    # one more extra id: another vocabulary (and fingerprint) than the data was made with
+    argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 1), "--lr_warmup_iters",
+            "0", "--vocab_extra_ids_list", "<|im_start|>,<|im_end|>,<x>"]  # fmt: skip
+    assert main(argv) == 2
+    assert "made with tokenizer" in capsys.readouterr().err
