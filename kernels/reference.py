@@ -29,6 +29,14 @@ def swiglu(gate_up: torch.Tensor, upcast: bool = True) -> torch.Tensor:
     return (F.silu(gate) * up).to(dtype)
 
 
+def rotary_inv_freq(head_dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """fp32 rotary frequencies theta^(-2i/head_dim), i < head_dim/2: (head_dim/2,).
+
+    The Triton kernel takes this same vector, so kernel and reference angles agree bit for bit."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    return 1.0 / (theta**exponents)
+
+
 def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0, scaling_factor: float = 1.0
 ):
@@ -36,9 +44,7 @@ def rotary_cos_sin(
 
     `scaling_factor` is linear position interpolation: positions are divided by it.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    )
+    inv_freq = rotary_inv_freq(head_dim, theta, positions.device)
     angles = (positions.to(torch.float32) / scaling_factor)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 

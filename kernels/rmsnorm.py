@@ -1,10 +1,368 @@
-"""RMSNorm. (Triton kernel pending: issue 4; reference path for now.)"""
+"""RMSNorm: y = x * rsqrt(mean(x^2) + eps) * weight, fused forward and backward in Triton.
+
+Forward: one program per row; the row is read once into registers (hidden <= 16384), its rstd is
+saved for the backward. Backward: a grid of (row groups, column chunks); each program walks its
+rows, writes dx, and keeps its share of dweight in fp32 registers, written once as a partial row;
+the partials are summed by `torch.sum` (fixed order, so dweight is bitwise reproducible; no
+atomics). Hidden sizes too large for registers run the same kernels over column chunks.
+"""
+
+import functools
+from typing import NamedTuple
 
 import torch
 
 from kernels import reference
+from kernels._triton import HAS_TRITON, INTERPRET, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+# Largest row held in registers: forward (one row of x) and backward (x, dy, w and the fp32
+# dweight accumulator: ~106 registers/thread at 8192 with 16 warps for sm_90, no spills). Past 8k
+# the backward would spill (flash-attention's layer_norm makes the same cut), so wider rows go
+# through column chunks.
+_MAX_FWD_BLOCK = 16384
+_MAX_BWD_BLOCK = 8192
+_CHUNK = 4096  # column chunk of the chunked (wide-row) paths
+_PROGRAMS_PER_SM = 4  # backward row groups per SM: enough rows in flight without many partials
+
+
+def rmsnorm_bytes(tokens: int, hidden: int, dtype_bytes: int, backward: bool = False) -> int:
+    """Bytes a kernel must move (the GB/s denominator); weight in the activation dtype.
+
+    forward:  read x, weight; write y, rstd (fp32)             = 2*T*H*b + H*b + 4*T
+    backward: read dy, x, weight, rstd; write dx, dweight      = 3*T*H*b + 2*H*b + 4*T
+    The backward's fp32 dweight partials (programs x H x 4 bytes, written and summed) are
+    implementation overhead and not counted.
+    """
+    if backward:
+        return 3 * tokens * hidden * dtype_bytes + 2 * hidden * dtype_bytes + 4 * tokens
+    return 2 * tokens * hidden * dtype_bytes + hidden * dtype_bytes + 4 * tokens
+
+
+if HAS_TRITON:
+    # fp32 -> bf16 stores: the GPU rounds to nearest even (cvt.rn); the interpreter's cast
+    # truncates, which would make CPU tests see up to 1 ulp of bf16 error that the GPU never makes.
+    # Round by hand there only; compiled kernels take the plain cast.
+    _INTERPRET = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        if _INTERPRET:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = tl.where(x == x, bits, 0x7FC00000)  # any NaN -> the quiet NaN: no carry out
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _rmsnorm_fwd_kernel(
+        X,  # input (rows, hidden), any row/column stride
+        W,  # weight (hidden,), contiguous
+        Y,  # output (rows, hidden)
+        RSTD,  # out: 1/rms per row (rows,), fp32
+        stride_x_row,  # elements between rows of X
+        stride_x_col,  # elements between columns of X (1 unless the caller passed a strided view)
+        stride_y_row,  # elements between rows of Y
+        stride_y_col,  # elements between columns of Y
+        n_cols,  # hidden size
+        eps,  # added to mean(x^2)
+        BLOCK_N: tl.constexpr,  # columns per load: the whole row when SINGLE, a chunk otherwise
+        SINGLE: tl.constexpr,  # whole row fits one block: read x once
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
+        x_row = X + row * stride_x_row
+        y_row = Y + row * stride_y_row
+        cols = tl.arange(0, BLOCK_N)
+        if SINGLE:
+            mask = cols < n_cols
+            x = tl.load(x_row + cols * stride_x_col, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=0), n_cols.to(tl.float32)) + eps)
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(
+                y_row + cols * stride_y_col, _to_out(x * rstd * w, Y.dtype.element_ty), mask=mask
+            )
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                c = start + cols
+                x = tl.load(x_row + c * stride_x_col, mask=c < n_cols, other=0.0).to(tl.float32)
+                acc += x * x
+            rstd = tl.rsqrt(tl.math.div_rn(tl.sum(acc, axis=0), n_cols.to(tl.float32)) + eps)
+            # Second read of the row: it was just read by this program, so it mostly hits L2.
+            for start in range(0, n_cols, BLOCK_N):
+                c = start + cols
+                mask = c < n_cols
+                x = tl.load(x_row + c * stride_x_col, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+                tl.store(
+                    y_row + c * stride_y_col, _to_out(x * rstd * w, Y.dtype.element_ty), mask=mask
+                )
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _rmsnorm_rowdot_kernel(
+        DY,  # upstream gradient (rows, hidden)
+        X,  # forward input (rows, hidden)
+        W,  # weight (hidden,), contiguous
+        DOT,  # out: sum(dy * w * x) per row (rows,), fp32
+        stride_dy_row,  # elements between rows of DY
+        stride_dy_col,  # elements between columns of DY
+        stride_x_row,  # elements between rows of X
+        stride_x_col,  # elements between columns of X
+        n_cols,  # hidden size
+        BLOCK_N: tl.constexpr,  # column chunk
+    ):
+        # Only for rows too wide for the fused backward: the per-row dot product that dx needs
+        # must be complete before any chunk of dx can be written.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            c = start + cols
+            mask = c < n_cols
+            dy = tl.load(DY + row * stride_dy_row + c * stride_dy_col, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            x = tl.load(X + row * stride_x_row + c * stride_x_col, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            w = tl.load(W + c, mask=mask, other=0.0).to(tl.float32)
+            acc += dy * w * x
+        tl.store(DOT + row, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _rmsnorm_bwd_kernel(
+        DY,  # upstream gradient (rows, hidden), any strides (a broadcast grad has stride 0)
+        X,  # forward input (rows, hidden)
+        W,  # weight (hidden,), contiguous
+        RSTD,  # 1/rms per row saved by the forward (rows,), fp32
+        DOT,  # sum(dy * w * x) per row (rows,), fp32; read only when not INLINE_DOT
+        DX,  # out: input gradient (rows, hidden)
+        DW_PART,  # out: fp32 dweight partials (programs, hidden), contiguous, one row per program
+        stride_dy_row,  # elements between rows of DY
+        stride_dy_col,  # elements between columns of DY
+        stride_x_row,  # elements between rows of X
+        stride_x_col,  # elements between columns of X
+        stride_dx_row,  # elements between rows of DX
+        stride_dx_col,  # elements between columns of DX
+        n_rows,  # rows in total
+        n_cols,  # hidden size
+        rows_per_program,  # consecutive rows walked by each program
+        BLOCK_N: tl.constexpr,  # columns per program (the whole row when INLINE_DOT)
+        INLINE_DOT: tl.constexpr,  # the whole row is in this block: reduce the dot product here
+    ):
+        pid = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < n_cols
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+        row_start = pid * rows_per_program
+        n_mine = tl.minimum(rows_per_program, n_rows - row_start)
+        for i in range(0, n_mine):
+            row = row_start.to(tl.int64) + i
+            dy = tl.load(DY + row * stride_dy_row + cols * stride_dy_col, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            x = tl.load(X + row * stride_x_row + cols * stride_x_col, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            rstd = tl.load(RSTD + row)
+            g = dy * w
+            if INLINE_DOT:
+                dot = tl.sum(g * x, axis=0)
+            else:
+                dot = tl.load(DOT + row)
+            # d/dx of x * rstd(x) * w:  rstd * g - x * rstd^3 * mean(g * x)
+            dx = rstd * g - (rstd * rstd * rstd * tl.math.div_rn(dot, n_cols.to(tl.float32))) * x
+            tl.store(
+                DX + row * stride_dx_row + cols * stride_dx_col,
+                _to_out(dx, DX.dtype.element_ty),
+                mask=mask,
+            )
+            dw += dy * (x * rstd)
+        # Unconditional: every program owns one partial row and must write all of it.
+        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+
+
+class _Config(NamedTuple):
+    fwd_block: int  # columns per forward load
+    fwd_single: bool  # forward reads the row once
+    fwd_warps: int
+    bwd_block: int  # columns per backward program
+    bwd_inline_dot: bool  # backward holds the whole row (no separate row-dot kernel)
+    bwd_warps: int
+    bwd_programs: int  # row groups = dweight partial rows
+    rows_per_program: int
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _warps(block: int) -> int:
+    # About 16 bytes of bf16 per thread per load at these sizes; more warps for longer rows
+    # keep enough loads in flight per SM without spilling.
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+def _config(n_rows: int, n_cols: int, device: torch.device) -> _Config:
+    """Launch settings of the whole family: a function of (rows, hidden, device) only."""
+    block = triton.next_power_of_2(n_cols)
+    fwd_single = block <= _MAX_FWD_BLOCK
+    fwd_block = block if fwd_single else _CHUNK
+    bwd_inline = block <= _MAX_BWD_BLOCK
+    bwd_block = block if bwd_inline else _CHUNK
+    # The interpreter runs programs one after another: a few row groups are enough there.
+    slots = _sm_count(device) * _PROGRAMS_PER_SM if device.type == "cuda" else 4
+    rows_per_program = triton.cdiv(n_rows, min(slots, n_rows))
+    programs = triton.cdiv(n_rows, rows_per_program)  # every program gets at least one row
+    return _Config(
+        fwd_block,
+        fwd_single,
+        _warps(fwd_block),
+        bwd_block,
+        bwd_inline,
+        _warps(bwd_block),
+        programs,
+        rows_per_program,
+    )
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., hidden) -> (rows, hidden) as a view where strides allow (a copy only if they don't)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _rmsnorm_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    rstd: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (rows, hidden), weight: (hidden,) -> y: (rows, hidden) in x's dtype, rstd: (rows,) fp32.
+
+    `out` and `rstd` may be given (tests pass NaN-filled ones)."""
+    n_rows, n_cols = x.shape
+    if weight.shape != (n_cols,):
+        raise ValueError(f"rmsnorm: weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
+    weight = weight.contiguous()
+    if out is None:
+        out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
+    if rstd is None:
+        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return out, rstd
+    cfg = _config(n_rows, n_cols, x.device)
+    _rmsnorm_fwd_kernel[(n_rows,)](
+        x,
+        weight,
+        out,
+        rstd,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        n_cols,
+        eps,
+        BLOCK_N=cfg.fwd_block,
+        SINGLE=cfg.fwd_single,
+        num_warps=cfg.fwd_warps,
+    )
+    return out, rstd
+
+
+def _rmsnorm_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    dx: torch.Tensor | None = None,
+    dweight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, x: (rows, hidden), weight: (hidden,), rstd: (rows,) -> dx (x's dtype), dweight (weight's).
+
+    `dx` and `dweight` may be given (tests pass NaN-filled ones)."""
+    n_rows, n_cols = x.shape
+    weight = weight.contiguous()
+    if dx is None:
+        dx = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
+    if dweight is None:
+        dweight = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
+    if n_rows == 0:
+        return dx, dweight.zero_()
+    cfg = _config(n_rows, n_cols, x.device)
+    partial = torch.empty(cfg.bwd_programs, n_cols, dtype=torch.float32, device=x.device)
+    dot = rstd  # placeholder pointer, never read when the dot product is inline
+    if not cfg.bwd_inline_dot:
+        dot = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        _rmsnorm_rowdot_kernel[(n_rows,)](
+            dy,
+            x,
+            weight,
+            dot,
+            dy.stride(0),
+            dy.stride(1),
+            x.stride(0),
+            x.stride(1),
+            n_cols,
+            BLOCK_N=cfg.bwd_block,
+            num_warps=cfg.bwd_warps,
+        )
+    grid = (cfg.bwd_programs, triton.cdiv(n_cols, cfg.bwd_block))
+    _rmsnorm_bwd_kernel[grid](
+        dy,
+        x,
+        weight,
+        rstd,
+        dot,
+        dx,
+        partial,
+        dy.stride(0),
+        dy.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        n_rows,
+        n_cols,
+        cfg.rows_per_program,
+        BLOCK_N=cfg.bwd_block,
+        INLINE_DOT=cfg.bwd_inline_dot,
+        num_warps=cfg.bwd_warps,
+    )
+    dweight.copy_(partial.sum(dim=0))  # fixed reduction order: reproducible, no atomics
+    return dx, dweight
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x2 = _rows(x)  # (rows, hidden), a view of x when its strides allow
+        y, rstd = _rmsnorm_fwd(x2, weight, eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dweight = _rmsnorm_bwd(_rows(dy), x2, weight, rstd)
+        return dx.view(dy.shape), dweight, None
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """x: (..., hidden), weight: (hidden,) -> (..., hidden) in x's dtype."""
+    """x: (..., hidden), weight: (hidden,) -> (..., hidden) in x's dtype.
+
+    Rows may be strided (e.g. x[:, :hidden] of a wider tensor) and are read without a copy."""
+    if use_triton(x):
+        return _RMSNorm.apply(x, weight, eps)
     return reference.rmsnorm(x, weight, eps)

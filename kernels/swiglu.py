@@ -1,10 +1,209 @@
-"""SwiGLU. (Triton kernel pending: issue 4; reference path for now.)"""
+"""SwiGLU: silu(gate) * up on the fused w13 projection output [gate | up], forward and backward.
+
+Gate and up are read straight out of the fused (..., 2*ffn) tensor through one row stride (no
+chunk/contiguous copies), and the backward writes d(gate_up) in the same fused layout, so the
+w13 backward consumes it directly. The backward recomputes sigmoid(gate) from the saved input
+instead of saving silu(gate): no extra (tokens, ffn) activation is kept for backward.
+"""
+
+from typing import NamedTuple
 
 import torch
 
 from kernels import reference
+from kernels._triton import HAS_TRITON, INTERPRET, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+
+def swiglu_bytes(tokens: int, ffn: int, dtype_bytes: int, backward: bool = False) -> int:
+    """Bytes a kernel must move (the GB/s denominator).
+
+    forward:  read gate, up; write out                      = 3 * T * ffn * b
+    backward: read dout, gate, up; write dgate, dup         = 5 * T * ffn * b
+    """
+    return (5 if backward else 3) * tokens * ffn * dtype_bytes
+
+
+if HAS_TRITON:
+    # fp32 -> bf16 stores: the GPU rounds to nearest even (cvt.rn); the interpreter's cast
+    # truncates, which would make CPU tests see up to 1 ulp of bf16 error that the GPU never makes.
+    # Round by hand there only; compiled kernels take the plain cast.
+    _INTERPRET = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _to_out(x, dtype: tl.constexpr):
+        if _INTERPRET:
+            if dtype == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = tl.where(x == x, bits, 0x7FC00000)  # any NaN -> the quiet NaN: no carry out
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _sigmoid(g):
+        # exp of -|g| never overflows, so no inf intermediate even for |g| in the thousands (fp16
+        # and bf16 gates can get there); exact 0/1 saturation keeps silu and its derivative finite.
+        e = tl.exp(-tl.abs(g))
+        return tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+    @triton.jit
+    def _swiglu_fwd_kernel(
+        GU,  # fused input (rows, 2*ffn): gate in columns [0, ffn), up in [ffn, 2*ffn)
+        OUT,  # output (rows, ffn)
+        stride_gu_row,  # elements between rows of GU
+        stride_gu_col,  # elements between columns of GU
+        stride_out_row,  # elements between rows of OUT
+        stride_out_col,  # elements between columns of OUT
+        n_ffn,  # ffn (half the width of GU)
+        BLOCK: tl.constexpr,  # columns per program
+    ):
+        row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_ffn
+        gu = GU + row * stride_gu_row
+        g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu + (cols + n_ffn) * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
+        out = g * _sigmoid(g) * u
+        tl.store(
+            OUT + row * stride_out_row + cols * stride_out_col,
+            _to_out(out, OUT.dtype.element_ty),
+            mask=mask,
+        )
+
+    @triton.jit
+    def _swiglu_bwd_kernel(
+        DOUT,  # upstream gradient (rows, ffn), any strides
+        GU,  # saved fused input (rows, 2*ffn)
+        DGU,  # out: fused gradient (rows, 2*ffn): dgate in [0, ffn), dup in [ffn, 2*ffn)
+        stride_dout_row,  # elements between rows of DOUT
+        stride_dout_col,  # elements between columns of DOUT
+        stride_gu_row,  # elements between rows of GU
+        stride_gu_col,  # elements between columns of GU
+        stride_dgu_row,  # elements between rows of DGU
+        stride_dgu_col,  # elements between columns of DGU
+        n_ffn,  # ffn
+        BLOCK: tl.constexpr,  # columns per program
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_ffn
+        gu = GU + row * stride_gu_row
+        g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu + (cols + n_ffn) * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(
+            DOUT + row * stride_dout_row + cols * stride_dout_col, mask=mask, other=0.0
+        ).to(tl.float32)
+        sig = _sigmoid(g)
+        silu = g * sig
+        # silu'(g) = sig * (1 + g * (1 - sig)); finite for any finite g (sig saturates to 0 or 1).
+        dg = dout * u * (sig * (1.0 + g * (1.0 - sig)))
+        du = dout * silu
+        dgu = DGU + row * stride_dgu_row
+        tl.store(dgu + cols * stride_dgu_col, _to_out(dg, DGU.dtype.element_ty), mask=mask)
+        tl.store(
+            dgu + (cols + n_ffn) * stride_dgu_col, _to_out(du, DGU.dtype.element_ty), mask=mask
+        )
+
+
+class _Config(NamedTuple):
+    block: int  # columns per program
+    warps: int
+
+
+def _config(n_ffn: int) -> _Config:
+    """Launch settings of the whole family (forward and backward): a function of ffn only.
+
+    2048 columns over 8 warps is 8 elements (16 bytes of bf16) per thread per tensor: vector
+    loads, and enough programs (rows x ffn/2048) to fill every SM many times over."""
+    block = min(2048, max(128, triton.next_power_of_2(n_ffn)))
+    return _Config(block, max(1, min(8, block // 256)))
+
+
+def _split_width(gate_up: torch.Tensor) -> int:
+    width = gate_up.shape[-1]
+    if width % 2:
+        raise ValueError(
+            f"swiglu: the last dim of gate_up must be 2*ffn laid out [gate | up], got odd width {width}"
+        )
+    return width // 2
+
+
+def _swiglu_fwd(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up: (rows, 2*ffn) -> out: (rows, ffn) in gate_up's dtype. `out` may be given."""
+    n_ffn = _split_width(gate_up)
+    n_rows = gate_up.shape[0]
+    if out is None:
+        out = torch.empty(n_rows, n_ffn, dtype=gate_up.dtype, device=gate_up.device)
+    if n_rows == 0 or n_ffn == 0:
+        return out
+    cfg = _config(n_ffn)
+    # Rows on grid axis 0 (up to 2^31 - 1); column blocks on axis 1 (up to 65535).
+    grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
+    _swiglu_fwd_kernel[grid](
+        gate_up,
+        out,
+        gate_up.stride(0),
+        gate_up.stride(1),
+        out.stride(0),
+        out.stride(1),
+        n_ffn,
+        BLOCK=cfg.block,
+        num_warps=cfg.warps,
+    )
+    return out
+
+
+def _swiglu_bwd(
+    dout: torch.Tensor, gate_up: torch.Tensor, dgate_up: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dout: (rows, ffn), gate_up: (rows, 2*ffn) -> d(gate_up): (rows, 2*ffn). `dgate_up` may be given."""
+    n_ffn = _split_width(gate_up)
+    n_rows = gate_up.shape[0]
+    if dgate_up is None:
+        dgate_up = torch.empty(n_rows, 2 * n_ffn, dtype=gate_up.dtype, device=gate_up.device)
+    if n_rows == 0 or n_ffn == 0:
+        return dgate_up
+    cfg = _config(n_ffn)
+    grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
+    _swiglu_bwd_kernel[grid](
+        dout,
+        gate_up,
+        dgate_up,
+        dout.stride(0),
+        dout.stride(1),
+        gate_up.stride(0),
+        gate_up.stride(1),
+        dgate_up.stride(0),
+        dgate_up.stride(1),
+        n_ffn,
+        BLOCK=cfg.block,
+        num_warps=cfg.warps,
+    )
+    return dgate_up
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+        gu = gate_up.reshape(-1, gate_up.shape[-1])  # (rows, 2*ffn), a view when strides allow
+        out = _swiglu_fwd(gu)
+        ctx.save_for_backward(gu)
+        ctx.shape = gate_up.shape
+        return out.view(*gate_up.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> torch.Tensor:
+        (gu,) = ctx.saved_tensors
+        dgu = _swiglu_bwd(dout.reshape(-1, dout.shape[-1]), gu)
+        return dgu.view(ctx.shape)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: (..., 2*ffn) laid out [gate | up] -> silu(gate) * up: (..., ffn)."""
+    if use_triton(gate_up):
+        return _SwiGLU.apply(gate_up)
     return reference.swiglu(gate_up)

@@ -1,0 +1,106 @@
+"""SwiGLU kernels against reference.swiglu: forward and d(gate_up), every dtype, Llama FFN sizes."""
+
+import zlib
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.swiglu import _swiglu_bwd, _swiglu_fwd, swiglu
+from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rows..., ffn): odd ffn, Llama-2 7B/13B/70B FFN sizes at 1-2 rows, a 3-D batch.
+SHAPES = [(5, 123), (1, 11008), (2, 13824), (1, 28672), (2, 3, 64)]
+
+
+def _inputs(shape, dtype, device, seed):
+    """Fresh gate_up (..., 2*ffn) and dout (..., ffn), drawn on the CPU then moved."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, ffn = shape
+    gate_up = torch.randn(*lead, 2 * ffn, generator=g)
+    dout = torch.randn(*lead, ffn, generator=g)
+    return gate_up.to(dtype=dtype, device=device), dout.to(dtype=dtype, device=device)
+
+
+def _reference(gate_up, dout, upcast):
+    """(out, d(gate_up)) of the reference: fp32 inputs and math if `upcast`, else the input
+    dtype."""
+    if upcast:
+        gate_up, dout = gate_up.float(), dout.float()
+    gu = gate_up.detach().clone().requires_grad_()
+    out = reference.swiglu(gu, upcast=upcast)
+    out.backward(dout)
+    return out.detach(), gu.grad
+
+
+def _check(out, dgate_up, gate_up, dout):
+    atol = ATOL[gate_up.dtype]
+    (o32, d32), (olp, dlp) = _reference(gate_up, dout, True), _reference(gate_up, dout, False)
+    if out is not None:
+        assert out.dtype == gate_up.dtype
+        assert_close_to_ref(out, o32, olp, atol=atol, name="out")
+    assert dgate_up.dtype == gate_up.dtype
+    assert_close_to_ref(dgate_up, d32, dlp, atol=atol, name="d(gate_up)")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_backward_kernels(device, dtype, shape):
+    gate_up, dout = _inputs(shape, dtype, device, seed=zlib.crc32(f"{shape}{dtype}".encode()))
+    ffn = shape[-1]
+    gu2, dout2 = gate_up.reshape(-1, 2 * ffn), dout.reshape(-1, ffn)
+    out = poisoned_empty(gu2.shape[0], ffn, dtype=dtype, device=device)
+    _swiglu_fwd(gu2, out=out)
+    dgu = poisoned_empty(*gu2.shape, dtype=dtype, device=device)
+    _swiglu_bwd(dout2, gu2, dgate_up=dgu)
+    _check(out.view(shape), dgu.view(gate_up.shape), gate_up, dout)
+
+
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 1000)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_autograd(device, dtype, shape):
+    gate_up, dout = _inputs(shape, dtype, device, seed=17 + len(shape))
+    gu = gate_up.clone().requires_grad_()
+    out = swiglu(gu)
+    assert out.shape == dout.shape
+    out.backward(dout)
+    _check(out.detach(), gu.grad, gate_up, dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_rows(device, dtype):
+    """gate_up is a column slice of a wider tensor (row stride > 2*ffn) and dout is strided too."""
+    rows, ffn = 4, 300
+    wide_in, wide_dout = _inputs((rows, ffn + 50), dtype, device, seed=23)
+    base = wide_in.clone().requires_grad_()  # (rows, 2*ffn + 100)
+    gate_up = base[:, 30 : 30 + 2 * ffn]
+    dout = wide_dout[:, 20 : 20 + ffn]
+    assert not gate_up.is_contiguous() and not dout.is_contiguous()
+    out = swiglu(gate_up)
+    out.backward(dout)
+    _check(out.detach(), base.grad[:, 30 : 30 + 2 * ffn], gate_up.detach(), dout)
+    assert (base.grad[:, :30] == 0).all() and (base.grad[:, 30 + 2 * ffn :] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saturated_gate(device, dtype):
+    """Gates far into both tails (exp(-g) overflows fp32 for g < -88) stay finite and exact."""
+    ffn = 8
+    gate = torch.tensor([-1e4, -500.0, -90.0, -20.0, 20.0, 90.0, 500.0, 1e4])
+    up = torch.linspace(-2.0, 2.0, ffn)
+    gate_up = torch.cat([gate, up]).repeat(2, 1).to(dtype=dtype, device=device)  # (2, 16)
+    dout = torch.ones(2, ffn, dtype=dtype, device=device)
+    out = poisoned_empty(2, ffn, dtype=dtype, device=device)
+    dgu = poisoned_empty(2, 2 * ffn, dtype=dtype, device=device)
+    _swiglu_fwd(gate_up, out=out)
+    _swiglu_bwd(dout, gate_up, dgate_up=dgu)
+    _check(out, dgu, gate_up, dout)
+
+
+def test_broadcast_grad(device):
+    """out.sum().backward() hands the kernel a dout with stride 0."""
+    gate_up, _ = _inputs((3, 123), torch.float32, device, seed=29)
+    gu = gate_up.clone().requires_grad_()
+    swiglu(gu).sum().backward()
+    _check(None, gu.grad, gate_up, torch.ones(3, 123, device=device))
