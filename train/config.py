@@ -519,6 +519,10 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     )
 
 
+def _human(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def describe(rc: RunConfig) -> str:
     """Human-readable resolved configuration (printed by --dry_run and at start-up)."""
     lines = ["------------------------ resolved configuration ------------------------"]
@@ -528,10 +532,11 @@ def describe(rc: RunConfig) -> str:
             lines.append(f"  {k} {'.' * max(2, 40 - len(k))} {v}")
     m, tp = rc.model, rc.parallel.tp
     n = rc.param_count()
+    per_rank = n / (tp * rc.parallel.pp)
     lines.append(
-        f"parameters: {n:,} ({n / 1e9:.2f} B) with the vocabulary padded to "
+        f"parameters: {n:,} ({_human(n)}) with the vocabulary padded to "
         f"{m.padded_vocab_size(tp)} (vocab {m.vocab_size}, tp {tp}); per (tp, pp) rank about "
-        f"{n / (tp * rc.parallel.pp) / 1e9:.2f} B"
+        f"{_human(per_rank)}"
     )
     for title, items in (
         ("notes", rc.notes),

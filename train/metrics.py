@@ -83,9 +83,16 @@ class Telemetry:
             self.jsonl = open(Path(run_dir) / "metrics.jsonl", "a")
         self.tb = None
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn(
+                    f"--tensorboard_dir {tensorboard_dir}: tensorboard is not installed, no "
+                    "TensorBoard logs (metrics.jsonl has the same numbers)",
+                    stacklevel=2,
+                )
+            else:
+                self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
         self.wandb = None
         if wandb_cfg is not None:
             try:
