@@ -412,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             for nm, mod, n in SECTIONS[i + 1 :]
             if mod is None or importlib.util.find_spec(mod)
         )
-        budget = min(2 * nominal * scale, remaining - later)
+        # Later sections keep their nominal time when the run has it; a run given less (a short
+        # device budget) shares what is left in proportion to the nominal budgets instead of
+        # starving the first section.
+        share = remaining * nominal * scale / (nominal * scale + later)
+        budget = min(2 * nominal * scale, max(remaining - later, share))
         if budget < MIN_SECTION_S:
             doc["sections"][name] = {
                 "status": "SKIPPED",
@@ -468,9 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         dest = Path(os.environ["OUT"])
         dest.mkdir(parents=True, exist_ok=True)
         for src in (json_path, md_path):
-            shutil.copy2(src, dest / src.name)
+            if src.resolve() != (dest / src.name).resolve():  # --out-dir may already be $OUT
+                shutil.copy2(src, dest / src.name)
             copies.append(str(dest / src.name))
-        shutil.copytree(logdir, dest / f"{stem}-logs", dirs_exist_ok=True)
+        if logdir.resolve() != (dest / f"{stem}-logs").resolve():
+            shutil.copytree(logdir, dest / f"{stem}-logs", dirs_exist_ok=True)
 
     # The short table last (the device tool returns only the end of the output); every row is
     # in the .md and the JSON.
