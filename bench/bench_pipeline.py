@@ -14,7 +14,10 @@ host); idle fraction of a rank = 1 - (its measured time inside forward/backward)
 measured makespan over the ideal one. Messages are not free: `lat ms` is the measured one-way
 time of one activation message (ping-pong between two ranks), `sim+lat` the simulated step with
 that latency on every message, and `exec` the measured step over it, i.e. what the executor
-itself adds beyond the schedule and the transport. Writes bench/results/pipeline_bubble.json.
+itself adds beyond the schedule and the transport (on an oversubscribed CPU mostly process
+wake-up delay). `cpu ms` is the CPU time a rank's process used during the step (all threads:
+executor Python, autograd of the x * w stand-in, gloo I/O; sleeping costs none), the upper bound
+of what the executor can add to the critical path. Writes bench/results/pipeline_bubble.json.
 """
 
 import argparse
@@ -32,7 +35,7 @@ import torch.nn as nn
 
 from parallel.dims import ParallelDims
 from parallel.pipeline import PipelineExecutor
-from parallel.pipeline_schedule import ideal_bubble, simulate
+from parallel.pipeline_schedule import ideal_bubble, schedule, simulate
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_CONFIGS = "2x4,2x8,2x16,4x4,4x8,4x16,4x8x2,4x16x2,8x16,8x16x2"
@@ -118,17 +121,18 @@ def _worker(rank: int, world: int, store: str, configs: list, args: dict, out: s
             for s in stages:
                 s.busy_s = 0.0
             dist.barrier()
-            t0 = time.monotonic()
+            c0, t0 = time.process_time(), time.monotonic()
             executor.step(mbs, lambda out, mb: out.sum())
-            t1 = time.monotonic()
+            t1, c1 = time.monotonic(), time.process_time()
             busy = sum(s.busy_s for s in stages)
             got = [None] * world
-            dist.all_gather_object(got, (t0, t1, busy))
+            dist.all_gather_object(got, (t0, t1, busy, c1 - c0))
             if rep:
                 makespan = max(g[1] for g in got) - min(g[0] for g in got)
-                samples.append((makespan, [1 - g[2] / makespan for g in got]))
+                idle = [1 - g[2] / makespan for g in got]
+                samples.append((makespan, idle, statistics.mean(g[3] for g in got)))
         if rank == 0:
-            makespan, idle = sorted(samples)[len(samples) // 2]  # the median step
+            makespan, idle, cpu = sorted(samples)[len(samples) // 2]  # the median step
             ideal_busy = m * (args["fwd_ms"] + args["bwd_ms"]) / 1e3
             ideal_b = ideal_bubble(p, m, v)
             sim = simulate(p, m, v, args["fwd_ms"], args["bwd_ms"])
@@ -146,6 +150,8 @@ def _worker(rank: int, world: int, store: str, configs: list, args: dict, out: s
                     "step_ms": makespan * 1e3,
                     "ideal_step_ms": ideal_busy / (1 - ideal_b) * 1e3,
                     "message_latency_ms": latency * 1e3,
+                    "cpu_ms_per_rank": cpu * 1e3,
+                    "actions_per_rank": len(schedule(p, 0, m, v)),
                     "sim_step_ms_with_latency": sim_lat.makespan,
                     "steps_ms": [s[0] * 1e3 for s in samples],
                 }
@@ -155,6 +161,27 @@ def _worker(rank: int, world: int, store: str, configs: list, args: dict, out: s
             json.dump(rows, f)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _pp1_overhead(shape: tuple[int, int] = (1, 8), m: int = 200) -> dict:
+    """The executor's own bookkeeping per micro-batch: PP=1 (no messages) versus a plain
+    forward/backward loop over the same zero-cost stage, in microseconds per micro-batch. A tiny
+    activation keeps allocator effects (large blocks going to mmap or not) out of the difference."""
+    torch.set_num_threads(1)
+    stage = SleepStage(shape[1], 0.0, 0.0)
+    stage.busy = lambda seconds: None
+    executor = PipelineExecutor([stage], ParallelDims(), shape, forward_fn=_stage_forward)
+    mbs = [{"x": torch.randn(shape)} for _ in range(m)]
+    best_exec = best_loop = float("inf")
+    for _ in range(15):
+        t0 = time.perf_counter()
+        executor.step(mbs, lambda out, mb: out.sum())
+        best_exec = min(best_exec, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for mb in mbs:
+            stage(mb["x"]).sum().backward()
+        best_loop = min(best_loop, time.perf_counter() - t0)
+    return {"executor_us": best_exec / m * 1e6, "plain_loop_us": best_loop / m * 1e6}
 
 
 def _parse(configs: str) -> list[tuple[int, int, int]]:
@@ -190,7 +217,8 @@ def main() -> None:
                 rows += json.load(f)
     header = (
         f"{'p':>2} {'m':>3} {'v':>2} | {'ideal':>6} {'sim':>6} {'measured':>8} {'max rank':>8} | "
-        f"{'step ms':>8} {'ideal ms':>8} {'excess':>7} | {'lat ms':>6} {'sim+lat':>8} {'exec':>6}"
+        f"{'step ms':>8} {'ideal ms':>8} {'excess':>7} | {'lat ms':>6} {'sim+lat':>8} {'exec':>6} "
+        f"| {'cpu ms':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -202,8 +230,13 @@ def main() -> None:
             f"{r['sim_bubble']:>6.3f} {r['measured_bubble_mean']:>8.3f} "
             f"{r['measured_bubble_max']:>8.3f} | {r['step_ms']:>8.1f} {r['ideal_step_ms']:>8.1f} "
             f"{excess:>+7.1%} | {r['message_latency_ms']:>6.2f} "
-            f"{r['sim_step_ms_with_latency']:>8.1f} {own:>+6.1%}"
+            f"{r['sim_step_ms_with_latency']:>8.1f} {own:>+6.1%} | {r['cpu_ms_per_rank']:>6.1f}"
         )
+    pp1 = _pp1_overhead()
+    print(
+        f"PP=1, zero-cost stage: executor {pp1['executor_us']:.0f} us per micro-batch (forward + "
+        f"backward) vs plain loop {pp1['plain_loop_us']:.0f} us"
+    )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     meta = {
         "bench": "pipeline_bubble",
@@ -216,6 +249,7 @@ def main() -> None:
         "fwd_ms": args.fwd_ms,
         "bwd_ms": args.bwd_ms,
         "repeats": args.repeats,
+        "pp1_overhead": pp1,
         "rows": rows,
     }
     with open(args.out, "w") as f:

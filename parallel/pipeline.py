@@ -122,21 +122,23 @@ class PipelineExecutor:
     def num_stages(self) -> int:
         return self.pp * self.v
 
-    def _exchange(self, batch: list[Action], outputs, grads, fwd_in, bwd_in, sends: list) -> None:
+    def _exchange(
+        self, batch: list[Action], outputs, grads, fwd_in, bwd_in, sends: list, keep: bool = True
+    ) -> None:
         """Post one fused batch of sends/receives in table order and wait for its receives.
 
         Sends are waited at the next batch (or the end of the step) instead, so a rank computes
         while its neighbour drains the message; `sends` holds those requests (and, through them,
         the buffers). Deferring a wait can only relax the simulator's blocking rule, so a table it
         proved deadlock-free stays so. With NCCL the batch is one coalesced request whose wait
-        only orders streams, so it is waited at once."""
+        only orders streams, so it is waited at once. keep=False drops a sent output (no
+        backward will need it)."""
         ops = []
         for a in batch:
             key = (a.microbatch, a.chunk)
             if a.kind == SEND_FWD:
-                ops.append(
-                    dist.P2POp(dist.isend, outputs[key].detach(), self.next_rank, self.group)
-                )
+                out = (outputs[key] if keep else outputs.pop(key)).detach()
+                ops.append(dist.P2POp(dist.isend, out, self.next_rank, self.group))
             elif a.kind == SEND_BWD:
                 ops.append(dist.P2POp(dist.isend, grads.pop(key), self.prev_rank, self.group))
             else:
@@ -249,6 +251,38 @@ class PipelineExecutor:
         if leftover:
             raise RuntimeError(f"pipeline step ended with unconsumed tensors: {leftover}")
         return losses
+
+    @torch.no_grad()
+    def forward(self, microbatches: list[dict], fn: Callable[[torch.Tensor, dict], object]) -> list:
+        """Forward-only pass over the pipeline (evaluation; put the stages in eval mode first).
+
+        fn(logits, microbatch) -> anything (a loss, a dict of metric sums), called on the last
+        stage; returns its results in micro-batch order there, [] elsewhere. Activations are
+        dropped as soon as they are sent."""
+        table = schedule(self.pp, self.rank, len(microbatches), self.v, forward_only=True)
+        last = self.num_stages - 1
+        outputs: dict = {}  # (mb, chunk) -> output awaiting its send
+        fwd_in: dict = {}  # (mb, chunk) -> received activation
+        sends: list = []
+        results = []
+        for item in split_batches(table):
+            if isinstance(item, list):
+                self._exchange(item, outputs, {}, fwd_in, {}, sends, keep=False)
+                continue
+            key = (item.microbatch, item.chunk)
+            stage = self._stage(item.chunk)
+            x = fwd_in.pop(key) if stage > 0 else None
+            mb = microbatches[item.microbatch]
+            out = self.forward_fn(self.stages[item.chunk], x, mb)
+            if stage == last:
+                results.append(fn(out, mb))
+            else:
+                outputs[key] = self._check_boundary(out, "stage output", key)
+        for req, _ in sends:
+            req.wait()
+        if outputs or fwd_in:
+            raise RuntimeError(f"forward pass ended with {len(outputs) + len(fwd_in)} tensors left")
+        return results
 
 
 def run_pipeline_step(

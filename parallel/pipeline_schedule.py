@@ -142,9 +142,12 @@ def max_in_flight(
     return min(num_warmup(pp_size, pp_rank, num_microbatches, virtual_stages) + 1, total)
 
 
-def _compute_slots(pp: int, rank: int, m: int, v: int) -> list[tuple[Action, ...]]:
+def _compute_slots(
+    pp: int, rank: int, m: int, v: int, forward_only: bool = False
+) -> list[tuple[Action, ...]]:
     """Compute actions grouped in slots: warm-up forwards alone, steady (F, B) pairs, cool-down
-    backwards alone. Messages are exchanged only between slots."""
+    backwards alone (forward-only: every forward alone, in the same order). Messages are
+    exchanged only between slots."""
     total = m * v
     group = pp * v  # virtual micro-batches in one round over all chunks
 
@@ -158,6 +161,8 @@ def _compute_slots(pp: int, rank: int, m: int, v: int) -> list[tuple[Action, ...
         f = fwd(k)
         return Action(BACKWARD, f.microbatch, v - 1 - f.chunk)  # chunks in reverse for backward
 
+    if forward_only:
+        return [(fwd(k),) for k in range(total)]
     warm = num_warmup(pp, rank, m, v)
     slots = [(fwd(k),) for k in range(warm)]
     slots += [(fwd(warm + i), bwd(i)) for i in range(total - warm)]  # steady: 1 forward, 1 backward
@@ -166,7 +171,9 @@ def _compute_slots(pp: int, rank: int, m: int, v: int) -> list[tuple[Action, ...
 
 
 @lru_cache(maxsize=256)
-def _schedule(pp: int, rank: int, m: int, v: int, pair_slots: bool) -> tuple[Action, ...]:
+def _schedule(
+    pp: int, rank: int, m: int, v: int, pair_slots: bool, forward_only: bool = False
+) -> tuple[Action, ...]:
     last = pp * v - 1
     out: list[Action] = []
 
@@ -182,7 +189,7 @@ def _schedule(pp: int, rank: int, m: int, v: int, pair_slots: bool) -> tuple[Act
             return [Action(SEND_FWD, a.microbatch, a.chunk)] if stage < last else []
         return [Action(SEND_BWD, a.microbatch, a.chunk)] if stage > 0 else []
 
-    for slot in _compute_slots(pp, rank, m, v):
+    for slot in _compute_slots(pp, rank, m, v, forward_only):
         if pair_slots:
             for a in slot:
                 out += recv(a)
@@ -196,16 +203,23 @@ def _schedule(pp: int, rank: int, m: int, v: int, pair_slots: bool) -> tuple[Act
 
 
 def schedule(
-    pp_size: int, pp_rank: int, num_microbatches: int, virtual_stages: int = 1
+    pp_size: int,
+    pp_rank: int,
+    num_microbatches: int,
+    virtual_stages: int = 1,
+    forward_only: bool = False,
 ) -> list[Action]:
-    """The actions of rank `pp_rank` for one step; runs of comm actions are fused batches."""
+    """The actions of rank `pp_rank` for one step; runs of comm actions are fused batches.
+    forward_only: forwards in the same order and no backwards (evaluation)."""
     _validate(pp_size, pp_rank, num_microbatches, virtual_stages)
     # 1F1B exchanges messages around every compute; interleaved only between (F, B) slots. Each is
     # the placement for which `simulate` finds no deadlock and the ideal bubble (tests check it):
     # per-compute placement deadlocks interleaved schedules with m > pp, and slot placement
     # serialises plain 1F1B (the last stage's B(i) would wait for a send posted after F(i + 1)).
     pair_slots = virtual_stages > 1
-    return list(_schedule(pp_size, pp_rank, num_microbatches, virtual_stages, pair_slots))
+    return list(
+        _schedule(pp_size, pp_rank, num_microbatches, virtual_stages, pair_slots, forward_only)
+    )
 
 
 def split_batches(actions: list[Action]) -> list[Action | list[Action]]:
@@ -261,13 +275,14 @@ def simulate(
     t_bwd: float = 2.0,
     tables: list[list[Action]] | None = None,
     latency: float = 0.0,
+    forward_only: bool = False,
 ) -> SimResult:
     """Run every rank's table together with per-stage compute costs t_fwd / v and t_bwd / v;
     a message completes `latency` after both ends posted it (0: free messages). `tables`
     overrides the generated ones (to test the checker)."""
     pp, m, v = pp_size, num_microbatches, virtual_stages
     if tables is None:
-        tables = [schedule(pp, r, m, v) for r in range(pp)]
+        tables = [schedule(pp, r, m, v, forward_only) for r in range(pp)]
     progs = [split_batches(t) for t in tables]
     tf, tb = t_fwd / v, t_bwd / v
     last = pp * v - 1
@@ -383,6 +398,6 @@ def simulate(
             )
     expected = {(mb, c) for mb in range(m) for c in range(v)}
     for r in range(pp):
-        if done_fwd[r] != expected or done_bwd[r] != expected:
+        if done_fwd[r] != expected or done_bwd[r] != (set() if forward_only else expected):
             raise ScheduleError(f"rank {r} does not run every (micro-batch, chunk) exactly once")
     return SimResult(finish=clock, busy=busy, max_in_flight=peak)

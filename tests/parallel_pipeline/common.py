@@ -27,6 +27,7 @@ CFG = ModelConfig(
 )
 SEQ = 32  # tokens per micro-batch (one packed row)
 STEPS = 10
+EVAL_STEP = 99  # data of the forward-only pass after training
 LR = 3e-3
 
 
@@ -113,7 +114,18 @@ def _reference_run(n_micro: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return {"losses": losses, "grads": grads, "params": params}
+    with torch.no_grad():
+        model.eval()
+        eval_loss = sum(float(eval_fn(model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"],
+                                            mb["max_seqlen"]), mb))
+                        for mb in global_batch(EVAL_STEP, n_micro))  # fmt: skip
+    return {"losses": losses, "grads": grads, "params": params, "eval": eval_loss}
+
+
+def eval_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:
+    """Summed masked cross-entropy of one micro-batch (what an evaluation accumulates)."""
+    per_token = F.cross_entropy(logits.float(), mb["labels"], reduction="none")
+    return (per_token * mb["loss_mask"]).sum()
 
 
 def launch(world: int, out_dir: str, timeout: float = 170.0) -> None:

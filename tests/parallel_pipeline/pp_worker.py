@@ -1,8 +1,9 @@
 """One gloo rank of the pipeline equivalence test (launched by common.launch).
 
 Runs every layout of LAYOUTS that fits the world size, STEPS training steps each, through
-PipelineExecutor, and saves this rank's per-step losses, first-step gradients and final weights
-to OUT_DIR/{layout}-rank{r}.pt for the test to compare with the single-process reference.
+PipelineExecutor, then one forward-only pass, and saves this rank's per-step losses, first-step
+gradients, final weights and the evaluation loss to OUT_DIR/{layout}-rank{r}.pt for the test to
+compare with the single-process reference.
 """
 
 import os
@@ -19,9 +20,11 @@ from parallel.pipeline import PipelineExecutor, pipeline_loss  # noqa: E402
 from parallel.pipeline_schedule import stage_spec  # noqa: E402
 from tests.parallel_pipeline.common import (  # noqa: E402
     CFG,
+    EVAL_STEP,
     SEQ,
     STEPS,
     build_stage,
+    eval_fn,
     full_state,
     global_batch,
     make_loss_fn,
@@ -69,8 +72,16 @@ def run_layout(name: str, pp: int, v: int, m: int, state: dict, out_dir: str) ->
         for p in params:
             p.grad = None
     final = {n: p.detach().clone() for n, p in zip(names, params)}
+    for s in stages:
+        s.eval()
+    batch = global_batch(EVAL_STEP, m * dims.dp)
+    sums = executor.forward(batch[dims.dp_rank * m : (dims.dp_rank + 1) * m], eval_fn)
+    assert len(sums) == (m if dims.is_last_stage else 0)
+    eval_loss = pipeline_loss(sums, dims)
+    if dims.dp_group is not None:
+        dist.all_reduce(eval_loss, group=dims.dp_group)
     torch.save(
-        {"losses": losses, "grads": grads, "params": final, "dp_rank": dims.dp_rank},
+        {"losses": losses, "grads": grads, "params": final, "eval": float(eval_loss)},
         os.path.join(out_dir, f"{name}-rank{dims.rank}.pt"),
     )
 

@@ -2,7 +2,8 @@
 
 PP=2, PP=2 x 2 virtual stages, PP=4, PP=4 x 2 virtual stages and PP=2 x DP=2: 10 AdamW steps,
 losses within rtol 1e-5 of the single-process run, first-step gradients within rtol 1e-4, final
-weights within rtol 1e-4. Two launches (2 and 4 ranks) run all layouts.
+weights within 1% of a learning-rate step; then a forward-only (evaluation) pass within rtol
+1e-5. Two launches (2 and 4 ranks) run all layouts.
 """
 
 import os
@@ -15,6 +16,7 @@ from parallel.dims import ParallelDims
 from parallel.pipeline import PipelineExecutor, pipeline_loss
 from tests.parallel_pipeline.common import (
     CFG,
+    LR,
     SEQ,
     STEPS,
     build_stage,
@@ -68,13 +70,19 @@ def test_pipeline_matches_single_process(runs, references, layout):
         torch.testing.assert_close(
             torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0
         )
+        assert r["eval"] == pytest.approx(ref["eval"], rel=1e-5)  # forward-only pass
     # The loss must actually move, or matching it would say little.
     assert ref["losses"][-1] < ref["losses"][0] - 0.05
-    for key, tol in (("grads", 1e-4), ("params", 1e-4)):
-        got = _merge(per_rank, key)
-        assert set(got) == set(ref[key]), f"{key}: parameter names differ from the full model"
-        for name, t in ref[key].items():
-            torch.testing.assert_close(got[name], t, rtol=tol, atol=tol * t.abs().max().item())
+    grads, params = _merge(per_rank, "grads"), _merge(per_rank, "params")
+    assert set(grads) == set(params) == set(ref["grads"]), "parameter names differ from the model"
+    for name, g in ref["grads"].items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
+    # After 10 AdamW steps: within 1% of one learning-rate step. With DP the gradient sum is
+    # reassociated (two partial sums), and Adam's m / sqrt(v) turns last-bit differences in
+    # near-zero gradients into differences of a small fraction of lr; a wrong gradient on any
+    # micro-batch moves weights by O(lr).
+    for name, w in ref["params"].items():
+        torch.testing.assert_close(params[name], w, rtol=1e-4, atol=0.01 * LR)
 
 
 def test_pp1_executor_matches_plain_loop(references):

@@ -126,6 +126,20 @@ def test_whole_pipeline_runs_without_deadlock_at_the_ideal_bubble(pp, m, v):
     assert ideal_bubble(4, 8, 2) == pytest.approx(1.5 / 9.5)
 
 
+@pytest.mark.parametrize("pp,m,v", CASES)
+def test_forward_only_tables(pp, m, v):
+    """Evaluation: forwards in training order, no backward, no gradient messages, no hang, and
+    the forward-only ideal m * t_fwd + (p - 1) * t_fwd / v."""
+    for rank in range(pp):
+        table = schedule(pp, rank, m, v, forward_only=True)
+        assert {a.kind for a in table} <= {FORWARD, SEND_FWD, RECV_FWD}
+        fwd = [a for a in table if a.kind == FORWARD]
+        trained = [a for a in schedule(pp, rank, m, v) if a.kind == FORWARD]
+        assert fwd == trained
+    res = simulate(pp, m, v, 1.0, 0.0, forward_only=True)
+    assert res.makespan == pytest.approx(m + (pp - 1) / v, rel=1e-9)
+
+
 def test_simulator_catches_a_deadlock():
     # Rank 0 waits for the gradient of micro-batch 0 before running its forward.
     rank0 = [Action(RECV_BWD, 0), Action(FORWARD, 0), Action(SEND_FWD, 0), Action(BACKWARD, 0)]
