@@ -17,6 +17,7 @@ JOBS: dict[str, Callable[[], Job]] = {
     "ce-tp4": lambda: Job("ce-tp4", 4, 4, workers.cross_entropy_worker),
     "norm-tp2": lambda: Job("norm-tp2", 2, 2, workers.grad_norm_worker, (NORM_CFG, True)),
     "norm-tp4": lambda: Job("norm-tp4", 4, 4, workers.grad_norm_worker, (NORM_CFG, True)),
+    "meta-tp2": lambda: Job("meta-tp2", 2, 2, workers.meta_worker),
     "buckets-dp2": lambda: Job("buckets-dp2", 2, 1, workers.bucket_overlap_worker),
     "tp2": lambda: Job("tp2", 2, 2, workers.layout_worker, ((False, True), 2, ref(2))),
     "tp4": lambda: Job("tp4", 4, 4, workers.layout_worker, ((False, True), 2, ref(2))),

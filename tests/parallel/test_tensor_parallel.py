@@ -15,3 +15,8 @@ def test_tp_sp_match_single_process(dist_job, job):
 @pytest.mark.parametrize("job", ["dropout-tp2"])
 def test_dropout_streams(dist_job, job):
     dist_job(job)
+
+
+@pytest.mark.parametrize("job", ["meta-tp2"])
+def test_meta_model_parallelizes_then_loads(dist_job, job):
+    dist_job(job)

@@ -279,3 +279,26 @@ def bucket_overlap_worker(dims: ParallelDims) -> None:
     assert_close("DP sum of main grads", buf.buffer, every.sum(0), 1e-6, atol=1e-9)
     with pytest.raises(RuntimeError, match="call zero"):
         micro_loss(model, mb, None, total).backward()  # a backward after the reduction
+
+
+def meta_worker(dims: ParallelDims) -> None:
+    """A model built on the meta device parallelizes without materialising any full tensor;
+    `materialize` keeps the layout attributes, and loading the full state gives the same
+    parameters as parallelizing the materialised model."""
+    from model.llama import Llama
+    from parallel.parallelize import load_full_state_dict, materialize
+    from tests.parallel._harness import full_state
+
+    with torch.device("meta"):
+        model = Llama(CFG)
+    model = parallelize(model, dims, sequence_parallel=True)
+    assert all(p.is_meta for p in model.parameters())
+    materialize(model, "cpu")
+    load_full_state_dict(model, full_state())
+    want = build(dims, True)
+    for (name, p), q in zip(model.named_parameters(), want.parameters()):
+        assert torch.equal(p, q), name
+        assert (p.tp_dim, p.tp_pieces, p.global_shape) == (q.tp_dim, q.tp_pieces, q.global_shape)
+    embed = model.embed.weight
+    assert embed.global_shape == (CFG.padded_vocab_size(dims.tp), CFG.hidden_size)
+    assert model.layers["0"].attention_norm.weight.sequence_parallel
