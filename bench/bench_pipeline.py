@@ -243,6 +243,7 @@ def main() -> None:
         "backend": "gloo",
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
         "load_avg": os.getloadavg(),
         "torch": torch.__version__,
         "activation_shape": [args.tokens, args.hidden],
