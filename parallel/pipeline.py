@@ -3,8 +3,10 @@
 Each pipeline rank holds `v` stage modules (one per virtual chunk, built with `stage_spec`) and the
 same list of micro-batches. The executor walks its action table: forwards and backwards on the
 stage modules, and every run of communication actions as one `dist.batch_isend_irecv` over the
-pipeline group's global ranks, waited on as a whole (the simulator's matching rule, which is
-NCCL's).
+pipeline group's global ranks; its receives are waited at once, its sends at the next batch.
+`simulate` proves the tables deadlock-free under the stricter rule that a whole batch blocks
+(NCCL's), which deferring send waits only relaxes. `forward` runs the forward-only table
+(evaluation).
 
 Micro-batch metadata. Every pipeline rank of a data-parallel replica reads the *same* micro-batches
 from its own loader (same DP rank, same deterministic sampler), so `cu_seqlens`, `position_ids`
@@ -303,9 +305,9 @@ def pipeline_loss(
 ) -> torch.Tensor:
     """Sum of the step's micro-batch losses, made available on every pipeline rank (broadcast
     from the last stage over the pipeline group). Reduction over DP stays with the caller."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for loss in losses:
-        total += loss.float().to(device)
+        total += loss.double().to(device)
     if dims.pp > 1:
         dist.broadcast(total, src=dims.pp_ranks[-1], group=dims.pp_group)
     return total
