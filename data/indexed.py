@@ -37,6 +37,7 @@ DTYPE_CODES: dict[int, type] = {
 }
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 _FLOAT_CODES = {6: "float64", 7: "float64 (double)"}  # valid Megatron codes, never token data
+_FINALIZE_CHUNK = 1 << 20
 
 
 def best_dtype(vocab_size: int) -> type:
@@ -101,7 +102,8 @@ class IndexedWriter:
         self.num_elements += flat.size
 
     def finalize(self, idx_path: str | Path) -> None:
-        """Close the data file and write the index."""
+        """Close the data file and write the index (pointers and doc_idx in bounded chunks, so
+        finalizing adds no per-sequence memory beyond the sizes already held)."""
         self._file.close()
         sizes = (
             np.frombuffer(self._sizes, dtype=np.int32)
@@ -109,19 +111,25 @@ class IndexedWriter:
             else np.zeros(0, np.int32)
         )
         n = sizes.size
-        pointers = np.zeros(n, dtype=np.int64)
-        if n:
-            np.cumsum(sizes[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        doc_idx = np.arange(n + 1, dtype=np.int64)
         with open(idx_path, "wb") as f:
             f.write(MAGIC)
             f.write(struct.pack("<Q", VERSION))
             f.write(struct.pack("<B", _CODE_OF[self.dtype]))
             f.write(struct.pack("<Q", n))
-            f.write(struct.pack("<Q", doc_idx.size))
+            f.write(struct.pack("<Q", n + 1))
             f.write(sizes.tobytes())
-            f.write(pointers.tobytes())
-            f.write(doc_idx.tobytes())
+            offset = 0
+            for start in range(0, n, _FINALIZE_CHUNK):
+                nbytes = (
+                    sizes[start : start + _FINALIZE_CHUNK].astype(np.int64) * self.dtype.itemsize
+                )
+                ends = np.cumsum(nbytes) + offset
+                f.write((ends - nbytes).tobytes())  # byte offset of each sequence
+                offset = int(ends[-1])
+            for start in range(0, n + 1, _FINALIZE_CHUNK):
+                f.write(
+                    np.arange(start, min(n + 1, start + _FINALIZE_CHUNK), dtype=np.int64).tobytes()
+                )
 
     def close(self) -> None:
         self._file.close()

@@ -17,6 +17,7 @@ import io
 import json
 import re
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,12 @@ class Tokenizer:
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
         self._first_chars = {t[0] for t in alternatives}
+        self._first_char = next(iter(self._first_chars))
+        self._turn_fast_path = (
+            IM_START in self.special_tokens
+            and IM_END in self.special_tokens
+            and not any("<" in t[1:] or ">" in t[:-1] for t in alternatives)
+        )
 
     def _own_piece(self, piece_id: int, fallback: str) -> str:
         if 0 <= piece_id < self.base_vocab_size:
@@ -154,7 +161,10 @@ class Tokenizer:
 
     def _segments(self, text: str) -> list[str]:
         """[text, special, text, special, ..., text]: specials at odd positions."""
-        if not any(c in text for c in self._first_chars):
+        if len(self._first_chars) == 1:  # the usual case: every special starts with "<"
+            if self._first_char not in text:
+                return [text]
+        elif not any(c in text for c in self._first_chars):
             return [text]
         return self._split.split(text)
 
@@ -201,6 +211,44 @@ class Tokenizer:
                 k += 1
             lengths[n] = len(flat) - start
         return np.array(flat, dtype=dtype), lengths
+
+    def encode_turns(
+        self, contents: Sequence[str], dtype=np.int32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_flat` of the ChatML turns `<|im_start|>{content}<|im_end|>\\n` (content =
+        `{role}\\n{text}`) without building and re-splitting the turn strings.
+
+        The scaffold's ids are fixed (`<|im_start|>`; `<|im_end|>` and the ids of "\\n"), so
+        only the contents go through SentencePiece. Equal to `encode_flat` of the whole strings
+        because no special token holds a `<` after its first character: none can start in the
+        content and end in the scaffold or the other way round (checked at construction; other
+        extra ids take the general path).
+        """
+        if not self._turn_fast_path:
+            return self.encode_flat([f"{IM_START}{c}{IM_END}\n" for c in contents], dtype)
+        head = [self.im_start_id]
+        tail = [self.im_end_id] + self.encode("\n")
+        segmented = [self._segments(c) for c in contents]
+        plain = [seg for segs in segmented for seg in segs[::2]]
+        encoded = self._sp.Encode(plain, out_type=int, num_threads=1) if plain else []
+        special = self.special_tokens
+        parts: list[list[int]] = []
+        lengths = np.empty(len(contents), dtype=np.int64)
+        k = 0
+        for n, segs in enumerate(segmented):
+            ids = encoded[k]
+            k += 1
+            parts += (head, ids)
+            size = 1 + len(ids) + len(tail)
+            for j in range(1, len(segs), 2):
+                ids = encoded[k]
+                k += 1
+                parts += ([special[segs[j]]], ids)
+                size += 1 + len(ids)
+            parts.append(tail)
+            lengths[n] = size
+        flat = np.fromiter(chain.from_iterable(parts), dtype=dtype, count=int(lengths.sum()))
+        return flat, lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         """Exact inverse of `encode`: base ids through SentencePiece, specials verbatim."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.chat import Role, turn_strings
+from data.chat import ROLE_NAMES, Role
 from data.errors import BadRecord
 from data.indexed import best_dtype
 from data.sources import KINDS
@@ -90,15 +90,19 @@ def process(chunk: Chunk) -> ChunkResult:
 def _tokenize(result: ChunkResult, convs: list, conv_record: list[int]) -> None:
     tok = _TOKENIZER
     assert tok is not None, "init_worker() was not called"
-    texts: list[str] = []
+    contents: list[str] = []  # "{role}\n{text}" of every turn: ChatML without its fixed scaffold
     turn_roles: list[int] = []
     turns_per_conv = np.empty(len(convs), dtype=np.int64)
     for n, conv in enumerate(convs):
-        t, r = turn_strings(conv)
-        texts += t
-        turn_roles += r
-        turns_per_conv[n] = len(t)
-    ids, turn_len = tok.encode_flat(texts, dtype=best_dtype(tok.vocab_size))
+        before = len(contents)
+        if conv.system:
+            contents.append(f"system\n{conv.system}")
+            turn_roles.append(Role.SYSTEM)
+        for role, text in conv.turns:
+            contents.append(f"{ROLE_NAMES[role]}\n{text}")
+            turn_roles.append(role)
+        turns_per_conv[n] = len(contents) - before
+    ids, turn_len = tok.encode_turns(contents, dtype=best_dtype(tok.vocab_size))
     roles = np.array(turn_roles, dtype=np.uint8)
     result.tokens = ids
     result.roles = np.repeat(roles, turn_len)
@@ -107,9 +111,8 @@ def _tokenize(result: ChunkResult, convs: list, conv_record: list[int]) -> None:
         # Every conversation has at least one turn, so reduceat's segments are never empty.
         starts = np.concatenate([[0], np.cumsum(turns_per_conv)[:-1]])
         result.sizes = np.add.reduceat(turn_len, starts).astype(np.int64)
-        result.assistant = np.add.reduceat(turn_len * (roles == Role.ASSISTANT), starts).astype(
-            np.int64
-        )
+        assistant_len = turn_len * (roles == Role.ASSISTANT)
+        result.assistant = np.add.reduceat(assistant_len, starts).astype(np.int64)
     else:
         result.sizes = np.zeros(0, dtype=np.int64)
         result.assistant = np.zeros(0, dtype=np.int64)

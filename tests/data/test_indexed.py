@@ -122,3 +122,14 @@ def test_missing_files(tmp_path):
     (tmp_path / "m.bin").unlink()
     with pytest.raises(DataError, match=r"m\.bin: file not found"):
         IndexedDataset(tmp_path / "m")
+
+
+def test_index_written_in_chunks_is_the_same(tmp_path, monkeypatch):
+    import data.indexed as indexed
+
+    rng = np.random.default_rng(1)
+    seqs = _seqs(rng, 50, 1000)
+    write_indexed(tmp_path / "whole", seqs, np.uint16)
+    monkeypatch.setattr(indexed, "_FINALIZE_CHUNK", 7)  # pointers and doc_idx over 8 chunks
+    write_indexed(tmp_path / "chunked", seqs, np.uint16)
+    assert (tmp_path / "chunked.idx").read_bytes() == (tmp_path / "whole.idx").read_bytes()

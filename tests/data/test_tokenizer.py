@@ -145,3 +145,25 @@ def test_sample_tokenizer_regenerates_deterministically(tmp_path):
         assert a == Path(DEFAULT_TOKENIZER_PATH).read_bytes()
     else:  # another trainer version may merge differently; the layout must still hold
         assert Tokenizer(str(tmp_path / "a.model")).vocab_size == SAMPLE_VOCAB_SIZE + 7
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["<|im_start|>", "<|im_end|>"],
+        ["<|im_start|>", "<|im_end|>", "x<y>"],  # a '<' inside a special: the general path
+    ],
+)
+def test_encode_turns_equals_encoding_the_turn_strings(extra):
+    t = Tokenizer(DEFAULT_TOKENIZER_PATH, extra)
+    contents = [
+        "user\nWhat is 2 + 2?",
+        "assistant\n",
+        "assistant\ncode: if a < b and b > c: return a <|im_end|> b</s>",
+        "user\n x<y> <|im_start|>",
+        "system\n\n\n",
+    ]
+    flat, lengths = t.encode_turns(contents)
+    ref, ref_lengths = t.encode_flat([f"<|im_start|>{c}<|im_end|>\n" for c in contents])
+    assert lengths.tolist() == ref_lengths.tolist()
+    assert flat.tolist() == ref.tolist()
