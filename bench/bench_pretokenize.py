@@ -1,6 +1,6 @@
 """Pretokenizer throughput and memory on a generated mix.
 
-    python -m bench.bench_pretokenize [--samples 100000] [--workers 2] [--repeats 2]
+    python -m bench.bench_pretokenize [--samples 100000] [--workers 2] [--repeats 3]
         [--sizes 25000,50000,200000] [--tokenizer PATH] [--work-dir /tmp/bench_pretokenize]
 
 1. Generates a mix shaped like the seed's stage 1 (megacode2 as Parquet; orca-chat, oa_leet10k
@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--sizes", default="25000,50000,200000", help="more mix sizes for the RSS sweep")
     p.add_argument(
-        "--repeats", type=int, default=2, help="alternating runs of bare and ours (best kept)"
+        "--repeats", type=int, default=3, help="alternating runs of bare and ours (best kept)"
     )
     p.add_argument(
         "--tokenizer", default=None, help="SentencePiece model (default: the sample tokenizer)"

@@ -11,18 +11,21 @@ For each mix of the config (or only `--mix`), writes into its output_dir:
   stats.json, special_tokens.json
 Every file is written under a temporary name and renamed only when the whole mix is done.
 
-Datasets are streamed twice when they are split or sampled: a scanning pass (parse and filter,
-nothing kept but one byte per record) fixes the seeded train/val/unused assignment of the valid
-records, then the tokenizing pass reads them again and tokenizes only what is used. Datasets
-without val_split or fraction take one pass. Samples are written per dataset in file order (the
-trainer shuffles); the assignment depends only on the seed, never on `--workers`.
+How a dataset is read depends on its options: without val_split or fraction, in one pass; with a
+fraction below 1, twice (a scanning pass parses and filters, keeping one byte per record, and fixes
+the seeded train/val/unused assignment; the tokenizing pass then tokenizes only what is used);
+with val_split alone, in one tokenizing pass into a staging file, routed to train and val once
+the count is known. All routes give the same assignment. Samples are written per dataset in file
+order (the trainer shuffles); nothing depends on `--workers`.
 """
 
 import argparse
 import json
 import math
+import os
 import sys
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +48,9 @@ FORMAT = "oasst-trainer/sft-indexed-v1"
 _CHUNK_RECORDS = 512
 _CHUNK_BYTES = 1 << 20
 _BAD_EXAMPLES = 5
+_STAGE_SPLITS = (
+    True  # val_split without fraction: one tokenizing pass, then split (else scan first)
+)
 
 
 @dataclass
@@ -175,6 +181,77 @@ def _count(report: SourceReport, status: list[str], bad: list, skip_bad: bool) -
         report.bad_examples += bad[: max(0, room)]
 
 
+class _Staging:
+    """Tokenized samples of one dataset, kept on disk until its split is known.
+
+    Holds the tokens and roles back to back in two temporary files and, per sample, its record
+    index and assistant-token count (16 bytes per sample in memory); `replay` reads them back in
+    order, in bounded chunks."""
+
+    def __init__(self, directory: Path, dtype):
+        stem = directory / f".stage.{os.getpid()}"
+        self.paths = (Path(f"{stem}.text"), Path(f"{stem}.role"))
+        directory.mkdir(parents=True, exist_ok=True)
+        self._files = [open(p, "wb") for p in self.paths]  # noqa: SIM115 - closed in close()
+        self.dtype = np.dtype(dtype)
+        self.sizes, self.assistant, self.record = array("i"), array("i"), array("q")
+
+    def add(self, res) -> None:
+        self._files[0].write(np.ascontiguousarray(res.tokens, dtype=self.dtype).tobytes())
+        self._files[1].write(res.roles.astype(np.uint8).tobytes())
+        self.sizes.frombytes(res.sizes.astype(np.int32).tobytes())
+        self.assistant.frombytes(res.assistant.astype(np.int32).tobytes())
+        self.record.frombytes((res.sample_record + res.start).astype(np.int64).tobytes())
+
+    def replay(self, max_tokens: int = 1 << 20) -> Iterator[tuple]:
+        """(sizes, assistant, tokens, roles, record) for consecutive runs of samples of at most
+        `max_tokens` tokens (or one sample), so memory stays bounded whatever the sample lengths.
+
+        Plain reads, not a memory map: mapped pages would count in the RSS the pipeline keeps
+        flat."""
+        for f in self._files:
+            f.close()
+        sizes = np.frombuffer(self.sizes, dtype=np.int32)
+        assistant = np.frombuffer(self.assistant, dtype=np.int32)
+        record = np.frombuffer(self.record, dtype=np.int64)
+        with open(self.paths[0], "rb") as ft, open(self.paths[1], "rb") as fr:
+            a = 0
+            while a < sizes.size:
+                ends = np.cumsum(sizes[a : a + 4096], dtype=np.int64)
+                take = max(1, int(np.searchsorted(ends, max_tokens, side="right")))
+                n = sizes[a : a + take].astype(np.int64)
+                total = int(ends[take - 1])
+                tokens = np.fromfile(ft, dtype=self.dtype, count=total)
+                roles = np.fromfile(fr, dtype=np.uint8, count=total)
+                if tokens.size != total or roles.size != total:
+                    raise DataError(f"{self.paths[0]}: staging file truncated (disk full?)")
+                yield (
+                    n,
+                    assistant[a : a + take].astype(np.int64),
+                    tokens,
+                    roles,
+                    record[a : a + take],
+                )
+                a += take
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        for p in self.paths:
+            p.unlink(missing_ok=True)
+
+
+def _route(outputs, stats, mat, sizes, assistant, tokens, roles, splits) -> None:
+    """Count and write a run of samples: each to its split, when it has enough assistant tokens."""
+    accepted = assistant >= mat
+    for split, out in outputs.items():
+        in_split = splits == split
+        if not in_split.any():
+            continue
+        stats[split].add(sizes[in_split], assistant[in_split], accepted[in_split])
+        out.write(tokens, roles, sizes, in_split & accepted)
+
+
 def _process_dataset(
     spec: DatasetSpec,
     mix: MixConfig,
@@ -183,9 +260,25 @@ def _process_dataset(
     skip_bad: bool,
     progress: bool,
 ) -> SourceReport:
+    """Tokenize one dataset into the split outputs, by one of three routes:
+
+    - no val_split and no fraction: one pass, everything to train;
+    - fraction < 1: a scanning pass fixes the assignment, so that only the kept part is
+      tokenized on the second pass;
+    - val_split only: one tokenizing pass into a staging area, then the assignment (the same as
+      the scanning route would give) routes the staged samples.
+    """
     report = SourceReport()
-    assign = None
-    if spec.val_split > 0 or spec.fraction < 1:
+    mat = mix.min_assistant_tokens or 0
+    stats = {TRAIN: TokenStats(spec.display, spec.fraction), VAL: TokenStats(spec.display, 1.0)}
+    first = {s: len(outputs[s].text) for s in outputs}
+
+    def assignment(valid: bytearray) -> np.ndarray:
+        assign = split_assignment(np.frombuffer(bytes(valid), dtype=bool), spec, mix.rng_seed)
+        report.assigned = {"train": int((assign == TRAIN).sum()), "val": int((assign == VAL).sum())}
+        return assign
+
+    if spec.fraction < 1 or (spec.val_split > 0 and not _STAGE_SPLITS):
         valid = bytearray()
         bar = _progress(None, f"{spec.name}: scan", progress)
         for res in workers.map(_chunks(spec, None, tokenize=False)):
@@ -193,44 +286,45 @@ def _process_dataset(
             valid += bytes(s == OK for s in res.status)
             bar.update(len(res.status))
         bar.close()
-        assign = split_assignment(np.frombuffer(bytes(valid), dtype=bool), spec, mix.rng_seed)
-        report.assigned = {"train": int((assign == TRAIN).sum()), "val": int((assign == VAL).sum())}
-        total = report.assigned["train"] + report.assigned["val"]
-    else:
-        total = None
-
-    mat = mix.min_assistant_tokens or 0
-    stats = {
-        TRAIN: TokenStats(spec.display, spec.fraction),
-        VAL: TokenStats(spec.display, 1.0),
-    }
-    first = {s: len(outputs[s].text) for s in outputs}
-    bar = _progress(total, f"{spec.name}: tokenize", progress)
-    for res in workers.map(_chunks(spec, assign, tokenize=True)):
-        if assign is None:
-            _count(report, res.status, res.bad, skip_bad)
-            splits = np.full(res.sizes.size, TRAIN, dtype=np.int8)
-            bar.update(len(res.status))
-        else:
+        assign = assignment(valid)
+        bar = _progress(sum(report.assigned.values()), f"{spec.name}: tokenize", progress)
+        for res in workers.map(_chunks(spec, assign, tokenize=True)):
             a = assign[res.start : res.start + len(res.status)]
             if len(a) != len(res.status) or any(
                 (a[i] != 0) != (s == OK) for i, s in enumerate(res.status)
             ):
                 raise DataError(
-                    f"{spec.location}: the dataset changed between the scanning and the tokenizing "
-                    "pass; rerun when its files are no longer being written"
+                    f"{spec.location}: the dataset changed between the scanning and the "
+                    "tokenizing pass; rerun when its files are no longer being written"
                 )
             splits = a[res.sample_record]
+            _route(outputs, stats, mat, res.sizes, res.assistant, res.tokens, res.roles, splits)
             bar.update(int(np.count_nonzero(a)))
-        accepted = res.assistant >= mat
-        for split, out in outputs.items():
-            in_split = splits == split
-            if not in_split.any():
-                continue
-            stats[split].add(res.sizes[in_split], res.assistant[in_split], accepted[in_split])
-            out.write(res.tokens, res.roles, res.sizes, in_split & accepted)
-    bar.close()
-    if assign is None:
+        bar.close()
+    elif spec.val_split > 0:
+        valid = bytearray()
+        staging = _Staging(mix.output_dir, outputs[TRAIN].text.dtype)
+        try:
+            bar = _progress(None, f"{spec.name}: tokenize", progress)
+            for res in workers.map(_chunks(spec, None, tokenize=True)):
+                _count(report, res.status, res.bad, skip_bad)
+                valid += bytes(s == OK for s in res.status)
+                staging.add(res)
+                bar.update(len(res.status))
+            bar.close()
+            assign = assignment(valid)
+            for sizes, assistant, tokens, roles, record in staging.replay():
+                _route(outputs, stats, mat, sizes, assistant, tokens, roles, assign[record])
+        finally:
+            staging.close()
+    else:
+        bar = _progress(None, f"{spec.name}: tokenize", progress)
+        for res in workers.map(_chunks(spec, None, tokenize=True)):
+            _count(report, res.status, res.bad, skip_bad)
+            splits = np.full(res.sizes.size, TRAIN, dtype=np.int8)
+            _route(outputs, stats, mat, res.sizes, res.assistant, res.tokens, res.roles, splits)
+            bar.update(len(res.status))
+        bar.close()
         report.assigned = {"train": report.valid, "val": 0}
     for split, out in outputs.items():
         out.stats.append(stats[split])

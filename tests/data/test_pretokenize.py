@@ -395,3 +395,31 @@ def test_atomic_file_set(tmp_path):
         files.path(final).write_text("half")
         raise RuntimeError("interrupted")
     assert final.read_text() == "new" and list(final.parent.iterdir()) == [final]
+
+
+def test_staged_and_scanning_routes_agree(files, pretok, make_chat_rows, monkeypatch):
+    from data import pretokenize
+
+    rows = [json.dumps(r) for r in make_chat_rows(60)]
+    rows[7] = '{"messages": []}'  # a bad record shifts the indices of the valid ones
+    files.jsonl("src/c.jsonl", rows)
+    ds = [{"chat": {"path": "c.jsonl", "val_split": 0.2, "max_val_set": 5}}]
+    staged = files.mix("staged", ds, min_assistant_tokens=12)
+    scanned = files.mix("scanned", ds, min_assistant_tokens=12)
+    assert pretok(staged, "--data-root", files.root / "src", "--skip-bad-records")[0] == 0
+    monkeypatch.setattr(pretokenize, "_STAGE_SPLITS", False)
+    assert pretok(scanned, "--data-root", files.root / "src", "--skip-bad-records")[0] == 0
+    a, b = files.root / "out" / "staged", files.root / "out" / "scanned"
+    for split in ("train", "val"):
+        for f in ("text.bin", "text.idx", "role.bin", "role.idx"):
+            assert (a / f"staged-{split}-{f}").read_bytes() == (
+                b / f"scanned-{split}-{f}"
+            ).read_bytes()
+    assert (a / "staged-train_stats.txt").read_text().split("\n", 1)[1] == (
+        (b / "scanned-train_stats.txt").read_text().split("\n", 1)[1]
+    )
+    assert sorted(p.name for p in a.iterdir() if p.name.startswith(".")) == []  # staging removed
+    assert json.loads((a / "stats.json").read_text())["datasets"]["chat"]["assigned"] == {
+        "train": 47,
+        "val": 5,
+    }
