@@ -423,3 +423,44 @@ def test_staged_and_scanning_routes_agree(files, pretok, make_chat_rows, monkeyp
         "train": 47,
         "val": 5,
     }
+
+
+def test_the_seeds_configs_are_read_verbatim(files):
+    from data.config import load_mixes
+
+    for name in ("megacode2", "orca-chat", "dolly15k_multilingual", "oa_leet10k"):
+        files.jsonl(f"hub/{name}/train.jsonl", [{}])
+    files.raw("hub/2023-07-23_oasst_ready.tar.gz", b"")
+    [stage1] = load_mixes(REPO / "configs/data/oasst_pre10_min25.yaml", files.root / "hub")
+    assert stage1.name == "oasst_pre10_min25" and stage1.filename_prefix == "oasst_pre10"
+    assert (
+        str(stage1.output_dir) == "output/oasst_pre10_min25" and stage1.min_assistant_tokens == 25
+    )
+    got = [(d.name, d.fraction, d.val_split, d.max_val_set) for d in stage1.datasets]
+    assert got == [
+        ("megacode2", 0.5, 0.01, 1000),
+        ("orca-chat", 1.0, 0.01, 1000),
+        ("dolly15k_multilingual", 1.0, 0.05, 300),
+        ("oa_leet10k", 1.0, 0.05, 250),
+    ]
+    assert stage1.datasets[0].display == "Subset of InstructionDataset (megacode2)"
+    [stage2] = load_mixes(
+        REPO / "configs/data/oasst_top1.yaml", files.root / "hub", files.root / "o"
+    )
+    [oasst] = stage2.datasets
+    assert (
+        oasst.options["top_k"] == 1
+        and "sv" in oasst.options["lang"]
+        and len(oasst.options["lang"]) == 20
+    )
+    assert (
+        oasst.files == [files.root / "hub" / "2023-07-23_oasst_ready.tar.gz"]
+        and oasst.val_split == 0.05
+    )
+    assert stage2.output_dir == files.root / "o" and oasst.display == "ListDataset"
+    # Several mixes with --output-dir: one folder per mix.
+    both = load_mixes(REPO / "configs/data/sample.yaml", REPO, files.root / "o")
+    assert [m.output_dir for m in both] == [
+        files.root / "o" / "sample_stage1",
+        files.root / "o" / "sample_stage2",
+    ]
