@@ -95,14 +95,17 @@ def train(rc: RunConfig) -> int:
         log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
             f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
             f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
-        if rc.log.activation_memory_report:
-            tokens = min(rc.data.seq_length, 256)
-            rep = activation_report(trainer.model, tokens, device, trainer.dtype)
+    if rc.log.activation_memory_report:
+        tokens = min(rc.data.seq_length, 256) // (2 * dims.tp) * (2 * dims.tp)
+        rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks
+        if telemetry is not None:
             per_mb = rc.data.seq_length * rc.data.micro_batch_size
             parts = [f"{k} {v:,.0f} B/token = {v * per_mb / 2**20:.1f} MiB per micro-batch"
                      for k, v in rep.items()]  # fmt: skip
-            log(f" activation memory per layer, measured ({per_mb} tokens per micro-batch): "
-                f"{'; '.join(parts)}; this run: {rc.loop.recompute_granularity}")  # fmt: skip
+            log(
+                f" activation memory per layer on this rank, measured ({per_mb} tokens per "
+                f"micro-batch): {'; '.join(parts)}; this run: {rc.loop.recompute_granularity}"
+            )
             values = {f"bytes_per_token_{k}": v for k, v in rep.items()}
             telemetry.record("activation_memory", trainer.iteration, values, "memory")
     try:

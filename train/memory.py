@@ -22,8 +22,10 @@ def _set_block_mode(block: Block, mode: str) -> None:
     block.mlp.recompute_act = selective
 
 
-def saved_bytes(block: Block, tokens: int, mode: str, device, dtype) -> int:
-    """Bytes saved for backward by one forward of `block` over `tokens` tokens (two documents)."""
+def saved_bytes(block: Block, tokens: int, mode: str, device, dtype, tp: int = 1,
+                sequence_parallel: bool = False) -> int:  # fmt: skip
+    """Bytes saved for backward by one forward of `block` over `tokens` tokens (two documents),
+    on this rank. Collective under tensor parallelism: every TP rank must call it."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     saved: dict[int, int] = {}
 
@@ -34,17 +36,23 @@ def saved_bytes(block: Block, tokens: int, mode: str, device, dtype) -> int:
         return t
 
     hidden = block.attention_norm.weight.shape[0]
-    h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    local = tokens // tp if sequence_parallel else tokens  # the residual stream's token shard
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(local, hidden, device=device, dtype=dtype, generator=gen).requires_grad_()
     half = tokens // 2
     positions = torch.cat([torch.arange(half), torch.arange(tokens - half)]).to(device)
     cu = torch.tensor([0, half, tokens], dtype=torch.int32, device=device)
     old = (block.recompute_norms, block.attention.recompute_core, block.mlp.recompute_act)
     _set_block_mode(block, mode)
+    # Dropout draws from the global generators: fork them so the run's random stream (restored
+    # from a checkpoint, say) is the same with or without this measurement.
+    devices = [device] if torch.device(device).type == "cuda" else []
     try:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = _maybe_recompute(
-                mode == "full", block, h, positions, cu, max(half, tokens - half)
-            )
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = _maybe_recompute(
+                    mode == "full", block, h, positions, cu, max(half, tokens - half)
+                )
         del out
     finally:
         block.recompute_norms, block.attention.recompute_core, block.mlp.recompute_act = old
@@ -52,8 +60,11 @@ def saved_bytes(block: Block, tokens: int, mode: str, device, dtype) -> int:
 
 
 def activation_report(model: nn.Module, tokens: int, device, dtype) -> dict[str, float]:
-    """Bytes per layer per token for none / selective / full recompute, from the model's first
-    local block (all blocks have the same shape)."""
+    """Bytes per layer per token (of the micro-batch, held on this rank) for none / selective /
+    full recompute, from the model's first local block (all blocks have the same shape).
+    Collective under tensor parallelism: every rank of the model must call it."""
     block = next(iter(model.layers.values()))
-    return {mode: saved_bytes(block, tokens, mode, device, dtype) / tokens
+    tp = getattr(model, "tp", 1)
+    sp = getattr(model, "sequence_parallel", False)
+    return {mode: saved_bytes(block, tokens, mode, device, dtype, tp, sp) / tokens
             for mode in ("none", "selective", "full")}  # fmt: skip

@@ -119,7 +119,10 @@ def test_recompute_gives_the_same_gradients(granularity, method):
 def test_activation_report_orders_the_modes():
     from train.memory import activation_report
 
-    rep = activation_report(_model().train(), 64, "cpu", torch.float32)
+    cfg = CFG.replace(hidden_dropout=0.3)
+    before = torch.get_rng_state()
+    rep = activation_report(_model(cfg).train(), 64, "cpu", torch.float32)
+    assert torch.equal(torch.get_rng_state(), before)  # dropout's stream is left as it was
     assert rep["full"] < rep["selective"] < rep["none"]
     # full recompute keeps only the block input: hidden fp32 values per token
     assert rep["full"] == pytest.approx(CFG.hidden_size * 4, rel=0.05)
