@@ -37,7 +37,7 @@ from data.atomic import AtomicFileSet
 from data.config import DatasetSpec, MixConfig, load_mixes
 from data.errors import DataError
 from data.indexed import IndexedWriter, best_dtype
-from data.sources import iter_records
+from data.sources.files import iter_blocks
 from data.stats import TokenStats, stats_text
 from data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
 from data.workers import BAD, OK, Chunk, Workers
@@ -100,18 +100,9 @@ def _chunks(spec: DatasetSpec, assign: np.ndarray | None, tokenize: bool) -> Ite
     columns = list(spec.kind.columns) if spec.kind.columns else None
     start = 0
     for path in spec.files:
-        records: list = []
-        nbytes = 0
-        for location, raw in iter_records(path, columns):
-            records.append((location, raw))
-            nbytes += len(raw) if isinstance(raw, bytes) else 256
-            if len(records) >= _CHUNK_RECORDS or nbytes >= _CHUNK_BYTES:
-                yield _chunk(spec, path, start, records, assign, tokenize)
-                start += len(records)
-                records, nbytes = [], 0
-        if records:
-            yield _chunk(spec, path, start, records, assign, tokenize)
-            start += len(records)
+        for block in iter_blocks(path, columns, _CHUNK_RECORDS, _CHUNK_BYTES):
+            yield _chunk(spec, path, start, block, assign, tokenize)
+            start += len(block)
 
 
 def _chunk(

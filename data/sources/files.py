@@ -151,7 +151,7 @@ def _iter_json_array(path: Path, f) -> Iterator[tuple[str, object]]:
         yield f"{path}:{start_line}", obj  # not a dict: the record's reader reports it
 
 
-def _iter_parquet(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+def _open_parquet(path: Path, columns: list[str] | None):
     import pyarrow.parquet as pq
 
     try:
@@ -159,17 +159,62 @@ def _iter_parquet(path: Path, columns: list[str] | None) -> Iterator[tuple[str, 
     except Exception as e:  # pyarrow raises several types for a bad file
         raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     names = pf.schema_arrow.names
-    read = None
     if columns is not None:
         missing = [c for c in columns if c not in names]
         if missing:
             raise DataError(f"{path}: missing column(s) {missing}; the file has {names}")
-        read = list(columns)
-    row = 0
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, columns=read):
-        for obj in batch.to_pylist():
-            row += 1
-            yield f"{path}:row {row}", obj
+    return pf, None if columns is None else list(columns)
+
+
+def _iter_parquet(path: Path, columns: list[str] | None) -> Iterator[tuple[str, dict]]:
+    for block in _parquet_blocks(path, columns, _PARQUET_BATCH):
+        yield from block
+
+
+def _parquet_blocks(path: Path, columns: list[str] | None, rows: int) -> Iterator["ArrowRows"]:
+    pf, read = _open_parquet(path, columns)
+    first = 0
+    for batch in pf.iter_batches(batch_size=rows, columns=read):
+        yield ArrowRows(str(path), first, batch)
+        first += batch.num_rows
+
+
+class ArrowRows:
+    """The rows of one Arrow record batch as `(location, dict)` records, decoded only when
+    iterated. It pickles as Arrow buffers, much cheaper than the dicts, so the pretokenizer's
+    main process sends Parquet rows to its workers undecoded."""
+
+    def __init__(self, path: str, first_row: int, batch):
+        self.path = path
+        self.first_row = first_row
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return self.batch.num_rows
+
+    def __iter__(self) -> Iterator[tuple[str, dict]]:
+        for i, obj in enumerate(self.batch.to_pylist(), start=self.first_row + 1):
+            yield f"{self.path}:row {i}", obj
+
+
+def iter_blocks(
+    path: Path, columns: list[str] | None, max_records: int, max_bytes: int
+) -> Iterator[list | ArrowRows]:
+    """The records of one file in blocks of at most `max_records` records (and, for lines, about
+    `max_bytes` bytes): the pretokenizer's unit of work."""
+    if path.name.endswith(".parquet"):
+        yield from _parquet_blocks(path, columns, max_records)
+        return
+    block: list = []
+    nbytes = 0
+    for location, raw in iter_records(path, columns):
+        block.append((location, raw))
+        nbytes += len(raw) if isinstance(raw, bytes) else 256
+        if len(block) >= max_records or nbytes >= max_bytes:
+            yield block
+            block, nbytes = [], 0
+    if block:
+        yield block
 
 
 def _iter_tar(path: Path) -> Iterator[tuple[str, bytes]]:
