@@ -120,8 +120,9 @@ def test_activation_report_orders_the_modes():
     from train.memory import activation_report
 
     cfg = CFG.replace(hidden_dropout=0.3)
+    model = _model(cfg).train()
     before = torch.get_rng_state()
-    rep = activation_report(_model(cfg).train(), 64, "cpu", torch.float32)
+    rep = activation_report(model, 64, "cpu", torch.float32)
     assert torch.equal(torch.get_rng_state(), before)  # dropout's stream is left as it was
     assert rep["full"] < rep["selective"] < rep["none"]
     # full recompute keeps only the block input: hidden fp32 values per token
