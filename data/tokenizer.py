@@ -119,6 +119,9 @@ class Tokenizer:
             and IM_END in self.special_tokens
             and not any("<" in t[1:] or ">" in t[:-1] for t in alternatives)
         )
+        if self._turn_fast_path:  # the fixed ids around every ChatML turn's content
+            self._turn_head = [self.special_tokens[IM_START]]
+            self._turn_tail = [self.special_tokens[IM_END]] + self.encode("\n")
 
     def _own_piece(self, piece_id: int, fallback: str) -> str:
         if 0 <= piece_id < self.base_vocab_size:
@@ -226,25 +229,35 @@ class Tokenizer:
         """
         if not self._turn_fast_path:
             return self.encode_flat([f"{IM_START}{c}{IM_END}\n" for c in contents], dtype)
-        head = [self.im_start_id]
-        tail = [self.im_end_id] + self.encode("\n")
-        segmented = [self._segments(c) for c in contents]
-        plain = [seg for segs in segmented for seg in segs[::2]]
+        head, tail = self._turn_head, self._turn_tail
+        lt, split, special = self._first_char, self._split.split, self.special_tokens
+        # Most contents hold no special token: one segment each, no regex.
+        plain: list[str] = []
+        inner: list[list[int] | None] = []  # per content: ids of the specials inside, or None
+        for c in contents:
+            if lt not in c:
+                plain.append(c)
+                inner.append(None)
+            else:
+                segs = split(c)
+                plain += segs[::2]
+                inner.append([special[t] for t in segs[1::2]])
         encoded = self._sp.Encode(plain, out_type=int, num_threads=1) if plain else []
-        special = self.special_tokens
         parts: list[list[int]] = []
         lengths = np.empty(len(contents), dtype=np.int64)
+        fixed = len(head) + len(tail)
         k = 0
-        for n, segs in enumerate(segmented):
+        for n, specials in enumerate(inner):
             ids = encoded[k]
             k += 1
             parts += (head, ids)
-            size = 1 + len(ids) + len(tail)
-            for j in range(1, len(segs), 2):
-                ids = encoded[k]
-                k += 1
-                parts += ([special[segs[j]]], ids)
-                size += 1 + len(ids)
+            size = fixed + len(ids)
+            if specials is not None:
+                for sid in specials:
+                    ids = encoded[k]
+                    k += 1
+                    parts += ([sid], ids)
+                    size += 1 + len(ids)
             parts.append(tail)
             lengths[n] = size
         flat = np.fromiter(chain.from_iterable(parts), dtype=dtype, count=int(lengths.sum()))

@@ -25,6 +25,7 @@ BAD = "bad"
 UNASSIGNED = ""  # not read on the tokenizing pass: neither train nor val
 
 _TOKENIZER: Tokenizer | None = None
+_HEADER = {role: f"{name}\n" for role, name in ROLE_NAMES.items()}  # a turn's content starts so
 
 
 def init_worker(model_path: str, extra_ids: list[str]) -> None:
@@ -92,16 +93,15 @@ def _tokenize(result: ChunkResult, convs: list, conv_record: list[int]) -> None:
     assert tok is not None, "init_worker() was not called"
     contents: list[str] = []  # "{role}\n{text}" of every turn: ChatML without its fixed scaffold
     turn_roles: list[int] = []
-    turns_per_conv = np.empty(len(convs), dtype=np.int64)
-    for n, conv in enumerate(convs):
-        before = len(contents)
+    turns_per_conv: list[int] = []
+    for conv in convs:
+        turns = conv.turns
         if conv.system:
-            contents.append(f"system\n{conv.system}")
+            contents.append(_HEADER[Role.SYSTEM] + conv.system)
             turn_roles.append(Role.SYSTEM)
-        for role, text in conv.turns:
-            contents.append(f"{ROLE_NAMES[role]}\n{text}")
-            turn_roles.append(role)
-        turns_per_conv[n] = len(contents) - before
+        contents += [_HEADER[r] + t for r, t in turns]
+        turn_roles += [r for r, _ in turns]
+        turns_per_conv.append(len(turns) + (1 if conv.system else 0))
     ids, turn_len = tok.encode_turns(contents, dtype=best_dtype(tok.vocab_size))
     roles = np.array(turn_roles, dtype=np.uint8)
     result.tokens = ids
@@ -109,7 +109,7 @@ def _tokenize(result: ChunkResult, convs: list, conv_record: list[int]) -> None:
     result.sample_record = np.array(conv_record, dtype=np.int64)
     if convs:
         # Every conversation has at least one turn, so reduceat's segments are never empty.
-        starts = np.concatenate([[0], np.cumsum(turns_per_conv)[:-1]])
+        starts = np.concatenate([[0], np.cumsum(turns_per_conv, dtype=np.int64)[:-1]])
         result.sizes = np.add.reduceat(turn_len, starts).astype(np.int64)
         assistant_len = turn_len * (roles == Role.ASSISTANT)
         result.assistant = np.add.reduceat(assistant_len, starts).astype(np.int64)
