@@ -48,9 +48,8 @@ FORMAT = "oasst-trainer/sft-indexed-v1"
 _CHUNK_RECORDS = 512
 _CHUNK_BYTES = 1 << 20
 _BAD_EXAMPLES = 5
-_STAGE_SPLITS = (
-    True  # val_split without fraction: one tokenizing pass, then split (else scan first)
-)
+# A dataset with val_split and no fraction: one tokenizing pass, then the split (else scan first).
+_STAGE_SPLITS = True
 
 
 @dataclass
