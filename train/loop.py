@@ -326,7 +326,8 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
         last_norm = res.grad_norm
         if res.skipped:
             acc["skipped"] += 1
-            log(f" iteration {trainer.iteration}: gradient norm {res.grad_norm}, step skipped")
+            if telemetry is not None:
+                log(f" iteration {trainer.iteration}: gradient norm {res.grad_norm}, step skipped")
         else:
             acc["loss"] += res.loss
             acc["n"] += 1

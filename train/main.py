@@ -5,6 +5,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from train.args import ArgsError, parse_args
 from train.config import RunConfig, describe, resolve
@@ -113,4 +114,6 @@ def train(rc: RunConfig) -> int:
     finally:
         if telemetry is not None:
             telemetry.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
