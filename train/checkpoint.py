@@ -270,11 +270,14 @@ def _intersect(shape, dim_a, a_start, a_len, dim_b, b_start, b_len):
 # vocabulary padding
 
 
-def pad_vocab_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_vocab_rows(t: torch.Tensor, rows: int, zeros: bool = False) -> torch.Tensor:
     """Pad (or trim) the rows of an embedding/output matrix to `rows`; new rows copy row 0 (the
-    unk token), the convention of the released checkpoint, so padded logits stay unremarkable."""
+    unk token), the convention of the released checkpoint, so padded logits stay unremarkable;
+    zeros=True pads with zeros instead (Adam moments: a padding row never gets a gradient)."""
     if t.shape[0] >= rows:
         return t[:rows]
+    if zeros:
+        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], dim=0)
     extra = t[:1].expand(rows - t.shape[0], *t.shape[1:])
     return torch.cat([t, extra], dim=0)
 
@@ -291,10 +294,12 @@ def read_param(
 ) -> torch.Tensor:
     """Read a parameter slice for a model whose vocabulary is padded to `padded_vocab` rows.
     Vocabulary matrices saved with another padding are trimmed to the real vocabulary and padded
-    again (row 0 copies), then sliced."""
+    again (row 0 copies for weights, zeros for Adam moments), then sliced; only the real rows
+    are read."""
     if name in VOCAB_PARAMS and index.global_shape(name, kind)[0] != padded_vocab:
-        full = index.read(name, kind, dtype=dtype)[: meta["vocab_size"]]
-        full = pad_vocab_rows(full, padded_vocab)
+        vocab = int(meta["vocab_size"])
+        full = index.read(name, kind, dim=0, pieces=[(0, vocab)], dtype=dtype)
+        full = pad_vocab_rows(full, padded_vocab, zeros=kind in ("exp_avg", "exp_avg_sq"))
         if dim is None:
             return full
         return torch.cat([full.narrow(dim, s, n) for s, n in pieces], dim=dim)
@@ -508,3 +513,14 @@ def read_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, dp_rank: int) ->
     if not path.is_file():
         return None
     return json.loads(path.read_text())
+
+
+def find_rank_state(iter_dir: Path, pp_rank: int | None = None) -> dict | None:
+    """The first saved rank state (in (tp, pp, dp) file order) of pipeline rank `pp_rank` (any
+    when None), or None when the checkpoint has none: for a rank of another layout."""
+    pattern = "mp_rank_*" if pp_rank is None else f"mp_rank_*_{pp_rank:03d}"
+    for shard in sorted(p for p in Path(iter_dir).glob(pattern) if p.is_dir()):
+        files = sorted(shard.glob("state_dp*.json"))
+        if files:
+            return json.loads(files[0].read_text())
+    return None

@@ -346,15 +346,30 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     sp = ns.sequence_parallel and tp > 1
     if ns.sequence_parallel and tp == 1:
         notes.append("--sequence_parallel ignored at tensor parallel size 1 (as Megatron)")
-    if ns.num_layers_per_virtual_pipeline_stage is not None:
-        if pp <= 2:
+    vsl = ns.num_layers_per_virtual_pipeline_stage
+    if vsl is not None:
+        if pp < 2:
             problems.append(
-                "--num_layers_per_virtual_pipeline_stage needs pipeline parallel size > 2"
+                "--num_layers_per_virtual_pipeline_stage (interleaved 1F1B) needs "
+                "--pipeline_model_parallel_size > 1"
             )
-        elif model.num_layers % ns.num_layers_per_virtual_pipeline_stage:
+        elif vsl < 1 or model.num_layers % (pp * vsl):
             problems.append(
-                "num_layers is not divisible by --num_layers_per_virtual_pipeline_stage"
+                f"--num_layers_per_virtual_pipeline_stage {vsl} x pipeline size {pp} must divide "
+                f"num_layers {model.num_layers} (each rank holds num_layers / (pp x that) chunks)"
             )
+    if sp and ns.micro_batch_size and ns.seq_length and (ns.micro_batch_size * ns.seq_length) % tp:
+        problems.append(
+            f"--sequence_parallel splits each micro-batch's {ns.micro_batch_size} x "
+            f"{ns.seq_length} tokens over tensor parallel size {tp}: make micro_batch_size x "
+            f"seq_length divisible by {tp}"
+        )
+    if pp > 1 and ns.variable_seq_lengths:
+        problems.append(
+            "--variable_seq_lengths with pipeline parallelism: stage boundaries need one "
+            "activation shape per step (micro_batch_size x seq_length); drop the flag or use "
+            "pipeline size 1"
+        )
     if model.num_layers % pp:
         problems.append(
             f"num_layers {model.num_layers} is not divisible by pipeline parallel size {pp}"
@@ -427,16 +442,6 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     if valid is None:
         notes.append(f"--data_path {prefix} does not end in -train: no validation split")
 
-    if pp > 1:
-        deferred.append(
-            f"--pipeline_model_parallel_size {pp}: pipeline parallelism arrives with the pipeline "
-            "issue (parallel/pipeline.py); run with 1 until then"
-        )
-    if ns.num_layers_per_virtual_pipeline_stage is not None:
-        deferred.append(
-            "--num_layers_per_virtual_pipeline_stage: interleaved 1F1B arrives with the "
-            "pipeline issue"
-        )
     if tp > 1:
         try:
             import parallel.parallelize  # noqa: F401

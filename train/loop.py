@@ -20,12 +20,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from model.llama import Llama
 from parallel.cross_entropy import argmax, cross_entropy
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_coefficient, global_grad_norm
+from parallel.pipeline import PipelineExecutor, pipeline_loss
+from parallel.pipeline_schedule import stage_spec
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.data import TokenizerInfo, to_device
@@ -60,18 +63,48 @@ class StepResult:
     skipped: bool
 
 
-def build_model(rc: RunConfig, dims: ParallelDims, device, dtype) -> Llama:
-    """The full model from the seed (so every layout starts from the same weights), made
-    parallel, recompute set, moved to the device."""
+def virtual_stages(rc: RunConfig) -> int:
+    """Model chunks per pipeline rank: L / (pp x layers per virtual stage), or 1 (plain 1F1B)."""
+    per = rc.parallel.virtual_stage_layers
+    return rc.model.num_layers // (rc.parallel.pp * per) if per else 1
+
+
+def build_stages(rc: RunConfig, dims: ParallelDims, device, dtype) -> list[Llama]:
+    """This rank's pipeline stages (chunk 0 first), cut from the full model built from the seed
+    (so every layout starts from the same weights), made parallel, recompute set, moved to the
+    device. At PP = 1 the one stage is the whole model."""
     from parallel.parallelize import parallelize
 
-    model = Llama(rc.model, rc.model.padded_vocab_size(1))
-    gen = torch.Generator().manual_seed(rc.loop.seed)
-    model.init_weights(gen)
-    model = parallelize(model, dims, sequence_parallel=rc.parallel.sequence_parallel)
-    model.set_recompute(rc.loop.recompute_granularity, rc.loop.recompute_method or "uniform",
-                        rc.loop.recompute_num_layers)  # fmt: skip
-    return model.to(device=device, dtype=dtype)
+    padded = rc.model.padded_vocab_size(1)
+    full = Llama(rc.model, padded)
+    full.init_weights(torch.Generator().manual_seed(rc.loop.seed))
+    v = virtual_stages(rc)
+    specs = [stage_spec(rc.model.num_layers, dims.pp, dims.pp_rank, v, c) for c in range(v)]
+    stages = []
+    for s in specs:
+        if s.pre and s.post:
+            stage = full
+        else:
+            # Built on meta (nothing allocated), then given the full model's own modules: the
+            # stage's parameters are the seed's, without a second copy of the model.
+            with torch.device("meta"):
+                stage = Llama(rc.model, padded, layer_ids=s.layers, pre=s.pre, post=s.post)
+            stage.layers = nn.ModuleDict({str(i): full.layers[str(i)] for i in s.layers})
+            stage.embed = full.embed if s.pre else None
+            stage.norm = full.norm if s.post else None
+            stage.output = full.output if s.post else None
+        stage = parallelize(stage, dims, sequence_parallel=rc.parallel.sequence_parallel)
+        stage.set_recompute(rc.loop.recompute_granularity, rc.loop.recompute_method or "uniform",
+                            rc.loop.recompute_num_layers)  # fmt: skip
+        stages.append(stage.to(device=device, dtype=dtype))
+    return stages
+
+
+def build_model(rc: RunConfig, dims: ParallelDims, device, dtype) -> Llama:
+    """The whole model of a PP = 1 layout (see build_stages)."""
+    if dims.pp != 1:
+        raise ValueError(f"build_model builds the whole model; at PP={dims.pp} use build_stages")
+    return build_stages(rc, dims, device, dtype)[0]
 
 
 class Trainer:
@@ -82,25 +115,47 @@ class Trainer:
         self.device = torch.device(device or "cpu")
         on_gpu = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if (rc.loop.bf16 and on_gpu) else torch.float32
-        self.model = build_model(rc, dims, self.device, self.dtype)
-        self.optimizer = FlatAdamW(list(self.model.named_parameters()), rc.optim)
+        self.stages = build_stages(rc, dims, self.device, self.dtype)
+        self.model = self.stages[0]  # the whole model at PP = 1; the first local chunk otherwise
+        self.padded_vocab = self.model.padded_vocab
+        self.optimizer = FlatAdamW(self.named_parameters(), rc.optim)
         self.params = self.optimizer.params_in_order()
         self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group)
+        self.pipe = self._executor(rc.data.micro_batch_size * rc.data.seq_length)
+        self._eval_pipes: dict[int, PipelineExecutor] = {}
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_total = 0
 
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(global name, parameter) of every local stage; names are the same at any layout."""
+        return [(n, p) for s in self.stages for n, p in s.named_parameters()]
+
+    def _executor(self, tokens: int) -> PipelineExecutor:
+        """The pipeline for micro-batches of `tokens` tokens (stage boundaries carry the token
+        shard under sequence parallelism). At PP = 1 it is plain forward/backward in turn."""
+        tp = self.dims.tp
+        if self.rc.parallel.sequence_parallel and tokens % tp:
+            raise ValueError(
+                f"sequence parallelism splits the {tokens} tokens of a micro-batch over tensor "
+                f"parallel size {tp}: make micro_batch_size x seq_length divisible by {tp}"
+            )
+        shard = tokens // tp if self.rc.parallel.sequence_parallel else tokens
+        return PipelineExecutor(self.stages, self.dims, (shard, self.rc.model.hidden_size),
+                                dtype=self.dtype, grad_sync=self.grads.set_sync)  # fmt: skip
+
     # ------------------------------------------------------------------------------------------
     # one step
 
-    def _micro_loss(self, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-token loss (T,), loss mask (T,)) of one micro-batch."""
-        logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
+    def _per_token(self, logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-token loss (T,), loss mask (T,)) of one micro-batch's logits."""
         per_token = cross_entropy(logits, mb["labels"].reshape(-1), group=self.dims.tp_group,
                                   vocab_size=self.rc.model.vocab_size)  # fmt: skip
         return per_token, mb["loss_mask"].reshape(-1).to(per_token.dtype)
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
+        """One step. Every pipeline rank of a DP replica gets the same micro-batches (it reads
+        them from its own loader); only the first stage uses the tokens, the last the labels."""
         rc, dims = self.rc, self.dims
         mbs = [to_device(mb, self.device) for mb in micro_batches]
         counts = torch.tensor(
@@ -113,24 +168,27 @@ class Trainer:
         n_loss, n_tokens, n_pairs = (int(x) for x in counts.tolist())
         global_mode = rc.loop.loss_reduction == "global"
         denom_micro = len(mbs) * dims.dp
-        self.model.train()
-        self.grads.zero()
-        logged = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, mb in enumerate(mbs):
-            self.grads.set_sync(i == len(mbs) - 1)
-            per_token, mask = self._micro_loss(mb)
+        logged = [torch.zeros((), dtype=torch.float64, device=self.device)]
+
+        def loss_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:  # last stage only
+            per_token, mask = self._per_token(logits, mb)
             masked = (per_token * mask).sum()
             if global_mode:
-                loss = masked / max(n_loss, 1)
-                logged += masked.detach().double()
-            else:
-                mean = masked / mask.sum().clamp(min=1.0)
-                loss = mean / denom_micro
-                logged += mean.detach().double()
-            loss.backward()
+                logged[0] += masked.detach().double()
+                return masked / max(n_loss, 1)
+            mean = masked / mask.sum().clamp(min=1.0)
+            logged[0] += mean.detach().double()
+            return mean / denom_micro
+
+        for s in self.stages:
+            s.train()
+        self.grads.zero()
+        self.pipe.step(mbs, loss_fn)
         self.grads.finish()
-        _all_reduce(logged, dims.dp_group)
-        step_loss = float(logged) / (max(n_loss, 1) if global_mode else denom_micro)
+        # The loss lives on the last stage; every pipeline rank gets it, then the DP sum.
+        total = pipeline_loss([logged[0]] if dims.is_last_stage else [], dims, self.device)
+        _all_reduce(total, dims.dp_group)
+        step_loss = float(total) / (max(n_loss, 1) if global_mode else denom_micro)
 
         norm = global_grad_norm(self.params, groups=(dims.tp_group, dims.pp_group))
         skipped = not math.isfinite(norm)
@@ -146,23 +204,44 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, micro_batches) -> dict:
-        """Metrics over an iterable of this rank's validation micro-batches (see train.evaluate)."""
-        self.model.eval()
+        """Metrics over an iterable of this rank's validation micro-batches (see train.evaluate).
+        Under PP the forward-only pipeline runs them; the last stage's sums reach every rank."""
         stats = EvalStats(self.device)
+        vocab, tp_group = self.rc.model.vocab_size, self.dims.tp_group
+
+        def add(logits: torch.Tensor, mb: dict) -> None:
+            per_token = cross_entropy(logits, mb["labels"].reshape(-1), group=tp_group,
+                                      vocab_size=vocab)  # fmt: skip
+            pred = argmax(logits, tp_group, vocab_size=vocab)
+            stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
+                      self.tok.im_start, self.tok.im_end)  # fmt: skip
+
+        for s in self.stages:
+            s.eval()
         try:
+            # Runs of equal-size micro-batches share one executor: the boundary shape is fixed
+            # per pipeline pass, and the last validation micro-batch may be a short one.
+            run: list[dict] = []
             for mb in micro_batches:
                 mb = to_device(mb, self.device)
-                logits = self.model(mb["tokens"], mb["position_ids"], mb["cu_seqlens"],
-                                    mb["max_seqlen"])  # fmt: skip
-                labels = mb["labels"].reshape(-1)
-                per_token = cross_entropy(logits, labels, group=self.dims.tp_group,
-                                          vocab_size=self.rc.model.vocab_size)  # fmt: skip
-                pred = argmax(logits, self.dims.tp_group, vocab_size=self.rc.model.vocab_size)
-                stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
-                          self.tok.im_start, self.tok.im_end)  # fmt: skip
+                if run and run[0]["tokens"].numel() != mb["tokens"].numel():
+                    self._eval_pass(run, add)
+                    run = []
+                run.append(mb)
+            if run:
+                self._eval_pass(run, add)
         finally:
-            self.model.train()
+            for s in self.stages:
+                s.train()
+        if self.dims.pp > 1:
+            dist.broadcast(stats.sums, src=self.dims.pp_ranks[-1], group=self.dims.pp_group)
         return stats.result(self.dims.dp_group, self.rc.eval.metrics)
+
+    def _eval_pass(self, mbs: list[dict], fn) -> None:
+        tokens = mbs[0]["tokens"].numel()
+        if tokens not in self._eval_pipes:
+            self._eval_pipes[tokens] = self._executor(tokens)
+        self._eval_pipes[tokens].forward(mbs, fn)
 
     # ------------------------------------------------------------------------------------------
     # checkpoints
@@ -172,7 +251,7 @@ class Trainer:
         return {
             "model": rc.model.to_dict(),
             "vocab_size": rc.model.vocab_size,
-            "padded_vocab_size": self.model.padded_vocab,
+            "padded_vocab_size": self.padded_vocab,
             "tokenizer": self.tok.to_dict(),
             "layout": {
                 "tp": self.dims.tp,
@@ -202,23 +281,28 @@ class Trainer:
             rank_state["rng"] = ckpt.rng_state()
         ckpt.save_checkpoint(
             rc.ckpt.save, self.iteration,
-            params=dict(self.model.named_parameters()),
+            params=dict(self.named_parameters()),
             optim_state=self.optimizer.state_tensors() if rc.ckpt.save_optim else None,
             meta=self.checkpoint_meta(), rank_state=rank_state,
             ranks=(d.rank, d.tp_rank, d.pp_rank, d.dp_rank),
         )  # fmt: skip
 
     def load(self, path: str) -> dict | None:
-        """Load --load. Returns this rank's saved loader state when training resumes (None for
-        --finetune or a weights-only checkpoint)."""
-        rc, d = self.rc, self.dims
+        """Load --load, saved at this or any other TP/PP/DP layout: every rank reads just the
+        slices of its own parameters (and optimizer state) from whatever shards are on disk.
+        Returns the saved loader state when training resumes (None for --finetune or a
+        weights-only checkpoint); it is the same on every rank (consumed rows, DP-independent)."""
+        rc = self.rc
         iter_dir = ckpt.resolve_iteration_dir(path)
         meta = ckpt.read_meta(iter_dir)
         self._check_compatible(meta, iter_dir)
         index = ckpt.ShardIndex(iter_dir)
-        padded = self.model.padded_vocab
+        padded = self.padded_vocab
+        saved = meta.get("layout", {})
+        ours = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
+        same_layout = all(saved.get(k) == v for k, v in ours.items())
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
+            for name, p in self.named_parameters():
                 dim = getattr(p, "tp_dim", None)
                 t = ckpt.read_param(index, name, meta, padded, dim=dim,
                                     pieces=getattr(p, "tp_pieces", None))  # fmt: skip
@@ -246,15 +330,49 @@ class Trainer:
             self.optimizer.step_count = int(meta["optimizer"]["step"])
         else:
             log(" optimizer state not loaded (--no_load_optim or none saved): fresh moments")
-        state = ckpt.read_rank_state(iter_dir, d.tp_rank, d.pp_rank, d.dp_rank)
+        loader_state = self._restore_rank_state(iter_dir, saved, same_layout)
+        where = "" if same_layout else (
+            f" (saved at tp {saved.get('tp')} pp {saved.get('pp')} dp {saved.get('dp')}, "
+            f"resharded to tp {ours['tp']} pp {ours['pp']} dp {ours['dp']})"
+        )  # fmt: skip
+        log(f" resumed from {iter_dir} at iteration {self.iteration}{where}")
+        return loader_state
+
+    def _restore_rank_state(self, iter_dir, saved: dict, same_layout: bool) -> dict | None:
+        """RNG and data position from the per-rank state files.
+
+        Data: the loader state is the global row position (consumed samples), the same in every
+        file, so any file serves when this rank's (tp, pp, dp) has none. RNG: the trainer seeds
+        every TP and DP rank of a pipeline stage alike and they draw alike, so a stage's stream
+        is in any of its files: restored when the pipeline split is the saved one (this rank's
+        own file at the same layout). Under another PP size the stage holds other layers and no
+        saved stream maps; the rank reseeds deterministically and says so."""
+        d, rc = self.dims, self.rc
+        own = ckpt.read_rank_state(iter_dir, d.tp_rank, d.pp_rank, d.dp_rank)
+        stage = None
+        if saved.get("pp") == d.pp:
+            stage = own if own is not None else ckpt.find_rank_state(iter_dir, pp_rank=d.pp_rank)
+        state = own or stage or ckpt.find_rank_state(iter_dir)
         if state is None:
             raise ckpt.CheckpointError(
-                f"{iter_dir} has no trainer state for (tp {d.tp_rank}, pp {d.pp_rank}, dp "
-                f"{d.dp_rank}): it was saved at another layout; resume with --finetune"
+                f"{iter_dir} has no state_dp*.json file at all (data position unknown): resume "
+                "with --finetune to start at iteration 0 from these weights"
             )
-        if rc.ckpt.load_rng and "rng" in state:
-            ckpt.set_rng_state(state["rng"])
-        log(f" resumed from {iter_dir} at iteration {self.iteration}")
+        if not rc.ckpt.load_rng:
+            return state.get("loader")
+        if stage is not None and "rng" in stage:
+            ckpt.set_rng_state(stage["rng"])
+            if not same_layout:
+                log(f" RNG: pipeline stage {d.pp_rank}'s saved stream restored (same pipeline "
+                    "split; TP/DP ranks of a stage share it)")  # fmt: skip
+        else:
+            seed = rc.loop.seed + 100 * d.pp_rank + 1_000_003 * self.iteration
+            torch.manual_seed(seed)
+            log(
+                f" RNG: no saved stream maps to pipeline stage {d.pp_rank} (saved at pipeline "
+                f"size {saved.get('pp')}, now {d.pp}); reseeded with {seed} (seed + 100 x stage "
+                "+ 1000003 x iteration): dropout masks differ from an uninterrupted run"
+            )
         return state.get("loader")
 
     def _check_compatible(self, meta: dict, iter_dir) -> None:
@@ -333,7 +451,7 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
             acc["n"] += 1
         acc["time"] += dt
         acc["tokens"] += res.tokens
-        acc["flops"] += step_flops(rc.model, trainer.model.padded_vocab, res.tokens, res.pairs)
+        acc["flops"] += step_flops(rc.model, trainer.padded_vocab, res.tokens, res.pairs)
         it = trainer.iteration
         if it % rc.log.log_interval == 0 or it == loop.train_iters:
             elapsed = time.perf_counter() - t_start

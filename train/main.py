@@ -44,7 +44,10 @@ def train(rc: RunConfig) -> int:
     from train.metrics import Telemetry
 
     t_setup = time.perf_counter()
-    dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend)
+    try:
+        dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend)
+    except ValueError as e:
+        return _fail(str(e))
     if dims.dp != rc.parallel.dp:
         return _fail(f"launched with data parallel size {dims.dp}, configured for {rc.parallel.dp}")
     if torch.cuda.is_available():
@@ -70,7 +73,7 @@ def train(rc: RunConfig) -> int:
     try:
         trainer = Trainer(rc, dims, tok, device)
         loader_state = trainer.load(rc.ckpt.load) if rc.ckpt.load else None
-    except ckpt.CheckpointError as e:
+    except (ckpt.CheckpointError, ValueError) as e:
         return _fail(str(e))
     train_loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
     if loader_state is not None:
@@ -92,7 +95,7 @@ def train(rc: RunConfig) -> int:
                          "id": rc.log.wandb_id, "dir": rc.log.run_dir}  # fmt: skip
         telemetry = Telemetry(rc.log.run_dir, rc.log.tensorboard_dir, wandb_cfg, rc.to_dict())
         log(describe(rc))
-        n_local = sum(p.numel() for p in trainer.model.parameters())
+        n_local = sum(p.numel() for _, p in trainer.named_parameters())
         log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
             f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
             f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip

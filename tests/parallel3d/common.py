@@ -1,0 +1,69 @@
+"""Shared pieces of the trainer-level 3-D parallel tests: the run arguments, a DP-sliced synthetic
+loader and a launcher that runs tests/parallel3d/worker.py as gloo ranks.
+
+Every job goes through train.loop's own Trainer / run_training, so what is compared is the
+trainer's path (stage building, pipeline step, loss normalisation, grad sync, checkpoints)."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 10
+
+# 8 layers (PP 4 x 2 virtual stages = one layer per stage), hidden 128 (head_dim 16, the
+# attention kernel's minimum), GQA 8 / 4 heads so TP 4 holds one KV head per rank; the synthetic
+# vocabulary (97) pads to 112 at TP 1 and to 128 at TP 2 and 4, so the padding differs between
+# the layouts compared. Dropout 0: the layouts draw their masks differently.
+ARGS = [
+    "--num_layers", "8", "--hidden_size", "128", "--ffn_hidden_size", "192",
+    "--num_attention_heads", "8", "--num_attention_heads_kv", "4",
+    "--max_position_embeddings", "64", "--make_vocab_size_divisible_by", "16",
+    "--seq_length", "32", "--micro_batch_size", "2", "--train_iters", str(STEPS),
+    "--lr", "3e-3", "--min_lr", "3e-4", "--lr_decay_style", "cosine", "--lr_warmup_iters", "2",
+    "--adam_beta2", "0.95", "--weight_decay", "0.01", "--clip_grad", "1.0",
+    "--hidden_dropout", "0.0", "--data_path", "synthetic-train", "--log_interval", "1",
+    "--eval_interval", "5", "--eval_iters", "1", "--no-activation_memory_report",
+]  # fmt: skip
+
+
+def launch(world: int, out_dir: str, job: dict, timeout: float = 170.0) -> dict:
+    """Run one job (a JSON-able dict, see worker.py) on `world` gloo ranks (file:// rendezvous,
+    no port to collide on); fail with every rank's output if one fails. Returns the last rank's
+    result."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = job["name"]
+    spec = os.path.join(out_dir, f"{name}.job.json")
+    with open(spec, "w") as f:
+        json.dump(job, f)
+    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    worker = os.path.join(REPO, "tests", "parallel3d", "worker.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, spec],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs, failed = [], False
+    for rank, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+            out, _ = p.communicate()
+            out += "\n[timed out: likely a hang]"
+        failed |= p.returncode != 0
+        logs.append(f"--- rank {rank} (exit {p.returncode}) ---\n{out}")
+    if failed:
+        raise AssertionError(f"job {name} failed:\n" + "\n".join(logs))
+    with open(os.path.join(out_dir, f"{name}.result.json")) as f:
+        result = json.load(f)
+    result["log"] = "\n".join(logs)
+    return result

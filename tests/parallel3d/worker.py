@@ -1,0 +1,133 @@
+"""One gloo rank of a trainer-level 3-D parallel job (launched by common.launch).
+
+The job (a JSON file, argv[1]) names the layout and what to do: train through
+`train.loop.run_training` (optionally saving / loading a checkpoint), dump the gathered weights
+and optimizer state, check the gradient norm. The last rank writes {name}.result.json; rank
+(tp 0, dp 0) of each pipeline stage writes that stage's gathered tensors.
+"""
+
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from model.config import param_count  # noqa: E402
+from parallel.dims import ParallelDims  # noqa: E402
+from parallel.grad_norm import global_grad_norm  # noqa: E402
+from parallel.parallelize import gather_full  # noqa: E402
+from tests.parallel3d.common import ARGS  # noqa: E402
+from tests.train.helpers import VOCAB, SyntheticLoader  # noqa: E402
+from train.args import parse_args  # noqa: E402
+from train.config import resolve  # noqa: E402
+from train.data import TokenizerInfo  # noqa: E402
+from train.loop import Trainer, run_training  # noqa: E402
+
+MICRO, SEQ = 2, 32
+
+
+class DPSlice:
+    """SyntheticLoader's global batch (all DP ranks' micro-batches), this DP rank's share: the
+    global batches are the same at any DP size, as with data.loader.BatchLoader."""
+
+    def __init__(self, global_batch: int, dp_rank: int, dp: int, seed: int):
+        self.per_rank = global_batch // (MICRO * dp)
+        self.inner = SyntheticLoader(MICRO, SEQ, global_batch // MICRO, seed=seed)
+        self.lo = dp_rank * self.per_rank
+
+    def next_global_batch(self) -> list[dict]:
+        return self.inner.next_global_batch()[self.lo : self.lo + self.per_rank]
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+def dump_state(trainer: Trainer, dims: ParallelDims, path: str) -> None:
+    """This stage's weights and optimizer state gathered over TP, vocabulary rows trimmed to the
+    real vocabulary (the padding depends on the layout), written by (tp 0, dp 0)."""
+    vocab = trainer.rc.model.vocab_size
+    params = dict(trainer.named_parameters())
+    out = {}
+    kinds = {"model": {n: p.detach() for n, p in params.items()}}
+    kinds.update(trainer.optimizer.state_tensors())
+    for kind, tensors in kinds.items():
+        for n, t in tensors.items():
+            full = gather_full(t.contiguous(), params[n], dims.tp_group)
+            if getattr(params[n], "vocab_rows", None) is not None:
+                full = full[:vocab]
+            out[f"{kind}/{n}"] = full.contiguous().clone()
+    if dims.tp_rank == 0 and dims.dp_rank == 0:
+        save_file(out, path)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        job = json.load(f)
+    out_dir, name = os.path.dirname(sys.argv[1]), job["name"]
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world > 1:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(out_dir, name + '.rdzv')}",
+            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=150),
+        )  # fmt: skip
+    torch.set_num_threads(1)
+    tp, pp = job.get("tp", 1), job.get("pp", 1)
+    argv = [*ARGS, "--tensor_model_parallel_size", str(tp),
+            "--pipeline_model_parallel_size", str(pp),
+            "--global_batch_size", str(job["global_batch"]), *job.get("args", [])]  # fmt: skip
+    ns, given = parse_args(argv)
+    rc = resolve(ns, given, world_size=world)
+    rc.model = rc.model.replace(vocab_size=VOCAB)
+    tok = TokenizerInfo(VOCAB, "synthetic", None, None, None, [])
+    dims = ParallelDims.build(tp, pp, backend="gloo")
+    torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)  # as train.main
+    trainer = Trainer(rc, dims, tok)
+    loader = DPSlice(rc.loop.global_batch_size, dims.dp_rank, dims.dp, seed=5)
+    result: dict = {"dp": dims.dp}
+    if rc.ckpt.load:
+        state = trainer.load(rc.ckpt.load)
+        loader.load_state_dict(state)
+        result["loaded_iteration"] = trainer.iteration
+        result["loaded_consumed_samples"] = trainer.consumed_samples
+        result["loaded_loader"] = state
+    if job.get("dump_after_load"):
+        dump_state(trainer, dims, os.path.join(out_dir, f"{name}_state_pp{dims.pp_rank}.st"))
+
+    def eval_factory():
+        gbs = rc.loop.global_batch_size
+        return DPSlice(gbs, dims.dp_rank, dims.dp, seed=77).next_global_batch()
+
+    evals = {"all": eval_factory} if rc.eval.iters > 0 else {}
+    history = run_training(rc, dims, trainer, loader, evals, None)
+    if job.get("dump_after_train"):  # the state of the first run_training (= what was saved)
+        dump_state(trainer, dims, os.path.join(out_dir, f"{name}_state_pp{dims.pp_rank}.st"))
+    if job.get("continue_to"):
+        rc.loop = type(rc.loop)(**{**rc.loop.__dict__, "train_iters": job["continue_to"]})
+        history += run_training(rc, dims, trainer, loader, evals, None)
+    result["history"] = history
+    if job.get("grad_norm_check"):
+        for p in trainer.params:
+            p.main_grad.fill_(1.0)
+        norm = global_grad_norm(trainer.params, groups=(dims.tp_group, dims.pp_group))
+        count = param_count(rc.model, rc.model.padded_vocab_size(tp))
+        result["grad_norm_ones"] = [norm, math.sqrt(count), count]
+    if rank == world - 1:
+        with open(os.path.join(out_dir, f"{name}.result.json"), "w") as f:
+            json.dump(result, f)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
