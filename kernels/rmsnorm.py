@@ -13,11 +13,13 @@ from typing import NamedTuple
 import torch
 
 from kernels import reference
-from kernels._triton import HAS_TRITON, INTERPRET, use_triton
+from kernels._triton import HAS_TRITON, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._triton import to_out as _to_out
 
 # Largest row held in registers: forward (one row of x) and backward (x, dy, w and the fp32
 # dweight accumulator: ~106 registers/thread at 8192 with 16 warps for sm_90, no spills). Past 8k
@@ -43,20 +45,6 @@ def rmsnorm_bytes(tokens: int, hidden: int, dtype_bytes: int, backward: bool = F
 
 
 if HAS_TRITON:
-    # fp32 -> bf16 stores: the GPU rounds to nearest even (cvt.rn); the interpreter's cast
-    # truncates, which would make CPU tests see up to 1 ulp of bf16 error that the GPU never makes.
-    # Round by hand there only; compiled kernels take the plain cast.
-    _INTERPRET = tl.constexpr(INTERPRET)
-
-    @triton.jit
-    def _to_out(x, dtype: tl.constexpr):
-        if _INTERPRET:
-            if dtype == tl.bfloat16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = tl.where(x == x, bits, 0x7FC00000)  # any NaN -> the quiet NaN: no carry out
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return x.to(dtype)
 
     @triton.jit
     def _rmsnorm_fwd_kernel(
