@@ -36,7 +36,7 @@ from kernels.rmsnorm import rmsnorm
 from kernels.rotary import rotary
 from kernels.swiglu import swiglu
 from model.config import ModelConfig
-from model.hf import checkpoint_tokenizer
+from model.hf_tokenizer import checkpoint_tokenizer
 from model.llama import Llama
 from train import checkpoint as ckpt
 

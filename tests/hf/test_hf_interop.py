@@ -10,7 +10,6 @@ from data.chat import render_prompt
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.hf import (
-    CHATML_TEMPLATE,
     HFWeights,
     SafetensorsStream,
     export_hf,
@@ -19,6 +18,7 @@ from model.hf import (
     parse_size,
     plan_shards,
 )
+from model.hf_tokenizer import CHATML_TEMPLATE
 from train import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
