@@ -28,6 +28,22 @@ ARGS = [
 ]  # fmt: skip
 
 
+def run_config(tp: int, pp: int, world: int, global_batch: int, extra: list[str] = ()):
+    """(RunConfig, TokenizerInfo) of a job: ARGS at this layout over the synthetic vocabulary."""
+    from tests.train.helpers import VOCAB
+    from train.args import parse_args
+    from train.config import resolve
+    from train.data import TokenizerInfo
+
+    argv = [*ARGS, "--tensor_model_parallel_size", str(tp),
+            "--pipeline_model_parallel_size", str(pp),
+            "--global_batch_size", str(global_batch), *extra]  # fmt: skip
+    ns, given = parse_args(argv)
+    rc = resolve(ns, given, world_size=world)
+    rc.model = rc.model.replace(vocab_size=VOCAB)
+    return rc, TokenizerInfo(VOCAB, "synthetic", None, None, None, [])
+
+
 def launch(world: int, out_dir: str, job: dict, timeout: float = 170.0) -> dict:
     """Run one job (a JSON-able dict, see worker.py) on `world` gloo ranks (file:// rendezvous,
     no port to collide on); fail with every rank's output if one fails. Returns the last rank's

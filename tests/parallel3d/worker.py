@@ -23,11 +23,8 @@ from model.config import param_count  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.grad_norm import global_grad_norm  # noqa: E402
 from parallel.parallelize import gather_full  # noqa: E402
-from tests.parallel3d.common import ARGS  # noqa: E402
-from tests.train.helpers import VOCAB, SyntheticLoader  # noqa: E402
-from train.args import parse_args  # noqa: E402
-from train.config import resolve  # noqa: E402
-from train.data import TokenizerInfo  # noqa: E402
+from tests.parallel3d.common import run_config  # noqa: E402
+from tests.train.helpers import SyntheticLoader  # noqa: E402
 from train.loop import Trainer, run_training  # noqa: E402
 
 MICRO, SEQ = 2, 32
@@ -82,13 +79,7 @@ def main() -> None:
         )  # fmt: skip
     torch.set_num_threads(1)
     tp, pp = job.get("tp", 1), job.get("pp", 1)
-    argv = [*ARGS, "--tensor_model_parallel_size", str(tp),
-            "--pipeline_model_parallel_size", str(pp),
-            "--global_batch_size", str(job["global_batch"]), *job.get("args", [])]  # fmt: skip
-    ns, given = parse_args(argv)
-    rc = resolve(ns, given, world_size=world)
-    rc.model = rc.model.replace(vocab_size=VOCAB)
-    tok = TokenizerInfo(VOCAB, "synthetic", None, None, None, [])
+    rc, tok = run_config(tp, pp, world, job["global_batch"], job.get("args", []))
     dims = ParallelDims.build(tp, pp, backend="gloo")
     torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)  # as train.main
     trainer = Trainer(rc, dims, tok)
