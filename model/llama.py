@@ -40,6 +40,20 @@ def _maybe_recompute(enabled: bool, fn: Callable, *args):
     return fn(*args)
 
 
+@torch.no_grad()
+def init_parameter(
+    cfg: ModelConfig, name: str, t: torch.Tensor, generator: torch.Generator | None = None
+) -> None:
+    """Initialise the (full, global) parameter `name` in place, the rule of `Llama.init_weights`;
+    called in named_parameters() order with one generator, it reproduces init_weights' draws."""
+    if name.endswith("norm.weight"):
+        t.fill_(1.0)
+    elif name.endswith(("wo.weight", "w2.weight")):
+        t.normal_(0.0, cfg.init_std / math.sqrt(2.0 * cfg.num_layers), generator=generator)
+    else:
+        t.normal_(0.0, cfg.init_std, generator=generator)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -147,15 +161,8 @@ class Llama(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) for every matrix, std / sqrt(2 L) for the projections into the residual
         stream (wo, w2) as in Megatron; ones for norms. Deterministic given `generator`."""
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2.0 * self.cfg.num_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                p.normal_(0.0, out_std, generator=generator)
-            else:
-                p.normal_(0.0, std, generator=generator)
+            init_parameter(self.cfg, name, p, generator)
 
     def set_recompute(self, granularity: str, method: str = "uniform", num_layers: int = 1) -> None:
         """Megatron's --recompute_granularity/--recompute_method/--recompute_num_layers.

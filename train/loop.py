@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model.llama import Llama
+from model.llama import Llama, init_parameter
 from parallel.cross_entropy import argmax, cross_entropy
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
@@ -70,34 +70,40 @@ def virtual_stages(rc: RunConfig) -> int:
 
 
 def build_stages(rc: RunConfig, dims: ParallelDims, device, dtype) -> list[Llama]:
-    """This rank's pipeline stages (chunk 0 first), cut from the full model built from the seed
-    (so every layout starts from the same weights), made parallel, recompute set, moved to the
-    device. At PP = 1 the one stage is the whole model."""
-    from parallel.parallelize import parallelize
+    """This rank's pipeline stages (chunk 0 first; at PP = 1 the whole model), made parallel,
+    recompute set, on the device.
+
+    Stages are built on the meta device, sharded there, and only this rank's slices are
+    allocated: no rank ever holds the whole model (a 70B fp32 copy is 280 GB). Weights are the
+    seed's full-model initialisation (`Llama.init_weights` order, one generator), streamed one
+    global tensor at a time and sliced, so every layout starts from the same weights; with --load
+    the drawing is skipped (the checkpoint overwrites every parameter)."""
+    from parallel.parallelize import materialize, parallelize, take_shard
 
     padded = rc.model.padded_vocab_size(1)
-    full = Llama(rc.model, padded)
-    full.init_weights(torch.Generator().manual_seed(rc.loop.seed))
     v = virtual_stages(rc)
     specs = [stage_spec(rc.model.num_layers, dims.pp, dims.pp_rank, v, c) for c in range(v)]
     stages = []
     for s in specs:
-        if s.pre and s.post:
-            stage = full
-        else:
-            # Built on meta (nothing allocated), then given the full model's own modules: the
-            # stage's parameters are the seed's, without a second copy of the model.
-            with torch.device("meta"):
-                stage = Llama(rc.model, padded, layer_ids=s.layers, pre=s.pre, post=s.post)
-            stage.layers = nn.ModuleDict({str(i): full.layers[str(i)] for i in s.layers})
-            stage.embed = full.embed if s.pre else None
-            stage.norm = full.norm if s.post else None
-            stage.output = full.output if s.post else None
-        stage = parallelize(stage, dims, sequence_parallel=rc.parallel.sequence_parallel)
+        with torch.device("meta"):
+            stage = Llama(rc.model, padded, layer_ids=s.layers, pre=s.pre, post=s.post)
+        stage = materialize(parallelize(stage, dims, rc.parallel.sequence_parallel), "cpu")
         stage.set_recompute(rc.loop.recompute_granularity, rc.loop.recompute_method or "uniform",
                             rc.loop.recompute_num_layers)  # fmt: skip
-        stages.append(stage.to(device=device, dtype=dtype))
-    return stages
+        stages.append(stage)
+    local = {n: p for stage in stages for n, p in stage.named_parameters()}
+    with torch.no_grad():
+        if rc.ckpt.load:
+            for p in local.values():
+                p.zero_()
+        else:
+            gen = torch.Generator().manual_seed(rc.loop.seed)
+            for name, shape in rc.model.param_shapes(padded).items():
+                full = torch.empty(shape)
+                init_parameter(rc.model, name, full, gen)
+                if name in local:
+                    local[name].copy_(take_shard(full, local[name], name))
+    return [stage.to(device=device, dtype=dtype) for stage in stages]
 
 
 def build_model(rc: RunConfig, dims: ParallelDims, device, dtype) -> Llama:
