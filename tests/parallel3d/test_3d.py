@@ -2,8 +2,10 @@
 losses within rtol 1e-5 for 10 steps, evaluation too; all-ones gradient norm = sqrt(count)."""
 
 import pytest
+from safetensors.torch import load_file
 
 from tests.parallel3d.common import STEPS, launch
+from tests.parallel3d.test_trainer_pipeline import assert_grads_close
 
 GLOBAL_BATCH = 16  # 8 micro-batches of 2 rows: 4 per DP rank at DP 2
 
@@ -13,11 +15,15 @@ def _rows(result, kind, key):
 
 
 def test_tp2_pp2_dp2_matches_one_process(tmp_path):
-    ref = launch(1, str(tmp_path / "ref"), {"name": "one", "global_batch": GLOBAL_BATCH})
+    ref = launch(1, str(tmp_path / "ref"),
+                 {"name": "one", "global_batch": GLOBAL_BATCH, "grads_at": 1})  # fmt: skip
     res = launch(8, str(tmp_path / "3d"), {
         "name": "tp2pp2dp2", "tp": 2, "pp": 2, "global_batch": GLOBAL_BATCH,
-        "args": ["--sequence_parallel"], "grad_norm_check": True,
+        "args": ["--sequence_parallel"], "grad_norm_check": True, "grads_at": 1,
     }, timeout=240)  # fmt: skip
+    grads = {**load_file(f"{tmp_path}/3d/tp2pp2dp2_grads_pp0.st"),
+             **load_file(f"{tmp_path}/3d/tp2pp2dp2_grads_pp1.st")}  # fmt: skip
+    assert_grads_close(grads, load_file(f"{tmp_path}/ref/one_grads_pp0.st"), floor=1e-5)
     assert res["dp"] == 2
     want, got = _rows(ref, "train", "lm_loss"), _rows(res, "train", "lm_loss")
     assert len(want) == len(got) == STEPS

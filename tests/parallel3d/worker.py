@@ -49,14 +49,18 @@ class DPSlice:
         self.inner.load_state_dict(state)
 
 
-def dump_state(trainer: Trainer, dims: ParallelDims, path: str) -> None:
-    """This stage's weights and optimizer state gathered over TP, vocabulary rows trimmed to the
-    real vocabulary (the padding depends on the layout), written by (tp 0, dp 0)."""
+def dump_state(trainer: Trainer, dims: ParallelDims, path: str, grads: bool = False) -> None:
+    """This stage's weights and optimizer state (or, with grads, the step's reduced gradients)
+    gathered over TP, vocabulary rows trimmed to the real vocabulary (the padding depends on the
+    layout), written by (tp 0, dp 0)."""
     vocab = trainer.rc.model.vocab_size
     params = dict(trainer.named_parameters())
     out = {}
-    kinds = {"model": {n: p.detach() for n, p in params.items()}}
-    kinds.update(trainer.optimizer.state_tensors())
+    if grads:
+        kinds = {"grad": {n: p.main_grad for n, p in params.items()}}
+    else:
+        kinds = {"model": {n: p.detach() for n, p in params.items()}}
+        kinds.update(trainer.optimizer.state_tensors())
     for kind, tensors in kinds.items():
         for n, t in tensors.items():
             full = gather_full(t.contiguous(), params[n], dims.tp_group)
@@ -99,7 +103,15 @@ def main() -> None:
         return DPSlice(gbs, dims.dp_rank, dims.dp, seed=77).next_global_batch()
 
     evals = {"all": eval_factory} if rc.eval.iters > 0 else {}
-    history = run_training(rc, dims, trainer, loader, evals, None)
+    history = []
+    if job.get("grads_at"):  # stop there, keep that step's gradients, then go on
+        end = rc.loop.train_iters
+        rc.loop = type(rc.loop)(**{**rc.loop.__dict__, "train_iters": job["grads_at"]})
+        history += run_training(rc, dims, trainer, loader, evals, None)
+        path = os.path.join(out_dir, f"{name}_grads_pp{dims.pp_rank}.st")
+        dump_state(trainer, dims, path, grads=True)
+        rc.loop = type(rc.loop)(**{**rc.loop.__dict__, "train_iters": end})
+    history += run_training(rc, dims, trainer, loader, evals, None)
     if job.get("dump_after_train"):  # the state of the first run_training (= what was saved)
         dump_state(trainer, dims, os.path.join(out_dir, f"{name}_state_pp{dims.pp_rank}.st"))
     if job.get("continue_to"):
