@@ -388,6 +388,13 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             f"--global_batch_size {global_bs} is not divisible by --micro_batch_size {micro} x "
             f"data parallel size {dp}"
         )
+    elif vsl is not None and (global_bs // (micro * dp)) % pp:
+        problems.append(
+            f"interleaved 1F1B (--num_layers_per_virtual_pipeline_stage) needs the micro-batches "
+            f"per step ({global_bs // (micro * dp)} = global_batch_size {global_bs} / "
+            f"(micro_batch_size {micro} x data parallel size {dp})) to be a multiple of pipeline "
+            f"size {pp}: raise --global_batch_size or drop the flag"
+        )
     if ns.seq_length is None:
         problems.append("--seq_length is required")
     elif ns.seq_length > model.max_position_embeddings:

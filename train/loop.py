@@ -247,7 +247,13 @@ class Trainer:
         tokens = mbs[0]["tokens"].numel()
         if tokens not in self._eval_pipes:
             self._eval_pipes[tokens] = self._executor(tokens)
-        self._eval_pipes[tokens].forward(mbs, fn)
+        pipe = self._eval_pipes[tokens]
+        if pipe.v > 1 and len(mbs) % self.dims.pp:
+            # The interleaved table wants a multiple of pp micro-batches (a validation split can
+            # be shorter): fill with copies of the first whose results are not counted.
+            filler = {**mbs[0], "skip": True}
+            mbs = mbs + [filler] * (self.dims.pp - len(mbs) % self.dims.pp)
+        pipe.forward(mbs, lambda logits, mb: None if mb.get("skip") else fn(logits, mb))
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

@@ -61,7 +61,7 @@ def test_pipeline_trainer_matches_pp1(reference, tmp_path, name, world, pp, extr
     assert len(ref) == len(got) == STEPS
     assert got == pytest.approx(ref, rel=1e-5), (got, ref)
     assert max(ref) - min(ref) > 0.05  # the weights move: a no-op step would match trivially
-    assert len(_evals(res)) == 3 and _evals(res) == pytest.approx(_evals(reference), rel=1e-5)
+    assert len(_evals(res)) == 6 and _evals(res) == pytest.approx(_evals(reference), rel=1e-5)
     if pp == 2:
         norm, expected, count = res["grad_norm_ones"]
         assert count > 100_000

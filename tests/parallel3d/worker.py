@@ -102,7 +102,10 @@ def main() -> None:
         gbs = rc.loop.global_batch_size
         return DPSlice(gbs, dims.dp_rank, dims.dp, seed=77).next_global_batch()
 
-    evals = {"all": eval_factory} if rc.eval.iters > 0 else {}
+    def first_factory():  # one micro-batch in all, on DP rank 0: fewer than the interleaved
+        return eval_factory()[:1] if dims.dp_rank == 0 else []  # table's multiple of pp
+
+    evals = {"all": eval_factory, "first": first_factory} if rc.eval.iters > 0 else {}
     history = []
     if job.get("grads_at"):  # stop there, keep that step's gradients, then go on
         end = rc.loop.train_iters

@@ -149,6 +149,18 @@ def test_bad_flags_name_the_nearest_valid_one(argv, message):
             "make micro_batch_size x seq_length divisible by 2",
         ),  # fmt: skip
         (
+            [
+                "--pipeline_model_parallel_size",
+                "2",
+                "--num_layers_per_virtual_pipeline_stage",
+                "1",
+                "--global_batch_size",
+                "2",
+            ],
+            2,
+            "to be a multiple of pipeline size 2",
+        ),  # fmt: skip
+        (
             ["--pipeline_model_parallel_size", "2", "--variable_seq_lengths"],
             2,
             "--variable_seq_lengths with pipeline parallelism",
