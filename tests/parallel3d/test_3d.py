@@ -34,3 +34,15 @@ def test_tp2_pp2_dp2_matches_one_process(tmp_path):
     assert _rows(res, "eval", "accuracy") == pytest.approx(_rows(ref, "eval", "accuracy"))
     norm, expected, _ = res["grad_norm_ones"]
     assert norm == pytest.approx(expected, rel=1e-6)
+
+
+def test_interleaved_pp2_dp2_with_small_buckets_matches_one_process(tmp_path):
+    """PP 2 x 2 chunks x DP 2 with 50 kB gradient buckets: many bucketed all-reduces, launched
+    by each chunk's last backward, buckets shared between chunks."""
+    ref = launch(1, str(tmp_path / "ref"), {"name": "one", "global_batch": GLOBAL_BATCH})
+    res = launch(4, str(tmp_path / "pp"), {
+        "name": "pp2v2dp2", "pp": 2, "global_batch": GLOBAL_BATCH, "bucket_mb": 0.05,
+        "args": ["--num_layers_per_virtual_pipeline_stage", "2"],
+    })  # fmt: skip
+    want, got = _rows(ref, "train", "lm_loss"), _rows(res, "train", "lm_loss")
+    assert len(got) == STEPS and got == pytest.approx(want, rel=1e-5), (got, want)

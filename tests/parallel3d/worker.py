@@ -7,6 +7,7 @@ and optimizer state, check the gradient norm. The last rank writes {name}.result
 """
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from safetensors.torch import save_file  # noqa: E402
 
 from model.config import param_count  # noqa: E402
+from parallel.data_parallel import GradBuffer  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
 from parallel.grad_norm import global_grad_norm  # noqa: E402
 from parallel.parallelize import gather_full  # noqa: E402
@@ -86,7 +88,13 @@ def main() -> None:
     rc, tok = run_config(tp, pp, world, job["global_batch"], job.get("args", []))
     dims = ParallelDims.build(tp, pp, backend="gloo")
     torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)  # as train.main
+    if job.get("bucket_mb"):  # small buckets: several all-reduces, chunks sharing a bucket
+        import train.loop
+
+        train.loop.GradBuffer = functools.partial(GradBuffer, bucket_mb=job["bucket_mb"])
     trainer = Trainer(rc, dims, tok)
+    if job.get("bucket_mb"):
+        assert trainer.grads.num_buckets > 4, trainer.grads.num_buckets
     loader = DPSlice(rc.loop.global_batch_size, dims.dp_rank, dims.dp, seed=5)
     result: dict = {"dp": dims.dp}
     if rc.ckpt.load:
