@@ -4,6 +4,15 @@ One step = the micro-batches of one global batch on this data-parallel rank, eac
 backward into the fp32 GradBuffer, one DP reduction, the global gradient norm, clipping, and
 one fused AdamW update (skipped, and logged, when the gradients are not finite).
 
+Pipeline: a rank holds its `build_stages` chunks (one, or L / (pp x layers per virtual stage)
+interleaved ones) and runs every step through `parallel.pipeline.PipelineExecutor` (at PP = 1
+that is plain forward/backward per micro-batch, no messages). Every pipeline rank of a DP
+replica reads the same micro-batches from its own loader; the loss function runs on the last
+stage, and the step's loss is broadcast from there over the pipeline group, then summed over DP.
+The DP all-reduce of a chunk's gradients starts with that chunk's last backward (grad_sync).
+Parameter names are global, so the optimizer, the gradient norm and checkpoints are the same at
+any layout; `Trainer.load` reads a checkpoint saved at any TP/PP/DP layout.
+
 Loss normalisation (`--loss_reduction`):
 - global (default): every micro-batch's masked token-loss sum is divided by N, the loss-mask
   token count of the whole global batch (all micro-batches, all DP ranks; one all-reduce before
