@@ -381,7 +381,9 @@ class Trainer:
             )
         if not rc.ckpt.load_rng:
             return state.get("loader")
-        if stage is not None and "rng" in stage:
+        if not any("rng" in f for f in (own, stage, state) if f is not None):
+            log(" RNG: the checkpoint holds no RNG state (--no_save_rng): generators as seeded")
+        elif stage is not None and "rng" in stage:
             ckpt.set_rng_state(stage["rng"])
             if not same_layout:
                 log(f" RNG: pipeline stage {d.pp_rank}'s saved stream restored (same pipeline "
