@@ -270,6 +270,9 @@ def build_micro_batch(
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "max_seqlen": int(np.diff(cu_seqlens).max()) if cu_seqlens.size > 1 else 0,
         "num_truncated": truncated,
+        # Rows that hold samples: evaluation pads ranks with all-padding rows (see
+        # iter_eval_batches), which per-row metrics must not count.
+        "num_rows": sum(1 for r in rows if len(r)),
     }
 
 

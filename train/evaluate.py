@@ -44,14 +44,16 @@ class EvalStats:
     def __init__(self, device):
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
 
-    def add(self, per_token_loss, pred, labels, loss_mask, im_start, im_end) -> None:
-        """per_token_loss, pred: (tokens,); labels, loss_mask: (rows, seq)."""
+    def add(self, per_token_loss, pred, labels, loss_mask, im_start, im_end, rows=None) -> None:
+        """per_token_loss, pred: (tokens,); labels, loss_mask: (rows, seq); rows: how many of the
+        rows hold samples (default: all)."""
+        rows = labels.shape[0] if rows is None else rows
         m = loss_mask.reshape(-1).double()
         hit = (pred == labels.reshape(-1)).double()
         im = instruct_mask(labels, loss_mask, im_start, im_end).reshape(-1).double()
         self.sums += torch.stack([
             (per_token_loss.double() * m).sum(), m.sum(), (hit * m).sum(), (hit * im).sum(),
-            im.sum(), torch.tensor(float(labels.shape[0]), dtype=torch.float64, device=m.device),
+            im.sum(), torch.tensor(float(rows), dtype=torch.float64, device=m.device),
         ])  # fmt: skip
 
     def result(self, dp_group=None, metrics=None) -> dict:

@@ -229,7 +229,7 @@ class Trainer:
                                       vocab_size=vocab)  # fmt: skip
             pred = argmax(logits, tp_group, vocab_size=vocab)
             stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
-                      self.tok.im_start, self.tok.im_end)  # fmt: skip
+                      self.tok.im_start, self.tok.im_end, mb.get("num_rows"))  # fmt: skip
 
         for s in self.stages:
             s.eval()

@@ -256,18 +256,27 @@ def test_eval_iterator_covers_each_sample_once_across_ranks(tmp_path):
     lengths = np.random.default_rng(4).integers(3, 60, size=23).tolist()
     prefix, texts, roles = make_dataset(tmp_path, lengths)
     ds = SFTDataset(prefix)
-    per_rank = []
+    single = list(
+        iter_eval_batches(ds, LoaderConfig(seq_length=64, micro_batch_size=2, global_batch_size=2))
+    )
+    real_rows = sum(mb["num_rows"] for mb in single)
+    per_rank, rows_across_ranks = [], 0
     for rank in range(3):
         cfg = LoaderConfig(
             seq_length=64, micro_batch_size=2, global_batch_size=6, dp_size=3, dp_rank=rank
         )
         mbs = list(iter_eval_batches(ds, cfg))
+        rows_across_ranks += sum(mb["num_rows"] for mb in mbs)
+        for mb in mbs:  # filler rows hold no sample and no loss
+            assert (mb["loss_mask"][mb["num_rows"] :] == 0).all()
         per_rank.append([i for mb in mbs for i in check_micro_batch(mb, texts, roles, cfg)])
         assert all(mb["tokens"].shape == (2, 64) for mb in mbs)
         if rank == 0:
             n_batches = len(mbs)
         assert len(mbs) == n_batches  # ranks stay in step (filler micro-batches carry no loss)
     assert sorted(i for r in per_rank for i in r) == list(range(23))
+    # Per-row metrics (count_loss_mask) see the same rows at any DP size.
+    assert rows_across_ranks == real_rows
     a, b = ds.dataset_ranges["b"]
     cfg = LoaderConfig(seq_length=64, micro_batch_size=2, global_batch_size=2)
     only_b = [
