@@ -59,7 +59,10 @@ INTERRUPT_S = 10  # a section past its budget gets SIGINT this long before SIGKI
 
 
 def git_commit(repo: Path = REPO) -> dict:
-    """{"commit", "dirty"} from git, or from .git/HEAD and the refs when git is not installed."""
+    """{"commit", "dirty"} from $GIT_COMMIT (set it when the tree was copied without its history,
+    e.g. `GIT_COMMIT=<sha> make gpu-check` on a lent machine), else git, else .git/HEAD and refs."""
+    if os.environ.get("GIT_COMMIT"):
+        return {"commit": os.environ["GIT_COMMIT"], "dirty": None}
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
@@ -71,14 +74,19 @@ def git_commit(repo: Path = REPO) -> dict:
             text=True,
             timeout=10,
         ).stdout
-        if sha:
+        # A copy of the tree with an empty .git (as the device tool may send) makes
+        # `git rev-parse HEAD` echo "HEAD": only a real object name counts.
+        if re.fullmatch(r"[0-9a-f]{40}", sha):
             return {"commit": sha, "dirty": bool(status.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
     try:
         head = (repo / ".git" / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
-            return {"commit": head, "dirty": None}
+            return {
+                "commit": head if re.fullmatch(r"[0-9a-f]{40}", head) else f"unknown ({head})",
+                "dirty": None,
+            }
         ref = head[5:]
         loose = repo / ".git" / ref
         if loose.exists():
