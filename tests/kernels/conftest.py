@@ -48,14 +48,24 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def assert_close_to_ref(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, atol: float = 1e-5, name: str = "out"):
+def assert_close_to_ref(
+    out: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    ref_lowp: torch.Tensor,
+    atol: float = 1e-5,
+    name: str = "out",
+):
     """The flash-attention rule: the kernel's error against the fp32 reference is at most twice the
     low-precision PyTorch reference's own error, plus a small atol. NaNs anywhere fail."""
-    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    assert out.shape == ref_fp32.shape, (
+        f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    )
     assert torch.isfinite(out.float()).all(), f"{name}: non-finite values (unwritten output?)"
     err = max_err(out, ref_fp32)
     base = max_err(ref_lowp, ref_fp32)
-    assert err <= 2 * base + atol, f"{name}: kernel error {err:.3e} > 2 x reference error {base:.3e} + {atol:.1e}"
+    assert err <= 2 * base + atol, (
+        f"{name}: kernel error {err:.3e} > 2 x reference error {base:.3e} + {atol:.1e}"
+    )
 
 
 # Tolerances for the `atol` term per dtype (the "small atol" of the pass rule).

@@ -6,10 +6,9 @@ trainer's path (stage building, pipeline step, loss normalisation, grad sync, ch
 
 import json
 import os
-import subprocess
-import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.gloo_ranks import REPO, run_ranks
+
 STEPS = 10
 
 # 8 layers (PP 4 x 2 virtual stages = one layer per stage), hidden 128 (head_dim 16, the
@@ -53,32 +52,8 @@ def launch(world: int, out_dir: str, job: dict, timeout: float = 170.0) -> dict:
     spec = os.path.join(out_dir, f"{name}.job.json")
     with open(spec, "w") as f:
         json.dump(job, f)
-    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     worker = os.path.join(REPO, "tests", "parallel3d", "worker.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, worker, spec],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs, failed = [], False
-    for rank, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out: likely a hang]"
-        failed |= p.returncode != 0
-        logs.append(f"--- rank {rank} (exit {p.returncode}) ---\n{out}")
-    if failed:
-        raise AssertionError(f"job {name} failed:\n" + "\n".join(logs))
+    logs = run_ranks(worker, [spec], world, timeout, f"job {name}")
     with open(os.path.join(out_dir, f"{name}.result.json")) as f:
         result = json.load(f)
     result["log"] = "\n".join(logs)

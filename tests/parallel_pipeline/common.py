@@ -2,16 +2,13 @@
 single-process reference and a launcher for gloo worker processes."""
 
 import os
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.llama import Llama
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.gloo_ranks import REPO, run_ranks
 
 # hidden 128 (head_dim 16, the smallest the attention kernel accepts), 8 layers (PP=4 x 2 virtual
 # stages gets one layer per stage), GQA 8 / 2 heads, vocabulary 300 padded to 384.
@@ -131,30 +128,5 @@ def eval_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:
 def launch(world: int, out_dir: str, timeout: float = 170.0) -> None:
     """Run tests/parallel_pipeline/pp_worker.py as `world` gloo ranks (file:// rendezvous, so no
     port can collide with another user's run) and fail with the ranks' output if any fails."""
-    env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     worker = os.path.join(REPO, "tests", "parallel_pipeline", "pp_worker.py")
-    procs = []
-    for rank in range(world):
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, worker, out_dir],
-                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs, failed = [], False
-    for rank, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            out, _ = p.communicate()
-            out += "\n[timed out: likely a pipeline hang]"
-        failed |= p.returncode != 0
-        logs.append(f"--- rank {rank} (exit {p.returncode}) ---\n{out}")
-    if failed:
-        raise AssertionError("pipeline worker failed:\n" + "\n".join(logs))
+    run_ranks(worker, [out_dir], world, timeout, "pipeline worker")
