@@ -2,6 +2,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 
@@ -165,5 +166,51 @@ def test_encode_turns_equals_encoding_the_turn_strings(extra):
     ]
     flat, lengths = t.encode_turns(contents)
     ref, ref_lengths = t.encode_flat([f"<|im_start|>{c}<|im_end|>\n" for c in contents])
+    assert lengths.tolist() == ref_lengths.tolist()
+    assert flat.tolist() == ref.tolist()
+
+
+class _PublicOnly:
+    """A SentencePieceProcessor seen only through its public Encode."""
+
+    def __init__(self, sp):
+        self.Encode = sp.Encode
+
+
+@pytest.mark.parametrize("path", ["direct", "public", "lists"])
+@pytest.mark.parametrize(
+    "contents",
+    [
+        [],
+        ["user\nplain text only", "assistant\nno specials here either"],
+        ["assistant\n<|im_end|>", "user\na<|im_start|>b</s><s>c", "user\n<", "system\n\n"],
+        ["user\nx", "assistant\n<EOD><PAD>", "user\nlast one <|im_end|>"],
+    ],
+)
+def test_encode_turns_int32_and_list_paths_agree(tok, contents, path):
+    """The int32-buffer paths (the extension's batch call, or the public out_type="numpy") and
+    the list path give the same ids, lengths and dtypes, with or without special tokens inside
+    the contents."""
+    from data.tokenizer import _int32_encoder
+
+    encoder = {
+        "direct": _int32_encoder(tok._sp),
+        "public": _int32_encoder(_PublicOnly(tok._sp)),
+        "lists": None,
+    }[path]
+    if path != "lists" and encoder is None:
+        pytest.skip("this sentencepiece has no out_type='numpy'")
+    if path == "direct" and encoder.__name__ != "direct":
+        pytest.skip("this sentencepiece has no batch buffer call")
+    ref, ref_lengths = tok.encode_flat(
+        [f"<|im_start|>{c}<|im_end|>\n" for c in contents], np.uint16
+    )
+    saved = tok._encode_int32, tok._numpy_out
+    tok._encode_int32, tok._numpy_out = encoder, encoder is not None
+    try:
+        flat, lengths = tok.encode_turns(contents, np.uint16)
+    finally:
+        tok._encode_int32, tok._numpy_out = saved
+    assert flat.dtype == np.uint16 and lengths.dtype == np.int64
     assert lengths.tolist() == ref_lengths.tolist()
     assert flat.tolist() == ref.tolist()
