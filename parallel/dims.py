@@ -1,11 +1,14 @@
 """ParallelDims: the (tp, pp, dp) layout and its process groups, built once, passed explicitly."""
 
 import datetime
+import itertools
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+AXES = ("tp", "dp", "pp")
 
 
 @dataclass
@@ -62,6 +65,21 @@ class ParallelDims:
     def global_rank(self, tp_rank: int, dp_rank: int, pp_rank: int) -> int:
         return pp_rank * (self.dp * self.tp) + dp_rank * self.tp + tp_rank
 
+    def axis_groups(self, axis: str) -> list[list[int]]:
+        """Every group of global ranks that differ only along `axis` ("tp", "dp" or "pp"), in a
+        fixed order; together they partition the world."""
+        a, b = (x for x in AXES if x != axis)
+        groups = []
+        for i, j in itertools.product(range(getattr(self, a)), range(getattr(self, b))):
+            fixed = {f"{a}_rank": i, f"{b}_rank": j}
+            groups.append(
+                [
+                    self.global_rank(**fixed, **{f"{axis}_rank": k})
+                    for k in range(getattr(self, axis))
+                ]
+            )
+        return groups
+
     @staticmethod
     def check(world_size: int, tp: int, pp: int) -> int:
         """Return dp = world / (tp * pp), or raise a ValueError that says what to change."""
@@ -92,22 +110,9 @@ class ParallelDims:
         rank = dist.get_rank()
         dims = cls(tp=tp, pp=pp, dp=dp, rank=rank)
         # Every process must create every group, in the same order (torch.distributed rule).
-        for p in range(pp):
-            for d in range(dp):
-                ranks = [dims.global_rank(t, d, p) for t in range(tp)]
+        for axis in AXES:
+            for ranks in dims.axis_groups(axis):
                 g = dist.new_group(ranks)
-                if rank in ranks and tp > 1:
-                    dims.tp_group = g
-        for p in range(pp):
-            for t in range(tp):
-                ranks = [dims.global_rank(t, d, p) for d in range(dp)]
-                g = dist.new_group(ranks)
-                if rank in ranks and dp > 1:
-                    dims.dp_group = g
-        for d in range(dp):
-            for t in range(tp):
-                ranks = [dims.global_rank(t, d, p) for p in range(pp)]
-                g = dist.new_group(ranks)
-                if rank in ranks and pp > 1:
-                    dims.pp_group = g
+                if rank in ranks and getattr(dims, axis) > 1:
+                    setattr(dims, f"{axis}_group", g)
         return dims

@@ -1,0 +1,27 @@
+"""ParallelDims rank layout, checked without any process group."""
+
+import pytest
+
+from parallel.dims import AXES, ParallelDims
+
+
+@pytest.mark.parametrize("tp,dp,pp", [(1, 1, 1), (2, 2, 2), (4, 2, 1), (2, 1, 4), (1, 3, 2)])
+def test_axis_groups_partition_the_world_in_megatron_order(tp, dp, pp):
+    dims = ParallelDims(tp=tp, dp=dp, pp=pp)
+    world = set(range(dims.world_size))
+    for axis in AXES:
+        groups = dims.axis_groups(axis)
+        assert sorted(r for g in groups for r in g) == sorted(world)
+        assert all(len(g) == getattr(dims, axis) for g in groups)
+        for g in groups:  # members differ only along `axis`
+            members = [ParallelDims(tp=tp, dp=dp, pp=pp, rank=r) for r in g]
+            for other in AXES:
+                ranks = {getattr(m, f"{other}_rank") for m in members}
+                assert len(ranks) == (getattr(dims, axis) if other == axis else 1)
+    # TP innermost: a TP group is consecutive ranks (stays inside a node).
+    assert dims.axis_groups("tp")[0] == list(range(tp))
+
+
+def test_world_size_check_names_the_fix():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ParallelDims.check(6, tp=2, pp=2)
