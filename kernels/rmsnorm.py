@@ -1,10 +1,15 @@
 """RMSNorm: y = x * rsqrt(mean(x^2) + eps) * weight, fused forward and backward in Triton.
 
-Forward: one program per row; the row is read once into registers (hidden <= 16384), its rstd is
-saved for the backward. Backward: a grid of (row groups, column chunks); each program walks its
-rows, writes dx, and keeps its share of dweight in fp32 registers, written once as a partial row;
-the partials are summed by `torch.sum` (fixed order, so dweight is bitwise reproducible; no
-atomics). Hidden sizes too large for registers run the same kernels over column chunks.
+Forward: each program normalises `rows` whole rows held in registers (hidden <= 16384) and saves
+their rstd for the backward. Backward: a grid of (row groups, column chunks); each program walks
+its rows `rows` at a time (independent loads in flight while a row's dot product reduces), writes
+dx, and keeps its share of dweight in fp32 registers, written once as a partial row; the partials
+are summed by `torch.sum` (fixed order, so dweight is bitwise reproducible; no atomics). Hidden
+sizes too large for registers run the same kernels over column chunks.
+
+Launch settings (warps, rows per step, row groups per SM) come from a heuristic unless the card's
+tuning table (kernels/tuning.py, written by `python -m bench.tune`) names measured ones. They
+change the rounding of the reductions, which is why they are fixed per card, not autotuned.
 """
 
 import functools
@@ -12,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -56,24 +61,36 @@ if HAS_TRITON:
         stride_x_col,  # elements between columns of X (1 unless the caller passed a strided view)
         stride_y_row,  # elements between rows of Y
         stride_y_col,  # elements between columns of Y
+        n_rows,  # rows in total
         n_cols,  # hidden size
         eps,  # added to mean(x^2)
         BLOCK_N: tl.constexpr,  # columns per load: the whole row when SINGLE, a chunk otherwise
         SINGLE: tl.constexpr,  # whole row fits one block: read x once
+        ROWS: tl.constexpr,  # rows per program (SINGLE only): more bytes in flight per program
     ):
-        row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
-        x_row = X + row * stride_x_row
-        y_row = Y + row * stride_y_row
         cols = tl.arange(0, BLOCK_N)
         if SINGLE:
-            mask = cols < n_cols
-            x = tl.load(x_row + cols * stride_x_col, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=0), n_cols.to(tl.float32)) + eps)
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            # (ROWS, BLOCK_N) tile; int64 rows: rows * stride can pass 2^31
+            rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+            x = tl.load(
+                X + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            rstd = tl.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=1), n_cols.to(tl.float32)) + eps)
+            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w[None, :]
             tl.store(
-                y_row + cols * stride_y_col, _to_out(x * rstd * w, Y.dtype.element_ty), mask=mask
+                Y + rows[:, None] * stride_y_row + cols[None, :] * stride_y_col,
+                _to_out(y, Y.dtype.element_ty),
+                mask=mask,
             )
+            tl.store(RSTD + rows, rstd, mask=rows < n_rows)
         else:
+            row = tl.program_id(0).to(tl.int64)
+            x_row = X + row * stride_x_row
+            y_row = Y + row * stride_y_row
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, n_cols, BLOCK_N):
                 c = start + cols
@@ -89,7 +106,7 @@ if HAS_TRITON:
                 tl.store(
                     y_row + c * stride_y_col, _to_out(x * rstd * w, Y.dtype.element_ty), mask=mask
                 )
-        tl.store(RSTD + row, rstd)
+            tl.store(RSTD + row, rstd)
 
     @triton.jit
     def _rmsnorm_rowdot_kernel(
@@ -142,49 +159,82 @@ if HAS_TRITON:
         rows_per_program,  # consecutive rows walked by each program
         BLOCK_N: tl.constexpr,  # columns per program (the whole row when INLINE_DOT)
         INLINE_DOT: tl.constexpr,  # the whole row is in this block: reduce the dot product here
+        ROWS: tl.constexpr,  # rows per step: independent loads in flight while a row reduces
     ):
         pid = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = cols < n_cols
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-        row_start = pid * rows_per_program
+        cmask = cols < n_cols
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        # One fp32 accumulator row per row slot, summed once at the end: no cross-slot reduction
+        # inside the loop. The order is fixed by (ROWS, rows_per_program): reproducible.
+        dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        row_start = pid.to(tl.int64) * rows_per_program
         n_mine = tl.minimum(rows_per_program, n_rows - row_start)
-        for i in range(0, n_mine):
-            row = row_start.to(tl.int64) + i
-            dy = tl.load(DY + row * stride_dy_row + cols * stride_dy_col, mask=mask, other=0.0).to(
-                tl.float32
-            )
-            x = tl.load(X + row * stride_x_row + cols * stride_x_col, mask=mask, other=0.0).to(
-                tl.float32
-            )
-            rstd = tl.load(RSTD + row)
+        slot = tl.arange(0, ROWS)
+        for i in range(0, n_mine, ROWS):
+            rows = row_start + i + slot  # (ROWS,) int64
+            rmask = (i + slot) < n_mine
+            mask = rmask[:, None] & cmask[None, :]
+            dy = tl.load(
+                DY + rows[:, None] * stride_dy_row + cols[None, :] * stride_dy_col,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            x = tl.load(
+                X + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
+                mask=mask,
+                other=0.0,
+            ).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             g = dy * w
             if INLINE_DOT:
-                dot = tl.sum(g * x, axis=0)
+                dot = tl.sum(g * x, axis=1)
             else:
-                dot = tl.load(DOT + row)
+                dot = tl.load(DOT + rows, mask=rmask, other=0.0)
             # d/dx of x * rstd(x) * w:  rstd * g - x * rstd^3 * mean(g * x)
-            dx = rstd * g - (rstd * rstd * rstd * tl.math.div_rn(dot, n_cols.to(tl.float32))) * x
+            c = rstd * rstd * rstd * tl.math.div_rn(dot, n_cols.to(tl.float32))
+            dx = rstd[:, None] * g - c[:, None] * x
             tl.store(
-                DX + row * stride_dx_row + cols * stride_dx_col,
+                DX + rows[:, None] * stride_dx_row + cols[None, :] * stride_dx_col,
                 _to_out(dx, DX.dtype.element_ty),
                 mask=mask,
             )
-            dw += dy * (x * rstd)
+            dw += dy * (x * rstd[:, None])
         # Unconditional: every program owns one partial row and must write all of it.
-        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+        tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-class _Config(NamedTuple):
+class FwdConfig(NamedTuple):
+    """Forward launch settings (tunable per card, see kernels/tuning.py)."""
+
+    warps: int  # num_warps
+    rows: int  # rows per program on the single-block path (1 on the chunked path)
+
+
+class BwdConfig(NamedTuple):
+    """Backward launch settings (tunable per card). They fix dweight's summation order."""
+
+    warps: int  # num_warps
+    rows: int  # rows per loop step of a program
+    programs_per_sm: int  # row groups per SM = dweight partial rows per SM
+
+
+class _Blocks(NamedTuple):
+    """What the hidden size alone decides (not tunable)."""
+
     fwd_block: int  # columns per forward load
     fwd_single: bool  # forward reads the row once
-    fwd_warps: int
     bwd_block: int  # columns per backward program
     bwd_inline_dot: bool  # backward holds the whole row (no separate row-dot kernel)
-    bwd_warps: int
-    bwd_programs: int  # row groups = dweight partial rows
-    rows_per_program: int
+
+
+def _blocks(n_cols: int) -> _Blocks:
+    block = triton.next_power_of_2(n_cols)
+    fwd_single = block <= _MAX_FWD_BLOCK
+    bwd_inline = block <= _MAX_BWD_BLOCK
+    return _Blocks(
+        block if fwd_single else _CHUNK, fwd_single, block if bwd_inline else _CHUNK, bwd_inline
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,27 +252,60 @@ def _warps(block: int) -> int:
     return 4
 
 
-def _config(n_rows: int, n_cols: int, device: torch.device) -> _Config:
-    """Launch settings of the whole family: a function of (rows, hidden, device) only."""
-    block = triton.next_power_of_2(n_cols)
-    fwd_single = block <= _MAX_FWD_BLOCK
-    fwd_block = block if fwd_single else _CHUNK
-    bwd_inline = block <= _MAX_BWD_BLOCK
-    bwd_block = block if bwd_inline else _CHUNK
+def tune_key(n_cols: int) -> str:
+    """The tuning table's key of a hidden size (the same for the forward and the backward)."""
+    return f"hidden={n_cols}"
+
+
+def _fwd_config(n_cols: int, device: torch.device) -> FwdConfig:
+    """The card's tuned forward settings for this hidden size, else the heuristic."""
+    blocks = _blocks(n_cols)
+    default = FwdConfig(_warps(blocks.fwd_block), 1)
+    return tuning.tuned_config("rmsnorm_fwd", tune_key(n_cols), device, default)
+
+
+def _bwd_config(n_cols: int, device: torch.device) -> BwdConfig:
+    """The card's tuned backward settings for this hidden size, else the heuristic."""
+    blocks = _blocks(n_cols)
+    default = BwdConfig(_warps(blocks.bwd_block), 1, _PROGRAMS_PER_SM)
+    return tuning.tuned_config("rmsnorm_bwd", tune_key(n_cols), device, default)
+
+
+def _per_thread(rows: int, block: int, warps: int) -> int:
+    return rows * block // (32 * warps)
+
+
+def candidates_fwd(n_cols: int) -> list[FwdConfig]:
+    """Forward settings a sweep on a card should time (the heuristic first)."""
+    blocks = _blocks(n_cols)
+    out = [FwdConfig(_warps(blocks.fwd_block), 1)]
+    for warps in (4, 8, 16, 32):
+        for rows in (1, 2, 4) if blocks.fwd_single else (1,):
+            # 4..64 fp32 values of x per thread: vector loads without spilling
+            if 4 <= _per_thread(rows, blocks.fwd_block, warps) <= 64:
+                out.append(FwdConfig(warps, rows))
+    return list(dict.fromkeys(out))
+
+
+def candidates_bwd(n_cols: int) -> list[BwdConfig]:
+    """Backward settings a sweep on a card should time (the heuristic first)."""
+    blocks = _blocks(n_cols)
+    out = [BwdConfig(_warps(blocks.bwd_block), 1, _PROGRAMS_PER_SM)]
+    for warps in (4, 8, 16, 32):
+        for rows in (1, 2, 4):
+            # dy, x, g and dweight live at once: at most 32 values each per thread
+            if 2 <= _per_thread(rows, blocks.bwd_block, warps) <= 32:
+                for per_sm in (1, 2, 4, 8):
+                    out.append(BwdConfig(warps, rows, per_sm))
+    return list(dict.fromkeys(out))
+
+
+def _bwd_layout(n_rows: int, cfg: BwdConfig, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) of the backward: row groups spread over the SMs."""
     # The interpreter runs programs one after another: a few row groups are enough there.
-    slots = _sm_count(device) * _PROGRAMS_PER_SM if device.type == "cuda" else 4
+    slots = _sm_count(device) * cfg.programs_per_sm if device.type == "cuda" else 4
     rows_per_program = triton.cdiv(n_rows, min(slots, n_rows))
-    programs = triton.cdiv(n_rows, rows_per_program)  # every program gets at least one row
-    return _Config(
-        fwd_block,
-        fwd_single,
-        _warps(fwd_block),
-        bwd_block,
-        bwd_inline,
-        _warps(bwd_block),
-        programs,
-        rows_per_program,
-    )
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program  # each program has a row
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -236,10 +319,12 @@ def _rmsnorm_fwd(
     eps: float,
     out: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
+    cfg: FwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (rows, hidden), weight: (hidden,) -> y: (rows, hidden) in x's dtype, rstd: (rows,) fp32.
 
-    `out` and `rstd` may be given (tests pass NaN-filled ones)."""
+    `out` and `rstd` may be given (tests pass NaN-filled ones); `cfg` overrides the launch
+    settings (the tuning sweep times each candidate)."""
     n_rows, n_cols = x.shape
     if weight.shape != (n_cols,):
         raise ValueError(f"rmsnorm: weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
@@ -250,8 +335,10 @@ def _rmsnorm_fwd(
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return out, rstd
-    cfg = _config(n_rows, n_cols, x.device)
-    _rmsnorm_fwd_kernel[(n_rows,)](
+    blocks = _blocks(n_cols)
+    cfg = cfg or _fwd_config(n_cols, x.device)
+    rows = cfg.rows if blocks.fwd_single else 1
+    _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         x,
         weight,
         out,
@@ -260,11 +347,13 @@ def _rmsnorm_fwd(
         x.stride(1),
         out.stride(0),
         out.stride(1),
+        n_rows,
         n_cols,
         eps,
-        BLOCK_N=cfg.fwd_block,
-        SINGLE=cfg.fwd_single,
-        num_warps=cfg.fwd_warps,
+        BLOCK_N=blocks.fwd_block,
+        SINGLE=blocks.fwd_single,
+        ROWS=rows,
+        num_warps=cfg.warps,
     )
     return out, rstd
 
@@ -276,10 +365,12 @@ def _rmsnorm_bwd(
     rstd: torch.Tensor,
     dx: torch.Tensor | None = None,
     dweight: torch.Tensor | None = None,
+    cfg: BwdConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x: (rows, hidden), weight: (hidden,), rstd: (rows,) -> dx (x's dtype), dweight (weight's).
 
-    `dx` and `dweight` may be given (tests pass NaN-filled ones)."""
+    `dx` and `dweight` may be given (tests pass NaN-filled ones); `cfg` overrides the launch
+    settings."""
     n_rows, n_cols = x.shape
     weight = weight.contiguous()
     if dx is None:
@@ -288,10 +379,12 @@ def _rmsnorm_bwd(
         dweight = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
     if n_rows == 0:
         return dx, dweight.zero_()
-    cfg = _config(n_rows, n_cols, x.device)
-    partial = torch.empty(cfg.bwd_programs, n_cols, dtype=torch.float32, device=x.device)
+    blocks = _blocks(n_cols)
+    cfg = cfg or _bwd_config(n_cols, x.device)
+    programs, rows_per_program = _bwd_layout(n_rows, cfg, x.device)
+    partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
     dot = rstd  # placeholder pointer, never read when the dot product is inline
-    if not cfg.bwd_inline_dot:
+    if not blocks.bwd_inline_dot:
         dot = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         _rmsnorm_rowdot_kernel[(n_rows,)](
             dy,
@@ -303,10 +396,10 @@ def _rmsnorm_bwd(
             x.stride(0),
             x.stride(1),
             n_cols,
-            BLOCK_N=cfg.bwd_block,
-            num_warps=cfg.bwd_warps,
+            BLOCK_N=blocks.bwd_block,
+            num_warps=cfg.warps,
         )
-    grid = (cfg.bwd_programs, triton.cdiv(n_cols, cfg.bwd_block))
+    grid = (programs, triton.cdiv(n_cols, blocks.bwd_block))
     _rmsnorm_bwd_kernel[grid](
         dy,
         x,
@@ -323,10 +416,11 @@ def _rmsnorm_bwd(
         dx.stride(1),
         n_rows,
         n_cols,
-        cfg.rows_per_program,
-        BLOCK_N=cfg.bwd_block,
-        INLINE_DOT=cfg.bwd_inline_dot,
-        num_warps=cfg.bwd_warps,
+        rows_per_program,
+        BLOCK_N=blocks.bwd_block,
+        INLINE_DOT=blocks.bwd_inline_dot,
+        ROWS=cfg.rows,
+        num_warps=cfg.warps,
     )
     dweight.copy_(partial.sum(dim=0))  # fixed reduction order: reproducible, no atomics
     return dx, dweight

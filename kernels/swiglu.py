@@ -4,13 +4,16 @@ Gate and up are read straight out of the fused (..., 2*ffn) tensor through one r
 chunk/contiguous copies), and the backward writes d(gate_up) in the same fused layout, so the
 w13 backward consumes it directly. The backward recomputes sigmoid(gate) from the saved input
 instead of saving silu(gate): no extra (tokens, ffn) activation is kept for backward.
+
+Launch settings (columns per program, warps) come from a heuristic unless the card's tuning table
+(kernels/tuning.py, written by `python -m bench.tune`) names measured ones.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -35,8 +38,11 @@ if HAS_TRITON:
     def _sigmoid(g):
         # exp of -|g| never overflows, so no inf intermediate even for |g| in the thousands (fp16
         # and bf16 gates can get there); exact 0/1 saturation keeps silu and its derivative finite.
+        # One reciprocal shared by both branches: sigmoid is exp + rcp on the special-function
+        # unit, whose rate (not memory) would otherwise bound the forward on an H100/H200.
         e = tl.exp(-tl.abs(g))
-        return tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        r = 1.0 / (1.0 + e)
+        return tl.where(g >= 0, r, e * r)
 
     @triton.jit
     def _swiglu_fwd_kernel(
@@ -97,18 +103,41 @@ if HAS_TRITON:
         )
 
 
-class _Config(NamedTuple):
+class Config(NamedTuple):
+    """Launch settings of one pass (tunable per card, see kernels/tuning.py)."""
+
     block: int  # columns per program
-    warps: int
+    warps: int  # num_warps
 
 
-def _config(n_ffn: int) -> _Config:
-    """Launch settings of the whole family (forward and backward): a function of ffn only.
-
-    2048 columns over 8 warps is 8 elements (16 bytes of bf16) per thread per tensor: vector
-    loads, and enough programs (rows x ffn/2048) to fill every SM many times over."""
+def _heuristic(n_ffn: int) -> Config:
+    # 2048 columns over 8 warps is 8 elements (16 bytes of bf16) per thread per tensor: vector
+    # loads, and enough programs (rows x ffn/2048) to fill every SM many times over.
     block = min(2048, max(128, triton.next_power_of_2(n_ffn)))
-    return _Config(block, max(1, min(8, block // 256)))
+    return Config(block, max(1, min(8, block // 256)))
+
+
+def tune_key(n_ffn: int) -> str:
+    """The tuning table's key of an ffn width (the same for the forward and the backward)."""
+    return f"ffn={n_ffn}"
+
+
+def _config(n_ffn: int, device: torch.device, backward: bool) -> Config:
+    """The card's tuned settings for this pass and width, else the heuristic. Elementwise: the
+    settings never change the result, only the speed."""
+    op = "swiglu_bwd" if backward else "swiglu_fwd"
+    return tuning.tuned_config(op, tune_key(n_ffn), device, _heuristic(n_ffn))
+
+
+def candidates(n_ffn: int) -> list[Config]:
+    """Settings a sweep on a card should time (the heuristic first), for either pass."""
+    out = [_heuristic(n_ffn)]
+    for block in (512, 1024, 2048, 4096):
+        for warps in (2, 4, 8, 16):
+            # 4..16 elements per thread per tensor: 8- to 32-byte bf16 vectors
+            if block <= 2 * triton.next_power_of_2(n_ffn) and 4 <= block // (32 * warps) <= 16:
+                out.append(Config(block, warps))
+    return list(dict.fromkeys(out))
 
 
 def _split_width(gate_up: torch.Tensor) -> int:
@@ -120,15 +149,18 @@ def _split_width(gate_up: torch.Tensor) -> int:
     return width // 2
 
 
-def _swiglu_fwd(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """gate_up: (rows, 2*ffn) -> out: (rows, ffn) in gate_up's dtype. `out` may be given."""
+def _swiglu_fwd(
+    gate_up: torch.Tensor, out: torch.Tensor | None = None, cfg: Config | None = None
+) -> torch.Tensor:
+    """gate_up: (rows, 2*ffn) -> out: (rows, ffn) in gate_up's dtype. `out` may be given; `cfg`
+    overrides the launch settings (the tuning sweep times each candidate)."""
     n_ffn = _split_width(gate_up)
     n_rows = gate_up.shape[0]
     if out is None:
         out = torch.empty(n_rows, n_ffn, dtype=gate_up.dtype, device=gate_up.device)
     if n_rows == 0 or n_ffn == 0:
         return out
-    cfg = _config(n_ffn)
+    cfg = cfg or _config(n_ffn, gate_up.device, backward=False)
     # Rows on grid axis 0 (up to 2^31 - 1); column blocks on axis 1 (up to 65535).
     grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
     _swiglu_fwd_kernel[grid](
@@ -146,16 +178,20 @@ def _swiglu_fwd(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch
 
 
 def _swiglu_bwd(
-    dout: torch.Tensor, gate_up: torch.Tensor, dgate_up: torch.Tensor | None = None
+    dout: torch.Tensor,
+    gate_up: torch.Tensor,
+    dgate_up: torch.Tensor | None = None,
+    cfg: Config | None = None,
 ) -> torch.Tensor:
-    """dout: (rows, ffn), gate_up: (rows, 2*ffn) -> d(gate_up): (rows, 2*ffn). `dgate_up` may be given."""
+    """dout: (rows, ffn), gate_up: (rows, 2*ffn) -> d(gate_up): (rows, 2*ffn). `dgate_up` may be
+    given; `cfg` overrides the launch settings."""
     n_ffn = _split_width(gate_up)
     n_rows = gate_up.shape[0]
     if dgate_up is None:
         dgate_up = torch.empty(n_rows, 2 * n_ffn, dtype=gate_up.dtype, device=gate_up.device)
     if n_rows == 0 or n_ffn == 0:
         return dgate_up
-    cfg = _config(n_ffn)
+    cfg = cfg or _config(n_ffn, gate_up.device, backward=True)
     grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
     _swiglu_bwd_kernel[grid](
         dout,

@@ -123,8 +123,8 @@ def test_wide_rows_chunked(device, dtype, monkeypatch):
     monkeypatch.setattr(rms_mod, "_MAX_FWD_BLOCK", 64)
     monkeypatch.setattr(rms_mod, "_MAX_BWD_BLOCK", 64)
     monkeypatch.setattr(rms_mod, "_CHUNK", 32)
-    cfg = rms_mod._config(9, 123, torch.device(device))
-    assert not cfg.fwd_single and not cfg.bwd_inline_dot
+    blocks = rms_mod._blocks(123)
+    assert not blocks.fwd_single and not blocks.bwd_inline_dot
     x, w, dy = _inputs((9, 123), dtype, device, seed=5)
     y = poisoned_empty(9, 123, dtype=dtype, device=device)
     rstd = poisoned_empty(9, dtype=torch.float32, device=device)
@@ -139,8 +139,42 @@ def test_dweight_is_deterministic(device):
     """The dweight partials are reduced in a fixed order: two runs agree bit for bit."""
     x, w, dy = _inputs((1200, 96), torch.bfloat16, device, seed=13)
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + EPS)
-    cfg = rms_mod._config(1200, 96, torch.device(device))
-    assert cfg.rows_per_program > 1  # several rows per program, several programs
+    cfg = rms_mod._bwd_config(96, torch.device(device))
+    _, rows_per_program = rms_mod._bwd_layout(1200, cfg, torch.device(device))
+    assert rows_per_program > 1  # several rows per program, several programs
     dws = [_rmsnorm_bwd(dy, x, w, rstd)[1] for _ in range(2)]
     assert torch.equal(dws[0], dws[1])
     _check((None, None, "dweight"), (None, None, dws[0]), x, w, dy)
+
+
+@pytest.mark.parametrize("hidden", [123, 4096])
+def test_every_tuning_candidate(device, hidden):
+    """Each setting a tuning sweep may pick computes the same function: rows per step that do
+    not divide the rows of a program, several warps and row groups."""
+    dtype = torch.bfloat16
+    x, w, dy = _inputs((11, hidden), dtype, device, seed=17)
+    for cfg in rms_mod.candidates_fwd(hidden):
+        y = poisoned_empty(11, hidden, dtype=dtype, device=device)
+        rstd = poisoned_empty(11, dtype=torch.float32, device=device)
+        _rmsnorm_fwd(x, w, EPS, out=y, rstd=rstd, cfg=cfg)
+        _check(("y",), (y,), x, w, dy)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + EPS)
+    for cfg in rms_mod.candidates_bwd(hidden):
+        dx = poisoned_empty(11, hidden, dtype=dtype, device=device)
+        dw = poisoned_empty(hidden, dtype=dtype, device=device)
+        _rmsnorm_bwd(dy, x, w, rstd, dx=dx, dweight=dw, cfg=cfg)
+        _check((None, "dx", "dweight"), (None, dx, dw), x, w, dy)
+
+
+def test_tuned_table_overrides_heuristic(monkeypatch):
+    """A card's table entry replaces the heuristic; a stale entry fails with the op and key."""
+    from kernels import tuning
+
+    entries = {("rmsnorm_bwd", "hidden=4096"): {"warps": 4, "rows": 2, "programs_per_sm": 1}}
+    monkeypatch.setattr(tuning, "lookup", lambda op, key, device: entries.get((op, key)))
+    cuda = torch.device("cuda", 0)  # only its type is read: tables are for CUDA devices
+    assert rms_mod._bwd_config(4096, cuda) == rms_mod.BwdConfig(4, 2, 1)
+    assert rms_mod._bwd_config(8192, cuda) == rms_mod.BwdConfig(16, 1, rms_mod._PROGRAMS_PER_SM)
+    entries[("rmsnorm_fwd", "hidden=4096")] = {"warps": 8, "block": 64}
+    with pytest.raises(ValueError, match="rmsnorm_fwd.*unknown parameter.*block"):
+        rms_mod._fwd_config(4096, cuda)

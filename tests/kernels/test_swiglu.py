@@ -104,3 +104,33 @@ def test_broadcast_grad(device):
     gu = gate_up.clone().requires_grad_()
     swiglu(gu).sum().backward()
     _check(None, gu.grad, gate_up, torch.ones(3, 123, device=device))
+
+
+def test_every_tuning_candidate(device):
+    """Each setting a tuning sweep may pick computes the same function (ffn not a multiple of
+    any block, so every setting has a ragged last block)."""
+    from kernels import swiglu as swiglu_mod
+
+    dtype = torch.bfloat16
+    shape = (3, 1000)
+    gate_up, dout = _inputs(shape, dtype, device, seed=31)
+    cands = swiglu_mod.candidates(1000)
+    assert cands[0] == swiglu_mod._heuristic(1000) and len(cands) > 3
+    for cfg in cands:
+        out = poisoned_empty(*shape, dtype=dtype, device=device)
+        dgu = poisoned_empty(*gate_up.shape, dtype=dtype, device=device)
+        swiglu_mod._swiglu_fwd(gate_up, out=out, cfg=cfg)
+        swiglu_mod._swiglu_bwd(dout, gate_up, dgate_up=dgu, cfg=cfg)
+        _check(out, dgu, gate_up, dout)
+
+
+def test_tuned_table_per_pass(monkeypatch):
+    """The forward and the backward read their own table entries."""
+    from kernels import swiglu as swiglu_mod
+    from kernels import tuning
+
+    entries = {("swiglu_bwd", "ffn=3584"): {"block": 1024, "warps": 4}}
+    monkeypatch.setattr(tuning, "lookup", lambda op, key, device: entries.get((op, key)))
+    cuda = torch.device("cuda", 0)  # only its type is read
+    assert swiglu_mod._config(3584, cuda, backward=True) == swiglu_mod.Config(1024, 4)
+    assert swiglu_mod._config(3584, cuda, backward=False) == swiglu_mod._heuristic(3584)
