@@ -1,13 +1,27 @@
 """Rotary position embedding of q and k (half-split / rotate_half layout), forward and backward.
 
-One program per token rotates every q head and every k head of that token (GQA: the head counts
-differ), so the token's cos/sin row is computed once and shared by all heads. cos/sin are
-computed on the fly in fp32 from the position and the (head_dim/2,) frequency vector rather than
-read from a (positions, head_dim/2) cache: the kernel is memory-bound, a cache read adds
-2 * 4 * head_dim/2 bytes per token (about 10% more traffic at 8 q + 1 kv heads of 128, a
-70B tensor-parallel shard) while the sin/cos math is amortised over all heads of the token.
-A cache variant only needs `_cos_sin` to load instead of compute. The frequencies come from
-`reference.rotary_inv_freq`, so angles match the reference bit for bit.
+One program rotates every q head and every k head (GQA: the head counts differ) of BLOCK_T
+consecutive tokens, as 3-D (tokens, heads, head_dim/2) tiles. The first kernel ran one token per
+program (10 KB read, 10 KB written at 32 + 8 heads of 128) and went position -> cos/sin -> q load
+-> q store -> k load -> k store, so each program waited on several DRAM round trips in a row:
+46-75% of copy bandwidth on an H200 at (16384 tokens, 32/8 heads, 128) and (8192, 64/8, 128),
+against a goal of 80%. Now every load of a program (positions, both halves of the q and k heads)
+is issued before the first store, so they share one round trip, and cos/sin are computed while
+the loads are in flight. Loads before stores is also what makes the in-place call (q_out is q)
+safe. Tokens with few heads (a 70B tensor-parallel shard has 8 q and 1 kv head: 2.3 KB read per
+token) get more tokens per program.
+
+cos/sin are computed once per program and token, in fp32, from the position and the
+(head_dim/2,) frequencies of `reference.rotary_inv_freq` with an IEEE division, so the angles
+match the reference bit for bit. Alternatively they are read from a [cos | sin] table
+(`rotary_cos_sin`): that adds 4 * head_dim bytes per token (11% more traffic at 8 + 1 heads of
+128, 2.5% at 32 + 8) but drops the sin/cos math, which every thread holding a head of the token
+repeats, and its registers (sm_90 compile at 32 + 8 heads, heuristic settings: 78 registers and
+libdevice's 32-byte reduction stack computed, 48 and none from the table).
+
+Pending a GPU: which is faster, table or on-the-fly, and the launch settings. `candidates` lists
+the settings `bench.tune` times on a card; the fastest is committed to kernels/tuned/<card>.json
+and `_config` reads it back (see kernels/tuning.py). Without an entry, `_heuristic` decides.
 
 The backward is the same kernel rotating by -angle (sin negated); it needs only the positions,
 so the forward saves nothing else and may run in place (`inplace=True`).
@@ -18,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -40,56 +54,126 @@ def rotary_bytes(
     return 2 * tokens * (heads + kv_heads) * head_dim * dtype_bytes + 8 * tokens
 
 
+def rotary_cos_sin(
+    max_positions: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling_factor: float = 1.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The optional cos/sin table of `rotary`: fp32 (max_positions, head_dim) = [cos | sin], each
+    head_dim/2 wide, row p for position p. The same math as `reference.rotary_cos_sin`."""
+    positions = torch.arange(max_positions, device=device)
+    cos, sin = reference.rotary_cos_sin(positions, head_dim, theta, scaling_factor)
+    return torch.cat((cos, sin), dim=-1)
+
+
 if HAS_TRITON:
 
     @triton.jit
     def _cos_sin(
-        POS,  # positions (tokens,), integer
-        INV_FREQ,  # fp32 frequencies (head_dim/2,)
-        tok,  # this token (int64)
-        stride_pos,  # elements between positions
+        pos,  # (BLOCK_T,) positions, integer
+        CS,  # fp32 [cos | sin] table (max_positions, head_dim), read if CACHED
+        stride_cs_pos,  # elements between rows of CS
+        stride_cs_dim,  # elements between columns of CS
+        INV_FREQ,  # fp32 frequencies (head_dim/2,), read if not CACHED
         d,  # (BLOCK_D,) frequency indices
         dmask,  # d < head_dim/2
+        half,  # head_dim / 2
         scaling_factor,  # linear position interpolation: angle = pos / factor * inv_freq
+        CACHED: tl.constexpr,  # read cos/sin from CS instead of computing them
     ):
+        """(BLOCK_T, BLOCK_D) fp32 cos and sin of the tokens' angles."""
+        if CACHED:
+            # int64: max_positions * head_dim may pass 2^31 for long-context tables
+            off = pos.to(tl.int64)[:, None] * stride_cs_pos + d[None, :] * stride_cs_dim
+            mask = dmask[None, :]
+            cos = tl.load(CS + off, mask=mask, other=0.0)
+            sin = tl.load(CS + off + half * stride_cs_dim, mask=mask, other=0.0)
+            return cos, sin
         # Same operations as reference.rotary_cos_sin: (pos / factor) * inv_freq in fp32, with an
         # IEEE division (Triton's `/` is approximate), so the angle matches the reference exactly.
-        pos = tl.math.div_rn(tl.load(POS + tok * stride_pos).to(tl.float32), scaling_factor)
+        p = tl.math.div_rn(pos.to(tl.float32), scaling_factor)
         inv_freq = tl.load(INV_FREQ + d, mask=dmask, other=0.0)
-        angle = pos * inv_freq
+        angle = p[:, None] * inv_freq[None, :]
         return tl.cos(angle), tl.sin(angle)
 
     @triton.jit
-    def _rotate_heads(
-        X,  # this token's first head (heads, head_dim) of the input
-        O,  # this token's first head of the output (may equal X: in place)
-        stride_x_head,  # elements between heads of X
-        stride_x_dim,  # elements between head_dim entries of X
-        stride_o_head,  # elements between heads of O
-        stride_o_dim,  # elements between head_dim entries of O
-        n_heads,  # heads to rotate
-        half,  # head_dim / 2
-        cos,  # (BLOCK_D,) fp32
-        sin,  # (BLOCK_D,) fp32, negated for the backward
+    def _tile(
+        t,  # (BLOCK_T,) token indices within the program
+        tmask,  # (BLOCK_T,) token exists
+        h0,  # first head of the tile
+        n_heads,  # heads of the tensor
         d,  # (BLOCK_D,) indices into the first half
         dmask,  # d < half
-        BLOCK_H: tl.constexpr,  # heads per step
+        stride_tok,
+        stride_head,
+        stride_dim,  # strides of the tensor
+        BLOCK_H: tl.constexpr,  # heads per tile
     ):
-        c = cos[None, :]
-        s = sin[None, :]
-        for h0 in range(0, n_heads, BLOCK_H):
-            h = h0 + tl.arange(0, BLOCK_H)
-            mask = (h < n_heads)[:, None] & dmask[None, :]
-            x_off = h[:, None] * stride_x_head + d[None, :] * stride_x_dim
-            o_off = h[:, None] * stride_o_head + d[None, :] * stride_o_dim
-            # Pairs are (i, i + half): both halves are loaded before anything is stored, so
-            # O == X is safe.
-            x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(X + x_off + half * stride_x_dim, mask=mask, other=0.0).to(tl.float32)
-            o1 = x1 * c - x2 * s
-            o2 = x2 * c + x1 * s
-            tl.store(O + o_off, _to_out(o1, O.dtype.element_ty), mask=mask)
-            tl.store(O + o_off + half * stride_o_dim, _to_out(o2, O.dtype.element_ty), mask=mask)
+        """(BLOCK_T, BLOCK_H, BLOCK_D) offsets of the first half of heads h0.. and their mask.
+
+        int32 is enough: the program's base pointer already holds the int64 token offset."""
+        h = h0 + tl.arange(0, BLOCK_H)
+        off = (
+            t[:, None, None] * stride_tok
+            + h[None, :, None] * stride_head
+            + d[None, None, :] * stride_dim
+        )
+        mask = tmask[:, None, None] & (h < n_heads)[None, :, None] & dmask[None, None, :]
+        return off, mask
+
+    @triton.jit
+    def _rotate_store(
+        O,  # output base (this program's first token)
+        off,  # offsets of the first half in O
+        half_off,  # half * stride of O's head_dim
+        mask,
+        x1,  # first half, input dtype
+        x2,  # second half, input dtype
+        c,  # (BLOCK_T, 1, BLOCK_D) fp32 cos
+        s,  # (BLOCK_T, 1, BLOCK_D) fp32 sin, negated for the backward
+    ):
+        # Pairs are (i, i + half): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin).
+        x1 = x1.to(tl.float32)
+        x2 = x2.to(tl.float32)
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+        tl.store(O + off, _to_out(o1, O.dtype.element_ty), mask=mask)
+        tl.store(O + off + half_off, _to_out(o2, O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_rest(
+        X,  # input base (this program's first token); may equal O
+        O,  # output base
+        t,
+        tmask,
+        d,
+        dmask,
+        c,
+        s,
+        n_heads,
+        half,
+        stride_x_tok,
+        stride_x_head,
+        stride_x_dim,  # strides of X
+        stride_o_tok,
+        stride_o_head,
+        stride_o_dim,  # strides of O
+        BLOCK_H: tl.constexpr,
+    ):
+        """Heads BLOCK_H.. when they do not fit one tile; each step loads both halves before
+        storing, so O == X stays safe."""
+        for h0 in range(BLOCK_H, n_heads, BLOCK_H):
+            x_off, mask = _tile(
+                t, tmask, h0, n_heads, d, dmask, stride_x_tok, stride_x_head, stride_x_dim, BLOCK_H
+            )
+            o_off, _ = _tile(
+                t, tmask, h0, n_heads, d, dmask, stride_o_tok, stride_o_head, stride_o_dim, BLOCK_H
+            )
+            x1 = tl.load(X + x_off, mask=mask, other=0.0)
+            x2 = tl.load(X + x_off + half * stride_x_dim, mask=mask, other=0.0)
+            _rotate_store(O, o_off, half * stride_o_dim, mask, x1, x2, c, s)
 
     @triton.jit
     def _rotary_kernel(
@@ -99,6 +183,7 @@ if HAS_TRITON:
         KO,  # out: rotated k (tokens, kv_heads, head_dim); K itself when in place
         POS,  # positions (tokens,), integer, restarting at 0 per packed document
         INV_FREQ,  # fp32 frequencies (head_dim/2,)
+        CS,  # fp32 [cos | sin] table (max_positions, head_dim) if CACHED, else unused
         stride_q_tok,
         stride_q_head,
         stride_q_dim,  # strides of Q
@@ -112,73 +197,152 @@ if HAS_TRITON:
         stride_ko_head,
         stride_ko_dim,  # strides of KO
         stride_pos,  # elements between positions
+        stride_cs_pos,
+        stride_cs_dim,  # strides of CS
+        n_tokens,  # tokens
         n_heads,  # q heads
         n_kv_heads,  # k heads
         half,  # head_dim / 2
         scaling_factor,  # linear position interpolation factor
-        BLOCK_HQ: tl.constexpr,  # q heads per step
-        BLOCK_HK: tl.constexpr,  # k heads per step
+        BLOCK_T: tl.constexpr,  # tokens per program
+        BLOCK_HQ: tl.constexpr,  # q heads per tile
+        BLOCK_HK: tl.constexpr,  # k heads per tile
         BLOCK_D: tl.constexpr,  # next power of two >= head_dim / 2
+        CACHED: tl.constexpr,  # cos/sin from CS instead of computed
         BACKWARD: tl.constexpr,  # rotate by -angle (the gradient of the rotation)
     ):
-        tok = tl.program_id(0).to(tl.int64)  # int64: tokens * stride can pass 2^31
+        t0 = tl.program_id(0).to(tl.int64) * BLOCK_T  # int64: tokens * stride can pass 2^31
+        Q += t0 * stride_q_tok
+        K += t0 * stride_k_tok
+        QO += t0 * stride_qo_tok
+        KO += t0 * stride_ko_tok
+        t = tl.arange(0, BLOCK_T)
+        tmask = t < n_tokens - t0
         d = tl.arange(0, BLOCK_D)
         dmask = d < half
-        cos, sin = _cos_sin(POS, INV_FREQ, tok, stride_pos, d, dmask, scaling_factor)
+
+        # Every load first (one DRAM round trip for all of them), then the math, then the stores.
+        pos = tl.load(POS + (t0 + t) * stride_pos, mask=tmask, other=0)
+        q_off, q_mask = _tile(
+            t, tmask, 0, n_heads, d, dmask, stride_q_tok, stride_q_head, stride_q_dim, BLOCK_HQ
+        )
+        q1 = tl.load(Q + q_off, mask=q_mask, other=0.0)
+        q2 = tl.load(Q + q_off + half * stride_q_dim, mask=q_mask, other=0.0)
+        k_off, k_mask = _tile(
+            t, tmask, 0, n_kv_heads, d, dmask, stride_k_tok, stride_k_head, stride_k_dim, BLOCK_HK
+        )
+        k1 = tl.load(K + k_off, mask=k_mask, other=0.0)
+        k2 = tl.load(K + k_off + half * stride_k_dim, mask=k_mask, other=0.0)
+
+        cos, sin = _cos_sin(
+            pos, CS, stride_cs_pos, stride_cs_dim, INV_FREQ, d, dmask, half, scaling_factor, CACHED
+        )
         if BACKWARD:
             sin = -sin
-        _rotate_heads(
-            Q + tok * stride_q_tok,
-            QO + tok * stride_qo_tok,
-            stride_q_head,
-            stride_q_dim,
-            stride_qo_head,
-            stride_qo_dim,
-            n_heads,
-            half,
-            cos,
-            sin,
-            d,
-            dmask,
-            BLOCK_HQ,
+        c = cos[:, None, :]  # (BLOCK_T, 1, BLOCK_D): shared by every head of the token
+        s = sin[:, None, :]
+
+        qo_off, _ = _tile(
+            t, tmask, 0, n_heads, d, dmask, stride_qo_tok, stride_qo_head, stride_qo_dim, BLOCK_HQ
         )
-        _rotate_heads(
-            K + tok * stride_k_tok,
-            KO + tok * stride_ko_tok,
-            stride_k_head,
-            stride_k_dim,
-            stride_ko_head,
-            stride_ko_dim,
-            n_kv_heads,
-            half,
-            cos,
-            sin,
-            d,
-            dmask,
+        _rotate_store(QO, qo_off, half * stride_qo_dim, q_mask, q1, q2, c, s)
+        ko_off, _ = _tile(
+            t, tmask, 0, n_kv_heads, d, dmask, stride_ko_tok, stride_ko_head, stride_ko_dim,
             BLOCK_HK,
-        )
+        )  # fmt: skip
+        _rotate_store(KO, ko_off, half * stride_ko_dim, k_mask, k1, k2, c, s)
+
+        # More heads than one tile holds (zero steps for the usual shapes)
+        _rotate_rest(
+            Q, QO, t, tmask, d, dmask, c, s, n_heads, half,
+            stride_q_tok, stride_q_head, stride_q_dim,
+            stride_qo_tok, stride_qo_head, stride_qo_dim,
+            BLOCK_HQ,
+        )  # fmt: skip
+        _rotate_rest(
+            K, KO, t, tmask, d, dmask, c, s, n_kv_heads, half,
+            stride_k_tok, stride_k_head, stride_k_dim,
+            stride_ko_tok, stride_ko_head, stride_ko_dim,
+            BLOCK_HK,
+        )  # fmt: skip
 
 
 class _Config(NamedTuple):
-    block_hq: int  # q heads per step
-    block_hk: int  # k heads per step
-    block_d: int  # head_dim / 2, padded to a power of two
-    warps: int
+    """Launch settings of the family, forward and backward (tunable per card: kernels/tuning.py)."""
+
+    block_t: int  # tokens per program
+    block_hq: int  # q heads per tile, a power of two
+    block_hk: int  # k heads per tile, a power of two
+    block_d: int  # head_dim / 2 padded to a power of two (never smaller)
+    warps: int  # num_warps
 
 
-_MAX_TILE = 4096  # elements of one half-tile (heads x head_dim/2) per step
+_MAX_TILE = 4096  # elements of one half-tile (heads x head_dim/2) per token
+_PROGRAM_ELEMS = 8192  # q and k elements loaded per program: 16 KB of bf16
+_MAX_BLOCK_T = 8
 
 
-def _config(n_heads: int, n_kv_heads: int, head_dim: int) -> _Config:
-    """Launch settings of the whole family (forward and backward): a function of the head shape.
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
-    Warps are sized for about 8 elements (16 bytes of bf16) per thread per load of the q tile."""
-    block_d = triton.next_power_of_2(head_dim // 2)
+
+def tune_key(n_heads: int, n_kv_heads: int, head_dim: int) -> str:
+    """The tuning table's key of a head shape (the same for the forward and the backward)."""
+    return f"heads={n_heads},kv_heads={n_kv_heads},head_dim={head_dim}"
+
+
+def _heuristic(n_heads: int, n_kv_heads: int, head_dim: int) -> _Config:
+    """Default launch settings: a function of the head shape.
+
+    All heads of a token in one tile; tokens per program doubled while the program loads at most
+    16 KB of bf16 (one token of 32 + 8 heads of 128 is already 10 KB: 1 token; one of 8 + 1 heads
+    2.3 KB: 4 tokens); warps for about 8 elements (16 bytes of bf16) per thread per load of the q
+    half-tile."""
+    block_d = _pow2(head_dim // 2)
     cap = max(1, _MAX_TILE // block_d)
-    block_hq = min(triton.next_power_of_2(max(1, n_heads)), cap)
-    block_hk = min(triton.next_power_of_2(max(1, n_kv_heads)), cap)
-    warps = max(1, min(8, max(block_hq, block_hk) * block_d // 256))
-    return _Config(block_hq, block_hk, block_d, warps)
+    block_hq = min(_pow2(max(1, n_heads)), cap)
+    block_hk = min(_pow2(max(1, n_kv_heads)), cap)
+    per_token = 2 * (block_hq + block_hk) * block_d
+    block_t = 1
+    while block_t < _MAX_BLOCK_T and 2 * block_t * per_token <= _PROGRAM_ELEMS:
+        block_t *= 2
+    warps = max(1, min(8, block_t * block_hq * block_d // 256))
+    return _Config(block_t, block_hq, block_hk, block_d, warps)
+
+
+def _config(n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device) -> _Config:
+    """The card's tuned settings for this head shape, else the heuristic (always on CPU)."""
+    default = _heuristic(n_heads, n_kv_heads, head_dim)
+    return tuning.tuned_config("rotary", tune_key(n_heads, n_kv_heads, head_dim), device, default)
+
+
+def candidates(n_heads: int, n_kv_heads: int, head_dim: int) -> list[_Config]:
+    """Settings a sweep on a card should time (the heuristic first): 1-8 tokens per program and
+    2-16 warps around the heuristic's head tiles, where a thread holds 4-32 elements of each
+    half-tile load (16 at 16 warps).
+
+    The bounds come from compiling for sm_90: at 64 elements per thread (or 32 at 16 warps, a
+    128-register cap) the four live half-tiles spill; below 4 a thread has no vector load."""
+    base = _heuristic(n_heads, n_kv_heads, head_dim)
+    out = [base]
+    for block_t in (1, 2, 4, 8):
+        tile = block_t * max(base.block_hq, base.block_hk) * base.block_d
+        for warps in (2, 4, 8, 16):
+            per_thread = tile // (32 * warps)
+            if 4 <= per_thread <= (16 if warps == 16 else 32):
+                out.append(base._replace(block_t=block_t, warps=warps))
+    return list(dict.fromkeys(out))
+
+
+def _check_config(cfg: _Config, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    # A table entry with block_d below head_dim/2 would leave columns unrotated, silently.
+    if any(v < 1 or v & (v - 1) for v in cfg) or cfg.block_d < head_dim // 2:
+        raise ValueError(
+            f"rotary: launch settings {cfg} for head_dim {head_dim}: every field must be a power "
+            f"of two and block_d >= {head_dim // 2}. If they come from kernels/tuned/<card>.json "
+            f"ops['rotary'][{tune_key(n_heads, n_kv_heads, head_dim)!r}], fix or delete that "
+            "entry and rerun `python -m bench.tune`"
+        )
 
 
 @functools.lru_cache(maxsize=32)
@@ -187,7 +351,9 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor
     return reference.rotary_inv_freq(head_dim, theta, device)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor | None
+) -> None:
     if q.dim() != 3 or k.dim() != 3:
         raise ValueError(
             f"rotary: q and k must be (tokens, heads, head_dim), got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -202,6 +368,18 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
             f"rotary: positions must be integer (tokens,) = ({q.shape[0]},), got "
             f"{positions.dtype} {tuple(positions.shape)}"
         )
+    if cos_sin is not None and (
+        cos_sin.dtype != torch.float32
+        or cos_sin.dim() != 2
+        or cos_sin.shape[1] != q.shape[2]
+        or cos_sin.device != q.device
+    ):
+        raise ValueError(
+            f"rotary: cos_sin must be an fp32 (max_positions, head_dim={q.shape[2]}) [cos | sin] "
+            f"table on {q.device}, got {cos_sin.dtype} {tuple(cos_sin.shape)} on "
+            f"{cos_sin.device}; build it with kernels.rotary.rotary_cos_sin(max_positions, "
+            f"{q.shape[2]}, theta, scaling_factor, device)"
+        )
 
 
 def _rotary_apply(
@@ -213,38 +391,54 @@ def _rotary_apply(
     backward: bool = False,
     q_out: torch.Tensor | None = None,
     k_out: torch.Tensor | None = None,
+    cfg: _Config | None = None,
+    cos_sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q: (tokens, heads, head_dim) and k: (tokens, kv_heads, head_dim) by +angle (or -angle
-    when `backward`). Outputs default to new contiguous tensors; pass q_out=q, k_out=k for in place."""
-    _check(q, k, positions)
+    when `backward`). Outputs default to new contiguous tensors; pass q_out=q, k_out=k for in place.
+
+    `cfg` overrides the launch settings (the tuning sweep times each candidate). `cos_sin`, the
+    `rotary_cos_sin` table, replaces the on-the-fly cos/sin; positions must be below its length
+    (not checked: that would cost a device sync)."""
+    _check(q, k, positions, cos_sin)
     tokens, n_heads, head_dim = q.shape
+    n_kv_heads = k.shape[1]
     if q_out is None:
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if k_out is None:
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if cfg is None:
+        cfg = _config(n_heads, n_kv_heads, head_dim, q.device)
+    _check_config(cfg, n_heads, n_kv_heads, head_dim)
     if tokens == 0:
         return q_out, k_out
     inv_freq = _inv_freq(head_dim, float(theta), q.device)
-    cfg = _config(n_heads, k.shape[1], head_dim)
-    _rotary_kernel[(tokens,)](
+    cs = inv_freq if cos_sin is None else cos_sin  # a pointer the kernel never reads when unused
+    _rotary_kernel[(triton.cdiv(tokens, cfg.block_t),)](
         q,
         k,
         q_out,
         k_out,
         positions,
         inv_freq,
+        cs,
         *q.stride(),
         *k.stride(),
         *q_out.stride(),
         *k_out.stride(),
         positions.stride(0),
+        cs.stride(0),
+        cs.stride(-1),
+        tokens,
         n_heads,
-        k.shape[1],
+        n_kv_heads,
         head_dim // 2,
         float(scaling_factor),
+        BLOCK_T=cfg.block_t,
         BLOCK_HQ=cfg.block_hq,
         BLOCK_HK=cfg.block_hk,
         BLOCK_D=cfg.block_d,
+        CACHED=cos_sin is not None,
         BACKWARD=backward,
         num_warps=cfg.warps,
     )
@@ -255,19 +449,25 @@ class _Rotary(torch.autograd.Function):
     """fwd: rotate q and k by +angle into new tensors / bwd: rotate dq_out, dk_out by -angle."""
 
     @staticmethod
-    def forward(ctx, q, k, positions, theta: float, scaling_factor: float):
+    def forward(ctx, q, k, positions, theta: float, scaling_factor: float, cos_sin):
         ctx.save_for_backward(positions)
-        ctx.theta, ctx.scaling_factor = theta, scaling_factor
-        return _rotary_apply(q, k, positions, theta, scaling_factor)
+        ctx.theta, ctx.scaling_factor, ctx.cos_sin = theta, scaling_factor, cos_sin
+        return _rotary_apply(q, k, positions, theta, scaling_factor, cos_sin=cos_sin)
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         (positions,) = ctx.saved_tensors
         # New gradient buffers: the upstream gradients may be shared and are never overwritten.
         dq, dk = _rotary_apply(
-            dq_out, dk_out, positions, ctx.theta, ctx.scaling_factor, backward=True
+            dq_out,
+            dk_out,
+            positions,
+            ctx.theta,
+            ctx.scaling_factor,
+            backward=True,
+            cos_sin=ctx.cos_sin,
         )
-        return dq, dk, None, None, None
+        return dq, dk, None, None, None, None
 
 
 class _RotaryInplace(torch.autograd.Function):
@@ -277,12 +477,14 @@ class _RotaryInplace(torch.autograd.Function):
     more than one tensor, and q, k are views of the fused qkv output."""
 
     @staticmethod
-    def forward(ctx, x, positions, theta: float, scaling_factor: float):
+    def forward(ctx, x, positions, theta: float, scaling_factor: float, cos_sin):
         ctx.mark_dirty(x)
         ctx.save_for_backward(positions)
-        ctx.theta, ctx.scaling_factor = theta, scaling_factor
-        none = x[:, :0]  # (tokens, 0, head_dim): the kernel's k loop runs zero times
-        _rotary_apply(x, none, positions, theta, scaling_factor, q_out=x, k_out=none)
+        ctx.theta, ctx.scaling_factor, ctx.cos_sin = theta, scaling_factor, cos_sin
+        none = x[:, :0]  # (tokens, 0, head_dim): the kernel's k tile is all masked
+        _rotary_apply(
+            x, none, positions, theta, scaling_factor, q_out=x, k_out=none, cos_sin=cos_sin
+        )
         return x
 
     @staticmethod
@@ -290,9 +492,16 @@ class _RotaryInplace(torch.autograd.Function):
         (positions,) = ctx.saved_tensors
         none = dx_out[:, :0]
         dx, _ = _rotary_apply(
-            dx_out, none, positions, ctx.theta, ctx.scaling_factor, backward=True, k_out=none
+            dx_out,
+            none,
+            positions,
+            ctx.theta,
+            ctx.scaling_factor,
+            backward=True,
+            k_out=none,
+            cos_sin=ctx.cos_sin,
         )
-        return dx, None, None, None
+        return dx, None, None, None, None
 
 
 def rotary(
@@ -302,23 +511,32 @@ def rotary(
     theta: float = 10000.0,
     scaling_factor: float = 1.0,
     inplace: bool = False,
+    cos_sin: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim), positions: (tokens,) integer
     -> rotated (q, k) in their dtypes. Any token/head strides (views of the fused qkv output) are
     read without a copy.
 
     `inplace=True` writes into q and k and returns them. Under autograd, q and k must then be
-    single-output views (qkv[:, a:b] or narrow): autograd forbids writing into `split` outputs."""
+    single-output views (qkv[:, a:b] or narrow): autograd forbids writing into `split` outputs.
+
+    `cos_sin`: optional fp32 (max_positions, head_dim) table from `rotary_cos_sin` with the same
+    theta and scaling_factor; the kernel reads cos/sin from it instead of computing them. Every
+    position must be below max_positions: that is not checked (it would cost a device sync), and
+    a position past the table reads out of bounds. The reference path (CPU without the
+    interpreter) checks the table's shape and computes the same values itself."""
     if not use_triton(q):
+        _check(q, k, positions, cos_sin)
         q_out, k_out = reference.rotary(q, k, positions, theta, scaling_factor)
         if not inplace:
             return q_out, k_out
         return q.copy_(q_out), k.copy_(k_out)
     if not inplace:
-        return _Rotary.apply(q, k, positions, theta, scaling_factor)
+        return _Rotary.apply(q, k, positions, theta, scaling_factor, cos_sin)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         return (
-            _RotaryInplace.apply(q, positions, theta, scaling_factor),
-            _RotaryInplace.apply(k, positions, theta, scaling_factor),
+            _RotaryInplace.apply(q, positions, theta, scaling_factor, cos_sin),
+            _RotaryInplace.apply(k, positions, theta, scaling_factor, cos_sin),
         )
-    return _rotary_apply(q, k, positions, theta, scaling_factor, q_out=q, k_out=k)  # one launch
+    # no autograd: one launch for q and k
+    return _rotary_apply(q, k, positions, theta, scaling_factor, q_out=q, k_out=k, cos_sin=cos_sin)

@@ -1,13 +1,14 @@
-"""Rotary kernels against reference.rotary: forward, dq, dk, every dtype, GQA, packed positions."""
+"""Rotary kernels against reference.rotary: forward, dq, dk, every dtype, GQA, packed positions,
+every launch setting a tuning sweep may pick, and the cos/sin table path."""
 
 import zlib
 
 import pytest
 import torch
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels import rotary as rot_mod
-from kernels.rotary import _rotary_apply, rotary
+from kernels.rotary import _rotary_apply, rotary, rotary_cos_sin
 from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -174,16 +175,225 @@ def test_far_positions(device):
     assert_close_to_ref(k_out, ref[1], ref[1], atol=ATOL[torch.float32], name="k_out")
 
 
-def test_many_heads_loop(device, monkeypatch):
-    """More heads than one step holds: the kernel loops over head blocks (shrink the tile to 2)."""
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_many_heads_loop(device, monkeypatch, inplace):
+    """More heads than one tile holds: the kernel loops over head blocks (shrink the tile to 2),
+    8 tokens per program over 37 tokens; in place, each step still loads before it stores."""
     monkeypatch.setattr(rot_mod, "_MAX_TILE", 64)
     case = (6, 3, 64, 10000.0, 1.0)
-    assert rot_mod._config(6, 3, 64).block_hq == 2
+    cfg = rot_mod._heuristic(6, 3, 64)
+    assert (cfg.block_hq, cfg.block_hk, cfg.block_t) == (2, 2, 8)
     q, k, dq_out, dk_out, theta, factor = _case_inputs(case, torch.bfloat16, device)
     positions = _positions(device)
-    q_out, k_out = (poisoned_empty(*t.shape, dtype=torch.bfloat16, device=device) for t in (q, k))
-    _rotary_apply(q, k, positions, theta, factor, q_out=q_out, k_out=k_out)
+    if inplace:
+        q_out, k_out = q.clone(), k.clone()
+        _rotary_apply(q_out, k_out, positions, theta, factor, q_out=q_out, k_out=k_out)
+    else:
+        q_out, k_out = (
+            poisoned_empty(*t.shape, dtype=torch.bfloat16, device=device) for t in (q, k)
+        )
+        _rotary_apply(q, k, positions, theta, factor, q_out=q_out, k_out=k_out)
     _check(("q_out", "k_out"), (q_out, k_out), q, k, dq_out, dk_out, positions, theta, factor)
+
+
+# Odd small shapes whose heads (3 of 4) and half (12 of 16) leave masked lanes in every tile, and
+# two real ones, where the candidates span 1-8 tokens per program: a 70B tensor-parallel shard
+# (8 q / 1 kv head) and Llama-3 8B (32 / 8). Few tokens keep the interpreter quick.
+SWEEP_SHAPES = [(4, 2, 16), (3, 1, 24), (8, 1, 128), (32, 8, 128)]
+SWEEP = [
+    pytest.param(shape, cfg, id=f"{shape}-t{cfg.block_t}-w{cfg.warps}")
+    for shape in SWEEP_SHAPES
+    for cfg in rot_mod.candidates(*shape)
+]
+
+
+@pytest.mark.parametrize("shape,cfg", SWEEP)
+def test_candidates(device, shape, cfg):
+    """Every setting `bench.tune` may commit is correct: forward and backward, 7 tokens (not a
+    multiple of the tokens per program) and 1, into poisoned outputs and in place, on strided
+    views of a fused qkv buffer."""
+    heads, kv_heads, head_dim = shape
+    theta, factor, dtype = 10000.0, 2.0, torch.bfloat16
+    for tokens in (7, 1):
+        seed = zlib.crc32(f"{shape}{tokens}".encode())
+        g = torch.Generator().manual_seed(seed)
+        positions = torch.randint(0, 64, (tokens,), generator=g, dtype=torch.int32).to(device)
+        _, q, k, _ = _qkv_views(tokens, heads, kv_heads, head_dim, dtype, device, seed)
+        _, dq_out, dk_out, _ = _qkv_views(
+            tokens, heads, kv_heads, head_dim, dtype, device, seed + 1
+        )
+        ref32 = _reference(q, k, dq_out, dk_out, positions, theta, factor, upcast=True)
+        reflp = _reference(q, k, dq_out, dk_out, positions, theta, factor, upcast=False)
+        for backward in (False, True):
+            names = ("dq", "dk") if backward else ("q_out", "k_out")
+            want32, wantlp = (r[2:] if backward else r[:2] for r in (ref32, reflp))
+            for inplace in (False, True):
+                # a fresh fused buffer each time: the in-place call overwrites its input
+                _, x, y, v = _qkv_views(
+                    tokens, heads, kv_heads, head_dim, dtype, device, seed + backward
+                )
+                v0 = v.clone()
+                if inplace:
+                    x_out, y_out = x, y
+                else:
+                    x_out, y_out = (
+                        poisoned_empty(*t.shape, dtype=dtype, device=device) for t in (x, y)
+                    )
+                _rotary_apply(
+                    x, y, positions, theta, factor, backward, q_out=x_out, k_out=y_out, cfg=cfg
+                )
+                assert torch.equal(v, v0), "v changed"
+                for name, out, r32, rlp in zip(names, (x_out, y_out), want32, wantlp):
+                    where = f"{name} tokens={tokens} {'in place' if inplace else 'out'}"
+                    assert_close_to_ref(out, r32, rlp, atol=ATOL[dtype], name=where)
+
+
+def test_candidate_tiles():
+    """The sweep's list: the heuristic first, no duplicates, tiles that do not spill, and
+    more tokens per program when a token has few heads (a 70B shard at tensor-parallel 8)."""
+    for shape in [(32, 8, 128), (64, 8, 128), (8, 1, 128), (40, 40, 128), (4, 2, 16)]:
+        cands = rot_mod.candidates(*shape)
+        assert cands[0] == rot_mod._heuristic(*shape)
+        assert len(cands) == len(set(cands)) and len(cands) <= 16, (shape, len(cands))
+        if shape[2] == 128:
+            assert len(cands) >= 5, (shape, len(cands))
+        for c in cands[1:]:  # at most 32 elements per thread per load: no spills on sm_90
+            assert c.block_t * max(c.block_hq, c.block_hk) * c.block_d <= 32 * 32 * c.warps
+    assert rot_mod._heuristic(32, 8, 128).block_t == 1
+    assert rot_mod._heuristic(8, 1, 128).block_t == 4
+
+
+def test_config_reads_tuning_table(monkeypatch):
+    """`_config` takes the card's table entry (faked here: tables exist only for CUDA devices)
+    and rejects an entry with an unknown field or unusable tiles."""
+    entry = {}
+
+    def lookup(op, key, device, directory=tuning.TUNED_DIR):
+        assert (op, key) == ("rotary", "heads=4,kv_heads=2,head_dim=16")
+        return entry
+
+    monkeypatch.setattr(tuning, "lookup", lookup)
+    cpu = torch.device("cpu")
+    heuristic = rot_mod._heuristic(4, 2, 16)
+    assert rot_mod._config(4, 2, 16, cpu) == heuristic
+    entry.update(block_t=2, warps=4)
+    assert rot_mod._config(4, 2, 16, cpu) == heuristic._replace(block_t=2, warps=4)
+    entry.update(rows=4)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        rot_mod._config(4, 2, 16, cpu)
+
+
+def test_bad_launch_settings(device):
+    """A table entry whose block_d would not cover head_dim/2 fails instead of rotating half."""
+    _, q, k, _ = _qkv_views(3, 4, 2, 16, torch.float32, device, seed=5)
+    bad = rot_mod._heuristic(4, 2, 16)._replace(block_d=4)
+    with pytest.raises(ValueError, match="block_d >= 8"):
+        _rotary_apply(q, k, torch.arange(3, device=device), 10000.0, 1.0, cfg=bad)
+    with pytest.raises(ValueError, match="power of two"):
+        _rotary_apply(
+            q,
+            k,
+            torch.arange(3, device=device),
+            10000.0,
+            1.0,
+            cfg=bad._replace(block_d=8, block_t=3),
+        )
+
+
+def test_cos_sin_table():
+    """Row p of the table is [cos | sin] of position p, the same values as the reference's."""
+    positions = torch.tensor([0, 5, 4095, 17])
+    table = rotary_cos_sin(4096, 96, 500000.0, 2.5)
+    assert table.shape == (4096, 96) and table.dtype == torch.float32
+    cos, sin = reference.rotary_cos_sin(positions, 96, 500000.0, 2.5)
+    assert torch.equal(table[positions], torch.cat((cos, sin), dim=-1))
+
+
+@pytest.mark.parametrize("case", CASES[1:3], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cos_sin_cache(device, dtype, case):
+    """cos/sin read from the table: forward and backward match the reference. In the interpreter
+    (no FMA contraction) they are exactly the reference's rotation of the same fp32 values."""
+    q, k, dq_out, dk_out, theta, factor = _case_inputs(case, dtype, device)
+    positions = _positions(device)
+    table = rotary_cos_sin(32, q.shape[2], theta, factor, device)
+    outs = []
+    for x, y, backward in ((q, k, False), (dq_out, dk_out, True)):
+        x_out, y_out = (poisoned_empty(*t.shape, dtype=dtype, device=device) for t in (x, y))
+        _rotary_apply(
+            x, y, positions, theta, factor, backward, q_out=x_out, k_out=y_out, cos_sin=table
+        )
+        outs += [x_out, y_out]
+    names = ("q_out", "k_out", "dq", "dk")
+    _check(names, outs, q, k, dq_out, dk_out, positions, theta, factor)
+    if device == "cpu":
+        ref32 = _reference(q, k, dq_out, dk_out, positions, theta, factor, upcast=True)
+        for name, out, r32 in zip(names, outs, ref32):
+            assert torch.equal(out, r32.to(dtype)), name
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_cos_sin_cache_autograd(device, inplace):
+    """The table reaches the backward too, through both autograd Functions."""
+    heads, kv_heads, head_dim, theta, factor = CASES[1]
+    tokens, hq, hk = sum(DOC_LENGTHS), heads * head_dim, kv_heads * head_dim
+    qkv0, q0, k0, _ = _qkv_views(tokens, heads, kv_heads, head_dim, torch.bfloat16, device, 47)
+    _, dq_out, dk_out, _ = _qkv_views(tokens, heads, kv_heads, head_dim, torch.bfloat16, device, 48)
+    leaf = qkv0.clone().requires_grad_()
+    fused = leaf * 1.0
+    q = fused[:, :hq].view(tokens, heads, head_dim)
+    k = fused[:, hq : hq + hk].view(tokens, kv_heads, head_dim)
+    positions = _positions(device)
+    table = rotary_cos_sin(20, head_dim, theta, factor, device)
+    q_out, k_out = rotary(q, k, positions, theta, factor, inplace=inplace, cos_sin=table)
+    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
+    dq = leaf.grad[:, :hq].view(tokens, heads, head_dim)
+    dk = leaf.grad[:, hq : hq + hk].view(tokens, kv_heads, head_dim)
+    _check(
+        ("q_out", "k_out", "dq", "dk"),
+        (q_out.detach(), k_out.detach(), dq, dk),
+        q0,
+        k0,
+        dq_out,
+        dk_out,
+        positions,
+        theta,
+        factor,
+    )
+
+
+def _bad_tables(device):
+    good = rotary_cos_sin(8, 64, device=device)
+    return good, (good.to(torch.bfloat16), good[:, :32], good[None], good.double())
+
+
+def test_cos_sin_cache_errors(device):
+    """A table of the wrong dtype or width is a clear error."""
+    _, q, k, _ = _qkv_views(5, 2, 1, 64, torch.float32, device, seed=53)
+    positions = torch.arange(5, device=device)
+    _, bad = _bad_tables(device)
+    for table in bad:
+        with pytest.raises(
+            ValueError, match=r"cos_sin must be an fp32 \(max_positions, head_dim=64\)"
+        ):
+            rotary(q, k, positions, cos_sin=table)
+
+
+def test_reference_path_cos_sin(monkeypatch):
+    """Without Triton the table is checked the same way, and the result is the reference's (which
+    computes the values the table holds)."""
+    monkeypatch.setattr(rot_mod, "use_triton", lambda x: False)
+    _, q, k, _ = _qkv_views(5, 2, 1, 64, torch.float32, "cpu", seed=53)
+    positions = torch.arange(5)
+    good, bad = _bad_tables("cpu")
+    for table in bad:
+        with pytest.raises(
+            ValueError, match=r"cos_sin must be an fp32 \(max_positions, head_dim=64\)"
+        ):
+            rotary(q, k, positions, cos_sin=table)
+    want = reference.rotary(q, k, positions)
+    got = rotary(q, k, positions, cos_sin=good)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_reference_path_inplace(monkeypatch):
