@@ -8,10 +8,12 @@ Steps, each under its own time budget, each reported (a failure is a loud row, n
      8192^3 bf16 matmul (TFLOP/s)
   3. `python3 -m pytest tests -m gpu` in a subprocess: pass/fail/skip counts, failed test ids,
      the tail of its output
-  4. one subprocess per benchmark family that exists: bench.bench_kernels, bench.bench_attention,
-     bench.bench_parallel, each calling `gpu_rows(ceilings, quick)` (plus `deadline=` when the
-     function accepts it, so it can stop cleanly before the hard kill). A subprocess per family
-     keeps a crashed kernel (a poisoned CUDA context) from taking the others down.
+  4. one subprocess per benchmark family that exists: bench.tune (the launch-settings sweep; it
+     writes kernels/tuned/<card>.json, which the later sections then use), bench.bench_kernels,
+     bench.bench_attention, bench.bench_parallel, each calling `gpu_rows(ceilings, quick)` (plus
+     `deadline=` when the function accepts it, so it can stop cleanly before the hard kill). A
+     subprocess per family keeps a crashed kernel (a poisoned CUDA context) from taking the
+     others down.
   5. telemetry again (clocks and power after load)
 Then it writes bench/results/<YYYY-MM-DD>-<card>.json and .md (copies under $OUT when set, with
 the per-section logs) and prints the short table last. Exit status 1 when a test failed or a
@@ -45,10 +47,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # (name, module, nominal budget in seconds on one H100, quick mode). The total with start-up and
 # ceilings stays under 8 minutes; time a section leaves unused goes to the ones after it.
+# "tune" writes kernels/tuned/<card>.json (bench/tune.py) before "kernels" runs, so the kernel
+# rows measure the card's tuned settings; the table is also copied under $OUT to be committed.
 SECTIONS = [
     ("tests", None, 140),
-    ("kernels", "bench.bench_kernels", 150),
-    ("attention", "bench.bench_attention", 90),
+    ("tune", "bench.tune", 80),
+    ("kernels", "bench.bench_kernels", 120),
+    ("attention", "bench.bench_attention", 80),
     ("parallel", "bench.bench_parallel", 30),
 ]
 TOTAL_BUDGET_S = 450

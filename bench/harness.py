@@ -63,6 +63,56 @@ def time_quantiles(
     return Timing(statistics.median(times), q[1], q[7])
 
 
+def time_graph(fn: Callable[[], object], calls: int = 10, rep: int = 100) -> Timing:
+    """Time `fn` from CUDA-graph replays: per-call median and spread, in milliseconds.
+
+    For kernels of ~0.1 ms the host cost of a call (the autograd engine, Python launchers,
+    allocations) is as long as the kernel itself, so event timing of eager calls measures the
+    host. A graph of `calls` back-to-back calls replays with no host work in between; each
+    replay's time / calls is one sample, replays repeat for about `rep` ms. Unlike do_bench the
+    L2 is not cleared between calls: time inputs larger than L2 (every shape here is >= 100 MB).
+
+    `fn` must already have run once (compilation, autotuning, cached tensors) and must run on the
+    current stream, which must not be the legacy default stream (capture needs a side stream);
+    whatever `fn` differentiates must have been built on that stream too, so its backward is
+    captured with it. Callers use `graph_stream()` for both."""
+    stream = torch.cuda.current_stream()
+    fn()  # allocator warm-up on this stream before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    n = max(5, min(1000, int(rep / max(start.elapsed_time(end), 1e-3))))
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    for a, b in events:
+        a.record()
+        graph.replay()
+        b.record()
+    torch.cuda.synchronize()
+    times = [a.elapsed_time(b) / calls for a, b in events]
+    del graph
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), q[1], q[7])
+
+
+def graph_stream():
+    """A context manager that makes a fresh side stream current (see time_graph)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    return torch.cuda.stream(stream)
+
+
 def time_ms(
     fn: Callable[[], object], warmup: int = 25, rep: int = 100, cuda: bool | None = None
 ) -> float:

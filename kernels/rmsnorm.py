@@ -160,6 +160,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # columns per program (the whole row when INLINE_DOT)
         INLINE_DOT: tl.constexpr,  # the whole row is in this block: reduce the dot product here
         ROWS: tl.constexpr,  # rows per step: independent loads in flight while a row reduces
+        PREFETCH: tl.constexpr,  # load the next step's rows before reducing this step's
     ):
         pid = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -171,20 +172,35 @@ if HAS_TRITON:
         row_start = pid.to(tl.int64) * rows_per_program
         n_mine = tl.minimum(rows_per_program, n_rows - row_start)
         slot = tl.arange(0, ROWS)
+        dy_off = cols[None, :] * stride_dy_col
+        x_off = cols[None, :] * stride_x_col
+        if PREFETCH:
+            # The next step's rows are loaded (raw, in the input dtype) before this step's
+            # reduction and stores, so a program keeps two steps of loads in flight.
+            pmask = (slot < n_mine)[:, None] & cmask[None, :]
+            rows0 = row_start + slot
+            dy_next = tl.load(DY + rows0[:, None] * stride_dy_row + dy_off, mask=pmask, other=0.0)
+            x_next = tl.load(X + rows0[:, None] * stride_x_row + x_off, mask=pmask, other=0.0)
         for i in range(0, n_mine, ROWS):
             rows = row_start + i + slot  # (ROWS,) int64
             rmask = (i + slot) < n_mine
             mask = rmask[:, None] & cmask[None, :]
-            dy = tl.load(
-                DY + rows[:, None] * stride_dy_row + cols[None, :] * stride_dy_col,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
-            x = tl.load(
-                X + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
-                mask=mask,
-                other=0.0,
-            ).to(tl.float32)
+            if PREFETCH:
+                dy = dy_next.to(tl.float32)
+                x = x_next.to(tl.float32)
+                nmask = ((i + ROWS + slot) < n_mine)[:, None] & cmask[None, :]
+                nrows = rows + ROWS
+                dy_next = tl.load(
+                    DY + nrows[:, None] * stride_dy_row + dy_off, mask=nmask, other=0.0
+                )
+                x_next = tl.load(X + nrows[:, None] * stride_x_row + x_off, mask=nmask, other=0.0)
+            else:
+                dy = tl.load(DY + rows[:, None] * stride_dy_row + dy_off, mask=mask, other=0.0).to(
+                    tl.float32
+                )
+                x = tl.load(X + rows[:, None] * stride_x_row + x_off, mask=mask, other=0.0).to(
+                    tl.float32
+                )
             rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
             g = dy * w
             if INLINE_DOT:
@@ -217,6 +233,7 @@ class BwdConfig(NamedTuple):
     warps: int  # num_warps
     rows: int  # rows per loop step of a program
     programs_per_sm: int  # row groups per SM = dweight partial rows per SM
+    prefetch: bool = False  # load the next step's rows before reducing this step's
 
 
 class _Blocks(NamedTuple):
@@ -288,15 +305,25 @@ def candidates_fwd(n_cols: int) -> list[FwdConfig]:
 
 
 def candidates_bwd(n_cols: int) -> list[BwdConfig]:
-    """Backward settings a sweep on a card should time (the heuristic first)."""
+    """Backward settings a sweep on a card should time (the heuristic first).
+
+    Kept to settings that should compile for sm_90 without spilling. dy, x, g and the dweight
+    accumulator live at once, about 6 registers per fp32 value a thread holds (7 with the
+    prefetched tiles) plus 6; a thread has at most 255 registers, and 65536 / threads when the
+    block is larger. The estimate matched cuobjdump's resource report for every (warps, rows,
+    prefetch) at hidden 4096 and 8192: 102 registers at 16 warps x 1 row x 8192 (the heuristic),
+    118 with prefetch, spills past the cap. Two rows per step at 32 warps spilled: left out."""
     blocks = _blocks(n_cols)
     out = [BwdConfig(_warps(blocks.bwd_block), 1, _PROGRAMS_PER_SM)]
     for warps in (4, 8, 16, 32):
-        for rows in (1, 2, 4):
-            # dy, x, g and dweight live at once: at most 32 values each per thread
-            if 2 <= _per_thread(rows, blocks.bwd_block, warps) <= 32:
+        cap = min(255, 65536 // (32 * warps)) - 4
+        for rows in (1, 2) if warps < 32 else (1,):
+            per_thread = _per_thread(rows, blocks.bwd_block, warps)
+            for prefetch in (False, True):
+                if per_thread < 2 or (6 + prefetch) * per_thread + 6 > cap:
+                    continue
                 for per_sm in (1, 2, 4, 8):
-                    out.append(BwdConfig(warps, rows, per_sm))
+                    out.append(BwdConfig(warps, rows, per_sm, prefetch))
     return list(dict.fromkeys(out))
 
 
@@ -420,6 +447,7 @@ def _rmsnorm_bwd(
         BLOCK_N=blocks.bwd_block,
         INLINE_DOT=blocks.bwd_inline_dot,
         ROWS=cfg.rows,
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.warps,
     )
     dweight.copy_(partial.sum(dim=0))  # fixed reduction order: reproducible, no atomics
