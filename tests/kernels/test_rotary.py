@@ -129,6 +129,29 @@ def test_inplace(device, dtype):
     assert_close_to_ref(k, ref32[1], reflp[1], atol=ATOL[dtype], name="k in place")
 
 
+def _check_fused_grads(leaf, q_out, k_out, q0, k0, dq_out, dk_out, positions, theta, factor):
+    """Backward from (q_out, k_out) into `leaf`, the fused (tokens, q | k | v) producer: dq and dk
+    land in their columns (checked against the reference), v's columns get no gradient."""
+    tokens, heads, head_dim = q0.shape
+    kv_heads = k0.shape[1]
+    hq, hk = heads * head_dim, kv_heads * head_dim
+    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
+    assert (leaf.grad[:, hq + hk :] == 0).all()
+    dq = leaf.grad[:, :hq].view(tokens, heads, head_dim)
+    dk = leaf.grad[:, hq : hq + hk].view(tokens, kv_heads, head_dim)
+    _check(
+        ("q_out", "k_out", "dq", "dk"),
+        (q_out.detach(), k_out.detach(), dq, dk),
+        q0,
+        k0,
+        dq_out,
+        dk_out,
+        positions,
+        theta,
+        factor,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inplace_autograd(device, dtype):
     """In place under autograd, on q/k sliced out of a fused qkv activation (single-output views):
@@ -145,21 +168,7 @@ def test_inplace_autograd(device, dtype):
     q_out, k_out = rotary(q, k, positions, theta, factor, inplace=True)
     assert q_out.data_ptr() == fused.data_ptr()  # written into the fused buffer
     assert torch.equal(fused[:, hq : hq + hk], k_out.reshape(tokens, hk))
-    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
-    assert (leaf.grad[:, hq + hk :] == 0).all()
-    dq = leaf.grad[:, :hq].view(tokens, heads, head_dim)
-    dk = leaf.grad[:, hq : hq + hk].view(tokens, kv_heads, head_dim)
-    _check(
-        ("q_out", "k_out", "dq", "dk"),
-        (q_out.detach(), k_out.detach(), dq, dk),
-        q0,
-        k0,
-        dq_out,
-        dk_out,
-        positions,
-        theta,
-        factor,
-    )
+    _check_fused_grads(leaf, q_out, k_out, q0, k0, dq_out, dk_out, positions, theta, factor)
 
 
 def test_far_positions(device):
@@ -346,20 +355,7 @@ def test_cos_sin_cache_autograd(device, inplace):
     positions = _positions(device)
     table = rotary_cos_sin(20, head_dim, theta, factor, device)
     q_out, k_out = rotary(q, k, positions, theta, factor, inplace=inplace, cos_sin=table)
-    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
-    dq = leaf.grad[:, :hq].view(tokens, heads, head_dim)
-    dk = leaf.grad[:, hq : hq + hk].view(tokens, kv_heads, head_dim)
-    _check(
-        ("q_out", "k_out", "dq", "dk"),
-        (q_out.detach(), k_out.detach(), dq, dk),
-        q0,
-        k0,
-        dq_out,
-        dk_out,
-        positions,
-        theta,
-        factor,
-    )
+    _check_fused_grads(leaf, q_out, k_out, q0, k0, dq_out, dk_out, positions, theta, factor)
 
 
 def _bad_tables(device):
