@@ -166,11 +166,15 @@ def sweeps(full: bool, device: str) -> list[Sweep]:
     out = (
         _rmsnorm_sweeps([(8192, 8192), (16384, 4096)], device)
         + _rotary_sweeps([(16384, 32, 8, 128), (8192, 64, 8, 128)], device)
-        + _swiglu_sweeps([(8192, 28672), (16384, 11008)], device)
+        # the backward met its goals (96% of copy, 1.55x compile): forward only in quick mode
+        + _swiglu_sweeps([(8192, 28672), (16384, 11008)], device, passes=("fwd",))
     )
     if full:
         out += (
-            _rotary_sweeps([(32768, 8, 1, 128), (16384, 32, 32, 128), (8192, 40, 40, 128)], device)
+            _swiglu_sweeps([(8192, 28672), (16384, 11008)], device, passes=("bwd",))
+            + _rotary_sweeps(
+                [(32768, 8, 1, 128), (16384, 32, 32, 128), (8192, 40, 40, 128)], device
+            )
             + _rmsnorm_sweeps([(16384, 5120)], device)
             + _swiglu_sweeps([(16384, 3584), (8192, 13824)], device)
         )
