@@ -65,6 +65,7 @@ def compile_resources(
     floats: tuple[str, ...] = (),
     aligned: tuple[str, ...] = (),
     arch: int = 90,
+    num_stages: int = 3,
 ) -> Resources:
     """Compile the @triton.jit `fn` for sm_<arch>: pointers by name -> type, constexprs, the
     integer args the launcher sees as 1 (specialised to constants), float scalars, and integer
@@ -91,7 +92,11 @@ def compile_resources(
         if n in pointers or n in aligned
     }
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    k = triton.compile(
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     try:
@@ -230,12 +235,55 @@ def rotary(
     return out
 
 
+def attention(kind: str, head_dim: int, arch: int = 90) -> list[tuple[object, Resources]]:
+    """The flash-attention kernels ("fwd", "dq", "dkdv") at every autotune candidate of the
+    head-dim class (kernels/attention.py `_CANDIDATES`), bf16."""
+    from kernels import attention as m
+
+    fn = {"fwd": m._fwd_kernel, "dq": m._dq_kernel, "dkdv": m._dkdv_kernel}[kind]
+    names = list(fn.arg_names)
+    tensors = {"fwd": ("Q", "K", "V", "O"), "dq": ("Q", "K", "V", "O", "DO", "DQ")}.get(
+        kind, ("Q", "K", "V", "DO", "DK", "DV")
+    )
+    ptrs = {n: BF16 for n in tensors} | {"LSE": FP32, "cu_seqlens": "*i32"}
+    if "DELTA" in names:
+        ptrs["DELTA"] = FP32
+    unit = tuple(n for n in names if n.startswith("stride") and n.endswith("d"))
+    dclass = 64 if head_dim <= 64 else 128
+    out = []
+    for spec in m._CANDIDATES[kind][dclass]:
+        block_m, block_n, warps, stages = spec
+        consts = {
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": m._block_d(head_dim),
+            "PRECISION": "tf32",
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+        }
+        res = compile_resources(
+            fn,
+            ptrs,
+            consts,
+            warps,
+            unit=unit,
+            floats=tuple(n for n in ("qk_scale", "sm_scale") if n in names),
+            aligned=tuple(n for n in names if n.startswith("stride") and n not in unit),
+            arch=arch,
+            num_stages=stages,
+        )
+        out.append((spec, res))
+    return out
+
+
 FAMILIES = {
     "rmsnorm_fwd": lambda s, a: rmsnorm_fwd(s[0], a),
     "rmsnorm_bwd": lambda s, a: rmsnorm_bwd(s[0], a),
     "swiglu_fwd": lambda s, a: swiglu(s[0], False, a),
     "swiglu_bwd": lambda s, a: swiglu(s[0], True, a),
     "rotary": lambda s, a: rotary(*s, arch=a),
+    "attention_fwd": lambda s, a: attention("fwd", s[0], a),
+    "attention_dq": lambda s, a: attention("dq", s[0], a),
+    "attention_dkdv": lambda s, a: attention("dkdv", s[0], a),
 }
 DEFAULT_SHAPES = {
     "rmsnorm_fwd": [(4096,), (8192,)],
@@ -243,6 +291,9 @@ DEFAULT_SHAPES = {
     "swiglu_fwd": [(28672,)],
     "swiglu_bwd": [(28672,)],
     "rotary": [(32, 8, 128), (64, 8, 128), (8, 1, 128)],
+    "attention_fwd": [(128,)],
+    "attention_dq": [(128,)],
+    "attention_dkdv": [(128,)],
 }
 
 

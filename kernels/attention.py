@@ -385,11 +385,16 @@ def _dkdv_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is the query block, BLOCK_N the key block,
 # in every kernel. The first entry is the fixed choice for short sequences; longer ones autotune
-# over the list (two, so a cold start costs a few seconds per kernel). d=128 entries come from a
+# over the list (two or three, so a cold start costs a few seconds per kernel). d=128 entries come from a
 # sweep on an H200 (B4 S4096 H32/8, bf16, each kernel alone, TFLOP/s executed): fwd 128x64 w8 s3
 # 436, s4 441, s5 435, 128x128 w8 s3 444, s2 419, 64x128 w4 287; dq 128x64 w8 s3 600, s4 583,
 # s2 498, 128x128 w8 s2 452, 64x64 w4 s3 442; dkdv 64x128 w8 s3 418, s2 398, s4 378, 128x64 w8
 # 211, 32x128 w4 170. Four warps on 128-row tiles at d=128 spill (100-150 TFLOP/s).
+# sm_90 resource report (`python -m bench.resources --family attention_dkdv`, no GPU): at d=128 every dkdv
+# setting above spills (64x128 w8 s3: 255 registers + 344 B of stack; 32x128 w4: 1432 B), since
+# a program holds its dK and dV accumulators (128 regs/thread at 8 warps) and K, V besides. 16x128
+# w8 s3 and s2 are the only spill-free ones found (16-query steps shrink the P and dP tiles), so
+# 16x128 w8 s3 joins the d=128 dkdv autotune list: untimed yet, kept only if it measures faster.
 _CANDIDATES = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3)],
@@ -401,7 +406,7 @@ _CANDIDATES = {
     },
     "dkdv": {
         64: [(64, 128, 8, 3), (32, 128, 4, 3)],
-        128: [(64, 128, 8, 3), (64, 128, 8, 2)],
+        128: [(64, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 3)],
     },
 }
 # The interpreter runs programs one by one in numpy: few, mid-sized blocks; BLOCK_M != BLOCK_N so
@@ -424,15 +429,21 @@ def _bucket(max_seqlen: int) -> int:
 _TUNED: dict = {}
 
 
-def _launch(kind: str, kernel, grid, args: tuple, head_dim: int, bucket: int, **meta) -> None:
-    """Fixed settings in the interpreter and for short sequences; autotune (cached per head-dim
-    class, bucket and dtypes) for long ones, where the choice is worth the few seconds."""
-    dclass = 64 if head_dim <= 64 else 128
+def _fixed_spec(kind: str, dclass: int, bucket: int) -> tuple | None:
+    """The fixed (BLOCK_M, BLOCK_N, warps, stages) of a launch, or None to autotune: fixed in
+    the interpreter and for short sequences, autotuned (cached per head-dim class, bucket and
+    dtypes) for long ones, where the choice is worth the few seconds."""
     if INTERPRET:
-        spec = _INTERPRET_CONFIG[kind]
-    elif bucket < _AUTOTUNE_FROM:
-        spec = _CANDIDATES[kind][dclass][0]
-    else:
+        return _INTERPRET_CONFIG[kind]
+    if bucket < _AUTOTUNE_FROM:
+        return _CANDIDATES[kind][dclass][0]
+    return None
+
+
+def _launch(kind: str, kernel, grid, args: tuple, head_dim: int, bucket: int, **meta) -> None:
+    dclass = 64 if head_dim <= 64 else 128
+    spec = _fixed_spec(kind, dclass, bucket)
+    if spec is None:
         key = (kind, dclass)
         if key not in _TUNED:
             configs = [_config(s) for s in _CANDIDATES[kind][dclass]]

@@ -38,3 +38,10 @@ def test_rotary_loads_before_stores():
     trip per program, not one per tensor)."""
     cfg, r = resources.rotary(8, 1, 128)[0]  # the heuristic for 70B at tensor-parallel 8
     assert r.loads_before_first_store >= 4, (cfg, r)
+
+
+def test_attention_dkdv_has_a_spill_free_candidate():
+    """At d=128 the dK/dV kernel spills at 64-query steps; the autotune list keeps a setting that
+    does not (kernels/attention.py, the comment above _CANDIDATES)."""
+    reports = resources.attention("dkdv", 128)
+    assert any(r.stack == 0 for _, r in reports), reports

@@ -255,3 +255,40 @@ def test_padded_long_cuda(seed):
         is_causal=True,
     ).transpose(1, 2)
     assert_close_to_ref(out, ref, low, atol=ATOL[torch.bfloat16], name="out")
+
+
+def _force(monkeypatch, specs: dict):
+    """Run the kinds named in `specs` with those (BLOCK_M, BLOCK_N, warps, stages), the rest
+    with their usual fixed settings (never autotune: a test must know what ran)."""
+    usual = attn._fixed_spec
+
+    def fixed(kind, dclass, bucket):
+        return specs.get(kind) or usual(kind, dclass, 0)
+
+    monkeypatch.setattr(attn, "_fixed_spec", fixed)
+
+
+def test_dkdv_sixteen_query_steps(device, monkeypatch, seed):
+    """The spill-free d=128 dK/dV setting steps 16 queries at a time under 128-key blocks: eight
+    masked diagonal steps per block, documents ending inside a step."""
+    if device == "cuda":
+        pytest.skip("the CUDA run of every candidate is test_every_candidate_cuda")
+    _force(monkeypatch, {"dkdv": (16, 128, 4, 1)})
+    lens = [150, 1, 17, 90]
+    q, k, v = _inputs(sum(lens), 4, 1, 32, torch.float32, device)
+    _check_against_reference(q, k, v, _cu(lens, device), max(lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_every_candidate_cuda(kind, head_dim, monkeypatch, seed):
+    """Autotuning may pick any candidate on long sequences: each one is right in bf16 on a packed
+    batch with documents of 1 to 2314 tokens."""
+    lens = [1, 17, 64, 200, 1500, 2314]
+    q, k, v = _inputs(sum(lens), 8, 2, head_dim, torch.bfloat16, "cuda")
+    dclass = 64 if head_dim <= 64 else 128
+    for spec in attn._CANDIDATES[kind][dclass]:
+        _force(monkeypatch, {kind: spec})
+        _check_against_reference(q, k, v, _cu(lens, "cuda"), max(lens))
