@@ -390,11 +390,12 @@ def _dkdv_kernel(
 # 436, s4 441, s5 435, 128x128 w8 s3 444, s2 419, 64x128 w4 287; dq 128x64 w8 s3 600, s4 583,
 # s2 498, 128x128 w8 s2 452, 64x64 w4 s3 442; dkdv 64x128 w8 s3 418, s2 398, s4 378, 128x64 w8
 # 211, 32x128 w4 170. Four warps on 128-row tiles at d=128 spill (100-150 TFLOP/s).
-# sm_90 resource report (`python -m bench.resources --family attention_dkdv`, no GPU): at d=128 every dkdv
-# setting above spills (64x128 w8 s3: 255 registers + 344 B of stack; 32x128 w4: 1432 B), since
-# a program holds its dK and dV accumulators (128 regs/thread at 8 warps) and K, V besides. 16x128
-# w8 s3 and s2 are the only spill-free ones found (16-query steps shrink the P and dP tiles), so
-# 16x128 w8 s3 joins the d=128 dkdv autotune list: untimed yet, kept only if it measures faster.
+# sm_90 resource report (`python -m bench.resources --family attention_dkdv`, no GPU): at d=128
+# every dkdv setting above spills, since a program holds its dK and dV accumulators (128
+# regs/thread at 8 warps) and K, V besides: 64x128 w8 s3 uses 255 registers + 344 B of stack with
+# Triton 3.9, 976 B with 3.6 (the GPU image's); s2 384 / 592 B. 16-query steps shrink the P and dP
+# tiles: 16x128 w8 s3 spills 0 / 120 B, s2 0 / 8 B. Both join the d=128 dkdv autotune list in
+# place of 64x128 s2: untimed yet, kept only where they measure faster.
 _CANDIDATES = {
     "fwd": {
         64: [(128, 64, 4, 3), (128, 128, 8, 3)],
@@ -406,7 +407,7 @@ _CANDIDATES = {
     },
     "dkdv": {
         64: [(64, 128, 8, 3), (32, 128, 4, 3)],
-        128: [(64, 128, 8, 3), (64, 128, 8, 2), (16, 128, 8, 3)],
+        128: [(64, 128, 8, 3), (16, 128, 8, 3), (16, 128, 8, 2)],
     },
 }
 # The interpreter runs programs one by one in numpy: few, mid-sized blocks; BLOCK_M != BLOCK_N so
