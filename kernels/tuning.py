@@ -64,8 +64,9 @@ def load_table(path: Path) -> dict[str, dict[str, dict]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+def _card_table_path(index: int, directory: Path) -> Path:
+    # Cached: lookup runs on every kernel launch, so no device query or regex per call.
+    return table_path(torch.cuda.get_device_name(index), directory)
 
 
 def lookup(op: str, key: str, device: torch.device, directory: Path = TUNED_DIR) -> dict | None:
@@ -75,7 +76,7 @@ def lookup(op: str, key: str, device: torch.device, directory: Path = TUNED_DIR)
     if device.type != "cuda":
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return load_table(table_path(_device_name(index), directory)).get(op, {}).get(key)
+    return load_table(_card_table_path(index, directory)).get(op, {}).get(key)
 
 
 def apply(defaults, params: dict | None, source: str):
