@@ -31,7 +31,15 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import OURS, Row, add_ratios, format_table, time_quantiles, write_json
+from bench.harness import (
+    OURS,
+    Row,
+    add_ratios,
+    format_table,
+    rel_err,
+    time_quantiles,
+    write_json,
+)
 
 DTYPE = torch.bfloat16
 HEAD_DIM = 128
@@ -96,14 +104,6 @@ def _sdpa_gqa_works(device: str) -> bool:
         return False
 
 
-def _rel_err(outs, refs) -> float:
-    err = 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.float(), r.float()
-        err = max(err, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
-    return err
-
-
 def _randn(shape, device, g) -> torch.Tensor:
     return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(DTYPE)
 
@@ -146,7 +146,7 @@ class _Bench:
                 result = list(call())
             first_s = time.perf_counter() - t0
             if refs is not None:
-                row.rel_err = _rel_err(result, refs)
+                row.rel_err = rel_err(result, refs)
                 if not row.rel_err <= MAX_REL_ERR:
                     row.error = (
                         f"differs from the first impl: rel err {row.rel_err:.2e} > {MAX_REL_ERR:g}"

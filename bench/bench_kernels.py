@@ -29,7 +29,16 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.harness import OURS, Row, add_ratios, graph_stream, time_graph, time_quantiles
+from bench.harness import (
+    OURS,
+    Row,
+    add_ratios,
+    graph_stream,
+    rel_err,
+    seeded,
+    time_graph,
+    time_quantiles,
+)
 from kernels import reference
 
 DTYPE = torch.bfloat16
@@ -91,14 +100,6 @@ class Case:
     grad_idx: tuple[int, ...]
     bytes: int | None
     note: str = ""
-
-
-def _seeded(device: str, seed: int, *specs: tuple) -> list[torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [
-        torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-        for shape, dtype in specs
-    ]
 
 
 def _bytes_formula(module: str, name: str):
@@ -178,7 +179,7 @@ def cases(quick: bool, device: str, failures: list[Row] | None = None) -> list[C
                     "rmsnorm",
                     f"{tokens}x{hidden}",
                     p,
-                    lambda t=tokens, h=hidden: _seeded(device, 1, ((t, h), DTYPE), ((h,), DTYPE)),
+                    lambda t=tokens, h=hidden: seeded(device, 1, ((t, h), DTYPE), ((h,), DTYPE)),
                     impls,
                     (0, 1),
                     formulas["rmsnorm"](tokens, hidden, b, p == "bwd")
@@ -196,7 +197,7 @@ def cases(quick: bool, device: str, failures: list[Row] | None = None) -> list[C
                     "swiglu",
                     f"{tokens}x{ffn}",
                     p,
-                    lambda t=tokens, f=ffn: _seeded(device, 2, ((t, 2 * f), DTYPE)),
+                    lambda t=tokens, f=ffn: seeded(device, 2, ((t, 2 * f), DTYPE)),
                     impls,
                     (0,),
                     formulas["swiglu"](tokens, ffn, b, p == "bwd") if formulas["swiglu"] else None,
@@ -205,7 +206,7 @@ def cases(quick: bool, device: str, failures: list[Row] | None = None) -> list[C
     for tokens, heads, kv_heads, head_dim in sh["rotary"]:
 
         def rotary_inputs(t=tokens, h=heads, kv=kv_heads, d=head_dim):
-            q, k = _seeded(device, 3, ((t, h, d), DTYPE), ((t, kv, d), DTYPE))
+            q, k = seeded(device, 3, ((t, h, d), DTYPE), ((t, kv, d), DTYPE))
             return [q, k, torch.arange(t, device=device) % SEQ]
 
         impls = {
@@ -245,14 +246,6 @@ def cases(quick: bool, device: str, failures: list[Row] | None = None) -> list[C
 
 def _as_tuple(x) -> tuple[torch.Tensor, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _rel_err(outs, refs) -> float:
-    err = 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.float(), r.float()
-        err = max(err, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
-    return err
 
 
 def _build(case: Case, fn: Callable) -> tuple[Callable[[], object], list[torch.Tensor]]:
@@ -303,7 +296,7 @@ def _measure(
             call, result = _build(case, fn)
             first_s = time.perf_counter() - t0
             if refs is not None:
-                row.rel_err = _rel_err(result, refs)
+                row.rel_err = rel_err(result, refs)
                 if not row.rel_err <= MAX_REL_ERR:
                     row.error = (
                         f"result differs from torch_eager: rel err {row.rel_err:.2e} > "
@@ -410,7 +403,7 @@ def adamw_rows(
     rows: list[Row] = []
 
     def state(grad_dtype):
-        p, m, g = _seeded(
+        p, m, g = seeded(
             device, 5, ((n,), torch.float32), ((n,), torch.float32), ((n,), grad_dtype)
         )
         v = m.square() * 1e-2

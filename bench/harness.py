@@ -322,6 +322,24 @@ def read_json(path: str | Path) -> tuple[list[Row], dict]:
     return [Row.from_dict(d) for d in doc.get("rows", [])], doc
 
 
+def rel_err(outs, refs) -> float:
+    """max over pairs of ||out - ref|| / ||ref||, in fp32 (the rows' `rel_err`)."""
+    err = 0.0
+    for o, r in zip(outs, refs):
+        o, r = o.float(), r.float()
+        err = max(err, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
+    return err
+
+
+def seeded(device: str, seed: int, *specs: tuple) -> list[torch.Tensor]:
+    """Fresh normal tensors from one seed: specs are (shape, dtype) pairs. Never zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [
+        torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+        for shape, dtype in specs
+    ]
+
+
 def _randn(*shape, dtype, device) -> torch.Tensor:
     # Never zeros: they hide unwritten outputs and can run faster than real data.
     return torch.randn(*shape, device=device, dtype=torch.float32).to(dtype)

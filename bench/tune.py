@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import OURS, Row, Timing, graph_stream, time_graph
+from bench.harness import OURS, Row, Timing, graph_stream, rel_err, seeded, time_graph
 
 DTYPE = torch.bfloat16
 EPS = 1e-5
@@ -51,13 +51,6 @@ class Sweep:
     make: Callable[[], Callable[[object], list[torch.Tensor]]]  # inputs once -> run(cfg)
 
 
-def _seeded(device: str, seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return [
-        torch.randn(s, generator=g, device=device, dtype=torch.float32).to(DTYPE) for s in shapes
-    ]
-
-
 def _rmsnorm_sweeps(shapes: list[tuple[int, int]], device: str) -> list[Sweep]:
     from kernels import rmsnorm as m
 
@@ -65,11 +58,11 @@ def _rmsnorm_sweeps(shapes: list[tuple[int, int]], device: str) -> list[Sweep]:
     for tokens, hidden in shapes:
 
         def make_fwd(t=tokens, h=hidden):
-            x, w = _seeded(device, 1, (t, h), (h,))
+            x, w = seeded(device, 1, ((t, h), DTYPE), ((h,), DTYPE))
             return lambda cfg: list(m._rmsnorm_fwd(x, w, EPS, cfg=cfg))
 
         def make_bwd(t=tokens, h=hidden):
-            x, w, dy = _seeded(device, 2, (t, h), (h,), (t, h))
+            x, w, dy = seeded(device, 2, ((t, h), DTYPE), ((h,), DTYPE), ((t, h), DTYPE))
             rstd = torch.rsqrt(x.float().square().mean(-1) + EPS)
             return lambda cfg: list(m._rmsnorm_bwd(dy, x, w, rstd, cfg=cfg))
 
@@ -107,11 +100,11 @@ def _swiglu_sweeps(
     for tokens, ffn in shapes:
 
         def make_fwd(t=tokens, f=ffn):
-            (gu,) = _seeded(device, 3, (t, 2 * f))
+            (gu,) = seeded(device, 3, ((t, 2 * f), DTYPE))
             return lambda cfg: [m._swiglu_fwd(gu, cfg=cfg)]
 
         def make_bwd(t=tokens, f=ffn):
-            gu, dout = _seeded(device, 4, (t, 2 * f), (t, f))
+            gu, dout = seeded(device, 4, ((t, 2 * f), DTYPE), ((t, f), DTYPE))
             return lambda cfg: [m._swiglu_bwd(dout, gu, cfg=cfg)]
 
         b = torch.finfo(DTYPE).bits // 8
@@ -137,7 +130,7 @@ def _rotary_sweeps(shapes: list[tuple[int, int, int, int]], device: str) -> list
     for tokens, heads, kv_heads, head_dim in shapes:
 
         def make(t=tokens, h=heads, kv=kv_heads, d=head_dim):
-            q, k = _seeded(device, 5, (t, h, d), (t, kv, d))
+            q, k = seeded(device, 5, ((t, h, d), DTYPE), ((t, kv, d), DTYPE))
             pos = torch.arange(t, device=device) % SEQ
             return lambda cfg: list(m._rotary_apply(q, k, pos, THETA, 1.0, cfg=cfg))
 
@@ -185,14 +178,6 @@ def _label(cfg) -> str:
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in cfg._asdict().items())
 
 
-def _rel_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
-    err = 0.0
-    for o, r in zip(outs, refs):
-        o, r = o.float(), r.float()
-        err = max(err, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
-    return err
-
-
 def _graph_time(run: Callable[[], object]) -> Timing:
     with graph_stream():
         run()  # compile outside the capture
@@ -227,7 +212,7 @@ def run_sweeps(
                 break
             row = Row("tune", f"{sw.op} {sw.key}", "bf16", "-", _label(cfg), bytes=sw.nbytes)
             try:
-                row.rel_err = _rel_err(run(cfg), refs)
+                row.rel_err = rel_err(run(cfg), refs)
                 if not row.rel_err <= MAX_REL_ERR:
                     row.error = f"output differs from the heuristic's: rel err {row.rel_err:.2e}"
                 else:
