@@ -5,12 +5,13 @@
 For every tuning candidate (kernels/*.py `candidates*`) it compiles the bf16 kernel as the
 launcher would specialise it (unit column strides, 16-byte-aligned pointers and row strides) for
 sm_<arch> with Triton's bundled ptxas, and reads from the cubin (cuobjdump --dump-resource-usage)
-the registers per thread and the stack frame, and from the PTX the global-load vector widths.
+the registers per thread and the stack frame, from its SASS the local-memory accesses inside
+loops, and from the PTX the global-load vector widths.
 A stack frame on these kernels means spilled registers (except rotary's on-the-fly cos/sin:
-libdevice's argument reduction keeps a ~32-byte array there), so it answers, at no device
-time, which settings are worth timing at all (the lent-GPU method's "read what costs no device
-time"). The candidate lists are kept to settings without spills; tests/kernels/test_resources.py
-holds them to that.
+libdevice's argument reduction keeps a ~32-byte array there); the spills that cost are the ones
+inside a loop. So it answers, at no device time, which settings are worth timing at all (the
+lent-GPU method's "read what costs no device time"). The candidate lists are kept to settings
+without such spills; tests/bench/test_resources.py holds them to that.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ FP32 = "*fp32"
 class Resources:
     regs: int  # registers per thread
     stack: int  # stack frame bytes per thread (spills, or local arrays)
+    loop_spills: int  # local-memory loads/stores (LDL/STL) inside a loop of the SASS
     vectors: list[str]  # global-load vector widths in the PTX ("v2", "v4")
     loads_before_first_store: int  # global loads issued before the first global store
 
@@ -103,6 +105,9 @@ def compile_resources(
         out = subprocess.run(
             [_tools(), "--dump-resource-usage", f.name], capture_output=True, text=True, timeout=60
         ).stdout
+        sass = subprocess.run(
+            [_tools(), "-sass", f.name], capture_output=True, text=True, timeout=60
+        ).stdout
     finally:
         os.unlink(f.name)
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
@@ -114,8 +119,32 @@ def compile_resources(
     return Resources(
         int(regs.group(1)),
         int(stack.group(1)),
+        loop_spills(sass),
         sorted(set(re.findall(r"ld\.global[.\w]*\.(v\d)\.", ptx))),
         len(re.findall(r"ld\.global", body if first_store < 0 else body[:first_store])),
+    )
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def loop_spills(sass: str) -> int:
+    """Local-memory accesses (LDL/STL: spills) that sit inside a loop of the SASS listing.
+
+    A loop is the address range [target, branch] of a backward branch. A few bytes of stack
+    written before a loop and read after it (a value kept across the loop when registers are
+    capped) cost two instructions per program; a spill inside the loop costs on every step,
+    which is what makes a setting slow."""
+    ins = [(int(a, 16), text) for a, text in _SASS_LINE.findall(sass)]
+    loops = []
+    for addr, text in ins:
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)\s*$", text)
+        if m and int(m.group(1), 16) <= addr:
+            loops.append((int(m.group(1), 16), addr))
+    return sum(
+        1
+        for addr, text in ins
+        if re.search(r"\b(LDL|STL)\b", text) and any(lo <= addr <= hi for lo, hi in loops)
     )
 
 
@@ -161,6 +190,7 @@ def rmsnorm_bwd(hidden: int, arch: int = 90) -> list[tuple[object, Resources]]:
                 "INLINE_DOT": b.bwd_inline_dot,
                 "ROWS": cfg.rows,
                 "PREFETCH": cfg.prefetch,
+                "STAGES": cfg.stages,
             },
             cfg.warps,
             unit=("stride_dy_col", "stride_x_col", "stride_dx_col"),
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             for cfg, r in FAMILIES[fam](shape, args.arch):
                 print(
                     f"{fam:12s} {','.join(map(str, shape)):10s} {cfg}  regs={r.regs} "
-                    f"stack={r.stack} loads={'/'.join(r.vectors)} "
+                    f"stack={r.stack} loop_spills={r.loop_spills} loads={'/'.join(r.vectors)} "
                     f"loads_before_store={r.loads_before_first_store}",
                     flush=True,
                 )

@@ -7,9 +7,11 @@ dx, and keeps its share of dweight in fp32 registers, written once as a partial 
 are summed by `torch.sum` (fixed order, so dweight is bitwise reproducible; no atomics). Hidden
 sizes too large for registers run the same kernels over column chunks.
 
-Launch settings (warps, rows per step, row groups per SM) come from a heuristic unless the card's
-tuning table (kernels/tuning.py, written by `python -m bench.tune`) names measured ones. They
-change the rounding of the reductions, which is why they are fixed per card, not autotuned.
+Launch settings (warps, rows per step, row groups per SM, and how the next rows' loads are kept
+in flight: prefetched into registers, or pipelined into shared memory by the compiler) come from a
+heuristic unless the card's tuning table (kernels/tuning.py, written by `python -m bench.tune`)
+names measured ones. Warps and rows change the rounding of the reductions, which is why the
+settings are fixed per card, not autotuned.
 """
 
 import functools
@@ -161,6 +163,7 @@ if HAS_TRITON:
         INLINE_DOT: tl.constexpr,  # the whole row is in this block: reduce the dot product here
         ROWS: tl.constexpr,  # rows per step: independent loads in flight while a row reduces
         PREFETCH: tl.constexpr,  # load the next step's rows before reducing this step's
+        STAGES: tl.constexpr,  # > 1: the compiler pipelines the row loads (cp.async into shared)
     ):
         pid = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,7 +184,11 @@ if HAS_TRITON:
             rows0 = row_start + slot
             dy_next = tl.load(DY + rows0[:, None] * stride_dy_row + dy_off, mask=pmask, other=0.0)
             x_next = tl.load(X + rows0[:, None] * stride_x_row + x_off, mask=pmask, other=0.0)
-        for i in range(0, n_mine, ROWS):
+        # With STAGES > 1 the compiler's software pipeliner copies the next STAGES - 1 steps'
+        # dy and x rows into shared memory (cp.async) while this step reduces and stores: loads
+        # stay in flight through the reduction at no register cost (PREFETCH holds them in
+        # registers instead, one step ahead).
+        for i in tl.range(0, n_mine, ROWS, num_stages=STAGES):
             rows = row_start + i + slot  # (ROWS,) int64
             rmask = (i + slot) < n_mine
             mask = rmask[:, None] & cmask[None, :]
@@ -234,6 +241,7 @@ class BwdConfig(NamedTuple):
     rows: int  # rows per loop step of a program
     programs_per_sm: int  # row groups per SM = dweight partial rows per SM
     prefetch: bool = False  # load the next step's rows before reducing this step's
+    stages: int = 1  # > 1: software-pipelined row loads, stages - 1 steps ahead in shared memory
 
 
 class _Blocks(NamedTuple):
@@ -305,26 +313,40 @@ def candidates_fwd(n_cols: int) -> list[FwdConfig]:
 
 
 def candidates_bwd(n_cols: int) -> list[BwdConfig]:
-    """Backward settings a sweep on a card should time (the heuristic first).
+    """Backward settings a sweep on a card should time: the heuristic first, then the ones that
+    keep row loads in flight through the reduction (pipelined, then prefetched), then the rest,
+    so a sweep cut short by its budget has timed the likeliest winners.
 
-    Kept to settings that should compile for sm_90 without spilling. dy, x, g and the dweight
-    accumulator live at once, about 6 registers per fp32 value a thread holds (7 with the
-    prefetched tiles) plus 6; a thread has at most 255 registers, and 65536 / threads when the
-    block is larger. The estimate matched cuobjdump's resource report for every (warps, rows,
-    prefetch) at hidden 4096 and 8192: 102 registers at 16 warps x 1 row x 8192 (the heuristic),
-    118 with prefetch, spills past the cap. Two rows per step at 32 warps spilled: left out."""
+    Kept to settings that compile for sm_90 without spilling (tests/bench/test_resources.py
+    checks it). The cut is an estimate: dy, x, g and the dweight accumulator live at once,
+    about 6 registers per fp32 value a thread holds (7 with prefetched tiles) plus 6, under 255
+    and under 65536 / threads. cuobjdump's counts are within about 30 of it (102 at the
+    heuristic's 16 warps x 8192, 118 with prefetch, 4-8 more when pipelined; 225 against 198
+    at 8 warps x 8192). Pipelining (`stages`) holds its rows in shared memory, not registers;
+    it needs >= 8 values per thread, since under 16 bytes the compiler does not use cp.async.
+
+    Row groups per SM: at these widths at most two programs fit on an SM (registers), so more
+    than 4 would only add dweight partial rows; pipelined and prefetched settings, which keep
+    their own loads in flight, try 1 and 2."""
     blocks = _blocks(n_cols)
-    out = [BwdConfig(_warps(blocks.bwd_block), 1, _PROGRAMS_PER_SM)]
+    first = BwdConfig(_warps(blocks.bwd_block), 1, _PROGRAMS_PER_SM)
+    staged, prefetched, plain = [], [], []
     for warps in (4, 8, 16, 32):
         cap = min(255, 65536 // (32 * warps)) - 4
         for rows in (1, 2) if warps < 32 else (1,):
             per_thread = _per_thread(rows, blocks.bwd_block, warps)
-            for prefetch in (False, True):
-                if per_thread < 2 or (6 + prefetch) * per_thread + 6 > cap:
-                    continue
-                for per_sm in (1, 2, 4, 8):
-                    out.append(BwdConfig(warps, rows, per_sm, prefetch))
-    return list(dict.fromkeys(out))
+            if per_thread < 2 or 6 * per_thread + 6 > cap:
+                continue
+            plain += [BwdConfig(warps, rows, per_sm) for per_sm in (1, 2, 4)]
+            if 7 * per_thread + 6 <= cap:
+                prefetched += [BwdConfig(warps, rows, per_sm, True) for per_sm in (1, 2)]
+            if per_thread >= 8:
+                staged += [
+                    BwdConfig(warps, rows, per_sm, False, stages)
+                    for stages in (3, 2)
+                    for per_sm in (1, 2)
+                ]
+    return list(dict.fromkeys([first, *staged, *prefetched, *plain]))
 
 
 def _bwd_layout(n_rows: int, cfg: BwdConfig, device: torch.device) -> tuple[int, int]:
@@ -448,6 +470,7 @@ def _rmsnorm_bwd(
         INLINE_DOT=blocks.bwd_inline_dot,
         ROWS=cfg.rows,
         PREFETCH=cfg.prefetch,
+        STAGES=cfg.stages,
         num_warps=cfg.warps,
     )
     dweight.copy_(partial.sum(dim=0))  # fixed reduction order: reproducible, no atomics
