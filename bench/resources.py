@@ -158,7 +158,12 @@ def rmsnorm_fwd(hidden: int, arch: int = 90) -> list[tuple[object, Resources]]:
             compile_resources(
                 m._rmsnorm_fwd_kernel,
                 {"X": BF16, "W": BF16, "Y": BF16, "RSTD": FP32},
-                {"BLOCK_N": b.fwd_block, "SINGLE": b.fwd_single, "ROWS": cfg.rows},
+                {
+                    "BLOCK_N": b.fwd_block,
+                    "SINGLE": b.fwd_single,
+                    "ROWS": cfg.rows,
+                    "W_FIRST": cfg.weight_first,
+                },
                 cfg.warps,
                 unit=("stride_x_col", "stride_y_col"),
                 floats=("eps",),

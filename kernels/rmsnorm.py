@@ -69,20 +69,28 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,  # columns per load: the whole row when SINGLE, a chunk otherwise
         SINGLE: tl.constexpr,  # whole row fits one block: read x once
         ROWS: tl.constexpr,  # rows per program (SINGLE only): more bytes in flight per program
+        W_FIRST: tl.constexpr,  # SINGLE only: load the weight before x, not after the reduction
     ):
         cols = tl.arange(0, BLOCK_N)
         if SINGLE:
             # (ROWS, BLOCK_N) tile; int64 rows: rows * stride can pass 2^31
             rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
             mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+            if W_FIRST:
+                # Loaded before x, raw: its L2 round trip overlaps x's DRAM one instead of
+                # following the reduction's barrier (the compiler does not move loads across
+                # it), for 4-8 more registers (at 16 warps x 8192: 40, so 3 programs per SM fit
+                # instead of 4).
+                w = tl.load(W + cols, mask=cols < n_cols, other=0.0)
             x = tl.load(
                 X + rows[:, None] * stride_x_row + cols[None, :] * stride_x_col,
                 mask=mask,
                 other=0.0,
             ).to(tl.float32)
             rstd = tl.rsqrt(tl.math.div_rn(tl.sum(x * x, axis=1), n_cols.to(tl.float32)) + eps)
-            w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-            y = x * rstd[:, None] * w[None, :]
+            if not W_FIRST:
+                w = tl.load(W + cols, mask=cols < n_cols, other=0.0)
+            y = x * rstd[:, None] * w.to(tl.float32)[None, :]
             tl.store(
                 Y + rows[:, None] * stride_y_row + cols[None, :] * stride_y_col,
                 _to_out(y, Y.dtype.element_ty),
@@ -232,6 +240,7 @@ class FwdConfig(NamedTuple):
 
     warps: int  # num_warps
     rows: int  # rows per program on the single-block path (1 on the chunked path)
+    weight_first: bool = False  # single-block path: weight loaded before x (see the kernel)
 
 
 class BwdConfig(NamedTuple):
@@ -301,7 +310,9 @@ def _per_thread(rows: int, block: int, warps: int) -> int:
 
 
 def candidates_fwd(n_cols: int) -> list[FwdConfig]:
-    """Forward settings a sweep on a card should time (the heuristic first)."""
+    """Forward settings a sweep on a card should time (the heuristic first). One-row programs
+    are also tried with the weight loaded first; with several rows a program reads the weight
+    once for all of them, so its latency matters less."""
     blocks = _blocks(n_cols)
     out = [FwdConfig(_warps(blocks.fwd_block), 1)]
     for warps in (4, 8, 16, 32):
@@ -309,6 +320,8 @@ def candidates_fwd(n_cols: int) -> list[FwdConfig]:
             # 4..64 fp32 values of x per thread: vector loads without spilling
             if 4 <= _per_thread(rows, blocks.fwd_block, warps) <= 64:
                 out.append(FwdConfig(warps, rows))
+                if rows == 1 and blocks.fwd_single:
+                    out.append(FwdConfig(warps, rows, True))
     return list(dict.fromkeys(out))
 
 
@@ -402,6 +415,7 @@ def _rmsnorm_fwd(
         BLOCK_N=blocks.fwd_block,
         SINGLE=blocks.fwd_single,
         ROWS=rows,
+        W_FIRST=cfg.weight_first and blocks.fwd_single,
         num_warps=cfg.warps,
     )
     return out, rstd
