@@ -230,8 +230,9 @@ def swiglu(ffn: int, backward: bool, arch: int = 90) -> list[tuple[object, Resou
 
 
 def rotary(
-    heads: int, kv_heads: int, head_dim: int, cached: bool = False, arch: int = 90
+    heads: int, kv_heads: int, head_dim: int, arch: int = 90
 ) -> list[tuple[object, Resources]]:
+    """Every candidate, with cos/sin from the table or computed as its `cached` field says."""
     from kernels import rotary as m
 
     names = list(m._rotary_kernel.arg_names)
@@ -257,7 +258,7 @@ def rotary(
                 "BLOCK_HQ": cfg.block_hq,
                 "BLOCK_HK": cfg.block_hk,
                 "BLOCK_D": cfg.block_d,
-                "CACHED": cached,
+                "CACHED": cfg.cached,
                 "BACKWARD": False,
             },
             cfg.warps,

@@ -132,7 +132,10 @@ def _rotary_sweeps(shapes: list[tuple[int, int, int, int]], device: str) -> list
         def make(t=tokens, h=heads, kv=kv_heads, d=head_dim):
             q, k = seeded(device, 5, ((t, h, d), DTYPE), ((t, kv, d), DTYPE))
             pos = torch.arange(t, device=device) % SEQ
-            return lambda cfg: list(m._rotary_apply(q, k, pos, THETA, 1.0, cfg=cfg))
+            # The model's table (kernels/rotary.py): each setting reads it or computes cos/sin
+            # as its `cached` field says, so the sweep times both.
+            table = m.cos_sin_table(SEQ, d, THETA, 1.0, torch.device(device))
+            return lambda cfg: list(m._rotary_apply(q, k, pos, THETA, 1.0, cfg=cfg, cos_sin=table))
 
         b = torch.finfo(DTYPE).bits // 8
         out.append(

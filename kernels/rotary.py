@@ -11,17 +11,23 @@ the loads are in flight. Loads before stores is also what makes the in-place cal
 safe. Tokens with few heads (a 70B tensor-parallel shard has 8 q and 1 kv head: 2.3 KB read per
 token) get more tokens per program.
 
-cos/sin are computed once per program and token, in fp32, from the position and the
+cos/sin come from one of two places. On the fly: computed in fp32 from the position and the
 (head_dim/2,) frequencies of `reference.rotary_inv_freq` with an IEEE division, so the angles
-match the reference bit for bit. Alternatively they are read from a [cos | sin] table
-(`rotary_cos_sin`): that adds 4 * head_dim bytes per token (11% more traffic at 8 + 1 heads of
-128, 2.5% at 32 + 8) but drops the sin/cos math, which every thread holding a head of the token
-repeats, and its registers (sm_90 compile at 32 + 8 heads, heuristic settings: 78 registers and
-libdevice's 32-byte reduction stack computed, 48 and none from the table).
+match the reference bit for bit. Or from a [cos | sin] table (`rotary_cos_sin`; the model passes
+the `cos_sin_table` of its max_position_embeddings, shared by every layer): 4 * head_dim more
+bytes per token, but mostly L2 hits (2 MB at 4096 positions x 128), and no sin/cos math. That
+math is not shared across heads: each thread evaluates sin and cos for the (token, frequency)
+pairs of the elements it holds, so a token's cos/sin are recomputed for every head. Compiled for
+sm_90 at 32 + 8 heads of 128 (the heuristic's one token per program, 8 warps), the on-the-fly
+kernel is 2320 SASS instructions with ten libdevice argument reductions per thread and a 32-byte
+stack, the table kernel 608 instructions. By that count the sin/cos work per program is about
+as long as the program's DRAM traffic, which would explain the 60% of copy bandwidth measured
+on an H200. The table is therefore the default (`_Config.cached`), pending measurement.
 
-Pending a GPU: which is faster, table or on-the-fly, and the launch settings. `candidates` lists
-the settings `bench.tune` times on a card; the fastest is committed to kernels/tuned/<card>.json
-and `_config` reads it back (see kernels/tuning.py). Without an entry, `_heuristic` decides.
+Which one runs, and the launch settings, are tuned per card: `candidates` lists the settings
+`bench.tune` times (each with and without the table), the fastest is committed to
+kernels/tuned/<card>.json and `_config` reads it back (see kernels/tuning.py). Without an entry,
+`_heuristic` decides.
 
 The backward is the same kernel rotating by -angle (sin negated); it needs only the positions,
 so the forward saves nothing else and may run in place (`inplace=True`).
@@ -275,6 +281,7 @@ class _Config(NamedTuple):
     block_hk: int  # k heads per tile, a power of two
     block_d: int  # head_dim / 2 padded to a power of two (never smaller)
     warps: int  # num_warps
+    cached: bool = True  # read cos/sin from the caller's table when one is passed
 
 
 _MAX_TILE = 4096  # elements of one half-tile (heads x head_dim/2) per token
@@ -319,7 +326,8 @@ def _config(n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device) 
 def candidates(n_heads: int, n_kv_heads: int, head_dim: int) -> list[_Config]:
     """Settings a sweep on a card should time (the heuristic first): 1-8 tokens per program and
     2-16 warps around the heuristic's head tiles, where a thread holds 4-32 elements of each
-    half-tile load (16 at 16 warps).
+    half-tile load (16 at 16 warps), each with cos/sin from the table and computed: the sweep
+    answers "cache or on the fly" per card and shape.
 
     The bounds come from compiling for sm_90: at 64 elements per thread (or 32 at 16 warps, a
     128-register cap) the four live half-tiles spill; below 4 a thread has no vector load."""
@@ -331,18 +339,30 @@ def candidates(n_heads: int, n_kv_heads: int, head_dim: int) -> list[_Config]:
             per_thread = tile // (32 * warps)
             if 4 <= per_thread <= (16 if warps == 16 else 32):
                 out.append(base._replace(block_t=block_t, warps=warps))
+    out += [c._replace(cached=not c.cached) for c in out]
     return list(dict.fromkeys(out))
 
 
 def _check_config(cfg: _Config, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
     # A table entry with block_d below head_dim/2 would leave columns unrotated, silently.
-    if any(v < 1 or v & (v - 1) for v in cfg) or cfg.block_d < head_dim // 2:
+    tiles = (cfg.block_t, cfg.block_hq, cfg.block_hk, cfg.block_d, cfg.warps)
+    if any(v < 1 or v & (v - 1) for v in tiles) or cfg.block_d < head_dim // 2:
         raise ValueError(
-            f"rotary: launch settings {cfg} for head_dim {head_dim}: every field must be a power "
-            f"of two and block_d >= {head_dim // 2}. If they come from kernels/tuned/<card>.json "
+            f"rotary: launch settings {cfg} for head_dim {head_dim}: every tile field must be a "
+            f"power of two and block_d >= {head_dim // 2}. If they come from kernels/tuned/<card>.json "
             f"ops['rotary'][{tune_key(n_heads, n_kv_heads, head_dim)!r}], fix or delete that "
             "entry and rerun `python -m bench.tune`"
         )
+
+
+@functools.lru_cache(maxsize=8)
+def cos_sin_table(
+    max_positions: int, head_dim: int, theta: float, scaling_factor: float, device: torch.device
+) -> torch.Tensor:
+    """The `rotary_cos_sin` table, built once per (shape, rope settings, device) and shared by
+    every caller: a model's layers all pass the same one (fp32 max_positions x head_dim, 2 MB at
+    4096 x 128) instead of one each."""
+    return rotary_cos_sin(max_positions, head_dim, theta, scaling_factor, device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -398,8 +418,9 @@ def _rotary_apply(
     when `backward`). Outputs default to new contiguous tensors; pass q_out=q, k_out=k for in place.
 
     `cfg` overrides the launch settings (the tuning sweep times each candidate). `cos_sin`, the
-    `rotary_cos_sin` table, replaces the on-the-fly cos/sin; positions must be below its length
-    (not checked: that would cost a device sync)."""
+    `rotary_cos_sin` table, replaces the on-the-fly cos/sin when the settings say so
+    (`cfg.cached`); positions must be below its length (not checked: that would cost a device
+    sync)."""
     _check(q, k, positions, cos_sin)
     tokens, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
@@ -413,7 +434,8 @@ def _rotary_apply(
     if tokens == 0:
         return q_out, k_out
     inv_freq = _inv_freq(head_dim, float(theta), q.device)
-    cs = inv_freq if cos_sin is None else cos_sin  # a pointer the kernel never reads when unused
+    cached = cos_sin is not None and cfg.cached
+    cs = cos_sin if cached else inv_freq  # a pointer the kernel never reads when unused
     _rotary_kernel[(triton.cdiv(tokens, cfg.block_t),)](
         q,
         k,
@@ -438,7 +460,7 @@ def _rotary_apply(
         BLOCK_HQ=cfg.block_hq,
         BLOCK_HK=cfg.block_hk,
         BLOCK_D=cfg.block_d,
-        CACHED=cos_sin is not None,
+        CACHED=cached,
         BACKWARD=backward,
         num_warps=cfg.warps,
     )
@@ -520,8 +542,9 @@ def rotary(
     `inplace=True` writes into q and k and returns them. Under autograd, q and k must then be
     single-output views (qkv[:, a:b] or narrow): autograd forbids writing into `split` outputs.
 
-    `cos_sin`: optional fp32 (max_positions, head_dim) table from `rotary_cos_sin` with the same
-    theta and scaling_factor; the kernel reads cos/sin from it instead of computing them. Every
+    `cos_sin`: optional fp32 (max_positions, head_dim) table from `rotary_cos_sin` (or the shared
+    `cos_sin_table`) with the same theta and scaling_factor; the kernel reads cos/sin from it
+    instead of computing them unless the card's tuned settings say computing is faster. Every
     position must be below max_positions: that is not checked (it would cost a device sync), and
     a position past the table reads out of bounds. The reference path (CPU without the
     interpreter) checks the table's shape and computes the same values itself."""

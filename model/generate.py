@@ -170,6 +170,7 @@ def forward_cached(
             flat_pos,
             attn.rope_theta,
             attn.rope_scaling_factor,
+            cos_sin=attn.rope_table(flat_pos.device),
         )
         cache.k[li][rows, positions] = k.view(b, t, nkv, hd)
         cache.v[li][rows, positions] = v.reshape(b, t, nkv, hd)

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
 from kernels.rmsnorm import rmsnorm
-from kernels.rotary import rotary
+from kernels.rotary import cos_sin_table, rotary
 from kernels.swiglu import swiglu
 from model.config import ModelConfig
 
@@ -72,6 +72,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.rope_theta = cfg.rope_theta
         self.rope_scaling_factor = cfg.rope_scaling_factor
+        # Positions never reach this (the trainer checks seq_length, generation stops there), so
+        # one cos/sin table of this many rows serves every call (kernels/rotary.py).
+        self.max_positions = cfg.max_position_embeddings
         qkv_out = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
         self.wo = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
@@ -86,9 +89,23 @@ class Attention(nn.Module):
         q = q.view(-1, self.n_heads, hd)  # (T, nh, hd)
         k = k.view(-1, self.n_kv_heads, hd)  # (T, nkv, hd)
         v = v.view(-1, self.n_kv_heads, hd)  # (T, nkv, hd)
-        q, k = rotary(q, k, positions, self.rope_theta, self.rope_scaling_factor)
+        q, k = rotary(
+            q,
+            k,
+            positions,
+            self.rope_theta,
+            self.rope_scaling_factor,
+            cos_sin=self.rope_table(q.device),
+        )
         out = attention(q, k, v, cu_seqlens, max_seqlen)  # (T, nh, hd)
         return out.reshape(out.shape[0], self.n_heads * hd)
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """The fp32 [cos | sin] table of positions 0..max_positions-1, shared with every layer of
+        the same settings on `device`."""
+        return cos_sin_table(
+            self.max_positions, self.head_dim, self.rope_theta, self.rope_scaling_factor, device
+        )
 
     def forward(self, x, positions, cu_seqlens, max_seqlen):
         qkv = self.wqkv(x)

@@ -220,9 +220,10 @@ SWEEP = [
 def test_candidates(device, shape, cfg):
     """Every setting `bench.tune` may commit is correct: forward and backward, 7 tokens (not a
     multiple of the tokens per program) and 1, into poisoned outputs and in place, on strided
-    views of a fused qkv buffer."""
+    views of a fused qkv buffer; cos/sin from the table when the setting reads it."""
     heads, kv_heads, head_dim = shape
     theta, factor, dtype = 10000.0, 2.0, torch.bfloat16
+    table = rotary_cos_sin(64, head_dim, theta, factor, device)
     for tokens in (7, 1):
         seed = zlib.crc32(f"{shape}{tokens}".encode())
         g = torch.Generator().manual_seed(seed)
@@ -249,7 +250,16 @@ def test_candidates(device, shape, cfg):
                         poisoned_empty(*t.shape, dtype=dtype, device=device) for t in (x, y)
                     )
                 _rotary_apply(
-                    x, y, positions, theta, factor, backward, q_out=x_out, k_out=y_out, cfg=cfg
+                    x,
+                    y,
+                    positions,
+                    theta,
+                    factor,
+                    backward,
+                    q_out=x_out,
+                    k_out=y_out,
+                    cfg=cfg,
+                    cos_sin=table,
                 )
                 assert torch.equal(v, v0), "v changed"
                 for name, out, r32, rlp in zip(names, (x_out, y_out), want32, wantlp):
@@ -263,11 +273,14 @@ def test_candidate_tiles():
     for shape in [(32, 8, 128), (64, 8, 128), (8, 1, 128), (40, 40, 128), (4, 2, 16)]:
         cands = rot_mod.candidates(*shape)
         assert cands[0] == rot_mod._heuristic(*shape)
-        assert len(cands) == len(set(cands)) and len(cands) <= 16, (shape, len(cands))
+        assert len(cands) == len(set(cands)) and len(cands) <= 32, (shape, len(cands))
         if shape[2] == 128:
-            assert len(cands) >= 5, (shape, len(cands))
+            assert len(cands) >= 10, (shape, len(cands))
+        # each setting with cos/sin from the table and computed: the sweep measures both
+        assert set(cands) == {c._replace(cached=b) for c in cands for b in (True, False)}
         for c in cands[1:]:  # at most 32 elements per thread per load: no spills on sm_90
             assert c.block_t * max(c.block_hq, c.block_hk) * c.block_d <= 32 * 32 * c.warps
+    assert rot_mod._heuristic(32, 8, 128).cached  # the table by default (see kernels/rotary.py)
     assert rot_mod._heuristic(32, 8, 128).block_t == 1
     assert rot_mod._heuristic(8, 1, 128).block_t == 4
 
@@ -316,6 +329,30 @@ def test_cos_sin_table():
     assert table.shape == (4096, 96) and table.dtype == torch.float32
     cos, sin = reference.rotary_cos_sin(positions, 96, 500000.0, 2.5)
     assert torch.equal(table[positions], torch.cat((cos, sin), dim=-1))
+
+
+def test_shared_cos_sin_table():
+    """`cos_sin_table` builds one table per settings and device, which every caller shares; the
+    settings' `cached` flag decides whether a passed table is read."""
+    a = rot_mod.cos_sin_table(128, 16, 10000.0, 1.0, torch.device("cpu"))
+    assert a is rot_mod.cos_sin_table(128, 16, 10000.0, 1.0, torch.device("cpu"))
+    assert a is not rot_mod.cos_sin_table(128, 16, 10000.0, 2.0, torch.device("cpu"))
+    assert torch.equal(a, rotary_cos_sin(128, 16, 10000.0, 1.0))
+
+
+def test_table_ignored_when_settings_compute(device):
+    """With `cached=False` a passed table is not read: a table of garbage changes nothing."""
+    _, q, k, _ = _qkv_views(5, 4, 2, 16, torch.float32, device, seed=9)
+    positions = torch.tensor([0, 3, 1, 7, 2], device=device)
+    cfg = rot_mod._heuristic(4, 2, 16)._replace(cached=False)
+    garbage = torch.full((8, 16), float("nan"), device=device)
+    got = _rotary_apply(q, k, positions, 10000.0, 1.0, cfg=cfg, cos_sin=garbage)
+    want = _rotary_apply(q, k, positions, 10000.0, 1.0, cfg=cfg)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    read = _rotary_apply(
+        q, k, positions, 10000.0, 1.0, cfg=cfg._replace(cached=True), cos_sin=garbage
+    )
+    assert torch.isnan(read[0]).all()
 
 
 @pytest.mark.parametrize("case", CASES[1:3], ids=str)

@@ -88,6 +88,16 @@ def test_rope_scaling_divides_positions():
     torch.testing.assert_close(scaled, plain, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_share_one_rope_table():
+    """Every layer passes the same cos/sin table, one row per position up to
+    max_position_embeddings (the trainer and the generator never go past it)."""
+    m = _model()
+    tables = {id(b.attention.rope_table(torch.device("cpu"))) for b in m.layers.values()}
+    assert len(tables) == 1
+    table = next(iter(m.layers.values())).attention.rope_table(torch.device("cpu"))
+    assert table.shape == (CFG.max_position_embeddings, CFG.head_dim)
+
+
 def test_lima_dropout_probabilities():
     cfg = CFG.replace(num_layers=5, hidden_dropout=0.25, lima_dropout=True)
     assert [cfg.layer_dropout(i) for i in range(5)] == [0.0, 0.0625, 0.125, 0.1875, 0.25]
