@@ -218,7 +218,7 @@ def swiglu(ffn: int, backward: bool, arch: int = 90) -> list[tuple[object, Resou
             compile_resources(
                 fn,
                 ptrs,
-                {"BLOCK": cfg.block},
+                {"BLOCK": cfg.block, "LINEAR": cfg.linear},
                 cfg.warps,
                 unit=tuple(n for n in names if n.endswith("_col")),
                 aligned=tuple(n for n in names if n.endswith("_row")) + ("n_ffn",),

@@ -45,6 +45,22 @@ if HAS_TRITON:
         return tl.where(g >= 0, r, e * r)
 
     @triton.jit
+    def _program_block(n_ffn, BLOCK: tl.constexpr, LINEAR: tl.constexpr):
+        """(row, columns) of this program. LINEAR: a 1-D grid in row-major order, so programs
+        that run together cover consecutive addresses, as torch.compile's flattened kernel does;
+        otherwise rows on grid axis 0 (up to 2^31 - 1) and column blocks on axis 1, so programs
+        that run together cover the same columns of consecutive rows."""
+        if LINEAR:
+            n_blocks = tl.cdiv(n_ffn, BLOCK)
+            pid = tl.program_id(0)
+            row = (pid // n_blocks).to(tl.int64)  # int64: rows * stride can pass 2^31
+            cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        return row, cols
+
+    @triton.jit
     def _swiglu_fwd_kernel(
         GU,  # fused input (rows, 2*ffn): gate in columns [0, ffn), up in [ffn, 2*ffn)
         OUT,  # output (rows, ffn)
@@ -54,9 +70,9 @@ if HAS_TRITON:
         stride_out_col,  # elements between columns of OUT
         n_ffn,  # ffn (half the width of GU)
         BLOCK: tl.constexpr,  # columns per program
+        LINEAR: tl.constexpr,  # 1-D row-major grid (see _program_block)
     ):
-        row = tl.program_id(0).to(tl.int64)  # int64: rows * stride can pass 2^31
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row, cols = _program_block(n_ffn, BLOCK, LINEAR)
         mask = cols < n_ffn
         gu = GU + row * stride_gu_row
         g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
@@ -81,9 +97,9 @@ if HAS_TRITON:
         stride_dgu_col,  # elements between columns of DGU
         n_ffn,  # ffn
         BLOCK: tl.constexpr,  # columns per program
+        LINEAR: tl.constexpr,  # 1-D row-major grid (see _program_block)
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row, cols = _program_block(n_ffn, BLOCK, LINEAR)
         mask = cols < n_ffn
         gu = GU + row * stride_gu_row
         g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
@@ -108,6 +124,7 @@ class Config(NamedTuple):
 
     block: int  # columns per program
     warps: int  # num_warps
+    linear: bool = False  # 1-D row-major grid instead of (rows, column blocks)
 
 
 def _heuristic(n_ffn: int) -> Config:
@@ -130,14 +147,25 @@ def _config(n_ffn: int, device: torch.device, backward: bool) -> Config:
 
 
 def candidates(n_ffn: int) -> list[Config]:
-    """Settings a sweep on a card should time (the heuristic first), for either pass."""
+    """Settings a sweep on a card should time (the heuristic first), for either pass: each
+    block and warps also with the 1-D row-major grid."""
     out = [_heuristic(n_ffn)]
     for block in (512, 1024, 2048, 4096):
         for warps in (2, 4, 8, 16):
             # 4..16 elements per thread per tensor: 8- to 32-byte bf16 vectors
             if block <= 2 * triton.next_power_of_2(n_ffn) and 4 <= block // (32 * warps) <= 16:
                 out.append(Config(block, warps))
+    out += [c._replace(linear=True) for c in out]
     return list(dict.fromkeys(out))
+
+
+def _grid(n_rows: int, n_ffn: int, cfg: Config) -> tuple[int, ...]:
+    """The launch grid. The 1-D order only changes which programs run together, never the
+    result, so past axis 0's 2^31 - 1 programs the 2-D grid is used instead."""
+    blocks = triton.cdiv(n_ffn, cfg.block)
+    if cfg.linear and n_rows * blocks < 2**31:
+        return (n_rows * blocks,)
+    return (n_rows, blocks)  # rows up to 2^31 - 1 on axis 0; column blocks up to 65535 on axis 1
 
 
 def _split_width(gate_up: torch.Tensor) -> int:
@@ -161,8 +189,7 @@ def _swiglu_fwd(
     if n_rows == 0 or n_ffn == 0:
         return out
     cfg = cfg or _config(n_ffn, gate_up.device, backward=False)
-    # Rows on grid axis 0 (up to 2^31 - 1); column blocks on axis 1 (up to 65535).
-    grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
+    grid = _grid(n_rows, n_ffn, cfg)
     _swiglu_fwd_kernel[grid](
         gate_up,
         out,
@@ -172,6 +199,7 @@ def _swiglu_fwd(
         out.stride(1),
         n_ffn,
         BLOCK=cfg.block,
+        LINEAR=len(grid) == 1,
         num_warps=cfg.warps,
     )
     return out
@@ -192,7 +220,7 @@ def _swiglu_bwd(
     if n_rows == 0 or n_ffn == 0:
         return dgate_up
     cfg = cfg or _config(n_ffn, gate_up.device, backward=True)
-    grid = (n_rows, triton.cdiv(n_ffn, cfg.block))
+    grid = _grid(n_rows, n_ffn, cfg)
     _swiglu_bwd_kernel[grid](
         dout,
         gate_up,
@@ -205,6 +233,7 @@ def _swiglu_bwd(
         dgate_up.stride(1),
         n_ffn,
         BLOCK=cfg.block,
+        LINEAR=len(grid) == 1,
         num_warps=cfg.warps,
     )
     return dgate_up

@@ -116,6 +116,7 @@ def test_every_tuning_candidate(device):
     gate_up, dout = _inputs(shape, dtype, device, seed=31)
     cands = swiglu_mod.candidates(1000)
     assert cands[0] == swiglu_mod._heuristic(1000) and len(cands) > 3
+    assert {c.linear for c in cands} == {False, True}  # both grid orders are swept
     for cfg in cands:
         out = poisoned_empty(*shape, dtype=dtype, device=device)
         dgu = poisoned_empty(*gate_up.shape, dtype=dtype, device=device)
