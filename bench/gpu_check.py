@@ -51,8 +51,9 @@ REPO = Path(__file__).resolve().parent.parent
 # rows measure the card's tuned settings; the table is also copied under $OUT to be committed.
 # On the H200 of 2026-11-28 the GPU tests took 109 s, kernels 45 s, attention 29 s, parallel 8 s.
 # Since then the tests check every attention autotune candidate in bf16 and compile about twice
-# as many tuning candidates (~150 more compiles), and the sweep has ~170 candidates (at ~0.3 s
-# each plus ~90 compiles). A section that overruns is interrupted (pytest still writes its report).
+# as many tuning candidates (about a hundred more compiles), and the sweep has ~170 candidates
+# (~0.3 s each plus ~90 compiles). A section that overruns is interrupted (pytest still writes
+# its report).
 SECTIONS = [
     ("tests", None, 200),
     ("tune", "bench.tune", 110),
