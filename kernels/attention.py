@@ -6,8 +6,12 @@ document up to itself. Query head h reads KV head h // (heads // kv_heads); K/V 
 The padded layout (batch, seq, heads, head_dim) is the same thing with equal documents.
 
 Scheduling. Programs tile the *flattened* token axis, not each document: a query block may hold
-the tail of one document and the head of the next, and each row masks by its own document's start
-(found by a binary search of `cu_seqlens` inside the kernel). So the grid has no empty programs
+the tail of one document and the head of the next, and each row masks by its own document's start.
+Each token's document start and end are found once per call, by a small kernel that
+binary-searches `cu_seqlens` for every token (`_doc_rows`), and the forward and backward kernels
+load them. A search inside each program would be a chain of dependent loads (4 rounds at 4
+documents, 7 at the seed's ~35 per row) at the head of a program that is alone on its SM,
+before anything else could be issued. So the grid has no empty programs
 however the lengths are mixed (a per-document grid over max_seqlen launches docs x max_seqlen /
 BLOCK_M programs, mostly empty for the seed's ~473-token documents in 4096-token rows), and a
 short document shares a block with its neighbour instead of padding one. A block that straddles
@@ -43,6 +47,7 @@ LOG2E = 1.4426950408889634
 # a variant for each value equal to 1 or divisible by 16). Strides stay specialized: a unit or
 # 16-divisible stride is what makes loads vector-wide.
 _NO_SPEC = ["num_docs", "search_steps", "tokens", "heads", "kv_heads", "group", "seq_bucket"]
+_NO_SPEC_ROWS = ["num_docs", "search_steps", "tokens"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +84,20 @@ def _doc_bounds(cu_seqlens, tok, num_docs, search_steps):
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     return tl.load(cu_seqlens + lo), tl.load(cu_seqlens + lo + 1)
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_ROWS)
+def _doc_rows_kernel(
+    cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
+    ROW_START, ROW_END,  # out: (tokens,) int32 first token of each token's document, one past its last
+    tokens,
+    BLOCK: tl.constexpr,
+):
+    tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = tok < tokens
+    start, end = _doc_bounds(cu_seqlens, tl.minimum(tok, tokens - 1), num_docs, search_steps)
+    tl.store(ROW_START + tok, start, mask=ok)
+    tl.store(ROW_END + tok, end, mask=ok)
 
 
 @triton.jit
@@ -128,7 +147,7 @@ def _fwd_inner(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q (T, H, D), k/v (T, KVH, D), out (T, H, D), lse (H, T) fp32
-    cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
+    ROW_START,  # (T,) int32: first token of each token's document (_doc_rows_kernel)
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -150,9 +169,6 @@ def _fwd_kernel(
     d_ok = _col_mask(BLOCK_D, HEAD_DIM)
     rows = m0 + offs_i
     rows_ok = rows < tokens
-    doc_start, _ = _doc_bounds(cu_seqlens, tl.minimum(rows, tokens - 1), num_docs, search_steps)
-    n_lo = tl.min(doc_start, 0)  # rows are sorted: the first and the last row's document start
-    start_last = tl.max(doc_start, 0)
     n_hi = tl.minimum(m0 + BLOCK_M, tokens)
 
     m64 = m0.to(tl.int64)
@@ -160,6 +176,11 @@ def _fwd_kernel(
     row_mask = rows_ok[:, None] & d_ok[None, :]
     q_ptrs = Q + m64 * stride_qt + h64 * stride_qh + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_mask, other=0.0)
+    # Issued with q's load: one round trip, no search. Rows are sorted, so the block's smallest
+    # and largest document starts are its first and last row's (scalar loads, no reduction).
+    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
+    n_lo = tl.load(ROW_START + m0)
+    start_last = tl.load(ROW_START + n_hi - 1)
     k_head = K + kvh.to(tl.int64) * stride_kh
     v_head = V + kvh.to(tl.int64) * stride_vh
 
@@ -221,7 +242,7 @@ def _dq_inner(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA,  # DELTA (H, T) fp32 is written here for the dK/dV kernel
-    cu_seqlens, num_docs, search_steps,
+    ROW_START,  # (T,) int32: first token of each token's document
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -244,9 +265,6 @@ def _dq_kernel(
     d_ok = _col_mask(BLOCK_D, HEAD_DIM)
     rows = m0 + offs_i
     rows_ok = rows < tokens
-    doc_start, _ = _doc_bounds(cu_seqlens, tl.minimum(rows, tokens - 1), num_docs, search_steps)
-    n_lo = tl.min(doc_start, 0)
-    start_last = tl.max(doc_start, 0)
     n_hi = tl.minimum(m0 + BLOCK_M, tokens)
 
     m64 = m0.to(tl.int64)
@@ -258,6 +276,9 @@ def _dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), FA2 Alg. 2 line 4
     tl.store(DELTA + h64 * stride_lh + rows, delta, mask=rows_ok)
     lse2 = tl.load(LSE + h64 * stride_lh + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
+    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)  # as in the forward
+    n_lo = tl.load(ROW_START + m0)
+    start_last = tl.load(ROW_START + n_hi - 1)
 
     k_head = K + kvh.to(tl.int64) * stride_kh
     v_head = V + kvh.to(tl.int64) * stride_vh
@@ -320,7 +341,7 @@ def _dkdv_inner(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
-    cu_seqlens, num_docs, search_steps,
+    ROW_END,  # (T,) int32: one past the last token of each token's document
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -342,15 +363,16 @@ def _dkdv_kernel(
     d_ok = _col_mask(BLOCK_D, HEAD_DIM)
     cols = n0 + offs_j
     cols_ok = cols < tokens
-    _, doc_end = _doc_bounds(cu_seqlens, tl.minimum(cols, tokens - 1), num_docs, search_steps)
-    end_first = tl.min(doc_end, 0)
-    end_last = tl.max(doc_end, 0)
 
     n64 = n0.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     col_mask = cols_ok[:, None] & d_ok[None, :]
     k = tl.load(K + n64 * stride_kt + kvh64 * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_mask, other=0.0)
     v = tl.load(V + n64 * stride_vt + kvh64 * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=col_mask, other=0.0)
+    # Columns are sorted: the block's smallest and largest document ends are its first and last.
+    doc_end = tl.load(ROW_END + cols, mask=cols_ok, other=0)
+    end_first = tl.load(ROW_END + n0)
+    end_last = tl.load(ROW_END + tl.minimum(n0 + BLOCK_N, tokens) - 1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Queries [n0, m_pre): the causal diagonal; [m_pre, m_full): every pair visible, no mask;
@@ -461,6 +483,23 @@ def _search_steps(num_docs: int) -> int:
     return max(1, int(num_docs).bit_length())  # >= ceil(log2(num_docs))
 
 
+_ROWS_BLOCK = 64 if INTERPRET else 1024  # tokens per program of _doc_rows_kernel
+
+
+def _doc_rows(cu_seqlens: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens,) int32 each: the first token of each token's document and one past its last."""
+    start = _empty((tokens,), torch.int32, cu_seqlens.device)
+    end = _empty((tokens,), torch.int32, cu_seqlens.device)
+    if tokens == 0:
+        return start, end
+    num_docs = cu_seqlens.numel() - 1
+    _doc_rows_kernel[(triton.cdiv(tokens, _ROWS_BLOCK),)](
+        cu_seqlens, num_docs, _search_steps(num_docs), start, end, tokens,
+        BLOCK=_ROWS_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return start, end
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers and autograd
 # --------------------------------------------------------------------------------------------
@@ -471,16 +510,16 @@ def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
+def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
+    """row_start: `_doc_rows`' first output."""
     tokens, heads, head_dim = q.shape
     out = _empty((tokens, heads, head_dim), q.dtype, q.device)
     lse = _empty((heads, tokens), torch.float32, q.device)
     if tokens == 0:
         return out, lse
-    num_docs = cu_seqlens.numel() - 1
     grid = lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]) * heads,)
     args = (
-        q, k, v, out, lse, cu_seqlens, num_docs, _search_steps(num_docs), scale * LOG2E,
+        q, k, v, out, lse, row_start, scale * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
         tokens, heads, heads // k.shape[1], _bucket(max_seqlen),
     )  # fmt: skip
@@ -493,7 +532,7 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float):
+def _backward(do, q, k, v, out, lse, row_start, row_end, max_seqlen: int, scale: float):
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq = _empty((tokens, heads, head_dim), q.dtype, q.device)
@@ -502,8 +541,6 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float):
     if tokens == 0:
         return dq, dk, dv
     delta = _empty((heads, tokens), torch.float32, q.device)
-    num_docs = cu_seqlens.numel() - 1
-    steps = _search_steps(num_docs)
     bucket = _bucket(max_seqlen)
     meta = dict(
         HEAD_DIM=head_dim,
@@ -512,14 +549,14 @@ def _backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float):
     )
     group = heads // kv_heads
     dq_args = (
-        q, k, v, out, do, dq, lse, delta, cu_seqlens, num_docs, steps, scale * LOG2E, scale,
+        q, k, v, out, do, dq, lse, delta, row_start, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
         lse.stride(0), tokens, heads, group, bucket,
     )  # fmt: skip
     dq_grid = lambda m: (triton.cdiv(tokens, m["BLOCK_M"]) * heads,)
     _launch("dq", _dq_kernel, dq_grid, dq_args, head_dim, bucket, **meta)
     dkdv_args = (
-        q, k, v, do, dk, dv, lse, delta, cu_seqlens, num_docs, steps, scale * LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, row_end, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), tokens, kv_heads, group, bucket,
     )  # fmt: skip
@@ -535,16 +572,19 @@ def _block_d(head_dim: int) -> int:
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        out, lse = _forward(q, k, v, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        row_start, row_end = _doc_rows(cu_seqlens, q.shape[0])
+        out, lse = _forward(q, k, v, row_start, max_seqlen, scale)
+        ctx.save_for_backward(q, k, v, out, lse, row_start, row_end)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        q, k, v, out, lse, row_start, row_end = ctx.saved_tensors
+        dq, dk, dv = _backward(
+            dout, q, k, v, out, lse, row_start, row_end, ctx.max_seqlen, ctx.scale
+        )
         return dq, dk, dv, None, None, None
 
 

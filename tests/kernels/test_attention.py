@@ -139,6 +139,21 @@ def test_tiny_and_empty_documents(device, seed):
     _check_against_reference(q, k, v, _cu([0, 3, 0, 40, 7, 0], device), 40)
 
 
+def test_document_bounds_per_token(device):
+    """`_doc_rows`: every token's document start and end, with empty documents anywhere and
+    more tokens than one program covers."""
+    lens = [0, 3, 0, 1, 90, 0, 7, 60, 0]
+    cu = _cu(lens, device)
+    start, end = attn._doc_rows(cu, sum(lens))
+    real = [n for n in lens if n]
+    firsts = torch.cumsum(torch.tensor([0] + real[:-1]), 0)
+    want_start = torch.repeat_interleave(firsts, torch.tensor(real))
+    want_end = torch.repeat_interleave(firsts + torch.tensor(real), torch.tensor(real))
+    assert start.dtype == end.dtype == torch.int32
+    assert torch.equal(start.cpu().long(), want_start)
+    assert torch.equal(end.cpu().long(), want_end)
+
+
 def test_padded_layout(device, seed):
     """(batch, seq, heads, head_dim), each row its own causal sequence; lse (batch, heads, seq)."""
     batch, seq, heads, kv_heads, head_dim = 3, 45, 4, 2, 32
