@@ -7,18 +7,21 @@ The padded layout (batch, seq, heads, head_dim) is the same thing with equal doc
 
 Scheduling. Programs tile the *flattened* token axis, not each document: a query block may hold
 the tail of one document and the head of the next, and each row masks by its own document's start.
-Each token's document start and end are found once per call, by a small kernel that
-binary-searches `cu_seqlens` for every token (`_doc_rows`), and the forward and backward kernels
-load them. A search inside each program would be a chain of dependent loads (4 rounds at 4
-documents, 7 at the seed's ~35 per row) at the head of a program that is alone on its SM,
-before anything else could be issued. So the grid has no empty programs
-however the lengths are mixed (a per-document grid over max_seqlen launches docs x max_seqlen /
-BLOCK_M programs, mostly empty for the seed's ~473-token documents in 4096-token rows), and a
-short document shares a block with its neighbour instead of padding one. A block that straddles
+So the grid has no empty programs however the lengths are mixed (a per-document grid over
+max_seqlen launches docs x max_seqlen / BLOCK_M programs, mostly empty for the seed's ~473-token
+documents in 4096-token rows), and a short document shares a block with its neighbour instead of
+padding one. A block that straddles
 documents runs the key range of its earliest row, which its own rows need anyway. Key ranges
 are split in three: masked blocks below the latest row's document start, unmasked full blocks,
 masked blocks on the diagonal; fully masked keys are never visited. `max_seqlen` only picks the
 launch settings (it never affects correctness).
+
+Document bounds. Each token's document start and end are found once per call, by a small kernel
+that binary-searches `cu_seqlens` for every token (`_doc_rows`); the forward and backward
+programs load them for their rows, and take a block's first and last from two scalar loads (the
+tokens are sorted). A search inside each program was a chain of dependent loads (4 rounds at 4
+documents, 7 at the seed's ~35 per row) followed by two block reductions, all before the first
+K/V load of a program that is alone on its SM (bench/NOTES.md).
 
 Forward (FlashAttention-2, Dao 2023, Alg. 1): online softmax in base 2 (exp2 with the scale
 folded into log2(e)), fp32 accumulators, saves the natural-log LSE (heads, tokens) fp32.
@@ -27,7 +30,8 @@ that also computes delta = rowsum(dO * O) for its rows, then a dK/dV kernel per 
 block that loops over the query heads of its group, so GQA gradients are summed in registers.
 Offsets that can pass 2^31 elements (token x stride) are formed in int64.
 
-Measured (H200, torch 2.11, Triton 3.6, bench/bench_attention.py, d=128, 32/8 heads, bf16):
+Measured before the document-bounds change (H200, torch 2.11, Triton 3.6,
+bench/bench_attention.py, d=128, 32/8 heads, bf16):
 fwd 284 / 378 / 425 / 457 TFLOP/s at seq 1k / 2k / 4k / 8k, 1.06-1.39x SDPA's flash backend;
 bwd 206 / 286 / 334 / 360, 1.04-1.21x.
 """
