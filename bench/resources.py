@@ -281,7 +281,7 @@ def attention(kind: str, head_dim: int, arch: int = 90) -> list[tuple[object, Re
     tensors = {"fwd": ("Q", "K", "V", "O"), "dq": ("Q", "K", "V", "O", "DO", "DQ")}.get(
         kind, ("Q", "K", "V", "DO", "DK", "DV")
     )
-    ptrs = {n: BF16 for n in tensors} | {"LSE": FP32, "ROW_START": "*i32", "ROW_END": "*i32"}
+    ptrs = {n: BF16 for n in tensors} | {"LSE": FP32, "ROW_START": "*i32", "cu_seqlens": "*i32"}
     if "DELTA" in names:
         ptrs["DELTA"] = FP32
     unit = tuple(n for n in names if n.startswith("stride") and n.endswith("d"))

@@ -16,12 +16,13 @@ are split in three: masked blocks below the latest row's document start, unmaske
 masked blocks on the diagonal; fully masked keys are never visited. `max_seqlen` only picks the
 launch settings (it never affects correctness).
 
-Document bounds. Each token's document start and end are found once per call, by a small kernel
-that binary-searches `cu_seqlens` for every token (`_doc_rows`); the forward and backward
-programs load them for their rows, and take a block's first and last from two scalar loads (the
-tokens are sorted). A search inside each program was a chain of dependent loads (4 rounds at 4
-documents, 7 at the seed's ~35 per row) followed by two block reductions, all before the first
-K/V load of a program that is alone on its SM (bench/NOTES.md).
+Document starts. Each token's document start is found once per call, by a small kernel that
+binary-searches `cu_seqlens` for every token (`_doc_starts`); the forward and dQ programs load
+their rows' starts, and a block's first and last from two scalar loads (the tokens are sorted).
+A search inside each of those programs was a chain of dependent loads (4 rounds at 4 documents,
+7 at the seed's ~35 per row) followed by two block reductions, all before the first K/V load of
+a program that is alone on its SM (bench/NOTES.md). The dK/dV programs still search for their
+keys' document ends (see there why).
 
 Forward (FlashAttention-2, Dao 2023, Alg. 1): online softmax in base 2 (exp2 with the scale
 folded into log2(e)), fp32 accumulators, saves the natural-log LSE (heads, tokens) fp32.
@@ -91,17 +92,15 @@ def _doc_bounds(cu_seqlens, tok, num_docs, search_steps):
 
 
 @triton.jit(do_not_specialize=_NO_SPEC_ROWS)
-def _doc_rows_kernel(
+def _doc_starts_kernel(
     cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
-    ROW_START, ROW_END,  # out: (tokens,) int32 first token of each token's document, one past its last
+    ROW_START,  # out: (tokens,) int32, the first token of each token's document
     tokens,
     BLOCK: tl.constexpr,
 ):
     tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = tok < tokens
-    start, end = _doc_bounds(cu_seqlens, tl.minimum(tok, tokens - 1), num_docs, search_steps)
-    tl.store(ROW_START + tok, start, mask=ok)
-    tl.store(ROW_END + tok, end, mask=ok)
+    start, _ = _doc_bounds(cu_seqlens, tl.minimum(tok, tokens - 1), num_docs, search_steps)
+    tl.store(ROW_START + tok, start, mask=tok < tokens)
 
 
 @triton.jit
@@ -151,7 +150,7 @@ def _fwd_inner(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_kernel(
     Q, K, V, O, LSE,  # q (T, H, D), k/v (T, KVH, D), out (T, H, D), lse (H, T) fp32
-    ROW_START,  # (T,) int32: first token of each token's document (_doc_rows_kernel)
+    ROW_START,  # (T,) int32: first token of each token's document (_doc_starts_kernel)
     qk_scale,  # softmax scale * log2(e)
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -345,7 +344,7 @@ def _dkdv_inner(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
-    ROW_END,  # (T,) int32: one past the last token of each token's document
+    cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_qd,
     stride_kt, stride_kh, stride_kd,
@@ -367,16 +366,18 @@ def _dkdv_kernel(
     d_ok = _col_mask(BLOCK_D, HEAD_DIM)
     cols = n0 + offs_j
     cols_ok = cols < tokens
+    # Searched here, unlike the forward and dQ programs' loaded starts: a dK/dV program runs the
+    # whole query range of a KV head's group, so its prologue is a small share, and the compiled
+    # search spills less at 64x128 than the loaded form (976 against 1296 B of stack, Triton 3.6).
+    _, doc_end = _doc_bounds(cu_seqlens, tl.minimum(cols, tokens - 1), num_docs, search_steps)
+    end_first = tl.min(doc_end, 0)
+    end_last = tl.max(doc_end, 0)
 
     n64 = n0.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
     col_mask = cols_ok[:, None] & d_ok[None, :]
     k = tl.load(K + n64 * stride_kt + kvh64 * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_mask, other=0.0)
     v = tl.load(V + n64 * stride_vt + kvh64 * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=col_mask, other=0.0)
-    # Columns are sorted: the block's smallest and largest document ends are its first and last.
-    doc_end = tl.load(ROW_END + cols, mask=cols_ok, other=0)
-    end_first = tl.load(ROW_END + n0)
-    end_last = tl.load(ROW_END + tl.minimum(n0 + BLOCK_N, tokens) - 1)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Queries [n0, m_pre): the causal diagonal; [m_pre, m_full): every pair visible, no mask;
@@ -487,21 +488,20 @@ def _search_steps(num_docs: int) -> int:
     return max(1, int(num_docs).bit_length())  # >= ceil(log2(num_docs))
 
 
-_ROWS_BLOCK = 64 if INTERPRET else 1024  # tokens per program of _doc_rows_kernel
+_STARTS_BLOCK = 64 if INTERPRET else 1024  # tokens per program of _doc_starts_kernel
 
 
-def _doc_rows(cu_seqlens: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens,) int32 each: the first token of each token's document and one past its last."""
+def _doc_starts(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(tokens,) int32: the first token of each token's document."""
     start = _empty((tokens,), torch.int32, cu_seqlens.device)
-    end = _empty((tokens,), torch.int32, cu_seqlens.device)
     if tokens == 0:
-        return start, end
+        return start
     num_docs = cu_seqlens.numel() - 1
-    _doc_rows_kernel[(triton.cdiv(tokens, _ROWS_BLOCK),)](
-        cu_seqlens, num_docs, _search_steps(num_docs), start, end, tokens,
-        BLOCK=_ROWS_BLOCK, num_warps=4,
+    _doc_starts_kernel[(triton.cdiv(tokens, _STARTS_BLOCK),)](
+        cu_seqlens, num_docs, _search_steps(num_docs), start, tokens,
+        BLOCK=_STARTS_BLOCK, num_warps=4,
     )  # fmt: skip
-    return start, end
+    return start
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,7 +515,7 @@ def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
-    """row_start: `_doc_rows`' first output."""
+    """row_start: `_doc_starts(cu_seqlens, tokens)`."""
     tokens, heads, head_dim = q.shape
     out = _empty((tokens, heads, head_dim), q.dtype, q.device)
     lse = _empty((heads, tokens), torch.float32, q.device)
@@ -536,7 +536,7 @@ def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, row_start, row_end, max_seqlen: int, scale: float):
+def _backward(do, q, k, v, out, lse, row_start, cu_seqlens, max_seqlen: int, scale: float):
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     dq = _empty((tokens, heads, head_dim), q.dtype, q.device)
@@ -545,6 +545,7 @@ def _backward(do, q, k, v, out, lse, row_start, row_end, max_seqlen: int, scale:
     if tokens == 0:
         return dq, dk, dv
     delta = _empty((heads, tokens), torch.float32, q.device)
+    num_docs = cu_seqlens.numel() - 1
     bucket = _bucket(max_seqlen)
     meta = dict(
         HEAD_DIM=head_dim,
@@ -560,7 +561,8 @@ def _backward(do, q, k, v, out, lse, row_start, row_end, max_seqlen: int, scale:
     dq_grid = lambda m: (triton.cdiv(tokens, m["BLOCK_M"]) * heads,)
     _launch("dq", _dq_kernel, dq_grid, dq_args, head_dim, bucket, **meta)
     dkdv_args = (
-        q, k, v, do, dk, dv, lse, delta, row_end, scale * LOG2E, scale,
+        q, k, v, do, dk, dv, lse, delta, cu_seqlens, num_docs, _search_steps(num_docs),
+        scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), tokens, kv_heads, group, bucket,
     )  # fmt: skip
@@ -576,18 +578,18 @@ def _block_d(head_dim: int) -> int:
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale):
-        row_start, row_end = _doc_rows(cu_seqlens, q.shape[0])
+        row_start = _doc_starts(cu_seqlens, q.shape[0])
         out, lse = _forward(q, k, v, row_start, max_seqlen, scale)
-        ctx.save_for_backward(q, k, v, out, lse, row_start, row_end)
+        ctx.save_for_backward(q, k, v, out, lse, row_start, cu_seqlens)
         ctx.max_seqlen, ctx.scale = max_seqlen, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, row_start, row_end = ctx.saved_tensors
+        q, k, v, out, lse, row_start, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _backward(
-            dout, q, k, v, out, lse, row_start, row_end, ctx.max_seqlen, ctx.scale
+            dout, q, k, v, out, lse, row_start, cu_seqlens, ctx.max_seqlen, ctx.scale
         )
         return dq, dk, dv, None, None, None
 

@@ -139,19 +139,15 @@ def test_tiny_and_empty_documents(device, seed):
     _check_against_reference(q, k, v, _cu([0, 3, 0, 40, 7, 0], device), 40)
 
 
-def test_document_bounds_per_token(device):
-    """`_doc_rows`: every token's document start and end, with empty documents anywhere and
-    more tokens than one program covers."""
+def test_document_starts_per_token(device):
+    """`_doc_starts`: every token's document start, with empty documents anywhere and more tokens
+    than one program covers."""
     lens = [0, 3, 0, 1, 90, 0, 7, 60, 0]
-    cu = _cu(lens, device)
-    start, end = attn._doc_rows(cu, sum(lens))
-    real = [n for n in lens if n]
-    firsts = torch.cumsum(torch.tensor([0] + real[:-1]), 0)
-    want_start = torch.repeat_interleave(firsts, torch.tensor(real))
-    want_end = torch.repeat_interleave(firsts + torch.tensor(real), torch.tensor(real))
-    assert start.dtype == end.dtype == torch.int32
-    assert torch.equal(start.cpu().long(), want_start)
-    assert torch.equal(end.cpu().long(), want_end)
+    start = attn._doc_starts(_cu(lens, device), sum(lens))
+    real = torch.tensor([n for n in lens if n])
+    firsts = torch.cumsum(real, 0) - real
+    assert start.dtype == torch.int32
+    assert torch.equal(start.cpu().long(), torch.repeat_interleave(firsts, real))
 
 
 def test_padded_layout(device, seed):
