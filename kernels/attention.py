@@ -269,6 +269,10 @@ def _dq_kernel(
     rows = m0 + offs_i
     rows_ok = rows < tokens
     n_hi = tl.minimum(m0 + BLOCK_M, tokens)
+    # First, so the key range is known when delta is: as in the forward
+    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
+    n_lo = tl.load(ROW_START + m0)
+    start_last = tl.load(ROW_START + n_hi - 1)
 
     m64 = m0.to(tl.int64)
     h64 = h.to(tl.int64)
@@ -279,9 +283,6 @@ def _dq_kernel(
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), FA2 Alg. 2 line 4
     tl.store(DELTA + h64 * stride_lh + rows, delta, mask=rows_ok)
     lse2 = tl.load(LSE + h64 * stride_lh + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
-    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)  # as in the forward
-    n_lo = tl.load(ROW_START + m0)
-    start_last = tl.load(ROW_START + n_hi - 1)
 
     k_head = K + kvh.to(tl.int64) * stride_kh
     v_head = V + kvh.to(tl.int64) * stride_vh
