@@ -10,11 +10,10 @@ the tail of one document and the head of the next, and each row masks by its own
 So the grid has no empty programs however the lengths are mixed (a per-document grid over
 max_seqlen launches docs x max_seqlen / BLOCK_M programs, mostly empty for the seed's ~473-token
 documents in 4096-token rows), and a short document shares a block with its neighbour instead of
-padding one. A block that straddles
-documents runs the key range of its earliest row, which its own rows need anyway. Key ranges
-are split in three: masked blocks below the latest row's document start, unmasked full blocks,
-masked blocks on the diagonal; fully masked keys are never visited. `max_seqlen` only picks the
-launch settings (it never affects correctness).
+padding one. A block that straddles documents runs the key range of its earliest row, which its
+own rows need anyway. Key ranges are split in three: masked blocks below the latest row's
+document start, unmasked full blocks, masked blocks on the diagonal; fully masked keys are never
+visited. `max_seqlen` only picks the launch settings (it never affects correctness).
 
 Document starts. Each token's document start is found once per call, by a small kernel that
 binary-searches `cu_seqlens` for every token (`_doc_starts`); the forward and dQ programs load
@@ -31,7 +30,7 @@ that also computes delta = rowsum(dO * O) for its rows, then a dK/dV kernel per 
 block that loops over the query heads of its group, so GQA gradients are summed in registers.
 Offsets that can pass 2^31 elements (token x stride) are formed in int64.
 
-Measured before the document-bounds change (H200, torch 2.11, Triton 3.6,
+Measured before the document-starts change (H200, torch 2.11, Triton 3.6,
 bench/bench_attention.py, d=128, 32/8 heads, bf16):
 fwd 284 / 378 / 425 / 457 TFLOP/s at seq 1k / 2k / 4k / 8k, 1.06-1.39x SDPA's flash backend;
 bwd 206 / 286 / 334 / 360, 1.04-1.21x.
