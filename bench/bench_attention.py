@@ -36,7 +36,6 @@ from bench.harness import (
     Row,
     add_ratios,
     format_table,
-    rel_err,
     time_quantiles,
     write_json,
 )
@@ -146,11 +145,7 @@ class _Bench:
                 result = list(call())
             first_s = time.perf_counter() - t0
             if refs is not None:
-                row.rel_err = rel_err(result, refs)
-                if not row.rel_err <= MAX_REL_ERR:
-                    row.error = (
-                        f"differs from the first impl: rel err {row.rel_err:.2e} > {MAX_REL_ERR:g}"
-                    )
+                row.check_result(result, refs, MAX_REL_ERR, "the first impl")
             t = time_quantiles(call, **self.timing)
             row.ms, row.ms_p20, row.ms_p80 = t.ms, t.p20, t.p80
             row.fill_rates(self.ceilings)

@@ -34,7 +34,6 @@ from bench.harness import (
     Row,
     add_ratios,
     graph_stream,
-    rel_err,
     seeded,
     time_graph,
     time_quantiles,
@@ -293,12 +292,7 @@ def _measure(
             call, result = _build(case, fn)
             first_s = time.perf_counter() - t0
             if refs is not None:
-                row.rel_err = rel_err(result, refs)
-                if not row.rel_err <= MAX_REL_ERR:
-                    row.error = (
-                        f"result differs from torch_eager: rel err {row.rel_err:.2e} > "
-                        f"{MAX_REL_ERR:g}"
-                    )
+                row.check_result(result, refs, MAX_REL_ERR, "torch_eager")
             t = None
             if graph:
                 try:

@@ -177,6 +177,15 @@ class Row:
                 self.pct_of_ceiling = 100.0 * self.tflops / ceilings["matmul_tflops"]
         return self
 
+    def check_result(self, result, refs, limit: float, against: str) -> bool:
+        """Set rel_err of `result` against `refs`; past `limit`, set error (naming `against`,
+        the implementation the reference came from) and return False."""
+        self.rel_err = rel_err(result, refs)
+        if self.rel_err <= limit:
+            return True
+        self.error = f"result differs from {against}: rel err {self.rel_err:.2e} > {limit:g}"
+        return False
+
     def missed_goals(self) -> list[str]:
         """Goals this row does not meet (an unknown metric counts as missed)."""
         missed = []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import OURS, Row, Timing, graph_stream, rel_err, seeded, time_graph
+from bench.harness import OURS, Row, Timing, graph_stream, seeded, time_graph
 
 DTYPE = torch.bfloat16
 EPS = 1e-5
@@ -215,10 +215,7 @@ def run_sweeps(
                 break
             row = Row("tune", f"{sw.op} {sw.key}", "bf16", "-", _label(cfg), bytes=sw.nbytes)
             try:
-                row.rel_err = rel_err(run(cfg), refs)
-                if not row.rel_err <= MAX_REL_ERR:
-                    row.error = f"output differs from the heuristic's: rel err {row.rel_err:.2e}"
-                else:
+                if row.check_result(run(cfg), refs, MAX_REL_ERR, "the heuristic's settings"):
                     t = timer(lambda cfg=cfg, run=run: run(cfg))
                     row.ms, row.ms_p20, row.ms_p80 = t.ms, t.p20, t.p80
                     row.fill_rates(ceilings)

@@ -72,6 +72,16 @@ def test_rates_ratios_and_goals():
     ]
 
 
+def test_check_result_flags_a_wrong_result():
+    ref = [torch.ones(8)]
+    ok = Row("x", "s", "bf16", "fwd", "ours")
+    assert ok.check_result([torch.ones(8) * 1.001], ref, 1e-2, "torch_eager")
+    assert ok.error is None and ok.rel_err == pytest.approx(1e-3, rel=1e-3)
+    bad = Row("x", "s", "bf16", "fwd", "ours")
+    assert not bad.check_result([torch.ones(8) * 1.5], ref, 1e-2, "torch_eager")
+    assert "differs from torch_eager" in bad.error
+
+
 def test_tables_show_every_case_and_error():
     rows = _fake_rows()
     table, summary = format_table(rows), format_summary(rows)
