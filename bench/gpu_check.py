@@ -1,6 +1,6 @@
 """`make gpu-check`: test and benchmark everything on a lent GPU in one call (< 8 min on an H100).
 
-    python3 -m bench.gpu_check [--full] [--out-dir bench/results] [--budget-s 450]
+    python3 -m bench.gpu_check [--full] [--out-dir bench/results] [--budget-s 470]
 
 Steps, each under its own time budget, each reported (a failure is a loud row, never a lost run):
   1. telemetry (nvidia-ml-py: card, driver, clocks, power, memory, clock-limit reasons)
@@ -10,7 +10,8 @@ Steps, each under its own time budget, each reported (a failure is a loud row, n
      the tail of its output
   4. one subprocess per benchmark family that exists: bench.tune (the launch-settings sweep; it
      writes kernels/tuned/<card>.json, which the later sections then use), bench.bench_kernels,
-     bench.bench_attention, bench.bench_parallel, each calling `gpu_rows(ceilings, quick)` (plus
+     bench.bench_attention, bench.bench_parallel, bench.bench_train (whole training steps:
+     tokens/s, MFU, peak memory), each calling `gpu_rows(ceilings, quick)` (plus
      `deadline=` when the function accepts it, so it can stop cleanly before the hard kill). A
      subprocess per family keeps a crashed kernel (a poisoned CUDA context) from taking the
      others down.
@@ -52,16 +53,18 @@ REPO = Path(__file__).resolve().parent.parent
 # On the H200 of 2026-11-28 the GPU tests took 109 s, kernels 45 s, attention 29 s, parallel 8 s.
 # Since then the tests check every attention autotune candidate in bf16 and compile about twice
 # as many tuning candidates (about a hundred more compiles), and the sweep has ~170 candidates
-# (~0.3 s each plus ~90 compiles). A section that overruns is interrupted (pytest still writes
-# its report).
+# (~0.3 s each plus ~90 compiles). "train" draws 1.9B weights on the host (several seconds)
+# before its first step; its cases run in priority order and stop at its deadline. A section
+# that overruns is interrupted (pytest still writes its report).
 SECTIONS = [
     ("tests", None, 200),
-    ("tune", "bench.tune", 110),
-    ("kernels", "bench.bench_kernels", 70),
+    ("tune", "bench.tune", 105),
+    ("kernels", "bench.bench_kernels", 65),
     ("attention", "bench.bench_attention", 45),
-    ("parallel", "bench.bench_parallel", 25),
+    ("parallel", "bench.bench_parallel", 20),
+    ("train", "bench.bench_train", 35),
 ]
-TOTAL_BUDGET_S = 450
+TOTAL_BUDGET_S = 470
 FULL_SCALE = 3  # --full: every budget times this
 GRACE_S = 15  # a child's own deadline is this much before its hard kill
 MIN_SECTION_S = 20  # a section with less time left is skipped (and reported)
