@@ -86,7 +86,12 @@ def build_stages(rc: RunConfig, dims: ParallelDims, device, dtype) -> list[Llama
     allocated: no rank ever holds the whole model (a 70B fp32 copy is 280 GB). Weights are the
     seed's full-model initialisation (`Llama.init_weights` order, one generator), streamed one
     global tensor at a time and sliced, so every layout starts from the same weights; with --load
-    the drawing is skipped (the checkpoint overwrites every parameter)."""
+    the drawing is skipped (the checkpoint overwrites every parameter).
+
+    On a CUDA device the draws run there, from a generator on that device: a host generator
+    takes about 5 ns a value (10 s for a 7B model, minutes for a 70B rank's full tensors). The
+    CUDA and CPU streams differ, so a GPU run starts from other (equally distributed) weights
+    than a CPU run with the same seed; every layout on one kind of card starts from the same."""
     from parallel.parallelize import materialize, parallelize, take_shard
 
     padded = rc.model.padded_vocab_size(1)
@@ -106,9 +111,11 @@ def build_stages(rc: RunConfig, dims: ParallelDims, device, dtype) -> list[Llama
             for p in local.values():
                 p.zero_()
         else:
-            gen = torch.Generator().manual_seed(rc.loop.seed)
+            draw = torch.device(device)
+            draw = draw if draw.type == "cuda" else torch.device("cpu")
+            gen = torch.Generator(device=draw).manual_seed(rc.loop.seed)
             for name, shape in rc.model.param_shapes(padded).items():
-                full = torch.empty(shape)
+                full = torch.empty(shape, device=draw)
                 init_parameter(rc.model, name, full, gen)
                 if name in local:
                     local[name].copy_(take_shard(full, local[name], name))
