@@ -4,7 +4,8 @@ The model works on *flattened tokens*: a micro-batch (batch, seq) becomes (token
 tokens = batch * seq, and documents are delimited by `cu_seqlens` (packed or padded rows alike).
 That layout is what varlen flash attention wants, and it is also what sequence parallelism
 splits (the token dimension), so the parallel layers can be swapped in by `parallel/` without
-this file knowing: it holds no parallel logic. Linear layers are plain `nn.Linear` here;
+this file knowing: it holds no parallel logic. Linear layers are `kernels.linear.Linear` here
+(`nn.Linear` whose weight gradient can go straight into an fp32 buffer, see kernels/linear.py);
 `parallel.parallelize` replaces them with column/row-parallel ones and updates the per-module
 head counts (`n_heads`, `n_kv_heads`) to the local ones.
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import attention
+from kernels.linear import Linear
 from kernels.rmsnorm import rmsnorm
 from kernels.rotary import cos_sin_table, rotary
 from kernels.swiglu import swiglu
@@ -76,8 +78,8 @@ class Attention(nn.Module):
         # one cos/sin table of this many rows serves every call (kernels/rotary.py).
         self.max_positions = cfg.max_position_embeddings
         qkv_out = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
-        self.wqkv = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
-        self.wo = nn.Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.wqkv = Linear(cfg.hidden_size, qkv_out)
+        self.wo = Linear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
         self.recompute_core = False  # selective recompute of rotary + attention
 
     def core(
@@ -118,8 +120,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)  # [gate | up]
-        self.w2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+        self.w13 = Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size)  # [gate | up]
+        self.w2 = Linear(cfg.ffn_hidden_size, cfg.hidden_size)
         self.recompute_act = False  # selective recompute of the SwiGLU product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(self.padded_vocab, cfg.hidden_size) if pre else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if post else None
-        self.output = nn.Linear(cfg.hidden_size, self.padded_vocab, bias=False) if post else None
+        self.output = Linear(cfg.hidden_size, self.padded_vocab) if post else None
         self.recompute_full_layers: set[int] = set()  # global ids of layers recomputed whole
 
     @torch.no_grad()

@@ -19,17 +19,25 @@ The reduction is a SUM: the trainer divides the loss by the global batch's loss-
 (all micro-batches, all DP ranks; `all_reduce_sum` that count over DP first), so summing the
 ranks' gradients gives the gradient of the global mean.
 
+With `fuse_weight_grads=True` each parameter also gets `p.accumulate_weight_grad(dy, x)`: linear
+layers (`kernels.linear`, `parallel.layers`) call it from their backward, and the weight-gradient
+GEMM accumulates into p.main_grad in fp32 directly (Megatron's gradient-accumulation fusion); no
+bf16 p.grad is made, and the bucket bookkeeping is the hook's. Parameters that are not linear
+weights (embedding, norms) keep the hook path.
+
 Sequence-parallel norm weights (`p.sequence_parallel`) hold per-token-shard partial gradients on
 each TP rank; `finish()` sums them over `tp_group` in one coalesced all-reduce per step (instead
 of one per norm per micro-batch).
 """
 
 import contextlib
+from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels.linear import accumulate_weight_grad
 from parallel.comm import group_size
 
 
@@ -43,6 +51,7 @@ class GradBuffer:
         dp_group=None,
         tp_group=None,
         bucket_mb: float = 25.0,
+        fuse_weight_grads: bool = False,
     ):
         self.params = [p for p in params if p.requires_grad]
         if len({id(p) for p in self.params}) != len(self.params):
@@ -81,8 +90,18 @@ class GradBuffer:
                 self._counts.append(count)
                 count = 0
             p.register_post_accumulate_grad_hook(self._on_grad)
+        self.set_fuse_weight_grads(fuse_weight_grads)
         self._sync = True
         self._reset()
+
+    def set_fuse_weight_grads(self, enabled: bool) -> None:
+        """Attach (or remove) every parameter's `accumulate_weight_grad` (module docstring);
+        takes effect at the next forward."""
+        for p in self.params:
+            if enabled:
+                p.accumulate_weight_grad = partial(self._accumulate_product, p)
+            elif hasattr(p, "accumulate_weight_grad"):
+                del p.accumulate_weight_grad
 
     @property
     def num_buckets(self) -> int:
@@ -95,6 +114,21 @@ class GradBuffer:
         self._works: list = []
 
     def _on_grad(self, p: nn.Parameter) -> None:
+        """The post-accumulate hook: add p.grad into p.main_grad, free it, count it."""
+        if p.grad is None:  # nothing arrived through autograd (a fused weight-gradient GEMM)
+            return
+        self._check_arrival(p)
+        p.main_grad.add_(p.grad)
+        p.grad = None
+        self._arrived(p)
+
+    def _accumulate_product(self, p: nn.Parameter, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """A fused linear's backward: p.main_grad += dyᵀ x in fp32, then count it."""
+        self._check_arrival(p)
+        accumulate_weight_grad(p.main_grad, dy, x)
+        self._arrived(p)
+
+    def _check_arrival(self, p: nn.Parameter) -> None:
         problem = None
         b = self._bucket_of[id(p)]
         if self._finished:
@@ -111,8 +145,9 @@ class GradBuffer:
         if problem is not None:
             p.grad = None  # leave no stale .grad behind to leak into a later backward
             raise RuntimeError(problem)
-        p.main_grad.add_(p.grad)
-        p.grad = None
+
+    def _arrived(self, p: nn.Parameter) -> None:
+        b = self._bucket_of[id(p)]
         if self._sync:
             self._pending[b] -= 1
             if self._pending[b] == 0:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.linear import fused, linear
 from parallel.comm import (
     all_gather_dim0,
     group_rank,
@@ -49,8 +50,12 @@ def mark_sharded(p: nn.Parameter, tp_dim: int | None, pieces, global_shape, tp_r
     p.tp_replicated = tp_dim is None
 
 
-def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # (out, in) = dyᵀ x over all tokens.
+def _weight_grad(ctx, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """(out, in) = dyᵀ x over all tokens; None when the weight's buffer took it instead
+    (`kernels.linear`: decided at the forward, since the backward runs with grad mode off)."""
+    if ctx.fused:
+        ctx.weight.accumulate_weight_grad(dy, x)
+        return None
     return dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
 
 
@@ -66,6 +71,7 @@ class _ColumnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, group, sequence_parallel):
         ctx.group, ctx.sp = group, sequence_parallel
+        ctx.weight, ctx.fused = weight, fused(weight)
         ctx.save_for_backward(x, weight)
         x_full = all_gather_dim0(x, group) if sequence_parallel else x
         return F.linear(x_full, weight)
@@ -90,7 +96,7 @@ class _ColumnLinear(torch.autograd.Function):
                 grad_x, reduce = reduce_scatter_dim0(grad_x, group, async_op=True)
             else:
                 reduce = dist.all_reduce(grad_x, group=group, async_op=True)
-        grad_w = _weight_grad(dy, x_full) if ctx.needs_input_grad[1] else None
+        grad_w = _weight_grad(ctx, dy, x_full) if ctx.needs_input_grad[1] else None
         if reduce is not None:
             reduce.wait()
         return grad_x, grad_w, None, None
@@ -103,6 +109,7 @@ class _RowLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, group, sequence_parallel):
         ctx.group, ctx.sp = group, sequence_parallel
+        ctx.weight, ctx.fused = weight, fused(weight)
         ctx.save_for_backward(x, weight)
         y = F.linear(x, weight)
         if sequence_parallel:
@@ -115,7 +122,7 @@ class _RowLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = all_gather_dim0(dy, ctx.group) if ctx.sp else dy.contiguous()
         grad_x = dy.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_w = _weight_grad(dy, x) if ctx.needs_input_grad[1] else None
+        grad_w = _weight_grad(ctx, dy, x) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None
 
 
@@ -153,7 +160,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         return _ColumnLinear.apply(x, self.weight, self.group, self.sequence_parallel)
 
 
@@ -184,7 +191,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         return _RowLinear.apply(x, self.weight, self.group, self.sequence_parallel)
 
 

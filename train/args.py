@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted: no biases, nothing to fuse",
     )
     g.add_argument(
+        "--no_gradient_accumulation_fusion",
+        action="store_false",
+        dest="gradient_accumulation_fusion",
+        help="weight-gradient GEMMs write bf16 gradients that a second pass adds into the fp32 "
+        "buffer, instead of accumulating into it directly (kernels/linear.py)",
+    )
+    g.add_argument(
         "--no_bias_dropout_fusion",
         action="store_false",
         dest="bias_dropout_fusion",

@@ -118,6 +118,7 @@ class LoopConfig:
     recompute_num_layers: int
     seed: int
     exit_interval: int | None
+    gradient_accumulation_fusion: bool = True  # weight grads accumulate into the fp32 buffer
 
 
 @dataclass
@@ -523,6 +524,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.recompute_num_layers,
             ns.seed,
             ns.exit_interval,
+            ns.gradient_accumulation_fusion,
         ),
         notes=notes,
         deferred=deferred,

@@ -142,7 +142,8 @@ class Trainer:
         self.padded_vocab = self.model.padded_vocab
         self.optimizer = FlatAdamW(self.named_parameters(), rc.optim)
         self.params = self.optimizer.params_in_order()
-        self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group)
+        self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group,
+                                fuse_weight_grads=rc.loop.gradient_accumulation_fusion)  # fmt: skip
         self.pipe = self._executor(rc.data.micro_batch_size * rc.data.seq_length)
         self._eval_pipes: dict[int, PipelineExecutor] = {}
         self.iteration = 0

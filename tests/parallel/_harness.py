@@ -83,10 +83,12 @@ def micro_loss(model: Llama, mb: dict, tp_group, total_tokens: torch.Tensor) -> 
 class Trainer:
     """The minimal training step the layouts are compared with."""
 
-    def __init__(self, model: Llama, dims: ParallelDims):
+    def __init__(self, model: Llama, dims: ParallelDims, fuse: bool = True):
         self.model, self.dims = model, dims
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.buf = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group, bucket_mb=0.05)
+        # Layouts run with fused weight-gradient accumulation; the one-process reference without.
+        self.buf = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group, bucket_mb=0.05,
+                              fuse_weight_grads=fuse)  # fmt: skip
         self.opt = torch.optim.AdamW(
             self.params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01
         )
@@ -129,12 +131,13 @@ def build(dims: ParallelDims, sequence_parallel: bool, cfg: ModelConfig = CFG) -
 
 
 def reference(n_micro: int) -> dict:
-    """One process, TP=1: step-0 gradients (vocabulary rows trimmed), STEPS losses and norms."""
+    """One process, TP=1, unfused weight gradients: step-0 gradients (vocabulary rows trimmed),
+    STEPS losses and norms."""
     dims = ParallelDims()
-    trainer = Trainer(build(dims, False), dims)
+    trainer = Trainer(build(dims, False), dims, fuse=False)
     trainer.forward_backward([microbatch(0, i) for i in range(n_micro)])
     grads = gathered_grads(trainer.model, dims, CFG.vocab_size)
-    trainer = Trainer(build(dims, False), dims)
+    trainer = Trainer(build(dims, False), dims, fuse=False)
     run = [trainer.step([microbatch(s, i) for i in range(n_micro)]) for s in range(STEPS)]
     losses, norms = zip(*run)
     return {"losses": list(losses), "norms": list(norms), "grads": grads}

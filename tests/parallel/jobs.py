@@ -19,6 +19,9 @@ JOBS: dict[str, Callable[[], Job]] = {
     "norm-tp4": lambda: Job("norm-tp4", 4, 4, workers.grad_norm_worker, (NORM_CFG, True)),
     "meta-tp2": lambda: Job("meta-tp2", 2, 2, workers.meta_worker),
     "buckets-dp2": lambda: Job("buckets-dp2", 2, 1, workers.bucket_overlap_worker),
+    "buckets-dp2-fused": lambda: Job(
+        "buckets-dp2-fused", 2, 1, workers.bucket_overlap_worker, (True,)
+    ),
     "tp2": lambda: Job("tp2", 2, 2, workers.layout_worker, ((False, True), 2, ref(2))),
     "tp4": lambda: Job("tp4", 4, 4, workers.layout_worker, ((False, True), 2, ref(2))),
     "dp2": lambda: Job("dp2", 2, 1, workers.layout_worker, ((False,), 4, ref(4))),

@@ -18,7 +18,7 @@ def test_dp_layouts_match_single_process(dist_job, job):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["buckets-dp2"])
+@pytest.mark.parametrize("job", ["buckets-dp2", "buckets-dp2-fused"])
 def test_buckets_launch_from_backward_hooks(dist_job, job):
     dist_job(job)
 
@@ -40,9 +40,10 @@ def test_grad_buffer_layout_and_buckets():
     assert sum(buf._counts) == len(params)
 
 
-def test_grad_buffer_accumulates_and_rejects_resync():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_grad_buffer_accumulates_and_rejects_resync(fuse):
     model = parallelize(full_model(), ParallelDims())
-    buf = GradBuffer(list(model.parameters()), None)
+    buf = GradBuffer(list(model.parameters()), None, fuse_weight_grads=fuse)
     ids = torch.arange(16)
     pos, cu = torch.arange(16), torch.tensor([0, 16], dtype=torch.int32)
     buf.set_sync(False)

@@ -256,12 +256,13 @@ def dropout_worker(dims: ParallelDims) -> None:
     assert n > 1
 
 
-def bucket_overlap_worker(dims: ParallelDims) -> None:
-    """On the synced micro-batch every bucket's all-reduce is launched from the backward hooks,
-    before finish(); finish() then gives the DP mean of per-rank gradients."""
+def bucket_overlap_worker(dims: ParallelDims, fuse: bool = False) -> None:
+    """On the synced micro-batch every bucket's all-reduce is launched from the backward (hooks,
+    or fused weight-gradient accumulation), before finish(); finish() then gives the DP mean of
+    per-rank gradients."""
     model = build(dims, False)
     params = list(model.parameters())
-    buf = GradBuffer(params, dims.dp_group, bucket_mb=0.02)
+    buf = GradBuffer(params, dims.dp_group, bucket_mb=0.02, fuse_weight_grads=fuse)
     assert buf.num_buckets > 3
     mb = microbatch(0, dims.dp_rank)
     total = mb["loss_mask"].sum()

@@ -106,13 +106,19 @@ def test_params_are_views_of_the_flat_buffers():
         )
 
 
-def test_non_finite_gradients_skip_the_step():
-    rc, dims, tok = tiny_run()
+@pytest.mark.parametrize("fusion", [True, False])
+def test_non_finite_gradients_skip_the_step(fusion):
+    rc, dims, tok = tiny_run([] if fusion else ["--no_gradient_accumulation_fusion"])
     trainer = Trainer(rc, dims, tok)
     mbs = SyntheticLoader(2, 64, 2).next_global_batch()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    w = trainer.model.layers["0"].mlp.w2.weight
-    h = w.register_hook(lambda g: g * float("nan"))
+
+    # NaN into the gradient of layer 0's MLP output (an activation: with fused weight-gradient
+    # accumulation a weight's own .grad is never made, so a hook there would see nothing)
+    def poison(module, inputs, out) -> None:
+        out.register_hook(lambda g: g * float("nan"))
+
+    h = trainer.model.layers["0"].mlp.register_forward_hook(poison)
     res = trainer.train_step(mbs, lr=1e-2)
     h.remove()
     assert res.skipped and not math.isfinite(res.grad_norm)
