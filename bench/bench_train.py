@@ -17,11 +17,14 @@ Data: micro-batches of one 4096-token row (the seed's stage-1 layout per GPU). S
 follow the seed's mix (`bench.bench_attention.mix_lengths`, mean 473.5 tokens), a third of each
 sample prompt and the rest reply (loss-mask) tokens.
 
-Cases (one trainer; each case sets recomputation on its layers and brings its own data):
+Cases (one trainer; each case sets recomputation and weight-gradient fusion, and brings its own
+data):
 - "ours": packed rows, selective recompute (the seed's `--recompute_granularity selective`);
-- "ours[no recompute]", "ours[full recompute]": the memory/speed trade of recomputation;
+- "ours[no wgrad fusion]": weight gradients written in bf16 and added to the fp32 buffer by a
+  second pass (`--no_gradient_accumulation_fusion`), against the fused default;
 - op "train_step_padded": one sample per row padded to 4096 (`--no-packing`, Megatron-LLM's way),
-  the same number of rows; its note gives useful (sample) tokens/s against the packed case.
+  the same number of rows; its note gives useful (sample) tokens/s against the packed case;
+- "ours[no recompute]", "ours[full recompute]": the memory/speed trade of recomputation.
 
 FLOPs are model FLOPs (`train.metrics.step_flops`: 6 x matmul parameters x tokens plus causal
 attention over each document's pairs; recomputation not counted), so the rows' TFLOP/s and MFU
@@ -45,6 +48,7 @@ from bench.bench_attention import mix_lengths
 from bench.harness import Row, add_ratios, print_table
 from data.chat import Role
 from data.loader import LoaderConfig, build_micro_batch, pack_rows
+from kernels.linear import fp32_out_addmm
 from parallel.dims import ParallelDims
 from train.args import parse_args
 from train.config import resolve
@@ -164,11 +168,12 @@ def measure(trainer: Trainer, batch: list[dict], device: str, warmup: int, steps
     return {"times": times, "result": result, "states": states, "peak": peak}
 
 
-CASES = [  # (impl, recompute, packed): the seed's setting first, so a short budget times it
-    ("ours", "selective", True),
-    ("ours[padded]", "selective", False),
-    ("ours[no recompute]", "none", True),
-    ("ours[full recompute]", "full", True),
+CASES = [  # (impl, recompute, packed, fused weight gradients): the seed's setting first
+    ("ours", "selective", True, True),
+    ("ours[no wgrad fusion]", "selective", True, False),
+    ("ours[padded]", "selective", False, True),
+    ("ours[no recompute]", "none", True, True),
+    ("ours[full recompute]", "full", True, True),
 ]
 
 
@@ -181,14 +186,14 @@ def rows_for(
     deadline: float | None = None,
 ) -> list[Row]:
     """One row per case of CASES. One trainer serves every case (drawing 7B-width weights on the
-    host takes seconds): cases differ only in recomputation, which is set on its layers, and in
-    their data."""
+    host takes seconds): cases differ only in recomputation (set on the layers), weight-gradient
+    fusion (set on the gradient buffer) and their data."""
     cpu = device == "cpu"
     peak_flops = None if cpu else peak_flops_per_gpu()
     rc, dims, tok = run_config(shape, device)
     trainer = None
     rows, packed_rate, last_case_s = [], None, 0.0
-    for impl, recompute, packed in CASES:
+    for impl, recompute, packed, fuse in CASES:
         # The padded case is its own op (and its own "ours"): its time is not comparable.
         op, impl = ("train_step", impl) if packed else ("train_step_padded", "ours")
         row = Row(op, shape.label(not packed), "fp32" if cpu else "bf16", "step", impl)
@@ -205,6 +210,7 @@ def rows_for(
                 t_case = time.time()  # the build is once: not a case's duration
             for stage in trainer.stages:
                 stage.set_recompute(recompute)
+            trainer.grads.set_fuse_weight_grads(fuse)
             batch, useful = micro_batches(shape, packed, VOCAB)
             m = measure(trainer, batch, device, warmup, steps)
         except Exception as e:  # a failed case is a loud row, not a lost section
@@ -232,6 +238,9 @@ def rows_for(
         if m["peak"] is not None:
             notes.append(f"peak {m['peak'] / 2**30:.1f} GiB (weights, grads and optimizer "
                          f"{m['states'] / 2**30:.1f} GiB)")  # fmt: skip
+        if fuse and not cpu:
+            how = "one cuBLAS call" if fp32_out_addmm(torch.device(device)) else "two steps"
+            notes.append(f"weight grads accumulate into fp32 in {how}")
         if cpu:
             notes.append("cpu plumbing check, not a measurement")
         row.note = "; ".join(notes)

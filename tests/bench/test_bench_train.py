@@ -36,6 +36,7 @@ def test_every_case_trains_on_cpu():
     rows = gpu_rows(CEILINGS, True, device="cpu")
     assert [(r.op, r.impl) for r in rows] == [
         ("train_step", "ours"),
+        ("train_step", "ours[no wgrad fusion]"),
         ("train_step_padded", "ours"),
         ("train_step", "ours[no recompute]"),
         ("train_step", "ours[full recompute]"),
@@ -43,13 +44,17 @@ def test_every_case_trains_on_cpu():
     for r in rows:
         assert r.error is None, r.error
         assert r.ms > 0 and r.flops > 0 and r.tflops > 0 and "tokens/s" in r.note
-    assert set(rows[0].ratio_vs) == {"ours[no recompute]", "ours[full recompute]"}
-    assert "packed runs" in rows[1].note
+    assert set(rows[0].ratio_vs) == {
+        "ours[no wgrad fusion]",
+        "ours[no recompute]",
+        "ours[full recompute]",
+    }
+    assert "packed runs" in rows[2].note
 
 
 def test_a_spent_budget_skips_every_case():
     rows = gpu_rows(CEILINGS, True, deadline=time.time() - 1, device="cpu")
-    assert len(rows) == 4 and all(r.error and "skipped" in r.error for r in rows)
+    assert len(rows) == 5 and all(r.error and "skipped" in r.error for r in rows)
     assert all(r.ms is None for r in rows)
 
 
