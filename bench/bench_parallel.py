@@ -35,13 +35,13 @@ GEMMs to the forward's 2).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 
 import torch
 import torch.nn as nn
 
-from bench.harness import Row, print_table, time_quantiles
+from bench.harness import Row, print_table, time_quantiles, write_json
 from model.config import ModelConfig, get_preset
 from model.llama import Block, RMSNorm
 
@@ -242,7 +242,7 @@ def gpu_rows(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--json", help="write the rows here (harness.write_json: meta and rows)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     print_byte_model()
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\nno CUDA device: the per-layer time is measured on a GPU (make gpu-check)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
+        write_json(rows, {"argv": sys.argv}, args.json)
     return 0
 
 

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from bench.bench_attention import mix_lengths
-from bench.harness import Row, add_ratios, print_table
+from bench.harness import Row, add_ratios, print_table, write_json
 from data.chat import Role
 from data.loader import LoaderConfig, build_micro_batch, pack_rows
 from kernels.linear import fp32_out_addmm
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8, help="of Llama-2-7B's 32")
     ap.add_argument("--micro-batches", type=int, default=4, help="rows of 4096 per step")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per case")
-    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--json", help="write the rows here (harness.write_json: meta and rows)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: the training step is measured on a GPU (make gpu-check); "
@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r.op} {r.impl}: {r.note or r.error}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
+        write_json(rows, {"argv": sys.argv}, args.json)
     return 0
 
 
