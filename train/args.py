@@ -240,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb_id")
     g.add_argument("--run_dir", help="where metrics.jsonl goes (default: --save)")
     g.add_argument(
+        "--profile",
+        action="store_true",
+        help="torch.profiler trace of iterations [--profile_step_start, --profile_step_end) "
+        "into <run_dir>/profile/ (Chrome/Perfetto JSON and a table of the costliest ops)",
+    )
+    g.add_argument("--profile_step_start", type=int, default=10)
+    g.add_argument("--profile_step_end", type=int, default=12)
+    g.add_argument("--profile_ranks", type=int, nargs="+", default=[0])
+    g.add_argument(
         "--activation_memory_report",
         action=argparse.BooleanOptionalAction,
         default=True,

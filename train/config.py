@@ -92,6 +92,8 @@ class LogConfig:
     wandb_id: str | None
     run_dir: str | None  # metrics.jsonl lives here
     activation_memory_report: bool
+    profile: tuple[int, int] | None = None  # [start, end) iterations traced by torch.profiler
+    profile_ranks: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -435,6 +437,20 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
         notes.append("--recompute_granularity full without --recompute_method: uniform")
     if ns.recompute_num_layers < 1:
         problems.append("--recompute_num_layers must be >= 1")
+    if ns.profile:
+        start, end = ns.profile_step_start, ns.profile_step_end
+        if not 1 <= start < end:
+            problems.append(
+                f"--profile_step_start {start} / --profile_step_end {end}: want 1 <= start < end "
+                "(iterations [start, end) are traced)"
+            )
+        elif ns.train_iters is not None and start > ns.train_iters:
+            problems.append(
+                f"--profile_step_start {start} is past --train_iters {ns.train_iters}: nothing "
+                "would be traced"
+            )
+        if not (ns.run_dir or ns.save):
+            problems.append("--profile writes into <run_dir>/profile: give --run_dir or --save")
     _fail(problems)
 
     train_iters = ns.train_iters
@@ -510,6 +526,8 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.wandb_id,
             ns.run_dir or ns.save,
             ns.activation_memory_report,
+            (ns.profile_step_start, ns.profile_step_end) if ns.profile else None,
+            tuple(ns.profile_ranks),
         ),
         eval=EvalConfig(ns.eval_interval, ns.eval_iters, tuple(ns.metrics)),
         loop=LoopConfig(

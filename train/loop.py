@@ -54,6 +54,7 @@ from train.metrics import (
     train_line,
 )
 from train.optimizer import FlatAdamW
+from train.profile import PhaseClock, StepProfiler
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -70,6 +71,7 @@ class StepResult:
     pairs: int  # causal attention pairs (for FLOPs)
     grad_norm: float
     skipped: bool
+    phases: PhaseClock | None = None  # per-phase times, read after the device is synced
 
 
 def virtual_stages(rc: RunConfig) -> int:
@@ -180,6 +182,7 @@ class Trainer:
         """One step. Every pipeline rank of a DP replica gets the same micro-batches (it reads
         them from its own loader); only the first stage uses the tokens, the last the labels."""
         rc, dims = self.rc, self.dims
+        clock = PhaseClock(self.device)
         mbs = [to_device(mb, self.device) for mb in micro_batches]
         counts = torch.tensor(
             [sum(float(mb["loss_mask"].sum()) for mb in mbs),
@@ -207,7 +210,9 @@ class Trainer:
             s.train()
         self.grads.zero()
         self.pipe.step(mbs, loss_fn)
+        clock.mark("fwd_bwd")
         self.grads.finish()
+        clock.mark("grad_sync")
         # The loss lives on the last stage; every pipeline rank gets it, then the DP sum.
         total = pipeline_loss([logged[0]] if dims.is_last_stage else [], dims, self.device)
         _all_reduce(total, dims.dp_group)
@@ -220,7 +225,8 @@ class Trainer:
         else:
             coef = clip_coefficient(norm, rc.optim.clip_grad) if rc.optim.clip_grad > 0 else 1.0
             self.optimizer.step(lr, grad_scale=coef)
-        return StepResult(step_loss, n_loss, n_tokens, n_pairs, norm, skipped)
+        clock.mark("optimizer")  # the loss, the gradient norm, clipping and the update
+        return StepResult(step_loss, n_loss, n_tokens, n_pairs, norm, skipped, clock)
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -446,7 +452,8 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
     world = dims.world_size
     history: list[dict] = []
     fresh = {"loss": 0.0, "n": 0, "time": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
-    acc = dict(fresh)
+    acc, phases = dict(fresh), {}
+    profiler = StepProfiler(rc.log, dims.rank, trainer.device)
     t_start = time.perf_counter()
     start_iter = trainer.iteration
     last_norm = float("nan")
@@ -466,11 +473,16 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
         batch = train_loader.next_global_batch()
         acc["data"] += time.perf_counter() - t0
         lr = lr_at(rc.schedule, trainer.iteration + 1)
+        profiler.before_step(trainer.iteration + 1)
         res = trainer.train_step(batch, lr)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
+        for name, ms in res.phases.ms().items() if rc.log.log_timers else ():
+            phases[name] = phases.get(name, 0.0) + ms
         trainer.iteration += 1
+        for path in profiler.after_step(trainer.iteration):
+            log(f" profile of rank {dims.rank} written: {path}")
         trainer.consumed_samples += loop.global_batch_size
         last_norm = res.grad_norm
         if res.skipped:
@@ -511,11 +523,16 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
                 steps = acc["n"] + acc["skipped"]
                 row["timers/data_ms"] = 1000 * acc["data"] / steps
                 row["timers/step_ms"] = 1000 * (acc["time"] - acc["data"]) / steps
+                row.update({f"timers/{k}_ms": v / steps for k, v in phases.items()})
             if telemetry is not None:
                 log(train_line(it, loop.train_iters, row))
+                if rc.log.log_timers:  # Megatron's timers line
+                    timers = [f"{k.removeprefix('timers/').removesuffix('_ms')}: {v:.1f}"
+                              for k, v in row.items() if k.startswith("timers/")]  # fmt: skip
+                    log(" time (ms, mean per iteration) | " + " | ".join(timers) + " |")
                 telemetry.record("train", it, row, "train")
             history.append({"type": "train", "iteration": it, **row})
-            acc = dict(fresh)
+            acc, phases = dict(fresh), {}
         if eval_loaders and rc.eval.iters > 0 and it % rc.eval.interval == 0:
             evaluate(it)
         saving = rc.ckpt.save and (
@@ -533,6 +550,8 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
         if stop:
             log(f" exiting at iteration {it} (--exit_interval {loop.exit_interval})")
             break
+    for path in profiler.finish(trainer.iteration):  # a window cut short by the run's end
+        log(f" profile of rank {dims.rank} written: {path}")
     if eval_loaders and rc.eval.iters > 0 and trainer.iteration % rc.eval.interval != 0:
         evaluate(trainer.iteration)
     return history
