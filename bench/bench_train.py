@@ -148,24 +148,27 @@ def _sync(device: str) -> None:
 
 def measure(trainer: Trainer, batch: list[dict], device: str, warmup: int, steps: int) -> dict:
     """`warmup` steps (compilation, autotuning, allocator), then `steps` timed ones. Returns the
-    per-step times (ms), the last step's result and the memory."""
+    per-step times (ms), the mean time of each phase of a step, the last step's result and the
+    memory."""
     cuda = device != "cpu"
     losses = [trainer.train_step(batch, 1e-5).loss for _ in range(warmup)]
     _sync(device)
     states = torch.cuda.memory_allocated() if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, phases = [], {}
     for _ in range(steps):
         t0 = time.perf_counter()
         result = trainer.train_step(batch, 1e-5)  # returns once the loss is on the host
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         losses.append(result.loss)
+        for name, ms in result.phases.ms().items():
+            phases[name] = phases.get(name, 0.0) + ms / steps
     if not all(np.isfinite(losses)) or result.skipped:
         raise RuntimeError(f"non-finite loss or a skipped step: losses {losses}")
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    return {"times": times, "result": result, "states": states, "peak": peak}
+    return {"times": times, "result": result, "states": states, "peak": peak, "phases": phases}
 
 
 CASES = [  # (impl, recompute, packed, fused weight gradients): the seed's setting first
@@ -238,6 +241,7 @@ def rows_for(
         if m["peak"] is not None:
             notes.append(f"peak {m['peak'] / 2**30:.1f} GiB (weights, grads and optimizer "
                          f"{m['states'] / 2**30:.1f} GiB)")  # fmt: skip
+        notes.append("phases (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in m["phases"].items()))
         if fuse and not cpu:
             how = "one cuBLAS call" if fp32_out_addmm(torch.device(device)) else "two steps"
             notes.append(f"weight grads accumulate into fp32 in {how}")
