@@ -218,10 +218,14 @@ def swiglu(ffn: int, backward: bool, arch: int = 90) -> list[tuple[object, Resou
             compile_resources(
                 fn,
                 ptrs,
-                {"BLOCK": cfg.block, "LINEAR": cfg.linear},
+                {
+                    "BLOCK": cfg.block,
+                    "LINEAR": cfg.linear and not cfg.flat,
+                    "FLAT_FFN": ffn if cfg.flat else 0,
+                },  # fmt: skip
                 cfg.warps,
                 unit=tuple(n for n in names if n.endswith("_col")),
-                aligned=tuple(n for n in names if n.endswith("_row")) + ("n_ffn",),
+                aligned=tuple(n for n in names if n.endswith("_row")) + ("n_ffn", "n_rows"),
                 arch=arch,
             ),
         )

@@ -45,20 +45,35 @@ if HAS_TRITON:
         return tl.where(g >= 0, r, e * r)
 
     @triton.jit
-    def _program_block(n_ffn, BLOCK: tl.constexpr, LINEAR: tl.constexpr):
-        """(row, columns) of this program. LINEAR: a 1-D grid in row-major order, so programs
-        that run together cover consecutive addresses, as torch.compile's flattened kernel does;
-        otherwise rows on grid axis 0 (up to 2^31 - 1) and column blocks on axis 1, so programs
+    def _program_block(
+        n_ffn, n_rows, BLOCK: tl.constexpr, LINEAR: tl.constexpr, FLAT_FFN: tl.constexpr
+    ):
+        """(rows, columns, mask) of this program's elements.
+
+        FLAT_FFN > 0 (= ffn, a compile-time constant): the rows x ffn outputs as one flat range
+        cut into blocks of BLOCK, each element's row and column split off by a multiply and shift,
+        as torch.compile's pointwise kernel does; a block may span two rows, and only the last
+        one is masked. The launcher takes it only when every offset fits in int32.
+        LINEAR: one row per program, column blocks in row-major order on a 1-D grid, so programs
+        that run together cover consecutive addresses.
+        Otherwise rows on grid axis 0 (up to 2^31 - 1) and column blocks on axis 1, so programs
         that run together cover the same columns of consecutive rows."""
-        if LINEAR:
+        if FLAT_FFN > 0:
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            row = offs // FLAT_FFN
+            cols = offs % FLAT_FFN
+            mask = row < n_rows
+        elif LINEAR:
             n_blocks = tl.cdiv(n_ffn, BLOCK)
             pid = tl.program_id(0)
             row = (pid // n_blocks).to(tl.int64)  # int64: rows * stride can pass 2^31
             cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+            mask = cols < n_ffn
         else:
             row = tl.program_id(0).to(tl.int64)
             cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        return row, cols
+            mask = cols < n_ffn
+        return row, cols, mask
 
     @triton.jit
     def _swiglu_fwd_kernel(
@@ -69,11 +84,12 @@ if HAS_TRITON:
         stride_out_row,  # elements between rows of OUT
         stride_out_col,  # elements between columns of OUT
         n_ffn,  # ffn (half the width of GU)
-        BLOCK: tl.constexpr,  # columns per program
+        n_rows,  # rows
+        BLOCK: tl.constexpr,  # elements per program (columns of one row unless flat)
         LINEAR: tl.constexpr,  # 1-D row-major grid (see _program_block)
+        FLAT_FFN: tl.constexpr,  # > 0: flat blocks over rows x ffn (see _program_block)
     ):
-        row, cols = _program_block(n_ffn, BLOCK, LINEAR)
-        mask = cols < n_ffn
+        row, cols, mask = _program_block(n_ffn, n_rows, BLOCK, LINEAR, FLAT_FFN)
         gu = GU + row * stride_gu_row
         g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu + (cols + n_ffn) * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
@@ -96,11 +112,12 @@ if HAS_TRITON:
         stride_dgu_row,  # elements between rows of DGU
         stride_dgu_col,  # elements between columns of DGU
         n_ffn,  # ffn
-        BLOCK: tl.constexpr,  # columns per program
+        n_rows,  # rows
+        BLOCK: tl.constexpr,  # elements per program (columns of one row unless flat)
         LINEAR: tl.constexpr,  # 1-D row-major grid (see _program_block)
+        FLAT_FFN: tl.constexpr,  # > 0: flat blocks over rows x ffn (see _program_block)
     ):
-        row, cols = _program_block(n_ffn, BLOCK, LINEAR)
-        mask = cols < n_ffn
+        row, cols, mask = _program_block(n_ffn, n_rows, BLOCK, LINEAR, FLAT_FFN)
         gu = GU + row * stride_gu_row
         g = tl.load(gu + cols * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu + (cols + n_ffn) * stride_gu_col, mask=mask, other=0.0).to(tl.float32)
@@ -122,9 +139,10 @@ if HAS_TRITON:
 class Config(NamedTuple):
     """Launch settings of one pass (tunable per card, see kernels/tuning.py)."""
 
-    block: int  # columns per program
+    block: int  # columns per program (elements per program when flat)
     warps: int  # num_warps
     linear: bool = False  # 1-D row-major grid instead of (rows, column blocks)
+    flat: bool = False  # flat blocks over rows x ffn, ffn compiled in (torch.compile's layout)
 
 
 def _heuristic(n_ffn: int) -> Config:
@@ -147,25 +165,41 @@ def _config(n_ffn: int, device: torch.device, backward: bool) -> Config:
 
 
 def candidates(n_ffn: int) -> list[Config]:
-    """Settings a sweep on a card should time (the heuristic first), for either pass: each
-    block and warps also with the 1-D row-major grid."""
-    out = [_heuristic(n_ffn)]
+    """Settings a sweep on a card should time, likeliest first (a sweep cut short by its budget
+    keeps what it timed): the heuristic, the flat layout at 8 elements (one 16-byte bf16 vector)
+    per thread per tensor, torch.compile's usual shape of this kernel, the heuristic on the 1-D
+    row-major grid, then every block and warps on the (rows, column blocks) grid and on the 1-D
+    grid. The flat layout compiles once per ffn width, so it gets those few settings only."""
+    heuristic = _heuristic(n_ffn)
+    out = [heuristic] + [Config(b, b // 256, flat=True) for b in (1024, 2048, 512)]
+    out.append(heuristic._replace(linear=True))
+    grid = []
     for block in (512, 1024, 2048, 4096):
         for warps in (2, 4, 8, 16):
             # 4..16 elements per thread per tensor: 8- to 32-byte bf16 vectors
             if block <= 2 * triton.next_power_of_2(n_ffn) and 4 <= block // (32 * warps) <= 16:
-                out.append(Config(block, warps))
-    out += [c._replace(linear=True) for c in out]
+                grid.append(Config(block, warps))
+    out += grid + [c._replace(linear=True) for c in grid]
     return list(dict.fromkeys(out))
 
 
-def _grid(n_rows: int, n_ffn: int, cfg: Config) -> tuple[int, ...]:
-    """The launch grid. The 1-D order only changes which programs run together, never the
-    result, so past axis 0's 2^31 - 1 programs the 2-D grid is used instead."""
+def _launch(
+    n_rows: int, n_ffn: int, cfg: Config, tensors: tuple[torch.Tensor, ...]
+) -> tuple[tuple[int, ...], dict]:
+    """(grid, constexprs) of a launch. The grid order only changes which programs run together,
+    never the result, so where a setting cannot apply the 2-D grid is used instead: the flat
+    layout needs every element offset in int32, the 1-D grid at most 2^31 - 1 programs."""
+    if cfg.flat:
+        # the largest offset any tensor sees, and the flat index of the last block's end
+        last = max((n_rows - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) for t in tensors)
+        if max(last, n_rows * n_ffn + cfg.block) < 2**31:
+            grid = (triton.cdiv(n_rows * n_ffn, cfg.block),)
+            return grid, {"BLOCK": cfg.block, "LINEAR": False, "FLAT_FFN": n_ffn}
     blocks = triton.cdiv(n_ffn, cfg.block)
     if cfg.linear and n_rows * blocks < 2**31:
-        return (n_rows * blocks,)
-    return (n_rows, blocks)  # rows up to 2^31 - 1 on axis 0; column blocks up to 65535 on axis 1
+        return (n_rows * blocks,), {"BLOCK": cfg.block, "LINEAR": True, "FLAT_FFN": 0}
+    # rows up to 2^31 - 1 on axis 0; column blocks up to 65535 on axis 1
+    return (n_rows, blocks), {"BLOCK": cfg.block, "LINEAR": False, "FLAT_FFN": 0}
 
 
 def _split_width(gate_up: torch.Tensor) -> int:
@@ -189,7 +223,7 @@ def _swiglu_fwd(
     if n_rows == 0 or n_ffn == 0:
         return out
     cfg = cfg or _config(n_ffn, gate_up.device, backward=False)
-    grid = _grid(n_rows, n_ffn, cfg)
+    grid, meta = _launch(n_rows, n_ffn, cfg, (gate_up, out))
     _swiglu_fwd_kernel[grid](
         gate_up,
         out,
@@ -198,8 +232,8 @@ def _swiglu_fwd(
         out.stride(0),
         out.stride(1),
         n_ffn,
-        BLOCK=cfg.block,
-        LINEAR=len(grid) == 1,
+        n_rows,
+        **meta,
         num_warps=cfg.warps,
     )
     return out
@@ -220,7 +254,7 @@ def _swiglu_bwd(
     if n_rows == 0 or n_ffn == 0:
         return dgate_up
     cfg = cfg or _config(n_ffn, gate_up.device, backward=True)
-    grid = _grid(n_rows, n_ffn, cfg)
+    grid, meta = _launch(n_rows, n_ffn, cfg, (dout, gate_up, dgate_up))
     _swiglu_bwd_kernel[grid](
         dout,
         gate_up,
@@ -232,8 +266,8 @@ def _swiglu_bwd(
         dgate_up.stride(0),
         dgate_up.stride(1),
         n_ffn,
-        BLOCK=cfg.block,
-        LINEAR=len(grid) == 1,
+        n_rows,
+        **meta,
         num_warps=cfg.warps,
     )
     return dgate_up

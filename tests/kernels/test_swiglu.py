@@ -108,21 +108,47 @@ def test_broadcast_grad(device):
 
 def test_every_tuning_candidate(device):
     """Each setting a tuning sweep may pick computes the same function (ffn not a multiple of
-    any block, so every setting has a ragged last block)."""
+    any block, so every setting has a ragged last block, and flat blocks span rows), on
+    contiguous rows and on rows of a wider buffer."""
     from kernels import swiglu as swiglu_mod
 
     dtype = torch.bfloat16
     shape = (3, 1000)
     gate_up, dout = _inputs(shape, dtype, device, seed=31)
+    wide = torch.full((3, 2100), float("nan"), dtype=dtype, device=device)
+    wide[:, :2000] = gate_up
+    strided = wide[:, :2000]  # row stride 2100
     cands = swiglu_mod.candidates(1000)
     assert cands[0] == swiglu_mod._heuristic(1000) and len(cands) > 3
-    assert {c.linear for c in cands} == {False, True}  # both grid orders are swept
+    assert {c.linear for c in cands} == {False, True}  # every grid order is swept
+    assert {c.flat for c in cands} == {False, True}
     for cfg in cands:
-        out = poisoned_empty(*shape, dtype=dtype, device=device)
-        dgu = poisoned_empty(*gate_up.shape, dtype=dtype, device=device)
-        swiglu_mod._swiglu_fwd(gate_up, out=out, cfg=cfg)
-        swiglu_mod._swiglu_bwd(dout, gate_up, dgate_up=dgu, cfg=cfg)
-        _check(out, dgu, gate_up, dout)
+        for gu in (gate_up, strided):
+            out = poisoned_empty(*shape, dtype=dtype, device=device)
+            dgu = poisoned_empty(*gate_up.shape, dtype=dtype, device=device)
+            swiglu_mod._swiglu_fwd(gu, out=out, cfg=cfg)
+            swiglu_mod._swiglu_bwd(dout, gu, dgate_up=dgu, cfg=cfg)
+            _check(out, dgu, gate_up, dout)
+
+
+def test_grid_falls_back_where_a_setting_cannot_apply():
+    """Flat blocks need every offset in int32 and the 1-D grid at most 2^31 - 1 programs;
+    otherwise the launch takes the 2-D grid (same result, other order). Meta tensors: only
+    shapes and strides are read."""
+    from kernels.swiglu import Config, _launch
+
+    def t(rows, cols, row_stride):
+        return torch.empty_strided((rows, cols), (row_stride, 1), device="meta")
+
+    flat, linear = Config(1024, 4, flat=True), Config(1024, 4, linear=True)
+    small = (t(8, 200, 200), t(8, 100, 100))
+    assert _launch(8, 100, flat, small) == ((1,), {"BLOCK": 1024, "LINEAR": False,
+                                                   "FLAT_FFN": 100})  # fmt: skip
+    huge_stride = (t(8, 200, 2**29), t(8, 100, 100))  # last row starts at 7 * 2^29 > 2^31
+    grid, meta = _launch(8, 100, flat, huge_stride)
+    assert grid == (8, 1) and meta["FLAT_FFN"] == 0 and not meta["LINEAR"]
+    assert _launch(8, 100, linear, small)[1]["LINEAR"]
+    assert _launch(2**31, 4096, linear, small)[0] == (2**31, 4)
 
 
 def test_tuned_table_per_pass(monkeypatch):
