@@ -159,10 +159,10 @@ def rmsnorm_fwd(hidden: int, arch: int = 90) -> list[tuple[object, Resources]]:
                 m._rmsnorm_fwd_kernel,
                 {"X": BF16, "W": BF16, "Y": BF16, "RSTD": FP32},
                 {
-                    "BLOCK_N": b.fwd_block,
-                    "SINGLE": b.fwd_single,
+                    "BLOCK_N": cfg.chunk or b.fwd_block,
+                    "SINGLE": b.fwd_single and not cfg.chunk,
                     "ROWS": cfg.rows,
-                    "W_FIRST": cfg.weight_first,
+                    "W_FIRST": cfg.weight_first and not cfg.chunk,
                 },
                 cfg.warps,
                 unit=("stride_x_col", "stride_y_col"),

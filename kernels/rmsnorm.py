@@ -241,6 +241,7 @@ class FwdConfig(NamedTuple):
     warps: int  # num_warps
     rows: int  # rows per program on the single-block path (1 on the chunked path)
     weight_first: bool = False  # single-block path: weight loaded before x (see the kernel)
+    chunk: int = 0  # > 0: the chunked two-pass path with chunks of this many columns
 
 
 class BwdConfig(NamedTuple):
@@ -322,6 +323,12 @@ def candidates_fwd(n_cols: int) -> list[FwdConfig]:
                 out.append(FwdConfig(warps, rows))
                 if rows == 1 and blocks.fwd_single:
                     out.append(FwdConfig(warps, rows, True))
+    if blocks.fwd_single and n_cols >= 8192:
+        # torch.compile's kernel at these widths: a loop over chunks for the sum of squares,
+        # then a second loop that reads the chunks again (from L1/L2) to scale them. Few
+        # registers, so many programs per SM keep loads in flight.
+        out += [FwdConfig(4, 1, chunk=1024), FwdConfig(8, 1, chunk=2048),
+                FwdConfig(4, 1, chunk=2048)]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
@@ -399,7 +406,8 @@ def _rmsnorm_fwd(
         return out, rstd
     blocks = _blocks(n_cols)
     cfg = cfg or _fwd_config(n_cols, x.device)
-    rows = cfg.rows if blocks.fwd_single else 1
+    single = blocks.fwd_single and not cfg.chunk
+    rows = cfg.rows if single else 1
     _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
         x,
         weight,
@@ -412,10 +420,10 @@ def _rmsnorm_fwd(
         n_rows,
         n_cols,
         eps,
-        BLOCK_N=blocks.fwd_block,
-        SINGLE=blocks.fwd_single,
+        BLOCK_N=blocks.fwd_block if single else (cfg.chunk or _CHUNK),
+        SINGLE=single,
         ROWS=rows,
-        W_FIRST=cfg.weight_first and blocks.fwd_single,
+        W_FIRST=cfg.weight_first and single,
         num_warps=cfg.warps,
     )
     return out, rstd

@@ -169,6 +169,21 @@ def test_every_tuning_candidate(device, hidden):
         _check((None, "dx", "dweight"), (None, dx, dw), x, w, dy)
 
 
+@pytest.mark.parametrize("hidden", [8192, 8200])
+def test_every_forward_candidate_at_wide_rows(device, hidden):
+    """The forward's candidates at Llama-2-70B's width, the chunked two-pass ones included
+    (8200: a ragged last chunk)."""
+    cands = rms_mod.candidates_fwd(hidden)
+    assert any(c.chunk for c in cands) and not cands[0].chunk
+    rows = 7 if device == "cpu" else 3 * 132 + 5
+    x, w, dy = _inputs((rows, hidden), torch.bfloat16, device, seed=19)
+    for cfg in cands:
+        y = poisoned_empty(rows, hidden, dtype=torch.bfloat16, device=device)
+        rstd = poisoned_empty(rows, dtype=torch.float32, device=device)
+        _rmsnorm_fwd(x, w, EPS, out=y, rstd=rstd, cfg=cfg)
+        _check(("y",), (y,), x, w, dy)
+
+
 def test_tuned_table_overrides_heuristic(monkeypatch):
     """A card's table entry replaces the heuristic; a stale entry fails with the op and key."""
     from kernels import tuning
