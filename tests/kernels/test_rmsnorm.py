@@ -169,10 +169,11 @@ def test_every_tuning_candidate(device, hidden):
         _check((None, "dx", "dweight"), (None, dx, dw), x, w, dy)
 
 
-@pytest.mark.parametrize("hidden", [8192, 8200])
+@pytest.mark.parametrize("hidden", [8200])
 def test_every_forward_candidate_at_wide_rows(device, hidden):
-    """The forward's candidates at Llama-2-70B's width, the chunked two-pass ones included
-    (8200: a ragged last chunk)."""
+    """The forward's candidates at about Llama-2-70B's width, the chunked two-pass ones
+    included, with a ragged last chunk (the tuning sweep checks 8192 itself against the
+    heuristic on the card)."""
     cands = rms_mod.candidates_fwd(hidden)
     assert any(c.chunk for c in cands) and not cands[0].chunk
     rows = 7 if device == "cpu" else 3 * 132 + 5
