@@ -53,16 +53,17 @@ REPO = Path(__file__).resolve().parent.parent
 # On the H200 of 2026-11-28 the GPU tests took 109 s, kernels 45 s, attention 29 s, parallel 8 s.
 # Since then the tests check every attention autotune candidate in bf16 and compile about twice
 # as many tuning candidates (about a hundred more compiles), and the sweep has ~170 candidates
-# (~0.3 s each plus ~90 compiles). "train" draws 1.9B weights on the host (several seconds)
-# before its first step; its cases run in priority order and stop at its deadline. A section
-# that overruns is interrupted (pytest still writes its report).
+# (~0.3 s each plus ~90 compiles), likeliest winners first. "train" builds a 1.9B-parameter
+# trainer (a few seconds) and compiles and autotunes at its first step, then times its cases in
+# priority order until its deadline. A section that overruns is interrupted (pytest still
+# writes its report).
 SECTIONS = [
     ("tests", None, 200),
-    ("tune", "bench.tune", 105),
+    ("tune", "bench.tune", 95),
     ("kernels", "bench.bench_kernels", 65),
     ("attention", "bench.bench_attention", 45),
     ("parallel", "bench.bench_parallel", 20),
-    ("train", "bench.bench_train", 35),
+    ("train", "bench.bench_train", 45),
 ]
 TOTAL_BUDGET_S = 470
 FULL_SCALE = 3  # --full: every budget times this
