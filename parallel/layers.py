@@ -52,7 +52,7 @@ def mark_sharded(p: nn.Parameter, tp_dim: int | None, pieces, global_shape, tp_r
 
 def _weight_grad(ctx, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """(out, in) = dyᵀ x over all tokens; None when the weight's buffer took it instead
-    (`kernels.linear`: decided at the forward, since the backward runs with grad mode off)."""
+    (`kernels.linear`; the module decides before apply: grad mode is off inside the Function)."""
     if ctx.fused:
         ctx.weight.accumulate_weight_grad(dy, x)
         return None
@@ -69,9 +69,9 @@ class _ColumnLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, group, sequence_parallel):
+    def forward(ctx, x, weight, group, sequence_parallel, fuse):
         ctx.group, ctx.sp = group, sequence_parallel
-        ctx.weight, ctx.fused = weight, fused(weight)
+        ctx.weight, ctx.fused = weight, fuse
         ctx.save_for_backward(x, weight)
         x_full = all_gather_dim0(x, group) if sequence_parallel else x
         return F.linear(x_full, weight)
@@ -99,7 +99,7 @@ class _ColumnLinear(torch.autograd.Function):
         grad_w = _weight_grad(ctx, dy, x_full) if ctx.needs_input_grad[1] else None
         if reduce is not None:
             reduce.wait()
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class _RowLinear(torch.autograd.Function):
@@ -107,9 +107,9 @@ class _RowLinear(torch.autograd.Function):
     fresh GEMM output (no extra copy)."""
 
     @staticmethod
-    def forward(ctx, x, weight, group, sequence_parallel):
+    def forward(ctx, x, weight, group, sequence_parallel, fuse):
         ctx.group, ctx.sp = group, sequence_parallel
-        ctx.weight, ctx.fused = weight, fused(weight)
+        ctx.weight, ctx.fused = weight, fuse
         ctx.save_for_backward(x, weight)
         y = F.linear(x, weight)
         if sequence_parallel:
@@ -123,7 +123,7 @@ class _RowLinear(torch.autograd.Function):
         dy = all_gather_dim0(dy, ctx.group) if ctx.sp else dy.contiguous()
         grad_x = dy.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_w = _weight_grad(ctx, dy, x) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class ColumnParallelLinear(nn.Module):
@@ -161,7 +161,10 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
             return linear(x, self.weight)
-        return _ColumnLinear.apply(x, self.weight, self.group, self.sequence_parallel)
+        # `fused` is read here: Function.forward runs with grad mode off
+        return _ColumnLinear.apply(
+            x, self.weight, self.group, self.sequence_parallel, fused(self.weight)
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -192,7 +195,9 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if group_size(self.group) == 1:
             return linear(x, self.weight)
-        return _RowLinear.apply(x, self.weight, self.group, self.sequence_parallel)
+        return _RowLinear.apply(
+            x, self.weight, self.group, self.sequence_parallel, fused(self.weight)
+        )
 
 
 def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:

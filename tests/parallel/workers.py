@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernels.linear import Linear
 from model.config import param_count
 from parallel import comm
 from parallel.cross_entropy import argmax, cross_entropy
@@ -153,7 +154,15 @@ def layout_worker(dims: ParallelDims, sequence_parallels: tuple, n_micro: int, r
         trainer = Trainer(model, dims)
         tag = f"tp={dims.tp} dp={dims.dp} sp={sp}"
         batch0 = [microbatch(0, i) for i in range(n_micro)]
+        calls = _count_fused_calls(model)
         loss0 = trainer.forward_backward(batch0)
+        # every linear weight took the fused path (TP layers and plain ones), once per local
+        # micro-batch
+        kinds = (ColumnParallelLinear, RowParallelLinear, Linear)
+        linears = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+        assert linears and {n: calls.get(f"{n}.weight") for n in linears} == {
+            n: n_micro // dims.dp for n in linears
+        }, calls
         want0 = torch.tensor(ref["losses"][0])
         assert_close(f"{tag} step-0 loss", torch.tensor(loss0), want0, 1e-5)
         grads = gathered_grads(model, dims, CFG.vocab_size)
@@ -166,6 +175,22 @@ def layout_worker(dims: ParallelDims, sequence_parallels: tuple, n_micro: int, r
         assert_close(f"{tag} losses", losses, torch.tensor(ref["losses"]), 1e-5)
         assert_close(f"{tag} grad norms", norms, torch.tensor(ref["norms"]), 1e-4)
         sync_check(trainer.model, dims.tp_group)  # replicated norm weights stayed identical
+
+
+def _count_fused_calls(model) -> dict[str, int]:
+    """Wrap every parameter's fused accumulator to count its calls, by parameter name."""
+    calls: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        inner = getattr(p, "accumulate_weight_grad", None)
+        if inner is None:
+            continue
+
+        def spy(dy, x, name=name, inner=inner):
+            calls[name] = calls.get(name, 0) + 1
+            inner(dy, x)
+
+        p.accumulate_weight_grad = spy
+    return calls
 
 
 def grad_norm_worker(dims: ParallelDims, cfg, sequence_parallel: bool) -> None:
