@@ -53,6 +53,17 @@ def accumulate_weight_grad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.T
         main_grad.add_(dy2.t().matmul(x2))
 
 
+def weight_grad(weight: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """A linear layer's backward for its weight: dyᵀ x (out, in) over all tokens, into the
+    weight's accumulator when it has one (None is returned then), else returned for autograd
+    (also when the accumulator was removed between the forward and this backward)."""
+    sink = getattr(weight, "accumulate_weight_grad", None)
+    if sink is not None:
+        sink(dy, x)
+        return None
+    return dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
+
+
 class _Linear(torch.autograd.Function):
     """y = x Wᵀ; the backward hands (dy, x) to the weight's accumulator instead of returning dW."""
 
@@ -67,9 +78,7 @@ class _Linear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         weight = ctx.weight
         grad_x = dy.matmul(weight) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
-            weight.accumulate_weight_grad(dy, x)
-        return grad_x, None
+        return grad_x, weight_grad(weight, dy, x) if ctx.needs_input_grad[1] else None
 
 
 def fused(weight: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.linear import fused, linear
+from kernels.linear import fused, linear, weight_grad
 from parallel.comm import (
     all_gather_dim0,
     group_rank,
@@ -54,8 +54,7 @@ def _weight_grad(ctx, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """(out, in) = dyᵀ x over all tokens; None when the weight's buffer took it instead
     (`kernels.linear`; the module decides before apply: grad mode is off inside the Function)."""
     if ctx.fused:
-        ctx.weight.accumulate_weight_grad(dy, x)
-        return None
+        return weight_grad(ctx.weight, dy, x)
     return dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
 
 

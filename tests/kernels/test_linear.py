@@ -87,6 +87,18 @@ def test_fused_buffer_matches_unfused_and_counts_each_weight_once():
     assert all(p.grad is None for p in fused_model.parameters())
 
 
+def test_accumulator_removed_before_the_backward_falls_back_to_autograd():
+    model = _tiny_model()
+    buf = GradBuffer(list(model.parameters()), None, fuse_weight_grads=True)
+    w = model.layers["0"].mlp.w2.weight
+    x = _randn(5, w.shape[1]).requires_grad_()
+    y = linear(x, w)
+    buf.set_fuse_weight_grads(False)
+    y.sum().backward()  # dW went back to autograd, and the buffer's hook took it from there
+    assert w.grad is None
+    torch.testing.assert_close(w.main_grad, torch.ones(5, w.shape[0]).t() @ x.detach())
+
+
 def test_no_grad_forward_takes_the_plain_path():
     model = _tiny_model()
     GradBuffer(list(model.parameters()), None, fuse_weight_grads=True)
