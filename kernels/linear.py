@@ -53,11 +53,14 @@ def accumulate_weight_grad(main_grad: torch.Tensor, dy: torch.Tensor, x: torch.T
         main_grad.add_(dy2.t().matmul(x2))
 
 
-def weight_grad(weight: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """A linear layer's backward for its weight: dyᵀ x (out, in) over all tokens, into the
-    weight's accumulator when it has one (None is returned then), else returned for autograd
-    (also when the accumulator was removed between the forward and this backward)."""
-    sink = getattr(weight, "accumulate_weight_grad", None)
+def weight_grad(
+    weight: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, fuse: bool = True
+) -> torch.Tensor | None:
+    """A linear layer's backward for its weight: dyᵀ x (out, in) over all tokens. With `fuse`
+    and an accumulator on the weight it goes there (None is returned); otherwise it is returned
+    for autograd (also when the accumulator was removed between the forward and this backward).
+    `fuse` is decided at the forward (`fused`): the backward runs with grad mode off."""
+    sink = getattr(weight, "accumulate_weight_grad", None) if fuse else None
     if sink is not None:
         sink(dy, x)
         return None

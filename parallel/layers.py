@@ -50,14 +50,6 @@ def mark_sharded(p: nn.Parameter, tp_dim: int | None, pieces, global_shape, tp_r
     p.tp_replicated = tp_dim is None
 
 
-def _weight_grad(ctx, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """(out, in) = dyᵀ x over all tokens; None when the weight's buffer took it instead
-    (`kernels.linear`; the module decides before apply: grad mode is off inside the Function)."""
-    if ctx.fused:
-        return weight_grad(ctx.weight, dy, x)
-    return dy.reshape(-1, dy.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]))
-
-
 class _ColumnLinear(torch.autograd.Function):
     """y = gather(x) Wᵀ with the backward communication overlapped with the weight gradient.
 
@@ -95,7 +87,7 @@ class _ColumnLinear(torch.autograd.Function):
                 grad_x, reduce = reduce_scatter_dim0(grad_x, group, async_op=True)
             else:
                 reduce = dist.all_reduce(grad_x, group=group, async_op=True)
-        grad_w = _weight_grad(ctx, dy, x_full) if ctx.needs_input_grad[1] else None
+        grad_w = weight_grad(ctx.weight, dy, x_full, ctx.fused) if ctx.needs_input_grad[1] else None
         if reduce is not None:
             reduce.wait()
         return grad_x, grad_w, None, None, None
@@ -121,7 +113,7 @@ class _RowLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dy = all_gather_dim0(dy, ctx.group) if ctx.sp else dy.contiguous()
         grad_x = dy.matmul(weight) if ctx.needs_input_grad[0] else None
-        grad_w = _weight_grad(ctx, dy, x) if ctx.needs_input_grad[1] else None
+        grad_w = weight_grad(ctx.weight, dy, x, ctx.fused) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w, None, None, None
 
 
