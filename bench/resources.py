@@ -315,6 +315,23 @@ def attention(kind: str, head_dim: int, arch: int = 90) -> list[tuple[object, Re
     return out
 
 
+def cross_entropy(kind: str, arch: int = 90) -> list[tuple[object, Resources]]:
+    """The statistics or gradient kernel at its fixed launch settings."""
+    from kernels import cross_entropy as m
+
+    if kind == "stats":
+        fn, block, ptrs = m._ce_stats_kernel, m._BLOCK_STATS, {
+            "LOGITS": BF16, "LABELS": "*i64", "M": FP32, "S": FP32, "PICKED": FP32}  # fmt: skip
+    else:
+        fn, block, ptrs = m._ce_grad_kernel, m._BLOCK_GRAD, {
+            "LOGITS": BF16, "LABELS": "*i64", "M": FP32, "S": FP32, "DLOSS": FP32,
+            "GRAD": BF16}  # fmt: skip
+    names = list(fn.arg_names)
+    aligned = tuple(n for n in names if n.startswith("stride")) + ("local",)  # padded: x 128
+    res = compile_resources(fn, ptrs, {"BLOCK": block}, 8, arch=arch, aligned=aligned)
+    return [((kind, block, 8), res)]
+
+
 FAMILIES = {
     "rmsnorm_fwd": lambda s, a: rmsnorm_fwd(s[0], a),
     "rmsnorm_bwd": lambda s, a: rmsnorm_bwd(s[0], a),
@@ -324,6 +341,8 @@ FAMILIES = {
     "attention_fwd": lambda s, a: attention("fwd", s[0], a),
     "attention_dq": lambda s, a: attention("dq", s[0], a),
     "attention_dkdv": lambda s, a: attention("dkdv", s[0], a),
+    "cross_entropy_stats": lambda s, a: cross_entropy("stats", a),
+    "cross_entropy_grad": lambda s, a: cross_entropy("grad", a),
 }
 DEFAULT_SHAPES = {
     "rmsnorm_fwd": [(4096,), (8192,)],
@@ -334,6 +353,8 @@ DEFAULT_SHAPES = {
     "attention_fwd": [(128,)],
     "attention_dq": [(128,)],
     "attention_dkdv": [(128,)],
+    "cross_entropy_stats": [()],
+    "cross_entropy_grad": [()],
 }
 
 

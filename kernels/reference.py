@@ -172,3 +172,45 @@ def adamw(
     params.addcdiv_(exp_avg, denom, value=-lr / bc1)
     if model_out is not None:
         model_out.copy_(params)
+
+
+def ce_stats(
+    logits: torch.Tensor, labels: torch.Tensor, start: int, valid: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax statistics of a vocabulary shard, fp32 (kernels/cross_entropy.py).
+
+    logits: (tokens, local), of which columns [0, valid) are real; labels: (tokens,) global ids.
+    Returns (max, sum of exp(z - max), the label's logit or 0 when it is not in this shard's
+    [start, start + valid)), each (tokens,); a shard with no real column gives (-inf, 0, 0)."""
+    tokens = logits.shape[0]
+    if valid == 0:
+        m = torch.full((tokens,), float("-inf"), device=logits.device)
+        return m, torch.zeros_like(m), torch.zeros_like(m)
+    z = logits[:, :valid].float()
+    m = z.max(dim=-1).values
+    s = torch.exp(z - m[:, None]).sum(dim=-1)
+    local = labels - start
+    mine = (local >= 0) & (local < valid)
+    picked = z.gather(1, local.clamp(0, valid - 1)[:, None]).squeeze(1)
+    return m, s, torch.where(mine, picked, 0.0)
+
+
+def ce_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    valid: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    dloss: torch.Tensor,
+) -> torch.Tensor:
+    """(softmax - one-hot) * dloss over the real columns, 0 on padding, in the logits' dtype.
+    m, s: the global max and sum of exp (tokens,) fp32; dloss: (tokens,)."""
+    grad = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    if valid:
+        g = torch.exp(logits[:, :valid].float() - m[:, None]) / s[:, None]
+        local = labels - start
+        mine = ((local >= 0) & (local < valid)).to(g.dtype)
+        g.scatter_add_(1, local.clamp(0, valid - 1)[:, None], -mine[:, None])
+        grad[:, :valid] = g * dloss.float()[:, None]
+    return grad.to(logits.dtype)

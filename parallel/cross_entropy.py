@@ -1,18 +1,20 @@
 """Cross-entropy (and argmax) over vocab-sharded logits, never gathering the full logits.
 
 Rank r of the TP group holds logits columns [r V_l, (r + 1) V_l) of the padded vocabulary.
-Columns >= vocab_size are padding: they are excluded from the softmax (set to -inf), so the loss
+Columns >= vocab_size are padding: they are left out of the softmax, so the loss
 and its gradient do not depend on how far the vocabulary was padded -- at TP=1 too, where this
 is the same code with a group of size 1.
 
 Per token t: loss_t = log Σ_v exp(z_tv - m_t) - (z_t,label - m_t), with m_t the global max.
-Communication per call: one all-reduce(max) of (T,) and one all-reduce(sum) of (2, T) (the
-softmax denominator and the label's logit travel together).
+Each rank's (max, sum of exp) over its columns comes from one read of its logits
+(kernels/cross_entropy.py); communication per call: one all-reduce(max) of (T,) and one
+all-reduce(sum) of (2, T) (the rescaled denominators and the label's logit travel together).
 """
 
 import torch
 import torch.distributed as dist
 
+from kernels.cross_entropy import ce_grad, ce_stats
 from parallel.comm import all_gather_dim0, group_rank, group_size
 
 
@@ -32,42 +34,35 @@ def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """The statistics and the gradient come from kernels/cross_entropy.py (Triton on CUDA, the
+    reference elsewhere); this class adds the communication and saves the logits themselves
+    (in their dtype) for the backward, not an fp32 softmax."""
+
     @staticmethod
     def forward(ctx, logits, labels, group, vocab_size):
-        tokens, local_vocab = logits.shape
+        local_vocab = logits.shape[1]
         size, rank = group_size(group), group_rank(group)
         start = rank * local_vocab
         valid = _valid_columns(local_vocab, rank, vocab_size)
-        # fp32 working copy; it becomes the softmax saved for the backward.
-        z = logits.float() if logits.dtype != torch.float32 else logits.clone()
-        if valid < local_vocab:
-            z[:, valid:] = float("-inf")
-        m = z.max(dim=-1).values  # (T,); -inf on a rank holding only padding
+        m, s, picked = ce_stats(logits, labels, start, valid)  # (T,) each; m = -inf: no column
         if size > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        z.sub_(m.unsqueeze(1))
-        local = labels - start
-        mine = (local >= 0) & (local < local_vocab)
-        idx = local.clamp(0, local_vocab - 1).unsqueeze(1)  # (T, 1)
-        picked = torch.where(mine, z.gather(1, idx).squeeze(1), 0.0)
-        z.exp_()
-        stats = torch.stack([z.sum(dim=-1), picked])  # (2, T)
-        if size > 1:
+            m_all = m.clone()
+            dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
+            # this rank's sum rescaled to the global max; a rank of padding only adds 0
+            s = torch.where(m > float("-inf"), s * torch.exp(m - m_all), 0.0)
+            stats = torch.stack([s, picked])  # (2, T): the denominator and the label's logit
             dist.all_reduce(stats, group=group)
-        sum_exp, picked = stats[0], stats[1]
-        z.div_(sum_exp.unsqueeze(1))  # softmax
-        ctx.save_for_backward(z, idx, mine)
-        ctx.dtype = logits.dtype
-        return sum_exp.log() - picked
+            m, (s, picked) = m_all, stats
+        ctx.save_for_backward(logits, labels, m, s)
+        ctx.start, ctx.valid = start, valid
+        return s.log() + m - picked
 
     @staticmethod
     def backward(ctx, dloss):
-        softmax, idx, mine = ctx.saved_tensors
-        # d loss_t / d z_tv = softmax_tv - [v == label_t]; padded columns have softmax 0.
-        grad = softmax  # reused in place: the graph is not kept after this backward
-        grad.scatter_add_(1, idx, -mine.to(grad.dtype).unsqueeze(1))
-        grad.mul_(dloss.unsqueeze(1))
-        return grad.to(ctx.dtype), None, None, None
+        logits, labels, m, s = ctx.saved_tensors
+        # d loss_t / d z_tv = softmax_tv - [v == label_t]; padded columns get 0.
+        grad = ce_grad(logits, labels, ctx.start, ctx.valid, m, s, dloss)
+        return grad, None, None, None
 
 
 def cross_entropy(

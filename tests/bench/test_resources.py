@@ -68,3 +68,10 @@ def test_attention_dkdv_has_a_spill_free_candidate():
     does not (kernels/attention.py, the comment above _CANDIDATES)."""
     reports = resources.attention("dkdv", 128)
     assert any(r.stack == 0 for _, r in reports), reports
+
+
+@pytest.mark.parametrize("kind", ["stats", "grad"])
+def test_cross_entropy_kernels_load_vectors_without_spills(kind):
+    """Loads masked by the row's (aligned) end, not the real vocabulary's: 16-byte vectors."""
+    [(_, r)] = resources.cross_entropy(kind)
+    assert r.stack == 0 and "v4" in r.vectors, r

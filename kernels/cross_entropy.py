@@ -1,0 +1,174 @@
+"""Cross-entropy pieces over (a shard of) the vocabulary, in Triton: softmax statistics per token
+in one read of the logits, and the gradient written straight in the logits' dtype.
+
+The logits stay in their dtype (bf16) and are read twice in all: once by `ce_stats` (an online
+max and sum of exponentials per row, and the label's logit) and once by `ce_grad` (softmax minus
+one-hot, times the upstream gradient). The plain-PyTorch path upcasts the whole (tokens, vocab)
+matrix to fp32, keeps the fp32 softmax for the backward and makes about eight passes over it.
+
+Vocabulary-parallel use (`parallel.cross_entropy`): each rank holds columns [start, start +
+local) of the padded vocabulary, of which the first `valid` are real (padding columns are left
+out of the softmax). A rank computes its (max, sum) pair; the global pair is max M over ranks
+and sum of s_r * exp(m_r - M); the label's logit is on one rank only. Those (tokens,) vectors are
+all the communication, as before.
+
+Triton for CUDA tensors (and CPU under the interpreter); the reference otherwise.
+"""
+
+import torch
+
+from kernels import reference
+from kernels._triton import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels._triton import to_out as _to_out
+
+    @triton.jit
+    def _ce_stats_kernel(
+        LOGITS,  # (tokens, local) any row stride, unit column stride
+        LABELS,  # (tokens,) int64: global label ids
+        M,  # out: (tokens,) fp32 max over this shard's valid columns (-inf if none)
+        S,  # out: (tokens,) fp32 sum of exp(z - M) over them
+        PICKED,  # out: (tokens,) fp32 the label's logit when this shard holds it, else 0
+        stride_row,  # elements between rows of LOGITS
+        start,  # first global column of this shard
+        valid,  # real (non-padding) columns of this shard
+        local,  # all columns of this shard (a multiple of 128 in a model: vector loads)
+        BLOCK: tl.constexpr,  # columns per step
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = LOGITS + row * stride_row
+        cols = tl.arange(0, BLOCK)
+        # One running (max, sum) per lane, merged once at the end: no reduction in the loop.
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for c0 in range(0, valid, BLOCK):
+            c = c0 + cols
+            # Loads are masked by the row's end, whose alignment the compiler knows (16-byte
+            # vectors); padding columns are set aside afterwards.
+            z = tl.load(base + c, mask=c < local, other=float("-inf")).to(tl.float32)
+            z = tl.where(c < valid, z, float("-inf"))
+            m_new = tl.maximum(m, z)
+            # A lane that has seen only -inf keeps sum 0; its exponents are never formed
+            # (-inf - -inf is NaN), so no NaN exists to be masked.
+            seen = m_new > float("-inf")
+            shift = tl.where(seen, m_new, 0.0)
+            s = s * tl.exp(tl.where(seen, m, 0.0) - shift) + tl.exp(z - shift)
+            s = tl.where(seen, s, 0.0)
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        ok = m > float("-inf")
+        m_safe = tl.where(m_row > float("-inf"), m_row, 0.0)  # -inf: a shard of padding only
+        s_row = tl.sum(tl.where(ok, s * tl.exp(tl.where(ok, m, m_safe) - m_safe), 0.0), axis=0)
+        label = tl.load(LABELS + row) - start
+        mine = (label >= 0) & (label < valid)
+        z_label = tl.load(base + tl.where(mine, label, 0), mask=mine, other=0.0).to(tl.float32)
+        tl.store(M + row, m_row)
+        tl.store(S + row, s_row)
+        tl.store(PICKED + row, tl.where(mine, z_label, 0.0))
+
+    @triton.jit
+    def _ce_grad_kernel(
+        LOGITS,  # (tokens, local) any row stride, unit column stride
+        LABELS,  # (tokens,) int64: global label ids
+        M,  # (tokens,) fp32 global max
+        S,  # (tokens,) fp32 global sum of exp(z - M)
+        DLOSS,  # (tokens,) fp32 upstream gradient of each token's loss
+        GRAD,  # out: (tokens, local) in the logits' dtype, unit column stride
+        stride_row,  # elements between rows of LOGITS
+        stride_grad_row,  # elements between rows of GRAD
+        start,  # first global column of this shard
+        valid,  # real columns of this shard
+        local,  # all columns of this shard (padding gets gradient 0)
+        BLOCK: tl.constexpr,  # columns per program
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        z = tl.load(LOGITS + row * stride_row + c, mask=c < local, other=float("-inf"))
+        z = tl.where(c < valid, z.to(tl.float32), float("-inf"))  # padding: gradient 0
+        m = tl.load(M + row)
+        # d loss / d z_v = softmax_v - [v == label]; 1/S once per row, not a division per value
+        scale = tl.load(DLOSS + row) / tl.load(S + row)
+        g = tl.exp(z - m) * scale
+        label = tl.load(LABELS + row) - start
+        g = tl.where((c == label) & (c < valid), g - tl.load(DLOSS + row), g)
+        tl.store(
+            GRAD + row * stride_grad_row + c, _to_out(g, GRAD.dtype.element_ty), mask=c < local
+        )
+
+
+_BLOCK_STATS = 4096  # columns per step: 16 bf16 values a thread at 8 warps
+_BLOCK_GRAD = 2048  # columns per program: 8 values (one 16-byte vector) a thread at 8 warps
+
+
+def cross_entropy_bytes(tokens: int, local: int, dtype_bytes: int, backward: bool) -> int:
+    """Minimum bytes moved: the forward reads the logits once; the backward reads them again and
+    writes their gradient (the (tokens,) vectors are noise next to that)."""
+    return tokens * local * dtype_bytes * (2 if backward else 1)
+
+
+def _check(logits: torch.Tensor, labels: torch.Tensor, valid: int) -> torch.Tensor:
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"cross-entropy kernels want logits (tokens, vocab) and labels (tokens,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if not 0 <= valid <= logits.shape[1]:
+        raise ValueError(f"valid columns {valid} outside [0, {logits.shape[1]}]")
+    return logits if logits.stride(1) == 1 else logits.contiguous()
+
+
+def ce_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    valid: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token over this shard's first `valid` columns: (max, sum of exp(z - max), the label's
+    logit or 0 when the label is not in [start, start + valid)), each (tokens,) fp32; -inf, 0, 0
+    for a shard of padding only.
+
+    logits: (tokens, local) any float dtype; labels: (tokens,) global ids. `out` may give the
+    three fp32 outputs (tests pass NaN-filled ones)."""
+    logits = _check(logits, labels, valid)
+    if not use_triton(logits):
+        return reference.ce_stats(logits, labels, start, valid)
+    tokens = logits.shape[0]
+    m, s, picked = out or tuple(
+        torch.empty(tokens, dtype=torch.float32, device=logits.device) for _ in range(3)
+    )
+    if tokens:
+        _ce_stats_kernel[(tokens,)](logits, labels, m, s, picked, logits.stride(0), start, valid,
+                                    logits.shape[1], BLOCK=_BLOCK_STATS, num_warps=8)  # fmt: skip
+    return m, s, picked
+
+
+def ce_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    valid: int,
+    m: torch.Tensor,
+    s: torch.Tensor,
+    dloss: torch.Tensor,
+    grad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d loss / d logits in the logits' dtype: (exp(z - m) / s - [column == label]) * dloss for
+    the valid columns, 0 for padding columns. m, s: the global statistics (tokens,) fp32.
+    `grad` may be given (unit column stride; tests pass a NaN-filled one)."""
+    logits = _check(logits, labels, valid)
+    if not use_triton(logits):
+        return reference.ce_grad(logits, labels, start, valid, m, s, dloss)
+    tokens, local = logits.shape
+    if grad is None:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if tokens and local:
+        grid = (tokens, triton.cdiv(local, _BLOCK_GRAD))
+        _ce_grad_kernel[grid](logits, labels, m, s, dloss.float().contiguous(), grad,
+                              logits.stride(0), grad.stride(0), start, valid, local,
+                              BLOCK=_BLOCK_GRAD, num_warps=8)  # fmt: skip
+    return grad
