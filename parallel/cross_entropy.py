@@ -22,7 +22,10 @@ def _valid_columns(local_vocab: int, rank: int, vocab_size: int) -> int:
     return max(0, min(local_vocab, vocab_size - rank * local_vocab))
 
 
-def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+def check_labels(labels: torch.Tensor, vocab_size: int) -> None:
+    """Raise unless every label lies in [0, vocab_size). One host read of the labels' range: on
+    a device tensor a synchronisation, so callers that hold the labels on the host check there
+    (and pass `labels_checked=True` to cross_entropy)."""
     if labels.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(labels))
@@ -70,12 +73,15 @@ def cross_entropy(
     labels: torch.Tensor,
     group=None,
     vocab_size: int | None = None,
+    labels_checked: bool = False,
 ) -> torch.Tensor:
     """Per-token loss in fp32.   logits: (tokens, padded_vocab / tp) this rank's shard,
     labels: (tokens,) global ids in [0, vocab_size) -> (tokens,).
 
     vocab_size: the real vocabulary; logits of padding columns (>= vocab_size) are excluded.
     None means every column is real. The loss mask is the caller's: multiply the result.
+    labels_checked: the caller ran `check_labels` already (on the host copy): skip the check
+    here, which on a device tensor waits for the device.
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
@@ -88,7 +94,8 @@ def cross_entropy(
         raise ValueError(
             f"vocab_size {vocab_size} must be in (0, {padded}] (the padded vocabulary)"
         )
-    _check_labels(labels, vocab_size)
+    if not labels_checked:
+        check_labels(labels, vocab_size)
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_size)
 
 

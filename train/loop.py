@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from model.llama import Llama, init_parameter
-from parallel.cross_entropy import argmax, cross_entropy
+from parallel.cross_entropy import argmax, check_labels, cross_entropy
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from parallel.grad_norm import clip_coefficient, global_grad_norm
@@ -174,8 +174,10 @@ class Trainer:
 
     def _per_token(self, logits: torch.Tensor, mb: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-token loss (T,), loss mask (T,)) of one micro-batch's logits."""
+        # train_step checked the labels on the host copy
         per_token = cross_entropy(logits, mb["labels"].reshape(-1), group=self.dims.tp_group,
-                                  vocab_size=self.rc.model.vocab_size)  # fmt: skip
+                                  vocab_size=self.rc.model.vocab_size,
+                                  labels_checked=True)  # fmt: skip
         return per_token, mb["loss_mask"].reshape(-1).to(per_token.dtype)
 
     def train_step(self, micro_batches: list[dict], lr: float) -> StepResult:
@@ -183,13 +185,16 @@ class Trainer:
         them from its own loader); only the first stage uses the tokens, the last the labels."""
         rc, dims = self.rc, self.dims
         clock = PhaseClock(self.device)
-        mbs = [to_device(mb, self.device) for mb in micro_batches]
+        # Labels and counts from the loader's host tensors: no device round trip for them.
+        for mb in micro_batches:
+            check_labels(mb["labels"], rc.model.vocab_size)
         counts = torch.tensor(
-            [sum(float(mb["loss_mask"].sum()) for mb in mbs),
-             sum(mb["tokens"].numel() for mb in mbs),
-             sum(causal_pairs(mb["cu_seqlens"]) for mb in mbs)],
+            [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
+             sum(mb["tokens"].numel() for mb in micro_batches),
+             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches)],
             dtype=torch.float64, device=self.device,
         )  # fmt: skip
+        mbs = [to_device(mb, self.device) for mb in micro_batches]
         _all_reduce(counts, dims.dp_group)
         n_loss, n_tokens, n_pairs = (int(x) for x in counts.tolist())
         global_mode = rc.loop.loss_reduction == "global"
@@ -240,7 +245,7 @@ class Trainer:
 
         def add(logits: torch.Tensor, mb: dict) -> None:
             per_token = cross_entropy(logits, mb["labels"].reshape(-1), group=tp_group,
-                                      vocab_size=vocab)  # fmt: skip
+                                      vocab_size=vocab, labels_checked=True)  # fmt: skip
             pred = argmax(logits, tp_group, vocab_size=vocab)
             stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
                       self.tok.im_start, self.tok.im_end, mb.get("num_rows"))  # fmt: skip
@@ -252,6 +257,7 @@ class Trainer:
             # per pipeline pass, and the last validation micro-batch may be a short one.
             run: list[dict] = []
             for mb in micro_batches:
+                check_labels(mb["labels"], vocab)  # on the host copy (see train_step)
                 mb = to_device(mb, self.device)
                 if run and run[0]["tokens"].numel() != mb["tokens"].numel():
                     self._eval_pass(run, add)
