@@ -315,21 +315,25 @@ def attention(kind: str, head_dim: int, arch: int = 90) -> list[tuple[object, Re
     return out
 
 
-def cross_entropy(kind: str, arch: int = 90) -> list[tuple[object, Resources]]:
-    """The statistics or gradient kernel at its fixed launch settings."""
+def cross_entropy(kind: str, local: int = 32128, arch: int = 90) -> list[tuple[object, Resources]]:
+    """Every candidate of the statistics or gradient kernel at a shard width."""
     from kernels import cross_entropy as m
 
     if kind == "stats":
-        fn, block, ptrs = m._ce_stats_kernel, m._BLOCK_STATS, {
+        fn, cands, ptrs = m._ce_stats_kernel, m.candidates_stats(local), {
             "LOGITS": BF16, "LABELS": "*i64", "M": FP32, "S": FP32, "PICKED": FP32}  # fmt: skip
     else:
-        fn, block, ptrs = m._ce_grad_kernel, m._BLOCK_GRAD, {
+        fn, cands, ptrs = m._ce_grad_kernel, m.candidates_grad(local), {
             "LOGITS": BF16, "LABELS": "*i64", "M": FP32, "S": FP32, "DLOSS": FP32,
             "GRAD": BF16}  # fmt: skip
     names = list(fn.arg_names)
     aligned = tuple(n for n in names if n.startswith("stride")) + ("local",)  # padded: x 128
-    res = compile_resources(fn, ptrs, {"BLOCK": block}, 8, arch=arch, aligned=aligned)
-    return [((kind, block, 8), res)]
+    out = []
+    for cfg in cands:
+        consts = {"BLOCK": cfg.block} | ({"STAGES": cfg.stages} if kind == "stats" else {})
+        res = compile_resources(fn, ptrs, consts, cfg.warps, arch=arch, aligned=aligned)
+        out.append((cfg, res))
+    return out
 
 
 FAMILIES = {
@@ -341,8 +345,8 @@ FAMILIES = {
     "attention_fwd": lambda s, a: attention("fwd", s[0], a),
     "attention_dq": lambda s, a: attention("dq", s[0], a),
     "attention_dkdv": lambda s, a: attention("dkdv", s[0], a),
-    "cross_entropy_stats": lambda s, a: cross_entropy("stats", a),
-    "cross_entropy_grad": lambda s, a: cross_entropy("grad", a),
+    "cross_entropy_stats": lambda s, a: cross_entropy("stats", s[0], a),
+    "cross_entropy_grad": lambda s, a: cross_entropy("grad", s[0], a),
 }
 DEFAULT_SHAPES = {
     "rmsnorm_fwd": [(4096,), (8192,)],
@@ -353,8 +357,8 @@ DEFAULT_SHAPES = {
     "attention_fwd": [(128,)],
     "attention_dq": [(128,)],
     "attention_dkdv": [(128,)],
-    "cross_entropy_stats": [()],
-    "cross_entropy_grad": [()],
+    "cross_entropy_stats": [(32128,), (4016,)],
+    "cross_entropy_grad": [(32128,)],
 }
 
 

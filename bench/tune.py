@@ -3,7 +3,8 @@
     python3 -m bench.tune [--full] [--budget-s 90] [--dry-run]
 
 For each (op, shape) it times every candidate the kernel family offers (`candidates_fwd` /
-`candidates_bwd` in kernels/rmsnorm.py, `candidates` in swiglu.py and rotary.py) from CUDA-graph
+`candidates_bwd` in kernels/rmsnorm.py, `candidates` in swiglu.py and rotary.py,
+`candidates_stats` / `candidates_grad` in cross_entropy.py) from CUDA-graph
 replays, checks each candidate's output against the heuristic's, and keeps the fastest. A
 candidate must beat the heuristic by MARGIN to replace it, so timing noise does not churn the
 table. The result goes to kernels/tuned/<card>.json (commit it: the kernels read it through
@@ -151,6 +152,38 @@ def _rotary_sweeps(shapes: list[tuple[int, int, int, int]], device: str) -> list
     return out
 
 
+def _cross_entropy_sweeps(shapes: list[tuple[int, int, int]], device: str) -> list[Sweep]:
+    from kernels import cross_entropy as m
+
+    out = []
+    for tokens, local, valid in shapes:
+
+        def inputs(t=tokens, n=local, v=valid):
+            (z,) = seeded(device, 6, ((t, n), DTYPE))
+            labels = torch.randint(0, v, (t,), generator=torch.Generator().manual_seed(6))
+            return z * 4, labels.to(device)
+
+        def make_stats(v=valid):
+            z, labels = inputs()
+            return lambda cfg: list(m.ce_stats(z, labels, 0, v, cfg=cfg))
+
+        def make_grad(v=valid):
+            z, labels = inputs()
+            mx, sm, _ = m.ce_stats(z, labels, 0, v)
+            dloss = torch.ones(z.shape[0], device=z.device)
+            return lambda cfg: [m.ce_grad(z, labels, 0, v, mx, sm, dloss, cfg=cfg)]
+
+        b = torch.finfo(DTYPE).bits // 8
+        key, shape = m.tune_key(local), f"{tokens}x{local}"
+        for op, make, cands, backward in (
+            ("cross_entropy_stats", make_stats, m.candidates_stats(local), False),
+            ("cross_entropy_grad", make_grad, m.candidates_grad(local), True),
+        ):
+            nbytes = m.cross_entropy_bytes(tokens, local, b, backward)
+            out.append(Sweep(op, key, shape, nbytes, cands, make))
+    return out
+
+
 def sweeps(full: bool, device: str) -> list[Sweep]:
     """Missed goals first (rmsnorm at 8192/4096, rotary, swiglu forward), then model shapes."""
     if device == "cpu":  # interpreter plumbing check: tiny shapes
@@ -158,12 +191,14 @@ def sweeps(full: bool, device: str) -> list[Sweep]:
             _rmsnorm_sweeps([(6, 96)], device)
             + _swiglu_sweeps([(4, 200)], device)
             + _rotary_sweeps([(5, 4, 2, 16)], device)
+            + _cross_entropy_sweeps([(4, 384, 300)], device)
         )
     out = (
         _rmsnorm_sweeps([(8192, 8192), (16384, 4096)], device)
         + _rotary_sweeps([(16384, 32, 8, 128), (8192, 64, 8, 128)], device)
         # the backward met its goals (96% of copy, 1.55x compile): forward only in quick mode
         + _swiglu_sweeps([(8192, 28672), (16384, 11008)], device, passes=("fwd",))
+        + _cross_entropy_sweeps([(8192, 32128, 32007)], device)
     )
     if full:
         out += (
@@ -173,6 +208,7 @@ def sweeps(full: bool, device: str) -> list[Sweep]:
             )
             + _rmsnorm_sweeps([(16384, 5120)], device)
             + _swiglu_sweeps([(16384, 3584), (8192, 13824)], device)
+            + _cross_entropy_sweeps([(8192, 4016, 3895)], device)  # a TP 8 shard
         )
     return out
 

@@ -12,12 +12,18 @@ out of the softmax). A rank computes its (max, sum) pair; the global pair is max
 and sum of s_r * exp(m_r - M); the label's logit is on one rank only. Those (tokens,) vectors are
 all the communication, as before.
 
+Launch settings (columns per step, warps, and for the statistics how many steps' loads the
+compiler pipelines) come from a heuristic unless the card's tuning table (kernels/tuning.py)
+names measured ones; the statistics' block size sets its summation order, hence a fixed table.
+
 Triton for CUDA tensors (and CPU under the interpreter); the reference otherwise.
 """
 
+from typing import NamedTuple
+
 import torch
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
 
 if HAS_TRITON:
@@ -38,6 +44,7 @@ if HAS_TRITON:
         valid,  # real (non-padding) columns of this shard
         local,  # all columns of this shard (a multiple of 128 in a model: vector loads)
         BLOCK: tl.constexpr,  # columns per step
+        STAGES: tl.constexpr,  # > 1: the compiler pipelines the next steps' loads (cp.async)
     ):
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride_row
@@ -45,7 +52,7 @@ if HAS_TRITON:
         # One running (max, sum) per lane, merged once at the end: no reduction in the loop.
         m = tl.full([BLOCK], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK], dtype=tl.float32)
-        for c0 in range(0, valid, BLOCK):
+        for c0 in tl.range(0, valid, BLOCK, num_stages=STAGES):
             c = c0 + cols
             # Loads are masked by the row's end, whose alignment the compiler knows (16-byte
             # vectors); padding columns are set aside afterwards.
@@ -100,8 +107,78 @@ if HAS_TRITON:
         )
 
 
-_BLOCK_STATS = 4096  # columns per step: 16 bf16 values a thread at 8 warps
-_BLOCK_GRAD = 2048  # columns per program: 8 values (one 16-byte vector) a thread at 8 warps
+class StatsConfig(NamedTuple):
+    """Statistics launch settings (tunable per card, see kernels/tuning.py)."""
+
+    block: int  # columns per step (one step covers the whole shard when >= its width)
+    warps: int  # num_warps
+    stages: int = 1  # > 1: software-pipelined loads, stages - 1 steps ahead in shared memory
+
+
+class GradConfig(NamedTuple):
+    """Gradient launch settings (tunable per card). Elementwise: they never change the result."""
+
+    block: int  # columns per program
+    warps: int  # num_warps
+
+
+def tune_key(local: int) -> str:
+    """The tuning table's key of a shard width (the same for both kernels)."""
+    return f"vocab={local}"
+
+
+def _stats_heuristic(local: int) -> StatsConfig:
+    # 16 bf16 values (two 16-byte vectors) a thread per step at 8 warps
+    return StatsConfig(min(4096, triton.next_power_of_2(max(local, 1))), 8)
+
+
+def _grad_heuristic(local: int) -> GradConfig:
+    # 8 values (one 16-byte vector) a thread at 8 warps
+    return GradConfig(min(2048, triton.next_power_of_2(max(local, 1))), 8)
+
+
+def candidates_stats(local: int) -> list[StatsConfig]:
+    """Statistics settings a sweep should time, likeliest first (a sweep cut short keeps what it
+    timed): the heuristic, its loads pipelined 1 or 2 steps ahead, the whole shard in one step at
+    32 warps when that is at most 16 values a thread (Liger-Kernel's shape; at 32128 columns it
+    spills), then 8 to 32 values a thread per step at each pipelining depth."""
+    width = triton.next_power_of_2(max(local, 1))
+    heuristic = _stats_heuristic(local)
+    out = [heuristic]
+    if heuristic.block < width:  # several steps: pipelining can apply
+        out += [heuristic._replace(stages=2), heuristic._replace(stages=3)]
+    if width <= 16384:  # at most 16 values a thread: wider shards spill at 32 warps
+        out.append(StatsConfig(width, 32))
+    for block in (2048, 4096, 8192):
+        for warps in (8, 16):
+            if block < width and 8 <= block // (32 * warps) <= 32:
+                out += [StatsConfig(block, warps, stages) for stages in (1, 2, 3)]
+    return list(dict.fromkeys(out))
+
+
+def candidates_grad(local: int) -> list[GradConfig]:
+    """Gradient settings a sweep should time, the heuristic first: 8 or 16 values a thread."""
+    out = [_grad_heuristic(local)]
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            if (
+                block <= 2 * triton.next_power_of_2(max(local, 1))
+                and 8 <= block // (32 * warps) <= 16
+            ):
+                out.append(GradConfig(block, warps))
+    return list(dict.fromkeys(out))
+
+
+def _stats_config(local: int, device: torch.device) -> StatsConfig:
+    return tuning.tuned_config(
+        "cross_entropy_stats", tune_key(local), device, _stats_heuristic(local)
+    )
+
+
+def _grad_config(local: int, device: torch.device) -> GradConfig:
+    return tuning.tuned_config(
+        "cross_entropy_grad", tune_key(local), device, _grad_heuristic(local)
+    )
 
 
 def cross_entropy_bytes(tokens: int, local: int, dtype_bytes: int, backward: bool) -> int:
@@ -127,13 +204,15 @@ def ce_stats(
     start: int,
     valid: int,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cfg: StatsConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token over this shard's first `valid` columns: (max, sum of exp(z - max), the label's
     logit or 0 when the label is not in [start, start + valid)), each (tokens,) fp32; -inf, 0, 0
     for a shard of padding only.
 
     logits: (tokens, local) any float dtype; labels: (tokens,) global ids. `out` may give the
-    three fp32 outputs (tests pass NaN-filled ones)."""
+    three fp32 outputs (tests pass NaN-filled ones); `cfg` overrides the launch settings (the
+    tuning sweep times each candidate)."""
     logits = _check(logits, labels, valid)
     if not use_triton(logits):
         return reference.ce_stats(logits, labels, start, valid)
@@ -142,8 +221,10 @@ def ce_stats(
         torch.empty(tokens, dtype=torch.float32, device=logits.device) for _ in range(3)
     )
     if tokens:
+        cfg = cfg or _stats_config(logits.shape[1], logits.device)
         _ce_stats_kernel[(tokens,)](logits, labels, m, s, picked, logits.stride(0), start, valid,
-                                    logits.shape[1], BLOCK=_BLOCK_STATS, num_warps=8)  # fmt: skip
+                                    logits.shape[1], BLOCK=cfg.block, STAGES=cfg.stages,
+                                    num_warps=cfg.warps)  # fmt: skip
     return m, s, picked
 
 
@@ -156,10 +237,12 @@ def ce_grad(
     s: torch.Tensor,
     dloss: torch.Tensor,
     grad: torch.Tensor | None = None,
+    cfg: GradConfig | None = None,
 ) -> torch.Tensor:
     """d loss / d logits in the logits' dtype: (exp(z - m) / s - [column == label]) * dloss for
     the valid columns, 0 for padding columns. m, s: the global statistics (tokens,) fp32.
-    `grad` may be given (unit column stride; tests pass a NaN-filled one)."""
+    `grad` may be given (unit column stride; tests pass a NaN-filled one); `cfg` overrides the
+    launch settings."""
     logits = _check(logits, labels, valid)
     if not use_triton(logits):
         return reference.ce_grad(logits, labels, start, valid, m, s, dloss)
@@ -167,8 +250,9 @@ def ce_grad(
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if tokens and local:
-        grid = (tokens, triton.cdiv(local, _BLOCK_GRAD))
+        cfg = cfg or _grad_config(local, logits.device)
+        grid = (tokens, triton.cdiv(local, cfg.block))
         _ce_grad_kernel[grid](logits, labels, m, s, dloss.float().contiguous(), grad,
                               logits.stride(0), grad.stride(0), start, valid, local,
-                              BLOCK=_BLOCK_GRAD, num_warps=8)  # fmt: skip
+                              BLOCK=cfg.block, num_warps=cfg.warps)  # fmt: skip
     return grad

@@ -71,7 +71,11 @@ def test_attention_dkdv_has_a_spill_free_candidate():
 
 
 @pytest.mark.parametrize("kind", ["stats", "grad"])
-def test_cross_entropy_kernels_load_vectors_without_spills(kind):
-    """Loads masked by the row's (aligned) end, not the real vocabulary's: 16-byte vectors."""
-    [(_, r)] = resources.cross_entropy(kind)
-    assert r.stack == 0 and "v4" in r.vectors, r
+def test_cross_entropy_candidates_load_vectors_without_spills(kind):
+    """No stack; loads masked by the row's (aligned) end, not the real vocabulary's, so 16-byte
+    vectors (pipelined settings copy through shared memory with cp.async instead)."""
+    reports = resources.cross_entropy(kind)
+    assert len(reports) >= 5
+    staged = lambda cfg: getattr(cfg, "stages", 1) > 1
+    bad = [(c, r) for c, r in reports if r.stack or not (staged(c) or "v4" in r.vectors)]
+    assert not bad, bad

@@ -51,6 +51,41 @@ def test_stats_and_grad(device, dtype, case):
     assert not grad[:, valid:].any()  # padding columns: exactly 0
 
 
+def test_every_tuning_candidate(device):
+    """Each setting a tuning sweep may pick gives the same statistics and gradient (a shard that
+    several steps cover, with a ragged real end, so pipelined settings loop)."""
+    from kernels import cross_entropy as m
+
+    cpu = device == "cpu"
+    tokens, local, valid, start = (6, 3072, 3000, 1000) if cpu else (300, 32128, 32007, 0)
+    logits, labels, dloss = _inputs(tokens, local, valid, start, torch.bfloat16, device, seed=5)
+    stats_cands, grad_cands = m.candidates_stats(local), m.candidates_grad(local)
+    assert any(c.stages > 1 for c in stats_cands) and len(grad_cands) > 2
+    want = reference.ce_stats(logits.float(), labels, start, valid)
+    for cfg in stats_cands:
+        out = tuple(poisoned_empty(tokens, dtype=torch.float32, device=device) for _ in range(3))
+        got = ce_stats(logits, labels, start, valid, out=out, cfg=cfg)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=0, msg=lambda e, c=cfg: f"{c}: {e}")
+    m_, s_, _ = want
+    ref = reference.ce_grad(logits.float(), labels, start, valid, m_, s_, dloss)
+    for cfg in grad_cands:
+        grad = poisoned_empty(tokens, local, dtype=torch.bfloat16, device=device)
+        ce_grad(logits, labels, start, valid, m_, s_, dloss, grad=grad, cfg=cfg)
+        torch.testing.assert_close(grad.float(), ref, rtol=1e-2, atol=1e-6)
+
+
+def test_tuned_table_per_kernel(monkeypatch):
+    from kernels import cross_entropy as m
+    from kernels import tuning
+
+    entries = {("cross_entropy_stats", "vocab=32128"): {"block": 8192, "warps": 16, "stages": 2}}
+    monkeypatch.setattr(tuning, "lookup", lambda op, key, device: entries.get((op, key)))
+    cuda = torch.device("cuda", 0)  # only its type is read
+    assert m._stats_config(32128, cuda) == m.StatsConfig(8192, 16, 2)
+    assert m._grad_config(32128, cuda) == m._grad_heuristic(32128)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_loss_and_grad_match_f_cross_entropy(device, dtype):
     """The whole loss on the kernels (TP 1, vocabulary padded) against F.cross_entropy on the real

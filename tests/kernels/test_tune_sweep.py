@@ -87,4 +87,5 @@ def test_failing_candidate_is_reported_not_chosen():
 
 def test_cpu_sweeps_cover_every_family():
     ops = {sw.op for sw in tune.sweeps(full=False, device="cpu")}
-    assert ops == {"rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary"}
+    assert ops == {"rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary",
+                   "cross_entropy_stats", "cross_entropy_grad"}  # fmt: skip
