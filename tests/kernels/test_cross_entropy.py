@@ -56,8 +56,10 @@ def test_every_tuning_candidate(device):
     several steps cover, with a ragged real end, so pipelined settings loop)."""
     from kernels import cross_entropy as m
 
+    # On CUDA a TP 8 shard of Llama-2's vocabulary: its candidates are the pipelined ones too,
+    # and the sweep checks the 32128-column ones against the heuristic on the card itself.
     cpu = device == "cpu"
-    tokens, local, valid, start = (6, 3072, 3000, 1000) if cpu else (300, 32128, 32007, 0)
+    tokens, local, valid, start = (6, 3072, 3000, 1000) if cpu else (300, 4016, 3895, 0)
     logits, labels, dloss = _inputs(tokens, local, valid, start, torch.bfloat16, device, seed=5)
     stats_cands, grad_cands = m.candidates_stats(local), m.candidates_grad(local)
     assert any(c.stages > 1 for c in stats_cands) and len(grad_cands) > 2
