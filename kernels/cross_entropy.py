@@ -49,8 +49,11 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         base = LOGITS + row * stride_row
         cols = tl.arange(0, BLOCK)
-        # One running (max, sum) per lane, merged once at the end: no reduction in the loop.
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
+        # A running max for the row and a running sum per lane: one exponential per value
+        # (the special-function unit's rate is about the bandwidth's at 2 bytes a value, so a
+        # second, per-lane rescaling exponential would bound the kernel), one block max per
+        # step, and the lanes' sums added once at the end.
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
         s = tl.zeros([BLOCK], dtype=tl.float32)
         for c0 in tl.range(0, valid, BLOCK, num_stages=STAGES):
             c = c0 + cols
@@ -58,18 +61,13 @@ if HAS_TRITON:
             # vectors); padding columns are set aside afterwards.
             z = tl.load(base + c, mask=c < local, other=float("-inf")).to(tl.float32)
             z = tl.where(c < valid, z, float("-inf"))
-            m_new = tl.maximum(m, z)
-            # A lane that has seen only -inf keeps sum 0; its exponents are never formed
-            # (-inf - -inf is NaN), so no NaN exists to be masked.
-            seen = m_new > float("-inf")
-            shift = tl.where(seen, m_new, 0.0)
-            s = s * tl.exp(tl.where(seen, m, 0.0) - shift) + tl.exp(z - shift)
-            s = tl.where(seen, s, 0.0)
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            # While every value seen is -inf, shift by 0: -inf - -inf (NaN) is never formed.
+            shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+            s = s * tl.exp(tl.where(m > float("-inf"), m, shift) - shift) + tl.exp(z - shift)
             m = m_new
-        m_row = tl.max(m, axis=0)
-        ok = m > float("-inf")
-        m_safe = tl.where(m_row > float("-inf"), m_row, 0.0)  # -inf: a shard of padding only
-        s_row = tl.sum(tl.where(ok, s * tl.exp(tl.where(ok, m, m_safe) - m_safe), 0.0), axis=0)
+        m_row = m  # -inf for a shard of padding only (its sum stays 0)
+        s_row = tl.sum(s, axis=0)
         label = tl.load(LABELS + row) - start
         mine = (label >= 0) & (label < valid)
         z_label = tl.load(base + tl.where(mine, label, 0), mask=mine, other=0.0).to(tl.float32)
