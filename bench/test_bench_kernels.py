@@ -63,6 +63,21 @@ def test_rotary_fwd(benchmark, tokens, heads, kv_heads):
     )
 
 
+@pytest.mark.parametrize("tokens,vocab", [(256, 32007)])
+def test_cross_entropy_fwd(benchmark, tokens, vocab):
+    from kernels.cross_entropy import cross_entropy_bytes
+    from parallel.cross_entropy import cross_entropy
+
+    padded = -(-vocab // 128) * 128
+    logits = _randn(tokens, padded)
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    _run(
+        benchmark,
+        lambda: cross_entropy(logits, labels, vocab_size=vocab, labels_checked=True),
+        cross_entropy_bytes(tokens, padded, 2, False),
+    )
+
+
 @pytest.mark.parametrize("n", [1 << 20])
 def test_adamw_step(benchmark, n):
     p, m = _randn(n, dtype=torch.float32), _randn(n, dtype=torch.float32)
