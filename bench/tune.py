@@ -11,8 +11,10 @@ table. The result goes to kernels/tuned/<card>.json (commit it: the kernels read
 kernels/tuning.py) and to $OUT when that is set. `make gpu-check` runs this as a section before
 the kernel benchmarks, so those measure the tuned settings.
 
-Order: the shapes whose goals were missed on the last run come first, so a short budget still
-tunes them; --full adds the other model shapes (7B/13B/70B and the 70B tensor-parallel-8 shard).
+Order: two passes, the first FIRST_PASS candidates of every sweep (each family lists its
+likeliest first), then the rest of each, so a budget that runs out has still timed every sweep's
+likeliest settings; within a pass the shapes whose goals were missed on the last run come first.
+--full adds the other model shapes (7B/13B/70B and the 70B tensor-parallel-8 shard).
 """
 
 from __future__ import annotations
@@ -223,53 +225,65 @@ def _graph_time(run: Callable[[], object]) -> Timing:
         return time_graph(run, rep=REP_MS)
 
 
+FIRST_PASS = 6  # candidates of every sweep timed before the rest of any sweep
+
+
+def _schedule(todo: list[Sweep], first_pass: int) -> list[tuple[int, int]]:
+    """(sweep, candidate) pairs in timing order: the first `first_pass` candidates of every
+    sweep (each family lists its likeliest first, the heuristic at 0), then the rest of each."""
+    head = [(i, j) for i, sw in enumerate(todo) for j in range(min(first_pass, len(sw.candidates)))]
+    tail = [(i, j) for i, sw in enumerate(todo) for j in range(first_pass, len(sw.candidates))]
+    return head + tail
+
+
 def run_sweeps(
     todo: list[Sweep],
     ceilings: dict,
     deadline: float | None = None,
     timer: Callable[[Callable[[], object]], Timing] = _graph_time,
+    first_pass: int = FIRST_PASS,
 ) -> tuple[dict[str, dict[str, dict]], list[Row]]:
-    """Time every candidate of every sweep; (the table's ops mapping, rows).
+    """Time the candidates of every sweep; (the table's ops mapping, rows).
 
-    Rows: one per candidate (impl = its settings), plus an `ours` row per sweep for the chosen
+    Two passes (see `_schedule`), so a budget that runs out has still timed every sweep's
+    likeliest settings instead of all of the first sweeps' and none of the last ones'. Rows: one
+    per timed candidate (impl = its settings), plus an `ours` row per sweep for the chosen
     settings with its ratio to the heuristic. A candidate that fails or disagrees with the
-    heuristic's output is reported and never chosen; a sweep whose heuristic fails is skipped."""
+    heuristic's output is reported and never chosen; a sweep whose heuristic fails, or that the
+    budget never reached, keeps no entry."""
     ops: dict[str, dict[str, dict]] = {}
     rows: list[Row] = []
-    for sw in todo:
+    started: dict[int, dict] = {}  # sweep index -> its inputs' run(), reference outputs, timings
+    for i, j in _schedule(todo, first_pass):
         if deadline is not None and time.time() > deadline:
-            rows.append(
-                Row("tune", f"{sw.op} {sw.key}", "bf16", "-", OURS, error="skipped: budget spent")
-            )
+            break
+        sw, cfg = todo[i], todo[i].candidates[j]
+        st = started.setdefault(i, {"timed": []})
+        if "run" not in st:
+            st["run"] = sw.make()
+            st["refs"] = [t.clone() for t in st["run"](sw.candidates[0])]
+        run = st["run"]
+        row = Row("tune", f"{sw.op} {sw.key}", "bf16", "-", _label(cfg), bytes=sw.nbytes)
+        try:
+            if row.check_result(run(cfg), st["refs"], MAX_REL_ERR, "the heuristic's settings"):
+                t = timer(lambda cfg=cfg, run=run: run(cfg))
+                row.ms, row.ms_p20, row.ms_p80 = t.ms, t.p20, t.p80
+                row.fill_rates(ceilings)
+                st["timed"].append((t.ms, cfg, row))
+        except Exception as e:  # e.g. out of registers / shared memory for this setting
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        rows.append(row)
+    for i, sw in enumerate(todo):
+        what = f"{sw.op} {sw.key}"
+        st = started.pop(i, None)
+        if st is None:
+            rows.append(Row("tune", what, "bf16", "-", OURS, error="skipped: budget spent"))
             continue
-        run = sw.make()
-        base = sw.candidates[0]
-        refs = [t.clone() for t in run(base)]
-        timed: list[tuple[float, object, Row]] = []
-        for cfg in sw.candidates:
-            if deadline is not None and time.time() > deadline and timed:
-                break
-            row = Row("tune", f"{sw.op} {sw.key}", "bf16", "-", _label(cfg), bytes=sw.nbytes)
-            try:
-                if row.check_result(run(cfg), refs, MAX_REL_ERR, "the heuristic's settings"):
-                    t = timer(lambda cfg=cfg, run=run: run(cfg))
-                    row.ms, row.ms_p20, row.ms_p80 = t.ms, t.p20, t.p80
-                    row.fill_rates(ceilings)
-                    timed.append((t.ms, cfg, row))
-            except Exception as e:  # e.g. out of registers / shared memory for this setting
-                row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            rows.append(row)
+        timed, base = st["timed"], sw.candidates[0]
         base_ms = next((ms for ms, cfg, _ in timed if cfg == base), None)
         if base_ms is None:
             rows.append(
-                Row(
-                    "tune",
-                    f"{sw.op} {sw.key}",
-                    "bf16",
-                    "-",
-                    OURS,
-                    error="the heuristic's settings failed",
-                )
+                Row("tune", what, "bf16", "-", OURS, error="the heuristic's settings failed")
             )
             continue
         best_ms, best, best_row = min(timed, key=lambda x: x[0])
@@ -279,9 +293,10 @@ def run_sweeps(
         ops.setdefault(sw.op, {})[sw.key] = {
             k: (bool(v) if isinstance(v, bool) else v) for k, v in best._asdict().items()
         }
+        untimed = len(sw.candidates) - len([r for r in rows if r.shape == what])
         chosen = Row(
             "tune",
-            f"{sw.op} {sw.key}",
+            what,
             "bf16",
             "-",
             OURS,
@@ -289,7 +304,9 @@ def run_sweeps(
             ms_p20=best_row.ms_p20,
             ms_p80=best_row.ms_p80,
             bytes=sw.nbytes,
-            note=f"{sw.shape}: {_label(best)}" + (" (the heuristic)" if best == base else ""),
+            note=f"{sw.shape}: {_label(best)}"
+            + (" (the heuristic)" if best == base else "")
+            + (f"; {untimed} candidates not reached" if untimed else ""),
         )
         chosen.fill_rates(ceilings)
         chosen.ratio_vs["heuristic"] = base_ms / best_ms

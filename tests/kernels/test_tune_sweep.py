@@ -3,6 +3,7 @@ runs and is checked, the fastest clear winner is chosen, noise-level wins keep t
 the table it writes is what the kernels then read."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -89,3 +90,31 @@ def test_cpu_sweeps_cover_every_family():
     ops = {sw.op for sw in tune.sweeps(full=False, device="cpu")}
     assert ops == {"rmsnorm_fwd", "rmsnorm_bwd", "swiglu_fwd", "swiglu_bwd", "rotary",
                    "cross_entropy_stats", "cross_entropy_grad"}  # fmt: skip
+
+
+def test_schedule_times_every_sweeps_head_first():
+    sweeps = [tune.Sweep(f"op{n}", "k", "s", 1, list(range(n)), None) for n in (8, 3, 10)]
+    order = tune._schedule(sweeps, first_pass=2)
+    assert order[:6] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert order[6:] == [(0, j) for j in range(2, 8)] + [(1, 2)] + [(2, j) for j in range(2, 10)]
+
+
+def test_a_short_budget_still_tunes_every_sweep(monkeypatch):
+    """The budget runs out during the second pass: every sweep has its heuristic and the next
+    candidate timed and a table entry; the first sweep's later candidates are not reached."""
+    todo = [sw for sw in tune.sweeps(full=False, device="cpu") if sw.op in ("rmsnorm_bwd",
+            "swiglu_fwd")]  # fmt: skip
+    clock = {"now": 0.0}
+    monkeypatch.setattr(tune, "time", SimpleNamespace(time=lambda: clock["now"]))
+
+    def timer(fn):
+        fn()
+        clock["now"] += 1.0  # each timing takes a second of the budget
+        return Timing(1.0, 1.0, 1.0)
+
+    ops, rows = tune.run_sweeps(todo, {}, deadline=4.5, timer=timer, first_pass=2)
+    assert set(ops) == {"rmsnorm_bwd", "swiglu_fwd"}
+    timed = [r.impl for r in rows if r.impl != OURS and r.shape.startswith("rmsnorm_bwd")]
+    assert len(timed) == 3  # two in the first pass, one in the second before the deadline
+    chosen = [r for r in rows if r.impl == OURS and r.shape.startswith("rmsnorm_bwd")]
+    assert "not reached" in chosen[0].note
