@@ -311,24 +311,29 @@ def _per_thread(rows: int, block: int, warps: int) -> int:
 
 
 def candidates_fwd(n_cols: int) -> list[FwdConfig]:
-    """Forward settings a sweep on a card should time (the heuristic first). One-row programs
-    are also tried with the weight loaded first; with several rows a program reads the weight
-    once for all of them, so its latency matters less."""
+    """Forward settings a sweep on a card should time, likeliest first: the heuristic, with the
+    weight loaded first, the chunked two-pass shape at >= 8192 columns, then every warps and rows
+    from 32 warps down. One-row programs are also tried with the weight loaded first; with several
+    rows a program reads the weight once for all of them, so its latency matters less."""
     blocks = _blocks(n_cols)
-    out = [FwdConfig(_warps(blocks.fwd_block), 1)]
-    for warps in (4, 8, 16, 32):
+    heuristic = FwdConfig(_warps(blocks.fwd_block), 1)
+    out = [heuristic]
+    if blocks.fwd_single:
+        out.append(heuristic._replace(weight_first=True))
+    if blocks.fwd_single and n_cols >= 8192:
+        # torch.compile's kernel at these widths: a loop over chunks for the sum of squares,
+        # then a second loop that reads the chunks again (from L1/L2) to scale them. Few
+        # registers, so many programs per SM keep loads in flight. Timed early: a sweep's
+        # first pass covers the first few candidates of every op (bench/tune.py).
+        out += [FwdConfig(4, 1, chunk=1024), FwdConfig(8, 1, chunk=2048),
+                FwdConfig(4, 1, chunk=2048)]  # fmt: skip
+    for warps in (32, 16, 8, 4):
         for rows in (1, 2, 4) if blocks.fwd_single else (1,):
             # 4..64 fp32 values of x per thread: vector loads without spilling
             if 4 <= _per_thread(rows, blocks.fwd_block, warps) <= 64:
                 out.append(FwdConfig(warps, rows))
                 if rows == 1 and blocks.fwd_single:
                     out.append(FwdConfig(warps, rows, True))
-    if blocks.fwd_single and n_cols >= 8192:
-        # torch.compile's kernel at these widths: a loop over chunks for the sum of squares,
-        # then a second loop that reads the chunks again (from L1/L2) to scale them. Few
-        # registers, so many programs per SM keep loads in flight.
-        out += [FwdConfig(4, 1, chunk=1024), FwdConfig(8, 1, chunk=2048),
-                FwdConfig(4, 1, chunk=2048)]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
