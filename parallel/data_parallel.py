@@ -28,6 +28,13 @@ weights (embedding, norms) keep the hook path.
 Sequence-parallel norm weights (`p.sequence_parallel`) hold per-token-shard partial gradients on
 each TP rank; `finish()` sums them over `tp_group` in one coalesced all-reduce per step (instead
 of one per norm per micro-batch).
+
+With `shard_over_dp=True` (the distributed optimizer, `train.optimizer.ShardedAdamW`) each
+bucket is padded to a multiple of the DP size and cut into DP equal pieces; DP rank r owns piece r
+of every bucket. A bucket is *reduce-scattered* instead of all-reduced: the summed piece lands in
+`local_grad` (the rank's pieces back to back, in buffer order), which is all the optimizer of that
+rank reads. Half the bytes of an all-reduce; but afterwards `p.main_grad` holds only this rank's
+own, unreduced contribution: read the reduced gradients through `local_grad` / `shard_slice(p)`.
 """
 
 import contextlib
@@ -52,6 +59,7 @@ class GradBuffer:
         tp_group=None,
         bucket_mb: float = 25.0,
         fuse_weight_grads: bool = False,
+        shard_over_dp: bool = False,
     ):
         self.params = [p for p in params if p.requires_grad]
         if len({id(p) for p in self.params}) != len(self.params):
@@ -64,35 +72,87 @@ class GradBuffer:
                 "GradBuffer(params, dims.dp_group, tp_group=dims.tp_group)"
             )
         self.dp_group, self.tp_group = dp_group, tp_group
+        self.sharded = shard_over_dp
+        self.dp_size = group_size(dp_group)
+        self.dp_rank = dist.get_rank(dp_group) if self.dp_size > 1 else 0
         device = self.params[0].device if self.params else torch.device("cpu")
-        numel = sum(p.numel() for p in self.params)
-        self.buffer = torch.zeros(numel, dtype=torch.float32, device=device)
-        offsets, offset = [], 0
-        for p in self.params:
-            p.main_grad = self.buffer[offset : offset + p.numel()].view_as(p)
-            offsets.append(offset)
-            offset += p.numel()
 
-        # Buckets: [start, end) ranges of the buffer filled from the end, with parameter counts.
+        # Buckets: runs of parameters of about `bucket_mb` MB taken from the end (bucket 0 holds
+        # the last parameters); each bucket's [start, end) range is padded to a multiple of the
+        # DP size when sharded, so it splits into DP equal pieces.
         cap = max(1, int(bucket_mb * 2**20 / 4))
-        self._ranges: list[tuple[int, int]] = []
-        self._counts: list[int] = []
-        self._bucket_of: dict[int, int] = {}
-        end = count = 0
+        members: list[list[int]] = []
+        size = 0
         for i in reversed(range(len(self.params))):
-            p = self.params[i]
-            if count == 0:
-                end = offsets[i] + p.numel()
-            self._bucket_of[id(p)] = len(self._ranges)
-            count += 1
-            if i == 0 or end - offsets[i] >= cap:
-                self._ranges.append((offsets[i], end))
-                self._counts.append(count)
-                count = 0
+            if size == 0:
+                members.append([])
+            members[-1].append(i)
+            size += self.params[i].numel()
+            if size >= cap:
+                size = 0
+        pad = self.dp_size if shard_over_dp else 1
+        self._offsets = [0] * len(self.params)
+        self._ranges: list[tuple[int, int]] = [(0, 0)] * len(members)
+        self._counts = [len(m) for m in members]
+        self._bucket_of: dict[int, int] = {}
+        offset = 0
+        for b in reversed(range(len(members))):  # buffer order: the first parameters first
+            start = offset
+            for i in reversed(members[b]):
+                self._offsets[i] = offset
+                self._bucket_of[id(self.params[i])] = b
+                offset += self.params[i].numel()
+            offset += -(offset - start) % pad
+            self._ranges[b] = (start, offset)
+        self.buffer = torch.zeros(offset, dtype=torch.float32, device=device)
+        self._offset_of = {id(p): o for p, o in zip(self.params, self._offsets)}
+        for p, o in zip(self.params, self._offsets):
+            p.main_grad = self.buffer[o : o + p.numel()].view_as(p)
             p.register_post_accumulate_grad_hook(self._on_grad)
+
+        # This rank's piece of each bucket: (global start, global end, start in local_grad).
+        self._pieces: list[tuple[int, int, int]] = [(0, 0, 0)] * len(members)
+        local = 0
+        for b in sorted(range(len(members)), key=lambda b: self._ranges[b][0]):
+            start, end = self._ranges[b]
+            n = (end - start) // pad if shard_over_dp else end - start
+            first = start + (self.dp_rank * n if shard_over_dp else 0)
+            self._pieces[b] = (first, first + n, local)
+            local += n
+        self.shard_numel = local
+        if shard_over_dp and self.dp_size > 1:
+            self.local_grad = torch.zeros(local, dtype=torch.float32, device=device)
+        else:  # the whole buffer is this rank's (not sharded, or DP 1)
+            self.local_grad = self.buffer
+        self._sp_local = [s for s in map(self.shard_slice, self._sp) if s is not None]
         self.set_fuse_weight_grads(fuse_weight_grads)
         self._sync = True
         self._reset()
+
+    def offset(self, p: nn.Parameter) -> int:
+        """Where p's gradient starts in `buffer` (a parameter of the model buffer laid out the
+        same way starts there too)."""
+        return self._offset_of[id(p)]
+
+    def bucket_pieces(self) -> list[tuple[int, int, int, int, int]]:
+        """(bucket start, bucket end, piece start, local start, piece length) of every bucket, in
+        buffer order: this rank's piece `buffer[piece : piece + length]` of bucket [start, end)
+        is reduced into `local_grad[local : local + length]`."""
+        out = []
+        for b in sorted(range(len(self._ranges)), key=lambda b: self._ranges[b][0]):
+            first, last, local = self._pieces[b]
+            out.append((*self._ranges[b], first, local, last - first))
+        return out
+
+    def shard_slice(self, p: nn.Parameter) -> tuple[int, int, int] | None:
+        """(local start, local end, start in p's flat elements) of the part of p whose reduced
+        gradient this rank holds in `local_grad`; None when its shard has none of p."""
+        first, last, local = self._pieces[self._bucket_of[id(p)]]
+        off = self._offset_of[id(p)]
+        lo, hi = max(off, first), min(off + p.numel(), last)
+        if lo >= hi:
+            return None
+        return local + lo - first, local + hi - first, lo - off
 
     def set_fuse_weight_grads(self, enabled: bool) -> None:
         """Attach (or remove) every parameter's `accumulate_weight_grad` (module docstring);
@@ -155,9 +215,16 @@ class GradBuffer:
 
     def _launch(self, b: int) -> None:
         self._launched[b] = True
-        if group_size(self.dp_group) > 1:
+        if self.dp_size > 1:
             start, end = self._ranges[b]
-            work = dist.all_reduce(self.buffer[start:end], group=self.dp_group, async_op=True)
+            if self.sharded:
+                first, last, local = self._pieces[b]
+                out = self.local_grad[local : local + last - first]
+                work = dist.reduce_scatter_tensor(
+                    out, self.buffer[start:end], group=self.dp_group, async_op=True
+                )
+            else:
+                work = dist.all_reduce(self.buffer[start:end], group=self.dp_group, async_op=True)
             self._works.append(work)
 
     def set_sync(self, sync: bool) -> None:
@@ -184,14 +251,19 @@ class GradBuffer:
     def finish(self) -> None:
         """Launch what the hooks did not (no synced micro-batch, or parameters that got no
         gradient), in bucket order; wait for every bucket; then sum the sequence-parallel norm
-        grads over TP. Afterwards every main_grad holds the step's reduced gradient."""
+        grads over TP. Afterwards every main_grad holds the step's reduced gradient (sharded:
+        `local_grad` holds this rank's pieces of it, see the module docstring)."""
         for b in range(len(self._ranges)):
             if not self._launched[b]:
                 self._launch(b)
         for work in self._works:
             work.wait()
-        if self._sp and group_size(self.tp_group) > 1:
-            grads = [p.main_grad for p in self._sp]
+        if self._sp and group_size(self.tp_group) > 1 and (self._sp_local or not self.sharded):
+            # Sharded: the pieces of the norm weights this rank holds. Every TP rank of a stage
+            # has the same parameter shapes, so the same layout and the same slices.
+            grads = [self.local_grad[a:b] for a, b, _ in self._sp_local] if self.sharded else [
+                p.main_grad for p in self._sp
+            ]  # fmt: skip
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.tp_group)
             offset = 0

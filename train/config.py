@@ -51,6 +51,8 @@ class OptimizerConfig:
     eps: float
     weight_decay: float  # on matrices; norms get none
     clip_grad: float  # global L2 norm bound; 0 disables
+    # --use_distributed_optimizer: master weights and moments split over DP (ShardedAdamW)
+    distributed: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,8 +194,6 @@ def _refuse_unsupported(ns, problems: list[str]) -> None:
         )
     if ns.rampup_batch_size:
         problems.append("--rampup_batch_size is not supported: use a constant --global_batch_size")
-    if ns.use_distributed_optimizer:
-        problems.append("--use_distributed_optimizer is not supported yet: drop the flag")
     if ns.optimizer != "adam":
         problems.append(f"--optimizer {ns.optimizer}: only adam (AdamW) is implemented")
     if ns.data_path and len(ns.data_path) > 1:
@@ -502,7 +502,12 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.seed,
         ),
         optim=OptimizerConfig(
-            ns.adam_beta1, ns.adam_beta2, ns.adam_eps, ns.weight_decay, ns.clip_grad
+            ns.adam_beta1,
+            ns.adam_beta2,
+            ns.adam_eps,
+            ns.weight_decay,
+            ns.clip_grad,
+            ns.use_distributed_optimizer,
         ),
         schedule=ScheduleConfig(ns.lr, ns.min_lr, ns.lr_decay_style, warmup, decay_iters),
         ckpt=CheckpointConfig(

@@ -35,7 +35,12 @@ from model.llama import Llama, init_parameter
 from parallel.cross_entropy import argmax, check_labels, cross_entropy
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
-from parallel.grad_norm import clip_coefficient, global_grad_norm
+from parallel.grad_norm import (
+    clip_coefficient,
+    global_grad_norm,
+    sharded_grad_norm,
+    sharded_norm_segments,
+)
 from parallel.pipeline import PipelineExecutor, pipeline_loss
 from parallel.pipeline_schedule import stage_spec
 from train import checkpoint as ckpt
@@ -53,7 +58,7 @@ from train.metrics import (
     step_flops,
     train_line,
 )
-from train.optimizer import FlatAdamW
+from train.optimizer import FlatAdamW, ShardedAdamW, param_order
 from train.profile import PhaseClock, StepProfiler
 
 
@@ -142,10 +147,19 @@ class Trainer:
         self.stages = build_stages(rc, dims, self.device, self.dtype)
         self.model = self.stages[0]  # the whole model at PP = 1; the first local chunk otherwise
         self.padded_vocab = self.model.padded_vocab
-        self.optimizer = FlatAdamW(self.named_parameters(), rc.optim)
-        self.params = self.optimizer.params_in_order()
-        self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group,
-                                fuse_weight_grads=rc.loop.gradient_accumulation_fusion)  # fmt: skip
+        fuse = rc.loop.gradient_accumulation_fusion
+        if rc.optim.distributed:  # the buffer's layout first: the optimizer adopts it
+            named = param_order(self.named_parameters())
+            self.params = [p for _, p in named]
+            self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group,
+                                    fuse_weight_grads=fuse, shard_over_dp=True)  # fmt: skip
+            self.optimizer = ShardedAdamW(named, rc.optim, self.grads)
+            self._norm_segments = sharded_norm_segments(self.grads)
+        else:
+            self.optimizer = FlatAdamW(self.named_parameters(), rc.optim)
+            self.params = self.optimizer.params_in_order()
+            self.grads = GradBuffer(self.params, dims.dp_group, tp_group=dims.tp_group,
+                                    fuse_weight_grads=fuse)  # fmt: skip
         self.pipe = self._executor(rc.data.micro_batch_size * rc.data.seq_length)
         self._eval_pipes: dict[int, PipelineExecutor] = {}
         self.iteration = 0
@@ -223,7 +237,11 @@ class Trainer:
         _all_reduce(total, dims.dp_group)
         step_loss = float(total) / (max(n_loss, 1) if global_mode else denom_micro)
 
-        norm = global_grad_norm(self.params, groups=(dims.tp_group, dims.pp_group))
+        if rc.optim.distributed:
+            groups = (dims.dp_group, dims.tp_group, dims.pp_group)
+            norm = sharded_grad_norm(self._norm_segments, groups)
+        else:
+            norm = global_grad_norm(self.params, groups=(dims.tp_group, dims.pp_group))
         skipped = not math.isfinite(norm)
         if skipped:
             self.skipped_total += 1

@@ -40,7 +40,7 @@ def train(rc: RunConfig) -> int:
     from train import checkpoint as ckpt
     from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
     from train.loop import Trainer, run_training
-    from train.memory import activation_report
+    from train.memory import activation_report, state_memory_line
     from train.metrics import Telemetry
 
     t_setup = time.perf_counter()
@@ -99,6 +99,7 @@ def train(rc: RunConfig) -> int:
         log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
             f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
             f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
+        log(" " + state_memory_line(trainer))
     if rc.log.activation_memory_report:
         tokens = min(rc.data.seq_length, 256) // (2 * dims.tp) * (2 * dims.tp)
         rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks

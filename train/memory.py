@@ -68,3 +68,18 @@ def activation_report(model: nn.Module, tokens: int, device, dtype) -> dict[str,
     sp = getattr(model, "sequence_parallel", False)
     return {mode: saved_bytes(block, tokens, mode, device, dtype, tp, sp) / tokens
             for mode in ("none", "selective", "full")}  # fmt: skip
+
+
+def state_memory_line(trainer) -> str:
+    """One log line: the bytes of weights, fp32 gradients and optimizer state on this rank (what
+    the distributed optimizer divides by DP is the last)."""
+    gib = 2**30
+    weights = sum(p.numel() * p.element_size() for _, p in trainer.named_parameters())
+    buf = trainer.grads
+    grads = buf.buffer.numel() * 4
+    if buf.local_grad.data_ptr() != buf.buffer.data_ptr():
+        grads += buf.local_grad.numel() * 4
+    optim = trainer.optimizer.state_bytes()
+    how = f"distributed over dp {buf.dp_size}" if buf.sharded else "replicated on each DP rank"
+    return (f"states on this rank: weights {weights / gib:.3f} GiB, fp32 gradients "
+            f"{grads / gib:.3f} GiB, optimizer {optim / gib:.3f} GiB ({how})")  # fmt: skip

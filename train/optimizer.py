@@ -15,9 +15,11 @@ and are used in place; otherwise they are gathered into a flat copy.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from kernels.adamw import fused_adamw
+from parallel.data_parallel import GradBuffer
 from train.config import OptimizerConfig
 
 KINDS = ("master", "exp_avg", "exp_avg_sq")
@@ -26,6 +28,18 @@ KINDS = ("master", "exp_avg", "exp_avg_sq")
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     """Norm weights (and biases, were there any): every parameter with fewer than 2 dims."""
     return p.ndim < 2
+
+
+def split_by_decay(named_params: list[tuple[str, nn.Parameter]]) -> tuple[list, list]:
+    """(weight-decayed, not decayed) (name, parameter) pairs, each in the given order."""
+    decay = [(n, p) for n, p in named_params if not no_weight_decay(n, p)]
+    return decay, [(n, p) for n, p in named_params if no_weight_decay(n, p)]
+
+
+def param_order(named_params: list[tuple[str, nn.Parameter]]) -> list[tuple[str, nn.Parameter]]:
+    """The order both optimizers lay parameters out in: the decayed group, then the rest."""
+    decay, no_decay = split_by_decay(named_params)
+    return decay + no_decay
 
 
 def _flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -94,8 +108,7 @@ class FlatAdamW:
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig):
         self.cfg = cfg
-        decay = [(n, p) for n, p in named_params if not no_weight_decay(n, p)]
-        no_decay = [(n, p) for n, p in named_params if no_weight_decay(n, p)]
+        decay, no_decay = split_by_decay(named_params)
         self.groups = [
             g for g in (_Group(decay, cfg.weight_decay), _Group(no_decay, 0.0)) if g.numel
         ]
@@ -119,6 +132,14 @@ class FlatAdamW:
                 weight_decay=g.weight_decay, step=self.step_count, grad_scale=grad_scale,
                 model_out=g.model_out,
             )  # fmt: skip
+
+    def state_bytes(self) -> int:
+        """Bytes of state this optimizer holds beyond the model's weights (masters, moments)."""
+        total = 0
+        for g in self.groups:
+            own = [g.exp_avg, g.exp_avg_sq] + ([g.master] if g.model_out is not None else [])
+            total += sum(t.numel() * t.element_size() for t in own)
+        return total
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """kind -> global name -> fp32 tensor of the parameter's local shape (views, no copy)."""
@@ -152,3 +173,185 @@ class FlatAdamW:
         for g in self.groups:
             if g.model_out is not None:
                 g.master.copy_(g.model_flat)
+
+
+class ShardedAdamW:
+    """The distributed optimizer (ZeRO stage 1, Megatron's `--use_distributed_optimizer`): the
+    fp32 master weights and both moments are split over the data-parallel ranks, so each rank
+    keeps 12 / DP bytes of optimizer state per parameter instead of 12.
+
+    It adopts the layout of `grads`, a `GradBuffer(..., shard_over_dp=True)` built over
+    `param_order(named_params)`: the model's parameters are re-pointed to views of one flat
+    buffer laid out exactly like the gradient buffer (buckets padded to a multiple of DP), and DP
+    rank r updates piece r of every bucket -- the pieces whose reduced gradients the buffer's
+    reduce-scatter left in `grads.local_grad`. The new weights of each piece are then all-gathered
+    into every rank's model buffer, one collective per bucket. The update is the same kernel over
+    the same numbers as `FlatAdamW` (two launches: the decayed elements come first in the local
+    order, the norm weights after), so the two agree to the last bit at any DP size.
+
+    `state_tensors()` and `load_state_tensors()` use the checkpoint format of `FlatAdamW` (whole
+    per-parameter tensors), so a checkpoint moves freely between the two and across DP sizes.
+    """
+
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig,
+                 grads: GradBuffer):  # fmt: skip
+        if [id(p) for _, p in named_params] != [id(p) for p in grads.params]:
+            raise ValueError(
+                "ShardedAdamW needs the GradBuffer built over the same parameters in the same "
+                "order: GradBuffer([p for _, p in param_order(named)], ..., shard_over_dp=True)"
+            )
+        if not grads.sharded:
+            raise ValueError("ShardedAdamW needs a GradBuffer built with shard_over_dp=True")
+        self.cfg, self.grads = cfg, grads
+        self.names = [n for n, _ in named_params]
+        self.params = [p for _, p in named_params]
+        self.step_count = 0
+        self.group, self.dp = grads.dp_group, grads.dp_size
+        self.dp_rank = grads.dp_rank
+        first = self.params[0]
+        dtype, device = first.dtype, first.device
+        self.model_flat = torch.zeros(grads.buffer.numel(), dtype=dtype, device=device)
+        with torch.no_grad():
+            for p in self.params:
+                off = grads.offset(p)
+                view = self.model_flat[off : off + p.numel()].view_as(p)
+                view.copy_(p.data)
+                p.data = view
+        self.pieces = grads.bucket_pieces()
+        if self.dp == 1:  # the shard is everything: FlatAdamW's arrangement, nothing to gather
+            self.master = self.model_flat if dtype == torch.float32 else self.model_flat.float()
+            self.model_out = None if dtype == torch.float32 else self.model_flat
+        else:
+            self.master = torch.empty(grads.shard_numel, dtype=torch.float32, device=device)
+            self.model_out = None if dtype == torch.float32 else torch.empty_like(
+                self.master, dtype=dtype
+            )  # fmt: skip
+            self.sync_master_from_model()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+
+        # The local order follows the buffer, so the decayed elements come first: cut at the
+        # first no-decay parameter's offset (padding before it is zero and stays zero).
+        no_decay = [p for n, p in named_params if no_weight_decay(n, p)]
+        cut = grads.offset(no_decay[0]) if no_decay else grads.buffer.numel()
+        split = sum(min(max(cut - first, 0), n) for _, _, first, _, n in self.pieces)
+        self.segments = [
+            (lo, hi, wd)
+            for lo, hi, wd in ((0, split, cfg.weight_decay), (split, grads.shard_numel, 0.0))
+            if hi > lo
+        ]
+
+    def params_in_order(self) -> list[nn.Parameter]:
+        return list(self.params)
+
+    def named_params(self) -> list[tuple[str, nn.Parameter]]:
+        return list(zip(self.names, self.params))
+
+    def buffer(self, kind: str) -> torch.Tensor:
+        return {"master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}[kind]
+
+    def state_bytes(self) -> int:
+        """Bytes of state this optimizer holds beyond the model's weights: this rank's share of
+        masters and moments, and the staging copy of its new weights."""
+        own = [self.exp_avg, self.exp_avg_sq]
+        if self.master.data_ptr() != self.model_flat.data_ptr():
+            own.append(self.master)
+        if self.model_out is not None and self.model_out.data_ptr() != self.model_flat.data_ptr():
+            own.append(self.model_out)
+        return sum(t.numel() * t.element_size() for t in own)
+
+    @torch.no_grad()
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        """Update this rank's shard from `grads.local_grad`, then all-gather the new weights.
+        Collective over the DP group (every DP rank steps, or none)."""
+        self.step_count += 1
+        grad = self.grads.local_grad
+        for lo, hi, wd in self.segments:
+            fused_adamw(
+                self.master[lo:hi], grad[lo:hi], self.exp_avg[lo:hi], self.exp_avg_sq[lo:hi],
+                lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps,
+                weight_decay=wd, step=self.step_count, grad_scale=grad_scale,
+                model_out=None if self.model_out is None else self.model_out[lo:hi],
+            )  # fmt: skip
+        self._gather_weights()
+
+    def _gather_weights(self) -> None:
+        """Every rank's new pieces into every rank's model buffer (nothing to do at DP 1)."""
+        if self.dp == 1:
+            return
+        source = self.master if self.model_out is None else self.model_out
+        works = [
+            dist.all_gather_into_tensor(
+                self.model_flat[start:end],
+                source[local : local + n],
+                group=self.group,
+                async_op=True,
+            )  # fmt: skip
+            for start, end, _, local, n in self.pieces
+        ]
+        for w in works:
+            w.wait()
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """kind -> global name -> fp32 tensor of the parameter's local shape, as FlatAdamW's,
+        on DP rank 0 (in host memory; the other DP ranks get empty dicts: the checkpoint writes
+        the optimizer state from DP rank 0). Collective over the DP group: each kind is
+        all-gathered one bucket at a time, so the device holds one extra bucket at most."""
+        out: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KINDS}
+        if self.dp == 1:
+            for kind in KINDS:
+                buf = self.buffer(kind)
+                for name, p in zip(self.names, self.params):
+                    off = self.grads.offset(p)
+                    out[kind][name] = buf[off : off + p.numel()].view(p.shape)
+            return out
+        longest = max(end - start for start, end, _, _, _ in self.pieces)
+        staging = torch.empty(longest, dtype=torch.float32, device=self.master.device)
+        for kind in KINDS:
+            local = self.buffer(kind)
+            full = torch.empty(self.model_flat.numel(), dtype=torch.float32) if (
+                self.dp_rank == 0
+            ) else None  # fmt: skip
+            for start, end, _, lo, n in self.pieces:
+                tmp = staging[: end - start]
+                dist.all_gather_into_tensor(tmp, local[lo : lo + n], group=self.group)
+                if full is not None:
+                    full[start:end].copy_(tmp)
+            if full is not None:
+                for name, p in zip(self.names, self.params):
+                    off = self.grads.offset(p)
+                    out[kind][name] = full[off : off + p.numel()].view(p.shape)
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, read) -> None:
+        """Fill this rank's shard of the master weights and moments from
+        `read(kind, name, param) -> whole tensor` (parameters this shard has no piece of are not
+        read), then refresh the model weights from the masters (collective over DP)."""
+        for name, p in zip(self.names, self.params):
+            where = self.grads.shard_slice(p)
+            if where is None:
+                continue
+            lo, hi, first = where
+            for kind in KINDS:
+                t = read(kind, name, p)
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"optimizer state {kind}/{name}: shape {tuple(t.shape)}, parameter "
+                        f"has {tuple(p.shape)}"
+                    )
+                piece = t.reshape(-1)[first : first + hi - lo]
+                self.buffer(kind)[lo:hi].copy_(piece)
+        if self.model_out is not None:
+            self.model_out.copy_(self.master)
+        self._gather_weights()
+
+    @torch.no_grad()
+    def sync_master_from_model(self) -> None:
+        """After the model weights were overwritten (a weights-only load): masters = weights."""
+        if self.dp == 1:
+            if self.model_out is not None:
+                self.master.copy_(self.model_flat)
+            return
+        for _, _, first, local, n in self.pieces:
+            self.master[local : local + n].copy_(self.model_flat[first : first + n])

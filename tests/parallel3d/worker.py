@@ -23,7 +23,11 @@ from safetensors.torch import save_file  # noqa: E402
 from model.config import param_count  # noqa: E402
 from parallel.data_parallel import GradBuffer  # noqa: E402
 from parallel.dims import ParallelDims  # noqa: E402
-from parallel.grad_norm import global_grad_norm  # noqa: E402
+from parallel.grad_norm import (  # noqa: E402
+    global_grad_norm,
+    sharded_grad_norm,
+    sharded_norm_segments,
+)
 from parallel.parallelize import gather_full  # noqa: E402
 from tests.parallel3d.common import run_config  # noqa: E402
 from tests.train.helpers import SyntheticLoader  # noqa: E402
@@ -59,6 +63,7 @@ def dump_state(trainer: Trainer, dims: ParallelDims, path: str, grads: bool = Fa
     params = dict(trainer.named_parameters())
     out = {}
     if grads:
+        assert not trainer.grads.sharded, "main_grad is not the reduced gradient when sharded"
         kinds = {"grad": {n: p.main_grad for n, p in params.items()}}
     else:
         kinds = {"model": {n: p.detach() for n, p in params.items()}}
@@ -97,6 +102,13 @@ def main() -> None:
         assert trainer.grads.num_buckets > 4, trainer.grads.num_buckets
     loader = DPSlice(rc.loop.global_batch_size, dims.dp_rank, dims.dp, seed=5)
     result: dict = {"dp": dims.dp}
+    masters = [trainer.optimizer.buffer("master")] if trainer.grads.sharded else [
+        g.master for g in trainer.optimizer.groups
+    ]  # fmt: skip
+    result["optimizer_shares"] = {
+        "dp": dims.dp, "params": sum(p.numel() for p in trainer.params),
+        "local": sum(m.numel() for m in masters), "buckets": trainer.grads.num_buckets,
+    }  # fmt: skip
     if rc.ckpt.load:
         state = trainer.load(rc.ckpt.load)
         loader.load_state_dict(state)
@@ -130,9 +142,18 @@ def main() -> None:
         history += run_training(rc, dims, trainer, loader, evals, None)
     result["history"] = history
     if job.get("grad_norm_check"):
-        for p in trainer.params:
-            p.main_grad.fill_(1.0)
-        norm = global_grad_norm(trainer.params, groups=(dims.tp_group, dims.pp_group))
+        if trainer.grads.sharded:  # ones in this rank's reduced pieces (padding stays zero)
+            trainer.grads.local_grad.zero_()
+            for p in trainer.params:
+                where = trainer.grads.shard_slice(p)
+                if where is not None:
+                    trainer.grads.local_grad[where[0] : where[1]] = 1.0
+            groups = (dims.dp_group, dims.tp_group, dims.pp_group)
+            norm = sharded_grad_norm(sharded_norm_segments(trainer.grads), groups)
+        else:
+            for p in trainer.params:
+                p.main_grad.fill_(1.0)
+            norm = global_grad_norm(trainer.params, groups=(dims.tp_group, dims.pp_group))
         count = param_count(rc.model, rc.model.padded_vocab_size(tp))
         result["grad_norm_ones"] = [norm, math.sqrt(count), count]
     if rank == world - 1:

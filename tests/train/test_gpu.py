@@ -39,3 +39,22 @@ def test_weights_are_drawn_on_the_gpu_reproducibly():
         assert p.is_cuda and torch.equal(p, q), name
     w = dict(a.named_parameters())["layers.0.attention.wqkv.weight"]
     assert abs(w.std().item() / rc.model.init_std - 1) < 0.05
+
+
+def test_distributed_optimizer_at_dp1_trains_bf16_like_the_replicated_one():
+    """--use_distributed_optimizer on one GPU (its DP 1 path: the shard is the whole padded
+    buffer, masters upcast, the kernel writing the bf16 weights in place): the same losses and
+    the same bf16 weights as the replicated optimizer, bit for bit with clipping off (the two
+    gradient norms sum in another order)."""
+    runs = []
+    for extra in ([], ["--use_distributed_optimizer"]):
+        rc, dims, tok = tiny_run(["--bf16", "--train_iters", "8", "--clip_grad", "0", *extra])
+        torch.manual_seed(0)
+        trainer = Trainer(rc, dims, tok, device="cuda")
+        history = run_training(rc, dims, trainer, SyntheticLoader(2, 64, 2), {}, None)
+        runs.append((trainer, [r["lm_loss"] for r in history if r["type"] == "train"]))
+    (plain, want), (dist, got) = runs
+    assert dist.grads.sharded and dist.optimizer.model_flat.dtype == torch.bfloat16
+    assert got == want
+    for (name, p), (_, q) in zip(plain.named_parameters(), dist.named_parameters()):
+        assert torch.equal(p, q), name

@@ -146,3 +146,29 @@ def test_tiny_loop_lowers_the_loss(tmp_path):
     assert len(losses) == 6
     assert losses[-1] < 0.7 * losses[0], losses  # about 4.3 -> 2.3 (uniform: ln 97 = 4.57)
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "60"
+
+
+def test_distributed_optimizer_at_dp1_equals_the_replicated_one():
+    """One process with --use_distributed_optimizer (DP 1: the shard is the whole buffer) takes
+    the same steps as FlatAdamW, bit for bit with clipping off (the two gradient norms sum in
+    another order, so a clip factor may differ in its last bit)."""
+    runs = []
+    for extra in ([], ["--use_distributed_optimizer"]):
+        rc, dims, tok = tiny_run(
+            ["--train_iters", "6", "--weight_decay", "0.1", "--clip_grad", "0", *extra]
+        )
+        torch.manual_seed(0)
+        trainer = Trainer(rc, dims, tok)
+        history = run_training(rc, dims, trainer, SyntheticLoader(2, 32, 2), {}, None)
+        runs.append((trainer, history))
+    (plain, want), (dist, got) = runs
+    assert type(dist.optimizer).__name__ == "ShardedAdamW" and dist.grads.sharded
+    rows = [[r["lm_loss"] for r in h if r["type"] == "train"] for h in (want, got)]
+    assert rows[0] == rows[1] and len(rows[0]) == 6
+    norms = [[r["grad_norm"] for r in h if r["type"] == "train"] for h in (want, got)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-6)
+    a, b = plain.optimizer.state_tensors(), dist.optimizer.state_tensors()
+    for kind in a:
+        assert set(a[kind]) == set(b[kind])
+        for name, t in a[kind].items():
+            assert torch.equal(b[kind][name], t), (kind, name)
