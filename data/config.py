@@ -18,6 +18,7 @@ current directory), absolute ones as they are. Unknown keys are errors that list
 and name the file and line.
 """
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,13 +141,21 @@ def _number(
     return value
 
 
+def _path_value(where: str, key: str, value) -> str:
+    """A path option as written: a non-empty string (a list or a number is a typo, and str() of
+    it would send the search, or the outputs, to a directory named after it)."""
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {key} must be a path (a non-empty string), found {value!r}")
+    return value
+
+
 def _resolve(data_root: Path, value) -> Path:
-    p = Path(str(value)).expanduser()
+    p = Path(value).expanduser()
     return p if p.is_absolute() else data_root / p
 
 
-def _dataset(entry, where_file: str, mix: str, data_root: Path) -> DatasetSpec:
-    line = _line(entry)
+def _dataset(entry, where_file: str, mix: str, data_root: Path, list_line: int = 0) -> DatasetSpec:
+    line = _line(entry) or list_line  # a scalar entry has no mark of its own
     if isinstance(entry, str):
         name, opts = entry, {}
     elif isinstance(entry, dict) and len(entry) == 1:
@@ -163,8 +172,8 @@ def _dataset(entry, where_file: str, mix: str, data_root: Path) -> DatasetSpec:
             f"indented below, found {entry!r}"
         )
     name = str(name)
-    kind_name = str(opts.get("kind", name))
-    if kind_name not in KINDS:
+    kind_name = opts.get("kind", name)
+    if not isinstance(kind_name, str) or kind_name not in KINDS:
         raise DataError(
             f"{where_file}:{_line(opts, 'kind') or line}: unknown dataset {kind_name!r} in mix "
             f"{mix!r}; known kinds: {', '.join(KINDS)} (another name needs `kind: <one of these>`)"
@@ -195,17 +204,24 @@ def _dataset(entry, where_file: str, mix: str, data_root: Path) -> DatasetSpec:
         raise DataError(f"{at('filter_words')}: filter_words must be true or false")
     if "lang" in options:
         value = options["lang"]
-        if value is not None and not isinstance(value, str | list):
-            raise DataError(f"{at('lang')}: lang must be a comma-separated string or a list")
+        if value is not None and not (
+            isinstance(value, str)
+            or (isinstance(value, list) and all(isinstance(x, str) for x in value))
+        ):
+            raise DataError(
+                f"{at('lang')}: lang must be a comma-separated string or a list of language "
+                f'codes (e.g. "en,de"), found {value!r}'
+            )
         options["lang"] = parse_langs(value)
     if options.get("top_k") is not None:
         options["top_k"] = _number(
             at("top_k"), "top_k", options["top_k"], 1, float("inf"), integer=True
         )
     if kind.name == "oasst_export" and options.get("input_file_path") is not None:
-        location = _resolve(data_root, options["input_file_path"])
+        value = _path_value(at("input_file_path"), "input_file_path", options["input_file_path"])
+        location = _resolve(data_root, value)
     elif "path" in opts:
-        location = _resolve(data_root, opts["path"])
+        location = _resolve(data_root, _path_value(at("path"), "path", opts["path"]))
     else:
         location = data_root / name
     files = list_files(location, f"{where_file}:{line}: dataset {name!r}")
@@ -260,7 +276,8 @@ def load_mixes(
             raise DataError(
                 f"{config_path}:{_line(body, 'datasets')}: {name}.datasets must be a non-empty list"
             )
-        specs = [_dataset(e, config_path, str(name), data_root) for e in datasets]
+        list_line = _line(body, "datasets")
+        specs = [_dataset(e, config_path, str(name), data_root, list_line) for e in datasets]
         seen = set()
         for s in specs:
             if s.name in seen:
@@ -281,7 +298,8 @@ def load_mixes(
                 "file name"
             )
         if output_dir is None:
-            out = Path(str(body["output_dir"]))
+            where_out = f"{config_path}:{_line(body, 'output_dir')}: mix {name!r}"
+            out = Path(_path_value(where_out, "output_dir", body["output_dir"]))
         else:
             out = Path(output_dir) if len(names) == 1 else Path(output_dir) / str(name)
         mixes.append(
@@ -295,4 +313,16 @@ def load_mixes(
                 source=config_path,
             )
         )
+    # stats.json and special_tokens.json are not prefixed: a second mix in the same folder
+    # would silently replace the first one's.
+    seen_dirs: dict[Path, str] = {}
+    for m in mixes:
+        key = Path(os.path.abspath(m.output_dir))
+        if key in seen_dirs:
+            raise DataError(
+                f"{config_path}: mixes {seen_dirs[key]!r} and {m.name!r} both write to "
+                f"{m.output_dir} (their stats.json would overwrite each other); give each mix "
+                "its own output_dir"
+            )
+        seen_dirs[key] = m.name
     return mixes

@@ -49,8 +49,19 @@ class SFTDataset:
 
     def __init__(self, prefix: str, vocab_size: int | None = None, validate: bool = True):
         self.prefix = str(prefix)
-        self.text = IndexedDataset(f"{self.prefix}-text")
-        self.role = IndexedDataset(f"{self.prefix}-role")
+        try:
+            self.text = IndexedDataset(f"{self.prefix}-text")
+            self.role = IndexedDataset(f"{self.prefix}-role")
+        except DataError as e:
+            # A file name given for the prefix is the usual slip: say what the prefix is.
+            stem = self.prefix.removesuffix(".bin").removesuffix(".idx")
+            if stem != self.prefix or stem.endswith(("-text", "-role")):
+                stem = stem.removesuffix("-text").removesuffix("-role")
+                raise DataError(
+                    f"{e}; the data prefix is the path without -text/-role and .bin/.idx, "
+                    f"e.g. {stem}"
+                ) from None
+            raise
         if len(self.text) != len(self.role) or not np.array_equal(self.text.sizes, self.role.sizes):
             bad = _first_mismatch(self.text.sizes, self.role.sizes)
             raise DataError(
@@ -64,13 +75,17 @@ class SFTDataset:
             try:
                 self.meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DataError(f"{self.meta_path}: unreadable ({e})") from None
-        tok = (self.meta or {}).get("tokenizer", {})
+                raise DataError(
+                    f"{self.meta_path}: unreadable ({e}); fix or delete it (it is optional), or "
+                    "re-run data.pretokenize"
+                ) from None
+        meta = self._check_meta(self.meta) if self.meta is not None else {}
+        tok = meta.get("tokenizer") or {}
         self.fingerprint: str | None = tok.get("fingerprint")
         self.vocab_size: int | None = tok.get("vocab_size")
         self.pad_id: int | None = tok.get("pad_id")
         self.dataset_ranges: dict[str, tuple[int, int]] = {
-            k: (int(a), int(b)) for k, (a, b) in (self.meta or {}).get("dataset_ranges", {}).items()
+            k: (int(a), int(b)) for k, (a, b) in (meta.get("dataset_ranges") or {}).items()
         }
         for name, (a, b) in self.dataset_ranges.items():
             if not 0 <= a <= b <= len(self):
@@ -79,6 +94,41 @@ class SFTDataset:
                 )
         if validate:
             self._validate(vocab_size if vocab_size is not None else self.vocab_size)
+
+    def _check_meta(self, meta) -> dict:
+        """The fields this class reads, with the types the pretokenizer writes: an edited or
+        foreign meta file is reported, not met with a TypeError further on."""
+        fix = "fix or delete it (it is optional), or re-run data.pretokenize"
+
+        def bad(what: str) -> DataError:
+            return DataError(f"{self.meta_path}: {what}; {fix}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(meta, dict):
+            raise bad(f"expected a JSON object, found {type(meta).__name__}")
+        tok = meta.get("tokenizer")
+        if tok is not None:
+            if not isinstance(tok, dict):
+                raise bad(f"'tokenizer' must be an object, found {tok!r:.60}")
+            if tok.get("fingerprint") is not None and not isinstance(tok["fingerprint"], str):
+                raise bad(f"tokenizer.fingerprint must be a string, found {tok['fingerprint']!r}")
+            for key in ("vocab_size", "pad_id"):
+                if tok.get(key) is not None and not (is_int(tok[key]) and tok[key] >= 0):
+                    raise bad(f"tokenizer.{key} must be a non-negative integer, found {tok[key]!r}")
+        ranges = meta.get("dataset_ranges")
+        if ranges is not None:
+            if not isinstance(ranges, dict):
+                raise bad(
+                    f"'dataset_ranges' must map dataset names to [start, end], found {ranges!r:.60}"
+                )
+            for name, r in ranges.items():
+                if not (isinstance(r, list) and len(r) == 2 and all(map(is_int, r))):
+                    raise bad(
+                        f"dataset_ranges[{name!r}] must be [start, end] integers, found {r!r}"
+                    )
+        return meta
 
     def _validate(self, vocab_size: int | None) -> None:
         roles = self.role.data

@@ -316,10 +316,50 @@ def _process_dataset(
             bar.update(len(res.status))
         bar.close()
         report.assigned = {"train": report.valid, "val": 0}
+    if report.records == 0:
+        # An empty file (an interrupted download, a wrong file) would otherwise pass as a dataset
+        # that merely contributed nothing.
+        names = ", ".join(str(f) for f in spec.files[:3]) + (" ..." if len(spec.files) > 3 else "")
+        raise DataError(
+            f"{spec.location}: dataset {spec.name!r} holds no records ({names}); expected "
+            f"{spec.kind.name} records (JSON Lines, a JSON array or Parquet rows): check that "
+            "the files are complete, or remove the dataset from the mix"
+        )
     for split, out in outputs.items():
         out.stats.append(stats[split])
         out.ranges[spec.name] = [first[split], len(out.text)]
     return report
+
+
+def check_output_dir(mix: MixConfig) -> bool:
+    """Refuse an output_dir that is a file or holds another mix's outputs (stats.json and
+    special_tokens.json are not prefixed, so they would be replaced). True when it holds this
+    mix's previous outputs, which a successful run replaces as a whole."""
+    out = mix.output_dir
+    if out.exists() and not out.is_dir():
+        raise DataError(
+            f"output_dir {out} of mix {mix.name!r} exists and is not a directory: set another "
+            "output_dir (or --output-dir)"
+        )
+    stats = out / "stats.json"
+    if not stats.exists():
+        return False
+    try:
+        prev = json.loads(stats.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        prev = None
+    if not isinstance(prev, dict) or prev.get("format") != FORMAT:
+        raise DataError(
+            f"{stats}: not written by data.pretokenize; refusing to replace it: set another "
+            f"output_dir for mix {mix.name!r} (or --output-dir), or remove the file"
+        )
+    if (prev.get("mix"), prev.get("filename_prefix")) != (mix.name, mix.filename_prefix):
+        raise DataError(
+            f"{out} holds the outputs of mix {prev.get('mix')!r} (filename_prefix "
+            f"{prev.get('filename_prefix')!r}); mix {mix.name!r} would replace its stats.json "
+            "and special_tokens.json: set another output_dir (or --output-dir), or remove them"
+        )
+    return True
 
 
 def pretokenize_mix(
@@ -330,6 +370,7 @@ def pretokenize_mix(
     progress: bool = True,
 ) -> dict:
     """Tokenize one mix and write its files; returns what stats.json holds."""
+    replacing = check_output_dir(mix)
     tok = Tokenizer(tokenizer_path)
     out_dir = mix.output_dir
     prefix = out_dir / mix.filename_prefix
@@ -399,6 +440,10 @@ def pretokenize_mix(
         _write_json(files.path(out_dir / "stats.json"), summary)
         _write_json(files.path(out_dir / "special_tokens.json"), tok.special_tokens)
         files.commit()
+    if replacing:
+        print(
+            f"note: replaced the previous outputs of mix {mix.name!r} in {out_dir}", file=sys.stderr
+        )
     for name in SPLITS:
         print(texts[name])
     return summary
@@ -438,7 +483,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mixes = load_mixes(args.config, args.data_root, args.output_dir, args.mix)
         if not Path(tokenizer).is_file():
-            raise DataError(f"{tokenizer}: tokenizer model not found (--tokenizer)")
+            what = "is a directory" if Path(tokenizer).is_dir() else "not found"
+            raise DataError(
+                f"{tokenizer}: tokenizer model {what} (--tokenizer expects a SentencePiece "
+                "tokenizer.model file)"
+            )
+        try:
+            Tokenizer(tokenizer)
+        except ValueError as e:  # not a SentencePiece model: fail before any mix is tokenized
+            raise DataError(
+                f"{str(e).strip()}; --tokenizer expects a SentencePiece tokenizer.model "
+                "(e.g. Llama-2's)"
+            ) from None
+        for mix in mixes:  # every mix's folder, before the first one is written
+            check_output_dir(mix)
         for mix in mixes:
             summary = pretokenize_mix(
                 mix, tokenizer, args.workers, args.skip_bad_records, not args.no_progress
@@ -458,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the outputs (disk full, permissions): the previous ones stay
+        print(f"error: {e}; no output of the failed mix was renamed into place", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was renamed into place", file=sys.stderr)

@@ -18,6 +18,7 @@ token generated at that position before any query can see it.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -301,9 +302,17 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     "system"."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"prompt file {path} {what} (--prompts expects a JSONL file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line}: invalid UTF-8 ({e.reason}); save the file as UTF-8"
+        ) from None
     prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -326,6 +335,15 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             raise ValueError(
                 f'{where}: expected a JSON string, {{"prompt": ...}} or {{"messages": [...]}}'
             )
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"{where}: 'system' must be a string, found {system!r:.60}")
+        for k, (role, content) in enumerate(turns):
+            # A number would otherwise be rendered as text, or taken as a role id.
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise ValueError(
+                    f"{where}: message {k} needs a string 'role' (system, user, assistant, "
+                    f"context) and a string 'content', found {role!r:.30} / {content!r:.30}"
+                )
         try:
             conv = Conversation.from_messages(turns, system=system)
         except ValueError as e:
@@ -355,9 +373,22 @@ def sampling_configs(args: argparse.Namespace) -> dict[str, SamplingParams]:
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    expected = "expected auto, cpu, cuda or cuda:N"
+    try:
+        dev = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: {expected}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: {expected}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ValueError(
+                f"--device {device!r}: this machine has {count} CUDA device(s); use --device cpu "
+                "(or auto)"
+            )
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -365,9 +396,9 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 def build_report(args: argparse.Namespace) -> dict:
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    prompts = read_prompts(args.prompts)  # a bad prompt file fails before the model loads
     model, meta, iter_dir = load_model(args.load, device, dtype)
     tok: Tokenizer = checkpoint_tokenizer(meta, args.tokenizer)
-    prompts = read_prompts(args.prompts)
     if args.num_prompts and args.num_prompts < len(prompts):
         keep = sorted(random.Random(args.seed).sample(range(len(prompts)), args.num_prompts))
         prompts = [prompts[i] for i in keep]
@@ -493,6 +524,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.num_samples < 1:
         p.error("--batch_size and --num_samples must be >= 1")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        p.error("--num_prompts must be >= 1 (leave it out to use every prompt)")
+    # Checked before the model is loaded and the prompts generated, not when the report is due.
+    if Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a directory; give the report's file name, e.g. report.json")
     return args
 
 
@@ -501,13 +537,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_report(args)
     except (OSError, ValueError, KeyError) as e:
-        print(f"model.generate: {e}", file=sys.stderr)
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"model.generate: {msg}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no half-written report left behind
+        print(f"model.generate: cannot write the report --out {out}: {e}", file=sys.stderr)
+        return 1
     s = report["stats"]
     print(
         f"wrote {out}: {s['prompts']} prompts, {s['generated_tokens']} tokens in {s['seconds']} s "

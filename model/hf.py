@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from data.tokenizer import DEFAULT_EXTRA_IDS, Tokenizer
 from model.config import ModelConfig
@@ -61,9 +61,22 @@ class HFWeights:
         self.dir = Path(hf_dir)
         index = self.dir / HF_INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise ValueError(
+                    f"{index}: expected a 'weight_map' object of tensor name -> shard file, as "
+                    "save_pretrained writes it; the index is damaged: download it again"
+                )
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            if missing:
+                raise ValueError(
+                    f"{index} lists shard(s) {missing[:3]} that are not in {self.dir}: the "
+                    "download is incomplete; fetch the missing model-*.safetensors files"
+                )
         elif (self.dir / HF_SINGLE).exists():
-            with safe_open(self.dir / HF_SINGLE, framework="pt") as f:
+            with _safe_open(self.dir / HF_SINGLE) as f:
                 weight_map = {k: HF_SINGLE for k in f.keys()}
         else:
             bins = sorted(p.name for p in self.dir.glob("*.bin"))
@@ -80,7 +93,7 @@ class HFWeights:
             raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
         fname = self.weight_map[name]
         if fname not in self._open:
-            self._open[fname] = safe_open(self.dir / fname, framework="pt")
+            self._open[fname] = _safe_open(self.dir / fname)
         return self._open[fname]
 
     def get(self, name: str) -> torch.Tensor:
@@ -97,8 +110,86 @@ class HFWeights:
         return tuple(self._file(name).get_slice(name).get_shape())
 
 
+def _safe_open(path: Path):
+    """safe_open with an error that names the file (safetensors' own does not)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+            "download or write it again"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or ValueError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs
+
+# config.json keys a Llama config must have (as integers) and those it may have.
+_HF_REQUIRED_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_HF_OPTIONAL_INTS = ("num_key_value_heads", "max_position_embeddings", "head_dim")
+_HF_OPTIONAL_NUMBERS = ("rope_theta", "rms_norm_eps", "attention_dropout", "initializer_range")
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    """`HF_DIR/config.json`, checked for the keys and types `ModelConfig.from_hf_config` reads,
+    so that a damaged or foreign config is reported by key, not by a KeyError or TypeError."""
+    layout = "config.json, model*.safetensors (+ index), tokenizer.model"
+    if not hf_dir.is_dir():
+        what = "does not exist" if not hf_dir.exists() else "is not a directory"
+        raise ValueError(f"{hf_dir} {what}: expected a Hugging Face Llama directory ({layout})")
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{hf_dir}: no config.json; expected a Hugging Face Llama directory ({layout})"
+        )
+    d = _read_json(path)
+    model_type = d.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"{path}: model_type={model_type!r}; only 'llama' models can be imported")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _HF_REQUIRED_INTS:
+        if key not in d:
+            raise ValueError(f"{path}: no {key!r}; a Llama config.json has {_HF_REQUIRED_INTS}")
+    for key in _HF_REQUIRED_INTS + _HF_OPTIONAL_INTS:
+        if d.get(key) is not None and not (is_int(d[key]) and d[key] > 0):
+            raise ValueError(f"{path}: {key} must be a positive integer, found {d[key]!r}")
+    for key in _HF_OPTIONAL_NUMBERS:
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise ValueError(f"{path}: {key} must be a number, found {v!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{path}: {key} must be an object or null, found {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        factor = rope.get("factor")
+        if kind == "linear" and (isinstance(factor, bool) or not isinstance(factor, int | float)):
+            raise ValueError(
+                f"{path}: {key} of type 'linear' needs a numeric 'factor', found {factor!r}"
+            )
+    return d
 
 
 def config_from_hf(hf_config: dict, vocab_size: int, name: str) -> ModelConfig:
@@ -218,7 +309,17 @@ def hf_added_tokens(hf_dir: Path, tok: Tokenizer, hf_rows: int) -> list[int]:
     path = hf_dir / "tokenizer_config.json"
     declared = {}
     if path.is_file():
-        decoder = json.loads(path.read_text()).get("added_tokens_decoder") or {}
+        decoder = _read_json(path).get("added_tokens_decoder") or {}
+        ok = isinstance(decoder, dict) and all(
+            i.isdigit() and isinstance(d, dict) and isinstance(d.get("content"), str)
+            for i, d in decoder.items()
+        )
+        if not ok:
+            raise ValueError(
+                f"{path}: 'added_tokens_decoder' must map ids to {{\"content\": token, ...}} "
+                "(as transformers writes it); fix the file or remove it (the added tokens' rows "
+                "are then initialised anew)"
+            )
         declared = {int(i): d["content"] for i, d in decoder.items()}
     copied = []
     for i in sorted(declared):
@@ -443,9 +544,15 @@ def import_hf(
     """Convert a HF Llama directory into a checkpoint (TP=1, PP=1 on disk; `--load` reshards it
     to whatever layout the run uses). Returns the iteration directory."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    hf_config = json.loads((hf_dir / "config.json").read_text())
+    if tp < 1:
+        raise ValueError(f"--tp {tp}: must be at least 1")
+    _check_import_target(out_dir)
+    hf_config = read_hf_config(hf_dir)
     tok = Tokenizer(tokenizer_path or str(hf_dir / "tokenizer.model"), vocab_extra_ids_list)
-    cfg = config_from_hf(hf_config, tok.vocab_size, name=f"hf:{hf_dir.resolve()}")
+    try:
+        cfg = config_from_hf(hf_config, tok.vocab_size, name=f"hf:{hf_dir.resolve()}")
+    except ValueError as e:  # an unsupported feature: name the file it comes from
+        raise ValueError(f"{hf_dir / 'config.json'}: {e}") from None
     cfg.validate(tp)
     if pp < 1 or cfg.num_layers % pp:
         raise ValueError(f"--pp {pp}: must divide num_layers ({cfg.num_layers})")
@@ -493,14 +600,33 @@ def import_hf(
         out_dtype,
         {"format": ckpt.FORMAT, "tensors": json.dumps(layouts, sort_keys=True)},
     )
-    with torch.no_grad():
-        for name, t in import_tensors(hf, cfg, padded, tok.base_vocab_size, copied, out_dtype):
-            stream.write(name, t)
-    stream.close()
-    (tmp / ckpt.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    os.replace(tmp, final)
+    try:
+        with torch.no_grad():
+            for name, t in import_tensors(hf, cfg, padded, tok.base_vocab_size, copied, out_dtype):
+                stream.write(name, t)
+        stream.close()
+        (tmp / ckpt.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed import leaves no partial iteration
+        raise
     (out_dir / ckpt.LATEST_FILE).write_text("0\n")
     return final
+
+
+def _check_import_target(out_dir: Path) -> None:
+    """Import writes iter_0000000 and the `latest` file: refuse a folder that is a file or that
+    already holds a checkpoint (a training run's `latest` would be pointed at the import)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory: import into an empty directory")
+    held = [out_dir / ckpt.LATEST_FILE, out_dir / ckpt.iteration_dir_name(0)]
+    held = [p.name for p in held if p.exists()]
+    held += sorted(p.name for p in out_dir.glob("iter_*") if p.name not in held)
+    if held:
+        raise FileExistsError(
+            f"{out_dir / held[0]} already exists ({out_dir} holds a checkpoint): import into an "
+            "empty directory"
+        )
 
 
 def export_hf(
@@ -514,6 +640,14 @@ def export_hf(
     """Write a `transformers` Llama directory from a checkpoint (a save dir or an iteration
     dir, any TP/PP layout), reading one tensor at a time."""
     hf_out = Path(hf_out)
+    if hf_out.exists() and not hf_out.is_dir():
+        raise FileExistsError(f"{hf_out} exists and is not a directory: export into an empty one")
+    if hf_out.is_dir():
+        held = sorted(p.name for p in hf_out.iterdir())
+        if held:
+            raise FileExistsError(
+                f"{hf_out} already holds {held[:3]}: export into an empty directory"
+            )
     iter_dir = ckpt.resolve_iteration_dir(ckpt_path)
     meta = ckpt.read_meta(iter_dir)
     cfg = ModelConfig.from_dict(meta["model"])
@@ -527,29 +661,47 @@ def export_hf(
     rows = round_up(cfg.vocab_size, pad_multiple)
     found = index.read("norm.weight").dtype
     out_dtype = _dtype_arg(dtype, found)
-    hf_out.mkdir(parents=True, exist_ok=True)
-    stale = sorted(p.name for p in hf_out.glob("model*.safetensors*"))
-    if stale:
-        raise FileExistsError(f"{hf_out} already holds {stale[:3]}: export into an empty directory")
+    # Everything is written into a hidden sibling folder that becomes hf_out only when complete,
+    # so a failed export leaves no half-written model where transformers would look for one.
+    target = hf_out.resolve()  # "." has no name to derive the temporary one from
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-export")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # an earlier failed export's leftovers
+    tmp.mkdir()
 
     def get(name: str) -> torch.Tensor:
         t = index.read(name)
         return t[: cfg.vocab_size] if name in ckpt.VOCAB_PARAMS else t
 
-    with torch.no_grad():
-        write_hf_shards(
-            hf_out, export_tensors(get, cfg, rows), hf_shapes(cfg, rows), out_dtype, max_shard_bytes
-        )
-    ids = {"bos": tok.bos_id, "eos": tok.im_end_id, "pad": tok.pad_id}
-    hf_config = hf_config_from_ours(cfg, rows, out_dtype, ids)
-    (hf_out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {
-        "bos_token_id": tok.bos_id,
-        "eos_token_id": tok.im_end_id,
-        "pad_token_id": tok.pad_id,
-    }
-    (hf_out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    write_tokenizer_files(hf_out, tok, cfg.max_position_embeddings)
+    try:
+        with torch.no_grad():
+            write_hf_shards(
+                tmp,
+                export_tensors(get, cfg, rows),
+                hf_shapes(cfg, rows),
+                out_dtype,
+                max_shard_bytes,
+            )
+        ids = {"bos": tok.bos_id, "eos": tok.im_end_id, "pad": tok.pad_id}
+        hf_config = hf_config_from_ours(cfg, rows, out_dtype, ids)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {
+            "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.im_end_id,
+            "pad_token_id": tok.pad_id,
+        }
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_tokenizer_files(tmp, tok, cfg.max_position_embeddings)
+        if target.is_dir():  # empty (checked above): keep the folder, move the files in
+            for p in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):
+                os.replace(p, target / p.name)  # config.json last: loadable once complete
+            tmp.rmdir()
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return hf_out
 
 
@@ -619,7 +771,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"wrote {d}")
     except (OSError, ValueError, KeyError) as e:
-        print(f"model.hf {args.command}: {e}", file=sys.stderr)
+        # str(KeyError) is the repr of its message: print the message itself.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"model.hf {args.command}: {msg}", file=sys.stderr)
         return 1
     return 0
 

@@ -161,7 +161,7 @@ def convert_dolly(obj, location: str, path: Path, opts: dict) -> list[Conversati
     instruction = _field(row, "instruction", location)
     context = _field(row, "context", location, optional=True) or ""
     response = _field(row, "response", location)
-    lang = row.get("lang") or file_lang(path)
+    lang = _field(row, "lang", location, optional=True) or file_lang(path)
     if not isinstance(lang, str):
         raise BadRecord(
             location,
@@ -204,6 +204,12 @@ def convert_chat(obj, location: str, path: Path, opts: dict) -> list[Conversatio
     if not any(role == Role.ASSISTANT for role, _ in turns):
         raise BadRecord(location, "no assistant turn")
     lang = row.get("lang")
+    if not isinstance(lang, str):
+        if opts["lang"] is not None and lang is not None:  # the filter needs a code to compare
+            raise BadRecord(
+                location, f"column 'lang' must be a string, found {type(lang).__name__}"
+            )
+        lang = None
     if opts["lang"] is not None and lang not in opts["lang"]:
         return "lang"
     if opts["filter_words"] and has_filtered_words(*(t for _, t in turns)):
@@ -211,11 +217,7 @@ def convert_chat(obj, location: str, path: Path, opts: dict) -> list[Conversatio
     system = None
     if turns[0][0] == Role.SYSTEM:
         system = turns.pop(0)[1]
-    return [
-        Conversation(
-            turns=turns, system=system or None, lang=lang if isinstance(lang, str) else None
-        )
-    ]
+    return [Conversation(turns=turns, system=system or None, lang=lang)]
 
 
 @dataclass(frozen=True)

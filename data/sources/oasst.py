@@ -18,7 +18,7 @@ from data.sources.files import decode_line
 _ROLES = {"prompter": Role.USER, "assistant": Role.ASSISTANT}
 
 
-def _check_message(m, location: str, where: str) -> list:
+def _check_message(m, location: str, where: str, top_k: int | None) -> list:
     if not isinstance(m, dict):
         raise BadRecord(location, f"{where}: expected a message object, found {type(m).__name__}")
     if m.get("role") not in _ROLES:
@@ -27,6 +27,10 @@ def _check_message(m, location: str, where: str) -> list:
         )
     if not isinstance(m.get("text"), str):
         raise BadRecord(location, f"{where}: message text must be a string")
+    rank = m.get("rank")
+    # Compared with top_k only: without it, a malformed rank is as harmless as before.
+    if top_k is not None and rank is not None and not isinstance(rank, int | float):
+        raise BadRecord(location, f"{where}: 'rank' must be a number or null, found {rank!r}")
     replies = m.get("replies") or []
     if not isinstance(replies, list):
         raise BadRecord(location, f"{where}: 'replies' must be a list")
@@ -54,7 +58,7 @@ def tree_threads(root: dict, location: str, top_k: int | None) -> list[list[dict
     stack: list[tuple[dict, list[dict], str]] = [(root, [], "prompt")]
     while stack:
         node, parents, where = stack.pop()
-        replies = _check_message(node, location, where)
+        replies = _check_message(node, location, where, top_k)
         thread = parents + [node]
         if not replies:
             if (
@@ -89,6 +93,8 @@ def convert_tree(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         return "review_result"
     langs = opts["lang"]
     lang = root.get("lang")
+    if langs is not None and lang is not None and not isinstance(lang, str):
+        raise BadRecord(location, f"prompt: 'lang' must be a language code, found {lang!r}")
     if langs is not None and lang not in langs:
         return "lang"
     threads = tree_threads(root, location, opts["top_k"])

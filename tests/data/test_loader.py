@@ -344,3 +344,31 @@ def test_on_pretokenized_chat_the_loss_covers_exactly_the_assistant_turns(
         assistant = "".join(t for t, r in zip(texts, roles) if r == 2)
         assert tok.decode(labels[mask].tolist()) == assistant
     assert math.isclose(float(mb["loss_mask"].sum()), len(tok.encode(assistant)))
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ("[1]", "expected a JSON object, found list"),
+        ('{"tokenizer": "llama"}', "'tokenizer' must be an object"),
+        ('{"tokenizer": {"vocab_size": "big"}}', "tokenizer.vocab_size must be a non-negative"),
+        ('{"tokenizer": {"fingerprint": 5}}', "tokenizer.fingerprint must be a string"),
+        ('{"dataset_ranges": [0, 4]}', "'dataset_ranges' must map dataset names"),
+        ('{"dataset_ranges": {"a": [1]}}', r"dataset_ranges\['a'\] must be \[start, end\]"),
+        ('{"dataset_ranges": {"a": ["0", "4"]}}', r"dataset_ranges\['a'\] must be \[start, end\]"),
+    ],
+)
+def test_malformed_meta_file_is_a_data_error(tmp_path, meta, message):
+    # These used to raise AttributeError / TypeError / ValueError from deep in __init__.
+    prefix, _, _ = make_dataset(tmp_path, [4, 5])
+    (tmp_path / "ds-meta.json").write_text(meta)
+    with pytest.raises(DataError, match=message) as e:
+        SFTDataset(prefix)
+    assert "ds-meta.json" in str(e.value) and "re-run data.pretokenize" in str(e.value)
+
+
+def test_a_file_name_for_the_prefix_gets_a_hint(tmp_path):
+    prefix, _, _ = make_dataset(tmp_path, [4, 5])
+    for wrong in (f"{prefix}-text", f"{prefix}-text.bin", f"{prefix}-role.idx"):
+        with pytest.raises(DataError, match=f"the data prefix is .* e.g. {prefix}$"):
+            SFTDataset(wrong)

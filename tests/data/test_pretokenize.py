@@ -464,3 +464,100 @@ def test_the_seeds_configs_are_read_verbatim(files):
         files.root / "o" / "sample_stage1",
         files.root / "o" / "sample_stage2",
     ]
+
+
+# -- bad input found by trying the CLI as a user would -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        # A null or list output_dir used to be written to a folder named "None" / "['a']".
+        ("m:\n  datasets:\n    - chat: {}\n  output_dir:\n  filename_prefix: m\n",
+         r":4: mix 'm': output_dir must be a path \(a non-empty string\), found None"),
+        ("m:\n  datasets:\n    - chat: {}\n  output_dir: [a]\n  filename_prefix: m\n",
+         r":4: mix 'm': output_dir must be a path"),
+        # A list path used to be searched as "<data-root>/['a']".
+        (_one("chat", "path: [a]"), r":4: dataset 'chat': path must be a path"),
+        # A scalar entry has no line of its own: the datasets key's line, not ":0".
+        ("m:\n  datasets:\n    - 5\n" + TAIL, r"bad\.yaml:2: each entry of m\.datasets"),
+        # Numbers as language codes used to filter out every record without a word.
+        (_one("chat", "lang: [1, 2]"), r":4: dataset 'chat': lang must be a comma-separated"),
+    ],
+)  # fmt: skip
+def test_config_value_types_are_checked(files, pretok, make_chat_rows, body, message):
+    import re
+
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(2))
+    config = files.text("bad.yaml", body)
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (files.root / "None").exists() and not (files.root / "['a']").exists()
+
+
+def test_tokenizer_that_is_not_sentencepiece_is_a_clear_error(files, pretok, make_chat_rows):
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(2))
+    config = files.mix("m", [{"chat": {}}])
+    bogus = files.text("tokenizer.json", '{"model": {"type": "BPE"}}')
+    rc, _, err = pretok(config, "--data-root", files.root / "src", "--tokenizer", bogus)
+    assert rc == 2 and "Traceback" not in err
+    assert f"{bogus} is not a SentencePiece model" in err and "--tokenizer" in err
+    rc, _, err = pretok(config, "--data-root", files.root / "src", "--tokenizer", files.root)
+    assert rc == 2 and "is a directory" in err
+    assert _outputs(files) == []
+
+
+def test_empty_dataset_file_is_an_error(files, pretok, make_chat_rows):
+    files.jsonl("src/good/c.jsonl", make_chat_rows(4))
+    empty = files.raw("src/empty/part-0.jsonl", b"")  # e.g. an interrupted download
+    config = files.mix(
+        "e",
+        [{"good": {"kind": "chat", "path": "good"}}, {"bad": {"kind": "chat", "path": "empty"}}],
+    )
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "Traceback" not in err
+    assert f"dataset 'bad' holds no records ({empty})" in err
+    assert _outputs(files) == []
+
+
+def test_mixes_sharing_an_output_dir_are_refused(files, pretok, make_chat_rows):
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(4))
+    body = {
+        name: {"datasets": ["chat"], "output_dir": str(files.root / "out"), "filename_prefix": name}
+        for name in ("a", "b")
+    }
+    config = files.text("two.yaml", json.dumps(body))
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "mixes 'a' and 'b' both write to" in err
+    assert _outputs(files) == []
+
+
+def test_output_dir_of_another_mix_is_not_clobbered(files, pretok, make_chat_rows):
+    files.jsonl("src/chat/c.jsonl", make_chat_rows(4))
+    out = files.root / "out" / "shared"
+    first = files.text("first.yaml", json.dumps({"first": {
+        "datasets": ["chat"], "output_dir": str(out), "filename_prefix": "first"}}))  # fmt: skip
+    second = files.text("second.yaml", json.dumps({"second": {
+        "datasets": ["chat"], "output_dir": str(out), "filename_prefix": "second"}}))  # fmt: skip
+    assert pretok(first, "--data-root", files.root / "src")[0] == 0
+    before = _digest(out)
+    rc, _, err = pretok(second, "--data-root", files.root / "src")
+    assert rc == 2 and f"{out} holds the outputs of mix 'first'" in err
+    assert _digest(out) == before  # its stats.json and special_tokens.json are untouched
+    # The same mix again replaces its own outputs as a whole, and says so.
+    rc, _, err = pretok(first, "--data-root", files.root / "src")
+    assert rc == 0 and "replaced the previous outputs of mix 'first'" in err
+    assert _digest(out) == before
+    # An output_dir that is a file, or holds a stats.json of another tool.
+    files.text("afile", "x")
+    rc, _, err = pretok(
+        first, "--data-root", files.root / "src", "--output-dir", files.root / "afile"
+    )
+    assert rc == 2 and "exists and is not a directory" in err and "Traceback" not in err
+    files.text("other/stats.json", '{"accuracy": 1}')
+    rc, _, err = pretok(
+        first, "--data-root", files.root / "src", "--output-dir", files.root / "other"
+    )
+    assert rc == 2 and "not written by data.pretokenize" in err
+    assert (files.root / "other/stats.json").read_text() == '{"accuracy": 1}'

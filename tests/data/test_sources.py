@@ -309,3 +309,26 @@ def test_oasst_bad_trees():
     bad_role = tree(msg("prompter", "P", replies=[msg("bot", "A")]))
     with pytest.raises(BadRecord, match=r"prompt\.replies\[0\]: role must be"):
         oasst(bad_role)
+
+
+def test_non_string_languages_are_bad_records_not_type_errors():
+    rows = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    # Used to raise TypeError (unhashable list) when the dataset filters by language.
+    with pytest.raises(BadRecord, match="column 'lang' must be a string, found list"):
+        convert("chat", {"messages": rows, "lang": ["en"]}, lang="en")
+    assert (
+        convert("chat", {"messages": rows, "lang": ["en"]})[0].lang is None
+    )  # no filter: as before
+    good = msg("prompter", "P", replies=[msg("assistant", "A")])
+    with pytest.raises(BadRecord, match="prompt: 'lang' must be a language code"):
+        oasst(tree({**good, "lang": ["en"]}))
+    # A lang column that is there but not a string is named as such (it used to say "no 'lang'").
+    with pytest.raises(BadRecord, match="column 'lang' must be a string, found int"):
+        convert("dolly15k_multilingual", {"instruction": "q", "response": "a", "lang": 5})
+
+
+def test_oasst_non_numeric_rank_with_top_k_is_a_bad_record():
+    t = tree(msg("prompter", "P", replies=[msg("assistant", "A", rank="first")]))
+    with pytest.raises(BadRecord, match=r"prompt\.replies\[0\]: 'rank' must be a number"):
+        oasst(t, top_k=1)  # used to raise TypeError comparing str >= int
+    assert texts(oasst(t)) == [["P", "A"]]  # without top_k the rank is never read

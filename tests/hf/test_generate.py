@@ -228,3 +228,50 @@ def test_cuda_cached_decode_matches_model_forward(random_ckpt, tokenizer, dtype)
         torch.testing.assert_close(cached.float(), full.float(), **tol)
         if dtype == torch.float32:
             assert c.tokens == _greedy_without_cache(model, prompt, 10, stop)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "hi", "system": 5}', r"p\.jsonl:1: 'system' must be a string"),  # was "5"
+        ('{"messages": [{"role": "user", "content": 42}]}',
+         r"p\.jsonl:1: message 0 needs a string 'role' .* and a string 'content'"),
+        ('{"messages": [{"role": 1, "content": "hi"}]}', r"p\.jsonl:1: message 0 needs a string"),
+        (b'"ok"\n"caf\xe9"\n', r"p\.jsonl:2: invalid UTF-8"),
+    ],
+)  # fmt: skip
+def test_prompt_values_of_the_wrong_type(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_prompts(path)
+    with pytest.raises(FileNotFoundError, match=r"is a directory \(--prompts expects"):
+        read_prompts(tmp_path)
+
+
+def test_report_cli_rejects_bad_arguments_before_generating(tmp_path, random_ckpt, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hello"\n')
+    base = ["--load", str(random_ckpt), "--prompts", str(prompts), "--max_new_tokens", "2"]
+    # --out naming a folder used to fail only after generating (IsADirectoryError).
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "r.json"), "--num_prompts", "0"])
+    assert "--num_prompts must be >= 1" in capsys.readouterr().err
+    # An unknown device was a RuntimeError traceback; a missing GPU an AssertionError.
+    assert main([*base, "--out", str(tmp_path / "r.json"), "--device", "gpu0"]) == 1
+    assert "--device 'gpu0': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--out", str(tmp_path / "r.json"), "--device", "cuda"]) == 1
+        assert "0 CUDA device(s); use --device cpu" in capsys.readouterr().err
+    # A bad prompt file is reported before the model is loaded.
+    prompts.write_text('{"prompt": 3}\n')
+    no_model = ["--load", str(tmp_path / "none"), "--prompts", str(prompts)]
+    assert main([*no_model, "--out", str(tmp_path / "r.json")]) == 1
+    assert "p.jsonl:1: expected a JSON string" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

@@ -268,3 +268,138 @@ def test_cli(tmp_path, hf_dir, imported, capsys):
     with safe_open(str(next(out.glob("model-*.safetensors"))), "pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     assert main(args) == 1  # never overwrites
+
+
+# -- bad input: every case used to end in a traceback or in a message without the file ----------
+
+
+_DELETE = object()
+
+
+def _edit_config(key, value):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        if value is _DELETE:
+            del cfg[key]
+        else:
+            cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+
+    return edit
+
+
+def _truncate(name, size):
+    def edit(d):
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[:size])
+
+    return edit
+
+
+def _first_shard(d):
+    return sorted(d.glob("model-*.safetensors"))[0].name
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: (d / "config.json").unlink(), r"no config\.json; expected a Hugging Face Llama"),
+        (lambda d: (d / "config.json").write_text("[1]"),
+         r"config\.json: expected a JSON object, found list"),
+        (lambda d: (d / "config.json").write_bytes(b"\xff{"), r"config\.json: not valid JSON"),
+        (_edit_config("hidden_size", _DELETE), r"config\.json: no 'hidden_size'"),
+        (_edit_config("hidden_size", "64"),
+         r"config\.json: hidden_size must be a positive integer, found '64'"),
+        (_edit_config("rope_scaling", "linear"), r"config\.json: rope_scaling must be an object"),
+        (_edit_config("rope_scaling", {"rope_type": "linear"}),
+         r"config\.json: rope_scaling of type 'linear' needs a numeric 'factor'"),
+        (lambda d: (d / "tokenizer_config.json").write_text("[1]"),
+         r"tokenizer_config\.json: expected a JSON object, found list"),
+        (lambda d: (d / "tokenizer_config.json").write_text('{"added_tokens_decoder": {"5": {}}}'),
+         r"tokenizer_config\.json: 'added_tokens_decoder' must map ids to"),
+        (_edit_config("model_type", "mistral"),
+         r"config\.json: model_type='mistral'; only 'llama'"),
+        (lambda d: (d / "model.safetensors.index.json").write_text("{}"),
+         r"index\.json: expected a 'weight_map' object"),
+        (lambda d: (d / _first_shard(d)).unlink(),
+         r"lists shard\(s\) \['model-00001-of-.*the download is incomplete"),
+        (lambda d: _truncate(_first_shard(d), 100)(d),
+         r"model-00001-of-\d+\.safetensors: not a readable safetensors file .*truncated"),
+    ],
+)  # fmt: skip
+def test_import_of_a_bad_hf_directory_names_the_file(tmp_path, hf_dir, capsys, edit, message):
+    import re
+    import shutil
+
+    bad = tmp_path / "hf"
+    shutil.copytree(hf_dir, bad)
+    edit(bad)
+    assert main(["import", str(bad), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / ckpt.LATEST_FILE).exists()
+
+
+def test_import_refuses_bad_targets_and_layouts(tmp_path, hf_dir, capsys):
+    assert main(["import", str(tmp_path / "nothing"), str(tmp_path / "out")]) == 1
+    assert (
+        "nothing does not exist: expected a Hugging Face Llama directory" in capsys.readouterr().err
+    )
+    assert (
+        main(["import", str(hf_dir), str(tmp_path / "out"), "--tp", "0"]) == 1
+    )  # was ZeroDivisionError
+    assert "--tp 0: must be at least 1" in capsys.readouterr().err
+    # A training run's save directory: its `latest` file must not be pointed at the import.
+    run = tmp_path / "run"
+    (run / "iter_0000100").mkdir(parents=True)
+    (run / ckpt.LATEST_FILE).write_text("100\n")
+    assert main(["import", str(hf_dir), str(run)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert (run / ckpt.LATEST_FILE).read_text() == "100\n" and not (run / "iter_0000000").exists()
+    (tmp_path / "afile").write_text("x")
+    assert main(["import", str(hf_dir), str(tmp_path / "afile")]) == 1
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_export_never_writes_into_a_used_directory_and_leaves_nothing_on_failure(
+    tmp_path, imported, capsys, monkeypatch
+):
+    import model.hf as hf
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # someone's config, not a model shard
+    assert main(["export", str(imported), str(out)]) == 1
+    assert "already holds ['config.json']" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert (out / "config.json").read_text() == "{}"
+
+    original = hf.export_tensors
+
+    def failing(get, cfg, rows):  # e.g. the disk fills up half way
+        for i, item in enumerate(original(get, cfg, rows)):
+            if i == 3:
+                raise OSError("No space left on device")
+            yield item
+
+    monkeypatch.setattr(hf, "export_tensors", failing)
+    assert main(["export", str(imported), str(tmp_path / "new")]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no half-written model left
+
+
+def test_failed_import_leaves_no_partial_iteration(tmp_path, hf_dir, capsys, monkeypatch):
+    import model.hf as hf
+
+    original = hf.import_tensors
+
+    def failing(*args, **kwargs):  # e.g. a shard whose data is damaged past its header
+        for i, item in enumerate(original(*args, **kwargs)):
+            if i == 3:
+                raise OSError("Input/output error")
+            yield item
+
+    monkeypatch.setattr(hf, "import_tensors", failing)
+    assert main(["import", str(hf_dir), str(tmp_path / "out")]) == 1
+    assert "Input/output error" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
