@@ -18,6 +18,13 @@ ARGS ?=
 TRAIN_ARGS := configs/train/$(MODEL)-stage$(STAGE).args
 SAMPLE_DATA := runs/data/sample_stage1/sample_stage1-train-text.idx runs/data/sample_stage2/sample_stage2-train-text.idx
 
+# A MODEL / STAGE without an argument file fails here, before installing or pretokenizing.
+ifneq ($(filter train,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(TRAIN_ARGS)),)
+$(error MODEL=$(MODEL) STAGE=$(STAGE): there is no $(TRAIN_ARGS); the argument files in configs/train are $(notdir $(wildcard configs/train/*.args)) (MODEL-stageSTAGE.args))
+endif
+endif
+
 .PHONY: install test test-gpu data train sample bench gpu-check plots lint format clean
 
 install: $(STAMP)
