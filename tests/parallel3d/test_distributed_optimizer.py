@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.parallel3d.common import STEPS, launch
+from tests.parallel3d.common import STEPS, launch, run_config
+from train.footprint import footprint, rank_params
 
 GLOBAL_BATCH = 16
 DIST = "--use_distributed_optimizer"
@@ -74,6 +75,13 @@ def test_tp2_pp2_dp2_sequence_parallel_matches_replicated(one_process, tmp_path)
     assert _rows(res, "grad_norm") == pytest.approx(_rows(plain, "grad_norm"), rel=1e-5)
     norm, expected, _ = res["grad_norm_ones"]
     assert norm == pytest.approx(expected, rel=1e-6)
+    # the footprint predicted for the last stage (the result's rank) is what it holds
+    rc, _ = run_config(2, 2, 8, GLOBAL_BATCH)
+    shares = res["optimizer_shares"]
+    assert shares["params"] == rank_params(rc.model, rc.model.padded_vocab_size(2), 2, 2, 1)
+    fp = footprint(rc.model, rc.model.padded_vocab_size(2), 2, 2, 2, bf16=False, distributed=True)
+    assert fp.params == shares["params"]
+    assert shares["params"] / 2 <= shares["local"] < shares["params"] / 2 + 2 * shares["buckets"]
     state, plain_state = _state(tmp_path, "dist", pp=2), _state(tmp_path, "plain", pp=2)
     assert set(state) == set(plain_state)
     for key, t in plain_state.items():

@@ -1,0 +1,50 @@
+"""train.footprint: the per-rank parameter count and state bytes predicted from the configuration
+equal what the trainer allocates (TP 1 here; TP 2 x PP 2 in the distributed-optimizer gloo test)."""
+
+import pytest
+
+from model.config import PRESETS
+from tests.train.helpers import tiny_run
+from train.footprint import GIB, bytes_per_param, footprint, rank_params
+from train.loop import Trainer
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_one_process_prediction_equals_the_allocation(distributed):
+    rc, dims, tok = tiny_run(["--use_distributed_optimizer"] if distributed else [])
+    trainer = Trainer(rc, dims, tok)
+    params = sum(p.numel() for p in trainer.params)
+    padded = rc.model.padded_vocab_size(1)
+    assert rank_params(rc.model, padded, 1, 1, 0) == params
+    fp = footprint(rc.model, padded, 1, 1, 1, bf16=False, distributed=distributed)
+    assert fp.params == params
+    weights = sum(p.numel() * p.element_size() for p in trainer.params)
+    assert fp.params * fp.weights == weights
+    assert fp.params * fp.gradients == trainer.grads.buffer.numel() * 4
+    assert fp.params * fp.optimizer == trainer.optimizer.state_bytes()
+    assert "GiB" in fp.line()
+
+
+def test_pipeline_stages_split_the_layers_and_put_embedding_and_head_at_the_ends():
+    m = PRESETS["llama2-7b"]
+    padded = m.padded_vocab_size(2)
+    whole = rank_params(m, padded, 1, 1, 0)
+    per_tp = [rank_params(m, padded, 2, 4, r) for r in range(4)]
+    norms = 2 * m.num_layers * m.hidden_size + m.hidden_size  # whole on every TP rank
+    assert sum(per_tp) == (whole - norms) // 2 + norms
+    embed = padded * m.hidden_size // 2
+    assert per_tp[0] - per_tp[1] == embed and per_tp[3] - per_tp[1] == embed + m.hidden_size
+    interleaved = [rank_params(m, padded, 2, 4, r, virtual_stages=2) for r in range(4)]
+    assert interleaved == per_tp  # the same number of layers per rank
+
+
+def test_the_distributed_optimizer_divides_the_state_by_dp():
+    assert bytes_per_param(True, 8, False) == (2, 4, 12)
+    assert bytes_per_param(True, 8, True) == (2, 4.5, 1.75)
+    assert bytes_per_param(True, 1, True) == (2, 4, 12)  # nothing to share at DP 1
+    assert bytes_per_param(False, 4, False) == (4, 4, 8)
+    m = PRESETS["llama2-7b"]
+    rep = footprint(m, m.padded_vocab_size(1), 1, 1, 8, bf16=True, distributed=False)
+    dist = footprint(m, m.padded_vocab_size(1), 1, 1, 8, bf16=True, distributed=True)
+    assert 112 < rep.total_bytes / GIB < 114  # 6.74e9 x 18 B, the README's 121 GB
+    assert 51 < dist.total_bytes / GIB < 52  # 6.74e9 x 8.25 B, the README's 56 GB
