@@ -13,6 +13,7 @@ fail when a run starts (not in `--dry_run`, which only reports them).
 
 import argparse
 import difflib
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -27,20 +28,43 @@ class ArgsError(ValueError):
 def expand_args_files(argv: list[str]) -> list[str]:
     """Replace every `@path` by the flags in that file (recursively), shell-quoted per line."""
     out: list[str] = []
+    _expand(argv, "the command line", out, [], ())
+    return out
+
+
+def _expand(
+    argv: list[str], where: str, out: list[str], origins: list[str], stack: tuple[Path, ...]
+) -> None:
+    """expand_args_files into `out`, with `origins[i]` saying where out[i] came from ("FILE:LINE"
+    or "the command line"), so errors can name the line to change."""
     for a in argv:
         if not a.startswith("@"):
             out.append(a)
+            origins.append(where)
             continue
         path = Path(a[1:])
+        within = "" if where == "the command line" else f" (at {where})"
+        if not a[1:]:
+            raise ArgsError(f"'@'{within} names no file: write @path/to/file.args")
+        if path.is_dir():
+            raise ArgsError(
+                f"arguments file {path} (from {a!r}{within}) is a directory, not a file"
+            )
         if not path.is_file():
-            raise ArgsError(f"arguments file {path} (from {a!r}) does not exist")
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            raise ArgsError(f"arguments file {path} (from {a!r}{within}) does not exist")
+        if path.resolve() in stack:
+            chain = " -> ".join(str(p) for p in (*stack, path.resolve()))
+            raise ArgsError(f"arguments file {path} includes itself ({chain}): remove the cycle")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ArgsError(f"arguments file {path}: unreadable as text ({e})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             try:
                 tokens = shlex.split(line, comments=True, posix=True)
             except ValueError as e:
                 raise ArgsError(f"{path}:{lineno}: cannot parse {line.strip()!r}: {e}") from e
-            out.extend(expand_args_files(tokens))
-    return out
+            _expand(tokens, f"{path}:{lineno}", out, origins, (*stack, path.resolve()))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -261,12 +285,29 @@ def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
     return [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
 
 
-def _unknown_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+def _places(indices: list[int], origins: list[str]) -> str:
+    """Where the tokens at `indices` came from ("" when all from the command line itself)."""
+    places = list(dict.fromkeys(origins[i] for i in indices))
+    return "" if places in ([], ["the command line"]) else ", ".join(places)
+
+
+def _consumed(parser: argparse.ArgumentParser, argv: list[str], i: int) -> bool:
+    """Whether argv[i] is the value of the flag before it (a value like any other, not stray)."""
+    action = parser._option_string_actions.get(argv[i - 1]) if i else None
+    return action is not None and action.nargs != 0
+
+
+def _unknown_message(
+    parser: argparse.ArgumentParser, unknown: list[str], argv: list[str], origins: list[str]
+) -> str:
     known = _option_strings(parser)
     lines = []
     for u in unknown:
+        stray = [i for i, a in enumerate(argv) if a == u and not _consumed(parser, argv, i)]
+        at = _places(stray, origins)
+        at = f" (at {at})" if at else ""
         if not u.startswith("-"):
-            lines.append(f"unexpected value {u!r} (no flag takes it here)")
+            lines.append(f"unexpected value {u!r}{at} (no flag takes it here)")
             continue
         flag = u.split("=", 1)[0]
         guess = difflib.get_close_matches(
@@ -276,18 +317,86 @@ def _unknown_message(parser: argparse.ArgumentParser, unknown: list[str]) -> str
         if guess:
             real = next(k for k in known if k.replace("-", "_") == guess[0])
             hint = f"; did you mean {real}?"
-        lines.append(f"unknown flag {flag}{hint}")
+        lines.append(f"unknown flag {flag}{at}{hint}")
     return "; ".join(lines)
+
+
+def _occurrences(parser: argparse.ArgumentParser, argv: list[str]) -> list[tuple[str, int, str]]:
+    """(dest, index, value text) of every known flag in argv; the value is the flag's own
+    `=value` or the tokens up to the next flag."""
+    out = []
+    for i, a in enumerate(argv):
+        if not a.startswith("--"):
+            continue
+        flag, eq, value = a.partition("=")
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            continue
+        if not eq:
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            value = " ".join(argv[i + 1 : j])
+        out.append((action.dest, i, f"{flag} {value}".strip()))
+    return out
+
+
+def _check_repeats_in_files(
+    parser: argparse.ArgumentParser, argv: list[str], origins: list[str]
+) -> None:
+    """A flag set twice to different values inside one arguments file is a mistake (which one
+    wins is invisible); after the file, on the command line or in a later file, it overrides."""
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (file, dest) -> (origin, value)
+    for dest, i, value in _occurrences(parser, argv):
+        origin = origins[i]
+        if origin == "the command line":
+            continue
+        key = (origin.rsplit(":", 1)[0], dest)
+        if key in seen and seen[key][1] != value:
+            first, before = seen[key]
+            raise ArgsError(
+                f"{origin}: `{value}` contradicts `{before}` at {first}: keep one (to override a "
+                "file's value, give the flag after the @file on the command line)"
+            )
+        seen[key] = (origin, value)
+
+
+def _locate(message: str, argv: list[str], origins: list[str]) -> str:
+    """Append where the flag an argparse message names was given (the lines of args files)."""
+    m = re.match(r"argument (--[\w-]+)", message)
+    if m is None:
+        return message
+    flag = m.group(1)
+    at = [i for i, a in enumerate(argv) if a.split("=", 1)[0] == flag]
+    bad = re.search(r"invalid .*?: '([^']*)'", message)
+    if bad is not None:  # the occurrence(s) with that value
+        v = bad.group(1)
+        at = [i for i in at if argv[i] == f"{flag}={v}" or argv[i + 1 : i + 2] == [v]] or at
+    elif "expected" in message:  # the occurrence(s) missing a value
+        nexts = [argv[i + 1] for i in at if i + 1 < len(argv) and argv[i + 1].startswith("-")]
+        at = [i for i in at if i + 1 >= len(argv) or argv[i + 1].startswith("-")] or at
+        negative = [n for n in nexts if re.fullmatch(r"-[0-9.]+(e[-+]?[0-9]+)?", n, re.I)]
+        if negative:
+            message += f"; a negative value needs the = form: {flag}={negative[0]}"
+    where = _places(at, origins)
+    return f"{message} (at {where})" if where else message
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
     """Parse the command line. Returns the namespace and the set of destinations given explicitly
     (what `--use_checkpoint_args` must not override)."""
-    argv = expand_args_files(list(sys.argv[1:] if argv is None else argv))
+    expanded: list[str] = []
+    origins: list[str] = []
+    _expand(list(sys.argv[1:] if argv is None else argv), "the command line", expanded, origins, ())
+    argv = expanded
     parser = build_parser()
-    ns, unknown = parser.parse_known_args(argv)
+    try:
+        ns, unknown = parser.parse_known_args(argv)
+    except ArgsError as e:
+        raise ArgsError(_locate(str(e), argv, origins)) from None
     if unknown:
-        raise ArgsError(_unknown_message(parser, unknown))
+        raise ArgsError(_unknown_message(parser, unknown, argv, origins))
+    _check_repeats_in_files(parser, argv, origins)
     # Which destinations were set on the command line: parse again against a namespace of sentinels.
     sentinel = object()
     probe = argparse.Namespace(**{k: sentinel for k in vars(ns)})

@@ -24,11 +24,12 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
@@ -71,11 +72,35 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     path = Path(save_dir) / LATEST_FILE
     if not path.is_file():
         return None
-    text = path.read_text().strip()
     try:
-        return int(text)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from e
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); {_latest_hint(path.parent)}") from None
+    try:
+        it = int(text)
+    except ValueError:
+        it = -1
+    if it < 0:
+        raise CheckpointError(
+            f"{path}: expected an iteration number (e.g. 500), found {text[:40]!r}; "
+            f"{_latest_hint(path.parent)}"
+        )
+    return it
+
+
+def _saved_iterations(save_dir: Path) -> list[str]:
+    """Names of the complete iteration directories (those with a meta.json) in a save dir."""
+    return sorted(p.parent.name for p in save_dir.glob(f"iter_*/{META_FILE}"))
+
+
+def _latest_hint(save_dir: Path) -> str:
+    found = _saved_iterations(save_dir)
+    if not found:
+        return "the directory holds no complete iter_XXXXXXX/ checkpoint"
+    return (
+        f"complete iterations here: {', '.join(found[-5:])}; write one's number into {LATEST_FILE} "
+        f"or pass that directory to --load"
+    )
 
 
 def resolve_iteration_dir(path: str | os.PathLike) -> Path:
@@ -85,29 +110,94 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
         return path
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(
+            f"checkpoint path {path} is a file; expected a save directory (with {LATEST_FILE}) "
+            "or an iteration directory (iter_XXXXXXX/ with meta.json)"
+        )
     it = latest_iteration(path)
     if it is None:
+        if any(p.is_dir() for p in path.glob("mp_rank_*")):
+            raise CheckpointError(
+                f"{path} has shard directories but no {META_FILE}: an incomplete iteration (an "
+                "interrupted save or a partial copy); load another iteration"
+            )
         raise CheckpointError(
             f"{path} holds no checkpoint: neither {META_FILE} (an iteration directory) nor "
-            f"{LATEST_FILE} (a save directory) is there"
+            f"{LATEST_FILE} (a save directory) is there; {_latest_hint(path)}"
         )
     d = path / iteration_dir_name(it)
     if not (d / META_FILE).is_file():
+        old = path / f".old_{iteration_dir_name(it)}"
+        why = (
+            f"; a re-save of that iteration was interrupted and left the previous copy as {old}: "
+            f"rename it to {d.name}"
+            if (old / META_FILE).is_file()
+            else f"; {_latest_hint(path)}"
+        )
         raise CheckpointError(
-            f"{path / LATEST_FILE} names iteration {it} but {d / META_FILE} is missing"
+            f"{path / LATEST_FILE} names iteration {it} but {d / META_FILE} is missing{why}"
         )
     return d
 
 
+def _int_field(meta: dict, key: str, path: Path, where: str = "") -> None:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise CheckpointError(
+            f"{path}: '{where}{key}' must be an integer >= 0, found {v!r}; the file is damaged or "
+            "not written by this trainer"
+        )
+
+
 def read_meta(iter_dir: str | os.PathLike) -> dict:
+    """meta.json of an iteration directory, checked for what loading reads from it (a damaged
+    or hand-edited file is refused here, naming the key, not with a KeyError deep in loading)."""
     path = Path(iter_dir) / META_FILE
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is missing: {Path(iter_dir)} is not a complete checkpoint"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({e}); the file is damaged: load another iteration"
+        ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format={meta.get('format')!r})")
-    if meta.get("version", 0) > FORMAT_VERSION:
+    version = meta.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: 'version' must be an integer, found {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {meta['version']} is newer than this code ({FORMAT_VERSION})"
+            f"{path}: format version {version} is newer than this code ({FORMAT_VERSION})"
         )
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(
+            f"{path}: 'model' (the model configuration) must be an object, found "
+            f"{meta.get('model')!r:.60}"
+        )
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+        cfg.validate()
+        cfg.param_shapes()  # arithmetic on every size: a string or null fails here, not later
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: 'model' is not a usable model configuration: {e}") from None
+    for key in ("iteration", "vocab_size"):
+        _int_field(meta, key, path)
+    if meta.get("has_trainer_state"):  # what a resume reads
+        _int_field(meta, "consumed_train_samples", path)
+        opt = meta.get("optimizer")
+        if not isinstance(opt, dict):
+            raise CheckpointError(f"{path}: 'optimizer' must be an object, found {opt!r:.60}")
+        _int_field(opt, "step", path, "optimizer.")
+    if not isinstance(meta.get("tokenizer") or {}, dict):
+        raise CheckpointError(f"{path}: 'tokenizer' must be an object")
+    if not isinstance(meta.get("layout") or {}, dict):
+        raise CheckpointError(f"{path}: 'layout' must be an object")
     return meta
 
 
@@ -165,6 +255,12 @@ class ShardIndex:
         if not shard_dirs:
             raise CheckpointError(f"{self.dir} has no mp_rank_* shard directories")
         for sd in shard_dirs:
+            # Every (tp, pp) shard directory gets its model file from dp rank 0.
+            if not (sd / MODEL_FILE).is_file():
+                raise CheckpointError(
+                    f"{sd / MODEL_FILE} is missing: the checkpoint is incomplete; load another "
+                    "iteration"
+                )
             self._add(sd / MODEL_FILE, "model")
             # Optimizer state replicated over DP is stored once (dp 0); a sharded optimizer would
             # write one file per dp rank, each holding its own pieces.
@@ -174,14 +270,22 @@ class ShardIndex:
     def _add(self, file: Path, kind: str | None) -> None:
         if not file.is_file():
             return
-        with safe_open(str(file), "pt") as f:
-            meta = f.metadata() or {}
-            layouts = json.loads(meta.get("tensors", "{}"))
-            for key in f.keys():
-                if key not in layouts:
-                    raise CheckpointError(f"{file}: tensor {key} has no layout metadata")
-                k, name = (kind, key) if kind else key.split("/", 1)
-                self.entries.setdefault((k, name), []).append(_Entry(file, key, layouts[key]))
+        try:
+            with safe_open(str(file), "pt") as f:
+                meta = f.metadata() or {}
+                layouts = json.loads(meta.get("tensors", "{}"))
+                keys = list(f.keys())
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            # safetensors' own message names no file
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
+                "load another iteration"
+            ) from None
+        for key in keys:
+            if key not in layouts:
+                raise CheckpointError(f"{file}: tensor {key} has no layout metadata")
+            k, name = (kind, key) if kind else key.split("/", 1)
+            self.entries.setdefault((k, name), []).append(_Entry(file, key, layouts[key]))
 
     def names(self, kind: str = "model") -> list[str]:
         return [n for k, n in self.entries if k == kind]
@@ -332,6 +436,30 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
 
 
+@contextmanager
+def _saving(save_dir: Path, iteration: int, rank: int):
+    """An OSError while saving (disk full, no permission, --save naming a file) becomes a
+    CheckpointError saying what is still there: nothing a resume reads is replaced before the
+    new iteration is complete."""
+    try:
+        yield
+    except OSError as e:
+        if rank == 0 and not _is_dist():  # a lone writer: nobody else is filling the temp dir
+            shutil.rmtree(_tmp_dir(save_dir, iteration), ignore_errors=True)
+        try:
+            prev = latest_iteration(save_dir) if save_dir.is_dir() else None
+        except CheckpointError:
+            prev = None
+        if prev is not None and (save_dir / iteration_dir_name(prev) / META_FILE).is_file():
+            kept = f"{save_dir / LATEST_FILE} still names iteration {prev}, which is intact"
+        else:
+            kept = "no earlier checkpoint there was changed"
+        raise CheckpointError(
+            f"saving iteration {iteration} to {save_dir} failed ({e}); {kept}. Free disk space "
+            "or choose a writable directory (--save), then resume with --load"
+        ) from e
+
+
 def _tmp_dir(save_dir: Path, iteration: int) -> Path:
     return save_dir / f".tmp_{iteration_dir_name(iteration)}"
 
@@ -357,7 +485,11 @@ def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(old, final)  # the previous copy back where a resume looks for it
+                raise
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
@@ -432,11 +564,12 @@ def write_full_checkpoint(
         has_optimizer=False,
         has_trainer_state=False,
     )
-    tmp = _begin(save_dir, iteration, 0)
-    (tmp / shard_dir_name(0, 0)).mkdir()
-    _save_safetensors(tmp / shard_dir_name(0, 0) / MODEL_FILE, tensors, layouts)
-    _write_json(tmp / META_FILE, meta)
-    return _commit(save_dir, iteration, 0)
+    with _saving(save_dir, iteration, 0):
+        tmp = _begin(save_dir, iteration, 0)
+        (tmp / shard_dir_name(0, 0)).mkdir()
+        _save_safetensors(tmp / shard_dir_name(0, 0) / MODEL_FILE, tensors, layouts)
+        _write_json(tmp / META_FILE, meta)
+        return _commit(save_dir, iteration, 0)
 
 
 def read_full_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
@@ -487,24 +620,25 @@ def save_checkpoint(
     save_dir = Path(save_dir)
     rank, tp_rank, pp_rank, dp_rank = ranks
     meta = _base_meta(meta, iteration)
-    tmp = _begin(save_dir, iteration, rank)
-    shard = tmp / shard_dir_name(tp_rank, pp_rank)
-    shard.mkdir(exist_ok=True)
-    if dp_rank == 0:
-        layouts = {n: tensor_layout(n, p) for n, p in params.items()}
-        _save_safetensors(shard / MODEL_FILE, params, layouts)
-        if optim_state is not None:
-            tensors, olayouts = {}, {}
-            for kind, by_name in optim_state.items():
-                for n, t in by_name.items():
-                    key = f"{kind}/{n}"
-                    tensors[key] = t
-                    olayouts[key] = dict(layouts[n], name=n)
-            _save_safetensors(shard / optim_file_name(0), tensors, olayouts)
-    _write_json(shard / state_file_name(dp_rank), rank_state)
-    if rank == 0:
-        _write_json(tmp / META_FILE, meta)
-    return _commit(save_dir, iteration, rank)
+    with _saving(save_dir, iteration, rank):
+        tmp = _begin(save_dir, iteration, rank)
+        shard = tmp / shard_dir_name(tp_rank, pp_rank)
+        shard.mkdir(exist_ok=True)
+        if dp_rank == 0:
+            layouts = {n: tensor_layout(n, p) for n, p in params.items()}
+            _save_safetensors(shard / MODEL_FILE, params, layouts)
+            if optim_state is not None:
+                tensors, olayouts = {}, {}
+                for kind, by_name in optim_state.items():
+                    for n, t in by_name.items():
+                        key = f"{kind}/{n}"
+                        tensors[key] = t
+                        olayouts[key] = dict(layouts[n], name=n)
+                _save_safetensors(shard / optim_file_name(0), tensors, olayouts)
+        _write_json(shard / state_file_name(dp_rank), rank_state)
+        if rank == 0:
+            _write_json(tmp / META_FILE, meta)
+        return _commit(save_dir, iteration, rank)
 
 
 def read_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, dp_rank: int) -> dict | None:
@@ -512,7 +646,20 @@ def read_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, dp_rank: int) ->
     path = Path(iter_dir) / shard_dir_name(tp_rank, pp_rank) / state_file_name(dp_rank)
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    return _read_rank_state(path)
+
+
+def _read_rank_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{path}: not valid JSON ({e}); the file is damaged: load another iteration, or this "
+            "one with --finetune (weights only, iteration 0)"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(state).__name__}")
+    return state
 
 
 def find_rank_state(iter_dir: Path, pp_rank: int | None = None) -> dict | None:
@@ -522,5 +669,5 @@ def find_rank_state(iter_dir: Path, pp_rank: int | None = None) -> dict | None:
     for shard in sorted(p for p in Path(iter_dir).glob(pattern) if p.is_dir()):
         files = sorted(shard.glob("state_dp*.json"))
         if files:
-            return json.loads(files[0].read_text())
+            return _read_rank_state(files[0])
     return None

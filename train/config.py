@@ -241,7 +241,19 @@ def _base_model(ns, given: set[str], rc_notes: list[str], unchecked: list[str]):
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
                 raise ArgsError(f"--model {ns.model}: {path} does not exist")
-            cfg = ModelConfig.from_hf_config(json.loads(path.read_text()), name=f"hf:{path}")
+            try:
+                hf = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(hf, dict):
+                    raise ValueError(f"expected a JSON object, found {type(hf).__name__}")
+                cfg = ModelConfig.from_hf_config(hf, name=f"hf:{path}")
+            except KeyError as e:
+                raise ArgsError(
+                    f"--model {path}: no {e} key; a Hugging Face Llama config.json has it"
+                ) from None
+            except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+                raise ArgsError(
+                    f"--model {path}: not a usable Hugging Face Llama config.json ({e})"
+                ) from None
         else:
             raise ArgsError(
                 f"--model {ns.model!r}: not a preset ({', '.join(PRESETS)}) nor a Hugging Face "
@@ -253,8 +265,10 @@ def _base_model(ns, given: set[str], rc_notes: list[str], unchecked: list[str]):
 
         try:
             meta = ckpt.read_meta(ckpt.resolve_iteration_dir(ns.load))
-        except (ckpt.CheckpointError, OSError, json.JSONDecodeError) as e:
-            unchecked.append(f"--load {ns.load}: {e}")
+        except ckpt.CheckpointError as e:
+            if Path(ns.load).exists():  # here and unusable: the run would fail on it
+                raise ArgsError(f"--load {ns.load}: {e}") from None
+            unchecked.append(f"--load {ns.load}: {e}")  # maybe on the machine that trains
     if ns.use_checkpoint_args and meta is not None:
         saved = ModelConfig.from_dict(meta["model"])
         arch = {f: getattr(saved, f) for f in ARCH_FLAGS.values()}
@@ -285,12 +299,80 @@ def _base_model(ns, given: set[str], rc_notes: list[str], unchecked: list[str]):
     return cfg, meta
 
 
+def _check_architecture(model: ModelConfig) -> list[str]:
+    """Sizes the model divides by or allocates with, named by their flag (the value may also have
+    come from --model, a config.json or the checkpoint): checked before any arithmetic on them."""
+    flag = {v: k for k, v in ARCH_FLAGS.items()}
+    problems = []
+    sizes = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_kv_heads",
+             "max_position_embeddings", "make_vocab_size_divisible_by")  # fmt: skip
+    for f in sizes:
+        if getattr(model, f) < 1:
+            problems.append(f"--{flag[f]} {getattr(model, f)}: must be >= 1")
+    for f in ("rope_theta", "rope_scaling_factor", "norm_eps"):
+        if not getattr(model, f) > 0:
+            problems.append(f"--{flag[f]} {getattr(model, f)}: must be > 0")
+    if not model.init_std >= 0:
+        problems.append(f"--init_method_std {model.init_std}: must be >= 0")
+    return problems
+
+
+def _check_ranges(ns) -> list[str]:
+    """Numeric flags outside the range they mean anything in (the loader, the schedule and AdamW
+    would otherwise fail deep inside, or train silently on nonsense)."""
+    problems = []
+    at_least = {"global_batch_size": 1, "seq_length": 2, "lr_decay_iters": 1, "exit_interval": 1,
+                "lr_warmup_iters": 0}  # fmt: skip
+    for name, low in at_least.items():
+        v = getattr(ns, name)
+        if v is not None and v < low:
+            problems.append(f"--{name} {v}: must be >= {low}")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+        v = getattr(ns, name)
+        if v is not None and not v >= 0:  # also NaN
+            problems.append(f"--{name} {v}: must be >= 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(ns, name)
+        if not 0 <= v < 1:
+            problems.append(f"--{name} {v}: must be in [0, 1)")
+    if not ns.adam_eps > 0:  # Adam divides by sqrt(v) + eps; v is 0 on never-used vocab rows
+        problems.append(f"--adam_eps {ns.adam_eps}: must be > 0")
+    if ns.lr_warmup_fraction is not None and not 0 <= ns.lr_warmup_fraction <= 1:
+        problems.append(f"--lr_warmup_fraction {ns.lr_warmup_fraction}: must be in [0, 1]")
+    return problems
+
+
+def _check_output_dirs(ns) -> list[str]:
+    """Output directories that cannot be directories (a file there or above): found now, not
+    when the first metrics line or checkpoint is written. Writability is checked when a run
+    starts (train.main), on the machine that writes."""
+    problems = []
+    for flag, value in (("--save", ns.save), ("--run_dir", ns.run_dir),
+                        ("--tensorboard_dir", ns.tensorboard_dir)):  # fmt: skip
+        if not value:
+            continue
+        path = Path(value)
+        for p in (path, *path.parents):
+            if p.exists():
+                if not p.is_dir():
+                    where = "is a file" if p == path else f"is under {p}, a file"
+                    problems.append(f"{flag} {value} {where}: give a directory")
+                break
+    return problems
+
+
 def _vocab_size(ns, meta, extra_ids: list[str], notes: list[str], unchecked: list[str]) -> int:
     """The tokenizer's vocabulary (Megatron-LLM layout), from the tokenizer file when present."""
     if ns.vocab_file and Path(ns.vocab_file).is_file():
         from data.tokenizer import Tokenizer
 
-        return Tokenizer(ns.vocab_file, extra_ids).vocab_size
+        try:
+            return Tokenizer(ns.vocab_file, extra_ids).vocab_size
+        except (OSError, ValueError) as e:
+            raise ArgsError(
+                f"--vocab_file {ns.vocab_file}: {e}; pass the SentencePiece tokenizer.model the "
+                "data was pretokenized with"
+            ) from None
     if meta is not None:
         notes.append(f"vocabulary size {meta['vocab_size']} taken from the checkpoint")
         return int(meta["vocab_size"])
@@ -325,6 +407,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
         attention_dropout=ns.attention_dropout,
         lima_dropout=ns.lima_dropout,
     )
+    _fail(_check_architecture(model))
 
     tp, pp = ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
@@ -339,7 +422,13 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
                     "to check another"
                 )
         else:
-            world_size = int(env)
+            try:
+                world_size = int(env)
+            except ValueError:
+                world_size = 0
+            if world_size < 1:
+                _fail([f"environment variable WORLD_SIZE={env!r}: expected a process count >= 1 "
+                       "(torchrun sets it; unset it for a single process)"])  # fmt: skip
     if world_size % (tp * pp):
         problems.append(
             f"world size {world_size} is not divisible by tensor ({tp}) x pipeline ({pp}) "
@@ -451,6 +540,8 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             )
         if not (ns.run_dir or ns.save):
             problems.append("--profile writes into <run_dir>/profile: give --run_dir or --save")
+    problems += _check_ranges(ns)
+    problems += _check_output_dirs(ns)
     _fail(problems)
 
     train_iters = ns.train_iters

@@ -35,6 +35,12 @@ class TokenizerInfo:
 def _check_prefix(prefix: str, flag: str) -> None:
     missing = [prefix + s for s in ("-text.idx", "-text.bin", "-role.idx", "-role.bin")
                if not Path(prefix + s).is_file()]  # fmt: skip
+    if missing and Path(prefix).is_dir():  # a directory instead of a prefix inside it
+        found = sorted(str(p)[: -len("-text.idx")] for p in Path(prefix).glob("*-train-text.idx"))
+        raise DataError(
+            f"{flag} {prefix} is a directory; it takes a file prefix ({{PREFIX}}-text.idx etc.)"
+            + (f", e.g. {found[0]}" if found else "; none is in that directory")
+        )
     if missing:
         raise DataError(
             f"{flag} {prefix}: {', '.join(missing)} not found; pretokenize first "
@@ -55,13 +61,18 @@ def open_datasets(cfg: DataConfig):
         if not Path(cfg.vocab_file).is_file():
             raise DataError(f"--vocab_file {cfg.vocab_file} does not exist")
         tok = Tokenizer(cfg.vocab_file, extra)
-    train = SFTDataset(cfg.train_prefix, vocab_size=tok.vocab_size if tok else None)
+
+    def open_split(prefix: str) -> SFTDataset:
+        if tok is not None:
+            # The tokenizer first: data made with other extra ids also fails the token-id range
+            # check, whose message cannot say that the tokenizer differs.
+            SFTDataset(prefix, validate=False).check_tokenizer(tok.fingerprint)
+        return SFTDataset(prefix, vocab_size=tok.vocab_size if tok else None)
+
+    train = open_split(cfg.train_prefix)
     valid = None
     if cfg.valid_prefix is not None and Path(cfg.valid_prefix + "-text.idx").is_file():
-        valid = SFTDataset(cfg.valid_prefix, vocab_size=tok.vocab_size if tok else None)
-    for ds in (train, valid):
-        if ds is not None and tok is not None:
-            ds.check_tokenizer(tok.fingerprint)
+        valid = open_split(cfg.valid_prefix)
     if tok is not None:
         chatml = [tok.special_tokens.get(t) for t in ("<|im_start|>", "<|im_end|>")]
         info = TokenizerInfo(tok.vocab_size, tok.fingerprint, *chatml, cfg.vocab_file, extra)

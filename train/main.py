@@ -17,6 +17,22 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _make_output_dirs(rc: RunConfig) -> str | None:
+    """Create the directories the run writes into, now rather than at the first metrics line or
+    the first checkpoint (minutes or hours in); the problem, or None."""
+    for flag, value in (("--save", rc.ckpt.save), ("--run_dir", rc.log.run_dir),
+                        ("--tensorboard_dir", rc.log.tensorboard_dir)):  # fmt: skip
+        if not value:
+            continue
+        try:
+            os.makedirs(value, exist_ok=True)
+        except OSError as e:
+            return f"{flag} {value}: cannot create the directory ({e.strerror}); give another"
+        if not os.access(value, os.W_OK | os.X_OK):
+            return f"{flag} {value}: the directory is not writable; give another"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         ns, given = parse_args(argv)
@@ -50,6 +66,9 @@ def train(rc: RunConfig) -> int:
         return _fail(str(e))
     if dims.dp != rc.parallel.dp:
         return _fail(f"launched with data parallel size {dims.dp}, configured for {rc.parallel.dp}")
+    problem = _make_output_dirs(rc)
+    if problem is not None:
+        return _fail(problem)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -72,9 +91,12 @@ def train(rc: RunConfig) -> int:
         rc.model = rc.model.replace(vocab_size=tok.vocab_size)
     try:
         trainer = Trainer(rc, dims, tok, device)
+    except ValueError as e:
+        return _fail(str(e))
+    try:
         loader_state = trainer.load(rc.ckpt.load) if rc.ckpt.load else None
     except (ckpt.CheckpointError, ValueError) as e:
-        return _fail(str(e))
+        return _fail(f"--load {rc.ckpt.load}: {e}")
     train_loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
     if loader_state is not None:
         try:
@@ -115,6 +137,8 @@ def train(rc: RunConfig) -> int:
             telemetry.record("activation_memory", trainer.iteration, values, "memory")
     try:
         run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry)
+    except ckpt.CheckpointError as e:  # a failed save: the message says what is still intact
+        return _fail(str(e))
     finally:
         if telemetry is not None:
             telemetry.close()

@@ -109,3 +109,47 @@ def test_another_tokenizer_is_refused_by_the_data(data_dir, tmp_path, capsys):
             "0", "--vocab_extra_ids_list", "<|im_start|>,<|im_end|>,<x>"]  # fmt: skip
     assert main(argv) == 2
     assert "made with tokenizer" in capsys.readouterr().err
+
+
+def test_fewer_extra_ids_than_the_data_is_refused_as_another_tokenizer(data_dir, tmp_path, capsys):
+    # the data holds ids past this vocabulary: the tokenizer mismatch is what to report, not the
+    # out-of-range token id it causes
+    argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 1), "--lr_warmup_iters",
+            "0", "--vocab_extra_ids_list", "<|im_start|>"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "made with tokenizer" in err and "extra ids differ" in err
+
+
+def test_data_path_naming_a_directory_suggests_the_prefix(data_dir, tmp_path, capsys):
+    argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 1), "--lr_warmup_iters",
+            "0", "--data_path", str(data_dir / "sample_stage1")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a directory; it takes a file prefix" in err
+    assert str(data_dir / "sample_stage1" / "sample_stage1-train") in err
+
+
+def test_a_failed_save_mid_run_is_reported_and_keeps_the_checkpoints(
+    stage1, data_dir, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    from train import checkpoint as ckpt
+
+    save = tmp_path / "checkpoints"
+    shutil.copytree(stage1 / "checkpoints", save)
+    before = {str(p): p.read_bytes() for p in sorted(save.rglob("*")) if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_save_safetensors", disk_full)
+    argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 17), "--load", str(save),
+            "--save", str(save), "--eval_iters", "0", "--no-activation_memory_report"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: saving iteration 17" in err and "No space left on device" in err
+    assert "still names iteration 16, which is intact" in err and "Traceback" not in err
+    after = {str(p): p.read_bytes() for p in sorted(save.rglob("*")) if p.is_file()}
+    assert after == before
