@@ -8,6 +8,7 @@ from pathlib import Path
 
 from model.config import PRESETS, ModelConfig, param_count
 from train.args import ArgsError
+from train.footprint import GIB, footprint
 
 # Llama-2's SentencePiece model has 32000 pieces; Megatron-LLM adds <CLS> <SEP> <EOD> <MASK> <PAD>.
 LLAMA2_BASE_VOCAB = 32000
@@ -651,6 +652,26 @@ def _human(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def state_footprint_line(rc: RunConfig) -> str:
+    """The largest rank's weights, gradients and optimizer state, predicted (train.footprint)."""
+    par = rc.parallel
+    padded = rc.model.padded_vocab_size(par.tp)
+    virtual = rc.model.num_layers // (par.pp * par.virtual_stage_layers) if (
+        par.virtual_stage_layers
+    ) else 1  # fmt: skip
+
+    def fp(distributed: bool):
+        return footprint(rc.model, padded, par.tp, par.pp, par.dp, rc.loop.bf16, distributed,
+                         virtual)  # fmt: skip
+
+    where = "bf16 weights on GPU" if rc.loop.bf16 else "fp32 weights"
+    line = (f"states on the largest rank ({where}, GiB): {fp(rc.optim.distributed).line()}, "
+            "before activations")  # fmt: skip
+    if par.dp > 1 and not rc.optim.distributed:
+        line += f"; --use_distributed_optimizer would make it {fp(True).total_bytes / GIB:.2f}"
+    return line
+
+
 def describe(rc: RunConfig) -> str:
     """Human-readable resolved configuration (printed by --dry_run and at start-up)."""
     lines = ["------------------------ resolved configuration ------------------------"]
@@ -666,6 +687,7 @@ def describe(rc: RunConfig) -> str:
         f"{m.padded_vocab_size(tp)} (vocab {m.vocab_size}, tp {tp}); per (tp, pp) rank about "
         f"{_human(per_rank)}"
     )
+    lines.append(state_footprint_line(rc))
     for title, items in (
         ("notes", rc.notes),
         ("cannot run yet", rc.deferred),

@@ -3,6 +3,7 @@
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,31 @@ def main(argv: list[str] | None = None) -> int:
             "these settings need a later part of the project:\n  - " + "\n  - ".join(rc.deferred)
         )
     return train(rc)
+
+
+def _earlier_run_note(rc: RunConfig) -> str | None:
+    """A warning when --save already holds an earlier run's checkpoints that this run does not
+    resume from: iterations it reaches replace theirs, and the latest file will name its own."""
+    from train import checkpoint as ckpt
+
+    save, load = rc.ckpt.save, rc.ckpt.load
+    if not save:
+        return None
+    try:
+        it = ckpt.latest_iteration(save)
+    except ckpt.CheckpointError:
+        return None
+    if it is None:
+        return None
+    save_dir = Path(save).resolve()
+    if load and save_dir in (Path(load).resolve(), *Path(load).resolve().parents):
+        return None  # resuming from it (or from one of its iterations)
+    return (
+        f" WARNING: --save {save} already holds an earlier run (its latest iteration is {it}) and "
+        "this run does not --load it: the iterations this run saves replace those with the same "
+        f"number, and {ckpt.LATEST_FILE} will name this run's. To resume instead, pass --load "
+        f"{save}; to keep both, choose another --save."
+    )
 
 
 def train(rc: RunConfig) -> int:
@@ -122,6 +148,9 @@ def train(rc: RunConfig) -> int:
             f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
             f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
         log(" " + state_memory_line(trainer))
+        note = _earlier_run_note(rc)
+        if note:
+            log(note)
     if rc.log.activation_memory_report:
         tokens = min(rc.data.seq_length, 256) // (2 * dims.tp) * (2 * dims.tp)
         rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks

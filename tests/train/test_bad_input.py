@@ -284,3 +284,28 @@ def test_failed_resave_of_the_same_iteration_restores_it(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert _tree(tmp_path) == before
     assert ckpt.resolve_iteration_dir(tmp_path) == d
+
+
+def test_a_new_run_into_an_earlier_runs_save_directory_is_warned_about(tmp_path):
+    """Not refused (Megatron overwrites, and a second `make train STAGE=1` must work), but said
+    at start-up: the earlier run's iterations of the same number will be replaced."""
+    import dataclasses
+
+    from tests.train.helpers import tiny_run
+    from train.main import _earlier_run_note
+
+    save = tmp_path / "ckpt"
+    rc, _, _ = tiny_run()
+
+    def note(load=None, save_dir=save):
+        rc.ckpt = dataclasses.replace(rc.ckpt, save=str(save_dir), load=load)
+        return _earlier_run_note(rc)
+
+    assert note() is None  # nothing saved there yet
+    (save / "iter_0000005").mkdir(parents=True)
+    (save / "latest_checkpointed_iteration.txt").write_text("5")
+    msg = note()
+    assert msg and "WARNING" in msg and "iteration is 5" in msg and f"--load {save}" in msg
+    assert note(load=str(save)) is None  # resuming it
+    assert note(load=str(save / "iter_0000005")) is None
+    assert "WARNING" in note(load=str(tmp_path / "elsewhere"))  # --finetune from another run

@@ -48,3 +48,18 @@ def test_the_distributed_optimizer_divides_the_state_by_dp():
     dist = footprint(m, m.padded_vocab_size(1), 1, 1, 8, bf16=True, distributed=True)
     assert 112 < rep.total_bytes / GIB < 114  # 6.74e9 x 18 B, the README's 121 GB
     assert 51 < dist.total_bytes / GIB < 52  # 6.74e9 x 8.25 B, the README's 56 GB
+
+
+def test_dry_run_description_prints_the_footprint_and_the_distributed_alternative():
+    from tests.parallel3d.common import run_config
+    from train.config import describe
+
+    rc, _ = run_config(1, 2, 8, 16)  # DP 4
+    text = describe(rc)
+    line = next(x for x in text.splitlines() if x.startswith("states on the largest rank"))
+    assert "--use_distributed_optimizer would make it" in line
+    rc, _ = run_config(1, 2, 8, 16, ["--use_distributed_optimizer"])
+    line = next(x for x in describe(rc).splitlines() if x.startswith("states on the largest"))
+    assert "would make it" not in line
+    fp = footprint(rc.model, rc.model.padded_vocab_size(1), 1, 2, 4, False, True)
+    assert f"= {fp.total_bytes / GIB:.2f} GiB" in line
