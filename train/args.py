@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rampup_batch_size", nargs="*")
     g.add_argument("--use_distributed_optimizer", action="store_true")
     g.add_argument(
+        "--optimizer_cpu_offload",
+        action="store_true",
+        help="keep the masters and Adam moments in host memory and update them on the CPU "
+        "(with --use_distributed_optimizer; each DP rank keeps its share)",
+    )
+    g.add_argument(
         "--dry_run",
         action="store_true",
         help="validate, print the resolved config and parameter count, exit",

@@ -54,6 +54,8 @@ class OptimizerConfig:
     clip_grad: float  # global L2 norm bound; 0 disables
     # --use_distributed_optimizer: master weights and moments split over DP (ShardedAdamW)
     distributed: bool = False
+    # --optimizer_cpu_offload: those masters and moments in host memory, updated on the CPU
+    cpu_offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,11 @@ def _refuse_unsupported(ns, problems: list[str]) -> None:
         problems.append("--rampup_batch_size is not supported: use a constant --global_batch_size")
     if ns.optimizer != "adam":
         problems.append(f"--optimizer {ns.optimizer}: only adam (AdamW) is implemented")
+    if ns.optimizer_cpu_offload and not ns.use_distributed_optimizer:
+        problems.append(
+            "--optimizer_cpu_offload needs --use_distributed_optimizer (as in Megatron): add it, "
+            "and each data-parallel rank keeps only its share of the state in host memory"
+        )
     if ns.data_path and len(ns.data_path) > 1:
         problems.append(
             f"--data_path takes one pretokenized prefix, got {ns.data_path}: blends are made by "
@@ -600,6 +607,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.weight_decay,
             ns.clip_grad,
             ns.use_distributed_optimizer,
+            ns.optimizer_cpu_offload,
         ),
         schedule=ScheduleConfig(ns.lr, ns.min_lr, ns.lr_decay_style, warmup, decay_iters),
         ckpt=CheckpointConfig(
@@ -660,13 +668,13 @@ def state_footprint_line(rc: RunConfig) -> str:
         par.virtual_stage_layers
     ) else 1  # fmt: skip
 
-    def fp(distributed: bool):
+    def fp(distributed: bool, offload: bool = False):
         return footprint(rc.model, padded, par.tp, par.pp, par.dp, rc.loop.bf16, distributed,
-                         virtual)  # fmt: skip
+                         virtual, offload)  # fmt: skip
 
     where = "bf16 weights on GPU" if rc.loop.bf16 else "fp32 weights"
-    line = (f"states on the largest rank ({where}, GiB): {fp(rc.optim.distributed).line()}, "
-            "before activations")  # fmt: skip
+    ours = fp(rc.optim.distributed, rc.optim.cpu_offload)
+    line = f"states on the largest rank ({where}, GiB): {ours.line()}, before activations"
     if par.dp > 1 and not rc.optim.distributed:
         line += f"; --use_distributed_optimizer would make it {fp(True).total_bytes / GIB:.2f}"
     return line

@@ -9,6 +9,8 @@ The byte counts follow what the trainer allocates (train.optimizer, parallel.dat
   optimizer    fp32 masters and two moments: 12 B replicated (8 B when the weights are fp32
                themselves: the masters are the weights); with the distributed optimizer at
                DP > 1, (12 + the bf16 staging copy 2) / DP B
+  host         with --optimizer_cpu_offload the masters and moments (12 / DP B) move to host
+               memory; the device keeps only the staging copy at DP > 1
 """
 
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ class Footprint:
     weights: float
     gradients: float
     optimizer: float
+    host: float = 0.0  # bytes per parameter in host memory (an offloaded optimizer)
 
     @property
     def total_bytes(self) -> float:
@@ -36,17 +39,23 @@ class Footprint:
     def line(self) -> str:
         parts = [(k, self.params * getattr(self, k) / GIB) for k in ("weights", "gradients",
                                                                      "optimizer")]  # fmt: skip
-        return " + ".join(f"{k} {v:.2f}" for k, v in parts) + (
-            f" = {self.total_bytes / GIB:.2f} GiB"
-        )
+        text = " + ".join(f"{k} {v:.2f}" for k, v in parts)
+        text += f" = {self.total_bytes / GIB:.2f} GiB"
+        if self.host:
+            text += f" (and {self.params * self.host / GIB:.2f} GiB of host memory)"
+        return text
 
 
-def bytes_per_param(bf16: bool, dp: int, distributed: bool) -> tuple[float, float, float]:
-    """(weights, gradients, optimizer) bytes per parameter on one rank."""
+def bytes_per_param(bf16: bool, dp: int, distributed: bool,
+                    offload: bool = False) -> tuple[float, float, float, float]:  # fmt: skip
+    """(weights, gradients, optimizer, host) bytes per parameter on one rank."""
     weights = 2.0 if bf16 else 4.0
+    if offload:  # needs the distributed optimizer; the staging copy only at DP > 1
+        grads = 4.0 + (4.0 / dp if dp > 1 else 0.0)
+        return weights, grads, (weights / dp if dp > 1 else 0.0), 12.0 / dp
     if distributed and dp > 1:
-        return weights, 4.0 + 4.0 / dp, (12.0 + (2.0 if bf16 else 0.0)) / dp
-    return weights, 4.0, 12.0 if bf16 else 8.0
+        return weights, 4.0 + 4.0 / dp, (12.0 + (2.0 if bf16 else 0.0)) / dp, 0.0
+    return weights, 4.0, 12.0 if bf16 else 8.0, 0.0
 
 
 def rank_params(model: ModelConfig, padded_vocab: int, tp: int, pp: int, pp_rank: int,
@@ -74,8 +83,9 @@ def rank_params(model: ModelConfig, padded_vocab: int, tp: int, pp: int, pp_rank
 
 
 def footprint(model: ModelConfig, padded_vocab: int, tp: int, pp: int, dp: int, bf16: bool,
-              distributed: bool, virtual_stages: int = 1) -> Footprint:  # fmt: skip
+              distributed: bool, virtual_stages: int = 1,
+              offload: bool = False) -> Footprint:  # fmt: skip
     """The footprint of the rank with the most parameters (the last pipeline stage: the head
     and the final norm, or the first one's embedding when that is larger)."""
     params = max(rank_params(model, padded_vocab, tp, pp, r, virtual_stages) for r in range(pp))
-    return Footprint(params, *bytes_per_param(bf16, dp, distributed))
+    return Footprint(params, *bytes_per_param(bf16, dp, distributed, offload))

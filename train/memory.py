@@ -81,5 +81,8 @@ def state_memory_line(trainer) -> str:
         grads += buf.local_grad.numel() * 4
     optim = trainer.optimizer.state_bytes()
     how = f"distributed over dp {buf.dp_size}" if buf.sharded else "replicated on each DP rank"
+    host = getattr(trainer.optimizer, "host_state_bytes", lambda: 0)()
+    if host:
+        how += f"; {host / gib:.3f} GiB more in host memory"
     return (f"states on this rank: weights {weights / gib:.3f} GiB, fp32 gradients "
             f"{grads / gib:.3f} GiB, optimizer {optim / gib:.3f} GiB ({how})")  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from kernels import reference as kernels_reference
 from kernels.adamw import fused_adamw
 from parallel.data_parallel import GradBuffer
 from train.config import OptimizerConfig
@@ -175,6 +176,23 @@ class FlatAdamW:
                 g.master.copy_(g.model_flat)
 
 
+def host_adamw(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
+               exp_avg_sq: torch.Tensor, *, step: torch.Tensor, lr: float, beta1: float,
+               beta2: float, eps: float, weight_decay: float) -> None:  # fmt: skip
+    """The AdamW update of `kernels.reference.adamw` on CPU tensors, in one pass where torch has
+    its fused CPU kernel (the reference makes eight; measured here, 0.29 against 1.39 ms per
+    million fp32 values). step: the 1-based step count as a 0-d float tensor."""
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is None:
+        kernels_reference.adamw(params, grads, exp_avg, exp_avg_sq, lr=lr, beta1=beta1,
+                                beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                step=int(step))  # fmt: skip
+        return
+    fused([params], [grads], [exp_avg], [exp_avg_sq], [], [step], lr=lr, beta1=beta1,
+          beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
+          grad_scale=None, found_inf=None)  # fmt: skip
+
+
 class ShardedAdamW:
     """The distributed optimizer (ZeRO stage 1, Megatron's `--use_distributed_optimizer`): the
     fp32 master weights and both moments are split over the data-parallel ranks, so each rank
@@ -191,7 +209,16 @@ class ShardedAdamW:
 
     `state_tensors()` and `load_state_tensors()` use the checkpoint format of `FlatAdamW` (whole
     per-parameter tensors), so a checkpoint moves freely between the two and across DP sizes.
+
+    With `cfg.cpu_offload` (`--optimizer_cpu_offload`) the masters and moments live in host
+    memory and the update runs on the CPU (torch's fused CPU AdamW, one pass), chunk by chunk:
+    the reduced fp32 gradients come over in pinned chunks, the next chunk's copy running while
+    the CPU updates this one, and the new weights go back in the model dtype. The GPU then holds
+    only the weights and the gradient buffer: 6 B per parameter at DP 1, so Llama-2-7B's states
+    take 38 GiB of an 80 GB card instead of 113 GiB.
     """
+
+    OFFLOAD_CHUNK = 1 << 22  # elements per host round trip: 16 MB of fp32 gradient
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig,
                  grads: GradBuffer):  # fmt: skip
@@ -218,15 +245,27 @@ class ShardedAdamW:
                 view.copy_(p.data)
                 p.data = view
         self.pieces = grads.bucket_pieces()
-        if self.dp == 1:  # the shard is everything: FlatAdamW's arrangement, nothing to gather
+        self.offload = cfg.cpu_offload
+        if self.dp == 1 and not self.offload:
+            # the shard is everything: FlatAdamW's arrangement, nothing to gather
             self.master = self.model_flat if dtype == torch.float32 else self.model_flat.float()
             self.model_out = None if dtype == torch.float32 else self.model_flat
         else:
-            self.master = torch.empty(grads.shard_numel, dtype=torch.float32, device=device)
-            self.model_out = None if dtype == torch.float32 else torch.empty_like(
-                self.master, dtype=dtype
-            )  # fmt: skip
+            state_device = torch.device("cpu") if self.offload else device
+            self.master = torch.empty(grads.shard_numel, dtype=torch.float32, device=state_device)
+            if self.dp == 1:  # offloaded: the host writes the weights straight into the model
+                self.model_out = self.model_flat
+            elif dtype == torch.float32 and not self.offload:
+                self.model_out = None  # the masters are gathered themselves
+            else:  # the pieces' new weights, on the device, for the all-gather
+                self.model_out = torch.empty(grads.shard_numel, dtype=dtype, device=device)
             self.sync_master_from_model()
+        if self.offload:
+            pin = device.type == "cuda"  # pinned: the copies run asynchronously, at full speed
+            self.chunk = self.OFFLOAD_CHUNK
+            n = min(self.chunk, grads.shard_numel)
+            self._grad_host = [torch.empty(n, pin_memory=pin) for _ in range(2)]
+            self._out_host = [torch.empty(n, dtype=dtype, pin_memory=pin) for _ in range(2)]
         self.exp_avg = torch.zeros_like(self.master)
         self.exp_avg_sq = torch.zeros_like(self.master)
 
@@ -251,13 +290,21 @@ class ShardedAdamW:
         return {"master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}[kind]
 
     def state_bytes(self) -> int:
-        """Bytes of state this optimizer holds beyond the model's weights: this rank's share of
-        masters and moments, and the staging copy of its new weights."""
-        own = [self.exp_avg, self.exp_avg_sq]
-        if self.master.data_ptr() != self.model_flat.data_ptr():
+        """Bytes of state this optimizer holds on the model's device beyond the weights: this
+        rank's share of masters and moments (unless offloaded), and the staging copy of its new
+        weights."""
+        own = [] if self.offload else [self.exp_avg, self.exp_avg_sq]
+        if not self.offload and self.master.data_ptr() != self.model_flat.data_ptr():
             own.append(self.master)
         if self.model_out is not None and self.model_out.data_ptr() != self.model_flat.data_ptr():
             own.append(self.model_out)
+        return sum(t.numel() * t.element_size() for t in own)
+
+    def host_state_bytes(self) -> int:
+        """Bytes in host memory: the offloaded masters and moments, and the pinned chunks."""
+        if not self.offload:
+            return 0
+        own = [self.master, self.exp_avg, self.exp_avg_sq, *self._grad_host, *self._out_host]
         return sum(t.numel() * t.element_size() for t in own)
 
     @torch.no_grad()
@@ -265,6 +312,10 @@ class ShardedAdamW:
         """Update this rank's shard from `grads.local_grad`, then all-gather the new weights.
         Collective over the DP group (every DP rank steps, or none)."""
         self.step_count += 1
+        if self.offload:
+            self._step_on_host(lr, grad_scale)
+            self._gather_weights()
+            return
         grad = self.grads.local_grad
         for lo, hi, wd in self.segments:
             fused_adamw(
@@ -274,6 +325,50 @@ class ShardedAdamW:
                 model_out=None if self.model_out is None else self.model_out[lo:hi],
             )  # fmt: skip
         self._gather_weights()
+
+    def _step_on_host(self, lr: float, grad_scale: float) -> None:
+        """The offloaded update, chunk by chunk (class docstring). Two pinned slots each way: the
+        gradient copy of chunk i + 1 is issued before chunk i is updated, and a slot's outgoing
+        weights are overwritten only after their copy to the device has finished."""
+        grad, out = self.grads.local_grad, self.model_out
+        cuda = grad.is_cuda
+        chunks = [(a, min(a + self.chunk, hi), wd) for lo, hi, wd in self.segments
+                  for a in range(lo, hi, self.chunk)]  # fmt: skip
+        arrived: list = [None, None]  # per slot: the event after its gradient copy
+        sent: list = [None, None]  # per slot: the event after its weights' copy
+
+        def fetch(i: int) -> None:
+            a, b, _ = chunks[i]
+            self._grad_host[i % 2][: b - a].copy_(grad[a:b], non_blocking=cuda)
+            if cuda:
+                arrived[i % 2] = torch.cuda.Event()
+                arrived[i % 2].record()
+
+        fetch(0)
+        step = torch.tensor(float(self.step_count))
+        for i, (a, b, wd) in enumerate(chunks):
+            slot, n = i % 2, b - a
+            if cuda:
+                arrived[slot].synchronize()
+            if i + 1 < len(chunks):
+                fetch(i + 1)  # the other slot: its chunk i - 1 was updated already
+            g = self._grad_host[slot][:n]
+            if grad_scale != 1.0:
+                g.mul_(grad_scale)
+            host_adamw(self.master[a:b], g, self.exp_avg[a:b], self.exp_avg_sq[a:b], step=step,
+                       lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps,
+                       weight_decay=wd)  # fmt: skip
+            if sent[slot] is not None:
+                sent[slot].synchronize()
+            staged = self._out_host[slot][:n]
+            staged.copy_(self.master[a:b])
+            out[a:b].copy_(staged, non_blocking=cuda)
+            if cuda:
+                sent[slot] = torch.cuda.Event()
+                sent[slot].record()
+        for ev in sent:  # the slots are free again before the next step writes them
+            if ev is not None:
+                ev.synchronize()
 
     def _gather_weights(self) -> None:
         """Every rank's new pieces into every rank's model buffer (nothing to do at DP 1)."""
@@ -306,7 +401,7 @@ class ShardedAdamW:
                     out[kind][name] = buf[off : off + p.numel()].view(p.shape)
             return out
         longest = max(end - start for start, end, _, _, _ in self.pieces)
-        staging = torch.empty(longest, dtype=torch.float32, device=self.master.device)
+        staging = torch.empty(longest, dtype=torch.float32, device=self.model_flat.device)
         for kind in KINDS:
             local = self.buffer(kind)
             full = torch.empty(self.model_flat.numel(), dtype=torch.float32) if (
@@ -314,7 +409,8 @@ class ShardedAdamW:
             ) else None  # fmt: skip
             for start, end, _, lo, n in self.pieces:
                 tmp = staging[: end - start]
-                dist.all_gather_into_tensor(tmp, local[lo : lo + n], group=self.group)
+                piece = local[lo : lo + n].to(staging.device)  # offloaded: via the device
+                dist.all_gather_into_tensor(tmp, piece, group=self.group)
                 if full is not None:
                     full[start:end].copy_(tmp)
             if full is not None:
@@ -349,7 +445,7 @@ class ShardedAdamW:
     @torch.no_grad()
     def sync_master_from_model(self) -> None:
         """After the model weights were overwritten (a weights-only load): masters = weights."""
-        if self.dp == 1:
+        if self.dp == 1 and not self.offload:
             if self.model_out is not None:
                 self.master.copy_(self.model_flat)
             return

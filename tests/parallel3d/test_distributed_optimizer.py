@@ -102,3 +102,19 @@ def test_interleaved_pp2_dp2_small_buckets_matches_one_process(one_process, tmp_
     assert set(state) == set(ref_state)
     for key, t in ref_state.items():
         torch.testing.assert_close(state[key], t, rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_cpu_offload_at_dp2_matches_one_process(one_process, tmp_path):
+    """--optimizer_cpu_offload at DP 2: each rank's pieces updated in host memory, sent back
+    through the device staging buffer and all-gathered; saved state gathered from the host."""
+    ref, ref_state = one_process
+    res = launch(2, str(tmp_path), {
+        "name": "offload", "global_batch": GLOBAL_BATCH, "dump_after_train": True,
+        "args": [DIST, "--optimizer_cpu_offload"],
+    })  # fmt: skip
+    assert res["dp"] == 2
+    assert _rows(res, "lm_loss") == pytest.approx(_rows(ref, "lm_loss"), rel=1e-5)
+    state = _state(tmp_path, "offload")
+    assert set(state) == set(ref_state)
+    for key, t in ref_state.items():
+        torch.testing.assert_close(state[key], t, rtol=1e-4, atol=2e-5, msg=key)

@@ -39,10 +39,12 @@ def test_pipeline_stages_split_the_layers_and_put_embedding_and_head_at_the_ends
 
 
 def test_the_distributed_optimizer_divides_the_state_by_dp():
-    assert bytes_per_param(True, 8, False) == (2, 4, 12)
-    assert bytes_per_param(True, 8, True) == (2, 4.5, 1.75)
-    assert bytes_per_param(True, 1, True) == (2, 4, 12)  # nothing to share at DP 1
-    assert bytes_per_param(False, 4, False) == (4, 4, 8)
+    assert bytes_per_param(True, 8, False) == (2, 4, 12, 0)
+    assert bytes_per_param(True, 8, True) == (2, 4.5, 1.75, 0)
+    assert bytes_per_param(True, 1, True) == (2, 4, 12, 0)  # nothing to share at DP 1
+    assert bytes_per_param(False, 4, False) == (4, 4, 8, 0)
+    assert bytes_per_param(True, 1, True, offload=True) == (2, 4, 0, 12)
+    assert bytes_per_param(True, 8, True, offload=True) == (2, 4.5, 0.25, 1.5)
     m = PRESETS["llama2-7b"]
     rep = footprint(m, m.padded_vocab_size(1), 1, 1, 8, bf16=True, distributed=False)
     dist = footprint(m, m.padded_vocab_size(1), 1, 1, 8, bf16=True, distributed=True)
@@ -63,3 +65,15 @@ def test_dry_run_description_prints_the_footprint_and_the_distributed_alternativ
     assert "would make it" not in line
     fp = footprint(rc.model, rc.model.padded_vocab_size(1), 1, 2, 4, False, True)
     assert f"= {fp.total_bytes / GIB:.2f} GiB" in line
+
+
+def test_offloaded_one_process_prediction_equals_the_allocation():
+    rc, dims, tok = tiny_run(["--use_distributed_optimizer", "--optimizer_cpu_offload"])
+    trainer = Trainer(rc, dims, tok)
+    fp = footprint(rc.model, rc.model.padded_vocab_size(1), 1, 1, 1, bf16=False,
+                   distributed=True, offload=True)  # fmt: skip
+    assert fp.params * fp.optimizer == trainer.optimizer.state_bytes() == 0
+    pinned = sum(t.numel() * t.element_size() for t in
+                 trainer.optimizer._grad_host + trainer.optimizer._out_host)  # fmt: skip
+    assert fp.params * fp.host == trainer.optimizer.host_state_bytes() - pinned
+    assert "GiB of host memory" in fp.line()

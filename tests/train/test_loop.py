@@ -172,3 +172,35 @@ def test_distributed_optimizer_at_dp1_equals_the_replicated_one():
         assert set(a[kind]) == set(b[kind])
         for name, t in a[kind].items():
             assert torch.equal(b[kind][name], t), (kind, name)
+
+
+def test_optimizer_cpu_offload_at_dp1_follows_the_replicated_optimizer():
+    """--optimizer_cpu_offload: masters and moments in host memory, updated by the host AdamW
+    in chunks (several here, and a chunk cut across the decay / no-decay boundary): the same
+    losses and state as FlatAdamW's kernel to fp32 rounding; no state left on the device side."""
+    from train.optimizer import ShardedAdamW
+
+    runs = []
+    for extra in ([], ["--use_distributed_optimizer", "--optimizer_cpu_offload"]):
+        rc, dims, tok = tiny_run(["--train_iters", "6", "--weight_decay", "0.1", *extra])
+        torch.manual_seed(0)
+        old = ShardedAdamW.OFFLOAD_CHUNK
+        ShardedAdamW.OFFLOAD_CHUNK = 100_003  # several chunks over the tiny model's 3.4M
+        try:
+            trainer = Trainer(rc, dims, tok)
+            history = run_training(rc, dims, trainer, SyntheticLoader(2, 32, 2), {}, None)
+        finally:
+            ShardedAdamW.OFFLOAD_CHUNK = old
+        runs.append((trainer, [r["lm_loss"] for r in history if r["type"] == "train"]))
+    (plain, want), (off, got) = runs
+    assert off.optimizer.offload and off.optimizer.model_out is off.optimizer.model_flat
+    assert off.optimizer.state_bytes() == 0
+    n = off.grads.shard_numel
+    assert off.optimizer.host_state_bytes() == 12 * n + 2 * 2 * 4 * 100_003
+    assert len(got) == 6 and got == pytest.approx(want, rel=1e-5)
+    a, b = plain.optimizer.state_tensors(), off.optimizer.state_tensors()
+    for kind in a:
+        for name, t in a[kind].items():
+            torch.testing.assert_close(b[kind][name], t, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, p), (_, q) in zip(plain.named_parameters(), off.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
