@@ -26,6 +26,9 @@ data):
   the same number of rows; its note gives useful (sample) tokens/s against the packed case;
 - "ours[no recompute]", "ours[full recompute]": the memory/speed trade of recomputation.
 
+Then op "optimizer_step": the AdamW step alone over 2^27 bf16 parameters, on the device and
+with `--optimizer_cpu_offload` (host link GB/s and seconds per billion parameters in the note).
+
 FLOPs are model FLOPs (`train.metrics.step_flops`: 6 x matmul parameters x tokens plus causal
 attention over each document's pairs; recomputation not counted), so the rows' TFLOP/s and MFU
 are comparable with published MFU figures. `%ceil` is against the measured 8192^3 matmul rate;
@@ -49,12 +52,14 @@ from bench.harness import Row, add_ratios, print_table, write_json
 from data.chat import Role
 from data.loader import LoaderConfig, build_micro_batch, pack_rows
 from kernels.linear import fp32_out_addmm
+from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from train.args import parse_args
-from train.config import resolve
+from train.config import OptimizerConfig, resolve
 from train.data import TokenizerInfo
 from train.loop import Trainer
 from train.metrics import peak_flops_per_gpu, step_flops
+from train.optimizer import ShardedAdamW
 
 VOCAB = 32007  # Llama-2's 32000 + Megatron's 5 specials + <|im_start|>, <|im_end|>
 SKIPPED = "skipped: section time budget spent"
@@ -255,6 +260,56 @@ def rows_for(
     return rows
 
 
+def optimizer_rows(numel: int, device: str, steps: int, deadline: float | None = None) -> list[Row]:
+    """The optimizer step alone over `numel` bf16 parameters (one matrix, weight-decayed) at DP 1:
+    on the device (the fused AdamW kernel) and offloaded (`--optimizer_cpu_offload`: gradients
+    to the host in pinned chunks, torch's fused CPU AdamW, bf16 weights back). The
+    host link rate in the note counts 4 B of gradient out and 2 B of weight back per parameter."""
+    cpu = device == "cpu"
+    dtype = torch.float32 if cpu else torch.bfloat16
+    rows = []
+    for impl, offload in (("ours", False), ("ours[cpu offload]", True)):
+        row = Row("optimizer_step", f"{numel:,} params", "fp32" if cpu else "bf16",
+                  "step", impl)  # fmt: skip
+        rows.append(row)
+        if deadline is not None and time.time() + 10 > deadline:
+            row.error = SKIPPED
+            continue
+        try:
+            w = torch.nn.Parameter(torch.zeros(numel // 1024, 1024, dtype=dtype, device=device))
+            grads = GradBuffer([w], shard_over_dp=True)
+            cfg = OptimizerConfig(0.9, 0.95, 1e-12, 0.1, 1.0, True, offload)
+            opt = ShardedAdamW([("w", w)], cfg, grads)
+            grads.buffer.normal_()
+            times = []
+            for i in range(steps + 1):  # the first: allocation and page faults
+                _sync(device)
+                t0 = time.perf_counter()
+                opt.step(1e-5)
+                _sync(device)
+                if i:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        except Exception as e:  # a failed case is a loud row, not a lost section
+            row.error = f"{type(e).__name__}: {e}"[:300]
+            continue
+        finally:
+            w = grads = opt = None  # noqa: F841 -- free the buffers before the next case
+            gc.collect()
+            if not cpu:
+                torch.cuda.empty_cache()
+        q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [0] * 9
+        row.ms, row.ms_p20, row.ms_p80 = statistics.median(times), q[1], q[7]
+        per_billion = row.ms / numel * 1e9 / 1e3
+        row.note = f"{per_billion:.2f} s per billion parameters"
+        if offload:
+            row.note += (f"; host link {6 * numel / row.ms / 1e6:.1f} GB/s; "
+                         f"{torch.get_num_threads()} host threads")  # fmt: skip
+        if cpu:
+            row.note += "; cpu plumbing check, not a measurement"
+    add_ratios(rows)
+    return rows
+
+
 def gpu_rows(
     ceilings: dict, quick: bool, deadline: float | None = None, device: str = "cuda"
 ) -> list[Row]:
@@ -262,11 +317,14 @@ def gpu_rows(
     plumbing check of this code, never a measurement."""
     if device == "cpu":
         shape = Shape(layers=2, seq=256, micro_batches=2, hidden=64, ffn=160, heads=4, kv_heads=2)
-        return rows_for(shape, ceilings, device, warmup=1, steps=2, deadline=deadline)
+        rows = rows_for(shape, ceilings, device, warmup=1, steps=2, deadline=deadline)
+        return rows + optimizer_rows(1 << 16, device, steps=2, deadline=deadline)
     if not torch.cuda.is_available():
         raise RuntimeError("bench.bench_train.gpu_rows: no CUDA device")
     shape = Shape(layers=8 if quick else 16)
-    return rows_for(shape, ceilings, device, warmup=2, steps=4 if quick else 10, deadline=deadline)
+    rows = rows_for(shape, ceilings, device, warmup=2, steps=4 if quick else 10, deadline=deadline)
+    # After the training steps (their trainer is gone): 2^27 parameters, 1.6 GB of host state.
+    return rows + optimizer_rows(1 << 27, device, steps=5, deadline=deadline)
 
 
 def main(argv: list[str] | None = None) -> int:

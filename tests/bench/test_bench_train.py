@@ -40,10 +40,16 @@ def test_every_case_trains_on_cpu():
         ("train_step_padded", "ours"),
         ("train_step", "ours[no recompute]"),
         ("train_step", "ours[full recompute]"),
+        ("optimizer_step", "ours"),
+        ("optimizer_step", "ours[cpu offload]"),
     ]
     for r in rows:
         assert r.error is None, r.error
+    for r in rows[:5]:
         assert r.ms > 0 and r.flops > 0 and r.tflops > 0 and "tokens/s" in r.note
+    for r in rows[5:]:
+        assert r.ms > 0 and "s per billion parameters" in r.note
+    assert "host link" in rows[6].note and "ours[cpu offload]" in rows[5].ratio_vs
     assert set(rows[0].ratio_vs) == {
         "ours[no wgrad fusion]",
         "ours[no recompute]",
@@ -54,7 +60,7 @@ def test_every_case_trains_on_cpu():
 
 def test_a_spent_budget_skips_every_case():
     rows = gpu_rows(CEILINGS, True, deadline=time.time() - 1, device="cpu")
-    assert len(rows) == 5 and all(r.error and "skipped" in r.error for r in rows)
+    assert len(rows) == 7 and all(r.error and "skipped" in r.error for r in rows)
     assert all(r.ms is None for r in rows)
 
 
