@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save")
     g.add_argument("--save_interval", type=int)
+    g.add_argument(
+        "--keep_last_n_checkpoints",
+        type=int,
+        help="after each save, delete this run's older iterations in --save but the newest N "
+        "(iterations numbered above the one saved are never touched); default: keep all",
+    )
     g.add_argument("--load")
     g.add_argument(
         "--finetune",

@@ -498,6 +498,34 @@ def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
     return final
 
 
+def prune_iterations(save_dir: str | os.PathLike, newest: int, keep: int) -> list[Path]:
+    """Delete the complete iteration directories of `save_dir` numbered below `newest` (the
+    iteration just saved), all but the `keep - 1` most recent of them, so that `keep` remain with
+    `newest`. Iterations numbered above `newest` (another run's), incomplete and temporary
+    directories are left alone. Call on one rank after the save committed (the latest file names
+    `newest`). Returns the deleted directories."""
+    save_dir = Path(save_dir)
+    if keep < 1:
+        raise ValueError(f"keep {keep}: at least the newest checkpoint is kept (>= 1)")
+    if latest_iteration(save_dir) != newest:
+        raise CheckpointError(
+            f"{save_dir / LATEST_FILE} does not name iteration {newest}: not pruning older ones"
+        )
+    older = []
+    for d in save_dir.glob("iter_*"):
+        try:
+            it = int(d.name.removeprefix("iter_"))
+        except ValueError:
+            continue
+        if d.is_dir() and (d / META_FILE).is_file() and it < newest:
+            older.append((it, d))
+    older.sort(reverse=True)
+    doomed = [d for _, d in older[keep - 1 :]]
+    for d in doomed:
+        shutil.rmtree(d)
+    return doomed
+
+
 # ----------------------------------------------------------------------------------------------
 # full (unsharded) checkpoints: HF import/export and tools
 

@@ -82,6 +82,7 @@ class CheckpointConfig:
     save_rng: bool = True
     load_optim: bool = True
     load_rng: bool = True
+    keep_last: int | None = None  # --keep_last_n_checkpoints: older iterations are deleted
 
 
 @dataclass(frozen=True)
@@ -330,7 +331,7 @@ def _check_ranges(ns) -> list[str]:
     would otherwise fail deep inside, or train silently on nonsense)."""
     problems = []
     at_least = {"global_batch_size": 1, "seq_length": 2, "lr_decay_iters": 1, "exit_interval": 1,
-                "lr_warmup_iters": 0}  # fmt: skip
+                "lr_warmup_iters": 0, "keep_last_n_checkpoints": 1}  # fmt: skip
     for name, low in at_least.items():
         v = getattr(ns, name)
         if v is not None and v < low:
@@ -620,6 +621,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             not ns.no_save_rng,
             not ns.no_load_optim,
             not ns.no_load_rng,
+            ns.keep_last_n_checkpoints,
         ),
         log=LogConfig(
             ns.log_interval,

@@ -345,6 +345,16 @@ class Trainer:
             meta=self.checkpoint_meta(), rank_state=rank_state,
             ranks=(d.rank, d.tp_rank, d.pp_rank, d.dp_rank),
         )  # fmt: skip
+        if rc.ckpt.keep_last and d.rank == 0:
+            try:
+                gone = ckpt.prune_iterations(rc.ckpt.save, self.iteration, rc.ckpt.keep_last)
+            except (OSError, ckpt.CheckpointError) as e:  # training goes on; the disk fills
+                log(f" WARNING: could not delete older checkpoints in {rc.ckpt.save}: {e}")
+            else:
+                if gone:
+                    names = ", ".join(p.name for p in gone)
+                    log(f" deleted older checkpoints ({names}): --keep_last_n_checkpoints "
+                        f"{rc.ckpt.keep_last}")  # fmt: skip
 
     def load(self, path: str) -> dict | None:
         """Load --load, saved at this or any other TP/PP/DP layout: every rank reads just the
