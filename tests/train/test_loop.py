@@ -204,3 +204,10 @@ def test_optimizer_cpu_offload_at_dp1_follows_the_replicated_optimizer():
             torch.testing.assert_close(b[kind][name], t, rtol=1e-4, atol=1e-6, msg=name)
     for (name, p), (_, q) in zip(plain.named_parameters(), off.named_parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_optimizer_cpu_offload_needs_the_distributed_optimizer():
+    from train.args import ArgsError
+
+    with pytest.raises(ArgsError, match="--optimizer_cpu_offload needs --use_distributed_optim"):
+        tiny_run(["--optimizer_cpu_offload"])
