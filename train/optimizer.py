@@ -43,6 +43,16 @@ def param_order(named_params: list[tuple[str, nn.Parameter]]) -> list[tuple[str,
     return decay + no_decay
 
 
+def _read_flat(read, kind: str, name: str, p: nn.Parameter) -> torch.Tensor:
+    """`read(kind, name, p)` (a checkpoint's whole tensor), checked against p's shape, flat."""
+    t = read(kind, name, p)
+    if tuple(t.shape) != tuple(p.shape):
+        raise ValueError(
+            f"optimizer state {kind}/{name}: shape {tuple(t.shape)}, parameter has {tuple(p.shape)}"
+        )
+    return t.reshape(-1)
+
+
 def _flat_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A 1-D view over `tensors` when they lie back to back in one storage, else None."""
     first = tensors[0]
@@ -158,13 +168,7 @@ class FlatAdamW:
         for g in self.groups:
             for name, p, off in zip(g.names, g.params, g.offsets):
                 for kind in KINDS:
-                    t = read(kind, name, p)
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"optimizer state {kind}/{name}: shape {tuple(t.shape)}, parameter "
-                            f"has {tuple(p.shape)}"
-                        )
-                    g.buffer(kind)[off : off + p.numel()].copy_(t.reshape(-1))
+                    g.buffer(kind)[off : off + p.numel()].copy_(_read_flat(read, kind, name, p))
             if g.model_out is not None:
                 g.model_out.copy_(g.master)
 
@@ -430,13 +434,7 @@ class ShardedAdamW:
                 continue
             lo, hi, first = where
             for kind in KINDS:
-                t = read(kind, name, p)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"optimizer state {kind}/{name}: shape {tuple(t.shape)}, parameter "
-                        f"has {tuple(p.shape)}"
-                    )
-                piece = t.reshape(-1)[first : first + hi - lo]
+                piece = _read_flat(read, kind, name, p)[first : first + hi - lo]
                 self.buffer(kind)[lo:hi].copy_(piece)
         if self.model_out is not None:
             self.model_out.copy_(self.master)
