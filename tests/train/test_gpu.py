@@ -41,19 +41,24 @@ def test_weights_are_drawn_on_the_gpu_reproducibly():
     assert abs(w.std().item() / rc.model.init_std - 1) < 0.05
 
 
-def test_distributed_optimizer_at_dp1_trains_bf16_like_the_replicated_one():
-    """--use_distributed_optimizer on one GPU (its DP 1 path: the shard is the whole padded
-    buffer, masters upcast, the kernel writing the bf16 weights in place): the same losses and
-    the same bf16 weights as the replicated optimizer, bit for bit with clipping off (the two
-    gradient norms sum in another order)."""
+def _bf16_runs(*variants: list[str]) -> list[tuple[Trainer, list[float]]]:
+    """(trainer, losses) of 8 bf16 steps on the GPU per variant's extra flags, from the same
+    seed, clipping off (the gradient norms of the optimizers sum in different orders)."""
     runs = []
-    for extra in ([], ["--use_distributed_optimizer"]):
+    for extra in variants:
         rc, dims, tok = tiny_run(["--bf16", "--train_iters", "8", "--clip_grad", "0", *extra])
         torch.manual_seed(0)
         trainer = Trainer(rc, dims, tok, device="cuda")
         history = run_training(rc, dims, trainer, SyntheticLoader(2, 64, 2), {}, None)
         runs.append((trainer, [r["lm_loss"] for r in history if r["type"] == "train"]))
-    (plain, want), (dist, got) = runs
+    return runs
+
+
+def test_distributed_optimizer_at_dp1_trains_bf16_like_the_replicated_one():
+    """--use_distributed_optimizer on one GPU (its DP 1 path: the shard is the whole padded
+    buffer, masters upcast, the kernel writing the bf16 weights in place): the same losses and
+    the same bf16 weights as the replicated optimizer, bit for bit."""
+    (plain, want), (dist, got) = _bf16_runs([], ["--use_distributed_optimizer"])
     assert dist.grads.sharded and dist.optimizer.model_flat.dtype == torch.bfloat16
     assert got == want
     for (name, p), (_, q) in zip(plain.named_parameters(), dist.named_parameters()):
@@ -62,21 +67,15 @@ def test_distributed_optimizer_at_dp1_trains_bf16_like_the_replicated_one():
 
 def test_optimizer_cpu_offload_trains_bf16_on_gpu_like_the_device_optimizer(monkeypatch):
     """--optimizer_cpu_offload on a GPU: masters and moments in host memory, the gradients
-    brought over and the bf16 weights sent back in pinned chunks (34 here, both slots reused,
+    brought over and the bf16 weights sent back in pinned chunks (12 here, both slots reused,
     the copies overlapping the host update): the losses and masters follow the device
     optimizer's (bf16 rounding steers the two runs apart a little), and the bf16 weights are
     exactly the rounded masters."""
     from train.optimizer import ShardedAdamW
 
-    monkeypatch.setattr(ShardedAdamW, "OFFLOAD_CHUNK", 100_003)
-    runs = []
-    for extra in ([], ["--use_distributed_optimizer", "--optimizer_cpu_offload"]):
-        rc, dims, tok = tiny_run(["--bf16", "--train_iters", "8", "--clip_grad", "0", *extra])
-        torch.manual_seed(0)
-        trainer = Trainer(rc, dims, tok, device="cuda")
-        history = run_training(rc, dims, trainer, SyntheticLoader(2, 64, 2), {}, None)
-        runs.append((trainer, [r["lm_loss"] for r in history if r["type"] == "train"]))
-    (plain, want), (off, got) = runs
+    monkeypatch.setattr(ShardedAdamW, "OFFLOAD_CHUNK", 10_007)
+    offload = ["--use_distributed_optimizer", "--optimizer_cpu_offload"]
+    (plain, want), (off, got) = _bf16_runs([], offload)
     opt = off.optimizer
     assert opt.offload and not opt.master.is_cuda and opt._grad_host[0].is_pinned()
     assert opt.model_flat.is_cuda and opt.model_flat.dtype == torch.bfloat16

@@ -185,7 +185,7 @@ def test_optimizer_cpu_offload_at_dp1_follows_the_replicated_optimizer():
         rc, dims, tok = tiny_run(["--train_iters", "6", "--weight_decay", "0.1", *extra])
         torch.manual_seed(0)
         old = ShardedAdamW.OFFLOAD_CHUNK
-        ShardedAdamW.OFFLOAD_CHUNK = 100_003  # several chunks over the tiny model's 3.4M
+        ShardedAdamW.OFFLOAD_CHUNK = 10_007  # 12 chunks over the model's 100,672 values
         try:
             trainer = Trainer(rc, dims, tok)
             history = run_training(rc, dims, trainer, SyntheticLoader(2, 32, 2), {}, None)
@@ -196,7 +196,7 @@ def test_optimizer_cpu_offload_at_dp1_follows_the_replicated_optimizer():
     assert off.optimizer.offload and off.optimizer.model_out is off.optimizer.model_flat
     assert off.optimizer.state_bytes() == 0
     n = off.grads.shard_numel
-    assert off.optimizer.host_state_bytes() == 12 * n + 2 * 2 * 4 * 100_003
+    assert off.optimizer.host_state_bytes() == 12 * n + 2 * 2 * 4 * 10_007
     assert len(got) == 6 and got == pytest.approx(want, rel=1e-5)
     a, b = plain.optimizer.state_tensors(), off.optimizer.state_tensors()
     for kind in a:
