@@ -92,9 +92,12 @@ class ParallelDims:
         return world_size // (tp * pp)
 
     @classmethod
-    def build(cls, tp: int = 1, pp: int = 1, backend: str | None = None) -> "ParallelDims":
+    def build(cls, tp: int = 1, pp: int = 1, backend: str | None = None,
+              timeout_minutes: float = 10.0) -> "ParallelDims":  # fmt: skip
         """Initialise torch.distributed from torchrun's environment (if launched by it) and create
-        the TP, PP and DP groups. A single process without torchrun needs no process group."""
+        the TP, PP and DP groups. A single process without torchrun needs no process group.
+        timeout_minutes: how long a collective waits for the slowest rank (saving a 70B
+        checkpoint's 30 GB per rank on slow storage can take longer than the default 10)."""
         if dist.is_initialized():
             world = dist.get_world_size()
         else:
@@ -102,17 +105,18 @@ class ParallelDims:
         dp = cls.check(world, tp, pp)
         if world == 1:
             return cls(tp=tp, pp=pp, dp=dp, rank=0)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if not dist.is_initialized():
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+            dist.init_process_group(backend, timeout=timeout)
         rank = dist.get_rank()
         dims = cls(tp=tp, pp=pp, dp=dp, rank=rank)
         # Every process must create every group, in the same order (torch.distributed rule).
         for axis in AXES:
             for ranks in dims.axis_groups(axis):
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if rank in ranks and getattr(dims, axis) > 1:
                     setattr(dims, f"{axis}_group", g)
         return dims

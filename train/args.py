@@ -236,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_layers_per_virtual_pipeline_stage", type=int)
     g.add_argument("--sequence_parallel", action="store_true")
     g.add_argument("--distributed_backend", choices=["nccl", "gloo"])
+    g.add_argument(
+        "--distributed_timeout_minutes",
+        type=float,
+        default=10.0,
+        help="how long a collective may wait for the slowest rank before the run fails (as in "
+        "Megatron); raise it when saving or loading large checkpoints on slow storage",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument(

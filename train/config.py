@@ -25,6 +25,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard norms/dropout over the sequence (only with tp > 1)
     virtual_stage_layers: int | None = None  # layers per virtual pipeline stage (interleaved)
     backend: str | None = None  # torch.distributed backend; None: nccl on GPU, gloo on CPU
+    timeout_minutes: float = 10.0  # --distributed_timeout_minutes: a collective's longest wait
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,10 @@ def _check_ranges(ns) -> list[str]:
         v = getattr(ns, name)
         if v is not None and v < low:
             problems.append(f"--{name} {v}: must be >= {low}")
+    if not ns.distributed_timeout_minutes > 0:
+        problems.append(
+            f"--distributed_timeout_minutes {ns.distributed_timeout_minutes}: must be > 0"
+        )
     for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
         v = getattr(ns, name)
         if v is not None and not v >= 0:  # also NaN
@@ -587,7 +592,13 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     return RunConfig(
         model=model,
         parallel=ParallelConfig(
-            tp, pp, dp, sp, ns.num_layers_per_virtual_pipeline_stage, ns.distributed_backend
+            tp,
+            pp,
+            dp,
+            sp,
+            ns.num_layers_per_virtual_pipeline_stage,
+            ns.distributed_backend,
+            ns.distributed_timeout_minutes,
         ),
         data=DataConfig(
             prefix,

@@ -87,7 +87,8 @@ def train(rc: RunConfig) -> int:
 
     t_setup = time.perf_counter()
     try:
-        dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend)
+        dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend,
+                                  timeout_minutes=rc.parallel.timeout_minutes)  # fmt: skip
     except ValueError as e:
         return _fail(str(e))
     if dims.dp != rc.parallel.dp:

@@ -25,3 +25,25 @@ def test_axis_groups_partition_the_world_in_megatron_order(tp, dp, pp):
 def test_world_size_check_names_the_fix():
     with pytest.raises(ValueError, match="multiple of 4"):
         ParallelDims.check(6, tp=2, pp=2)
+
+
+def test_the_distributed_timeout_reaches_every_group():
+    """--distributed_timeout_minutes: the default group and every TP/PP/DP group wait that long
+    for the slowest rank (a 70B checkpoint's save can outlast the default 10 minutes)."""
+    import os
+    import socket
+
+    from tests.gloo_ranks import REPO, run_ranks
+    from tests.train.helpers import tiny_run
+    from train.args import ArgsError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(REPO, "tests", "parallel", "timeout_worker.py")
+    logs = run_ranks(worker, [str(port), "0.5"], 2, 120, "timeout job")
+    assert all("timeout 0:00:30" in log for log in logs), logs
+    rc, _, _ = tiny_run(["--distributed_timeout_minutes", "45"])
+    assert rc.parallel.timeout_minutes == 45
+    with pytest.raises(ArgsError, match="--distributed_timeout_minutes 0.0: must be > 0"):
+        tiny_run(["--distributed_timeout_minutes", "0"])
