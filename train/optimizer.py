@@ -207,9 +207,10 @@ class ShardedAdamW:
     buffer laid out exactly like the gradient buffer (buckets padded to a multiple of DP), and DP
     rank r updates piece r of every bucket -- the pieces whose reduced gradients the buffer's
     reduce-scatter left in `grads.local_grad`. The new weights of each piece are then all-gathered
-    into every rank's model buffer, one collective per bucket. The update is the same kernel over
-    the same numbers as `FlatAdamW` (two launches: the decayed elements come first in the local
-    order, the norm weights after), so the two agree to the last bit at any DP size.
+    into every rank's model buffer, one collective per bucket. The update is the same kernel as
+    `FlatAdamW`'s (two launches: the decayed elements come first in the local order, the norm
+    weights after): the two agree to the last bit at DP 1, and at DP > 1 up to the order in which
+    the reduce-scatter and the all-reduce sum the ranks' gradients.
 
     `state_tensors()` and `load_state_tensors()` use the checkpoint format of `FlatAdamW` (whole
     per-parameter tensors), so a checkpoint moves freely between the two and across DP sizes.
