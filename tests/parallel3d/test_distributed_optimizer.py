@@ -118,3 +118,17 @@ def test_cpu_offload_at_dp2_matches_one_process(one_process, tmp_path):
     assert set(state) == set(ref_state)
     for key, t in ref_state.items():
         torch.testing.assert_close(state[key], t, rtol=1e-4, atol=2e-5, msg=key)
+
+
+def test_without_weight_gradient_fusion_matches_one_process(one_process, tmp_path):
+    """--no_gradient_accumulation_fusion at DP 2: every gradient arrives through the hooks and
+    autograd's .grad, then is reduce-scattered as before."""
+    ref, ref_state = one_process
+    res = launch(2, str(tmp_path), {
+        "name": "unfused", "global_batch": GLOBAL_BATCH, "dump_after_train": True,
+        "args": [DIST, "--no_gradient_accumulation_fusion"],
+    })  # fmt: skip
+    assert _rows(res, "lm_loss") == pytest.approx(_rows(ref, "lm_loss"), rel=1e-5)
+    state = _state(tmp_path, "unfused")
+    for key, t in ref_state.items():
+        torch.testing.assert_close(state[key], t, rtol=1e-4, atol=2e-5, msg=key)
