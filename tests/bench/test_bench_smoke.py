@@ -231,3 +231,13 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
         tmp_path / "out" / json_path.with_suffix(".md").name
     ).exists()
     assert out.rstrip().splitlines()[-1].startswith("slow"), "the short table must come last"
+
+
+def test_gpu_tests_run_the_kernels_last():
+    """The kernels' compiles take most of the tests section: every other folder goes first, so
+    an interrupted run still has the quick GPU tests (training, optimizers)."""
+    paths = gpu_check.ordered_test_paths("tests")
+    assert paths[-1] == "tests/kernels" and paths.count("tests/kernels") == 1
+    assert {"tests/train", "tests/parallel3d", "tests/hf"} <= set(paths)
+    assert not any(p.endswith("__pycache__") for p in paths)
+    assert gpu_check.ordered_test_paths("tests/train") == ["tests/train"]
