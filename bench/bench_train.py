@@ -58,6 +58,7 @@ from train.args import parse_args
 from train.config import OptimizerConfig, resolve
 from train.data import TokenizerInfo
 from train.loop import Trainer
+from train.memory import activation_report, peak_estimate
 from train.metrics import peak_flops_per_gpu, step_flops
 from train.optimizer import ShardedAdamW
 
@@ -215,10 +216,12 @@ def rows_for(
         try:
             if trainer is None:
                 trainer = Trainer(rc, dims, tok, device=device)
+                per_token = activation_report(trainer.model, 256, device, trainer.dtype)
                 t_case = time.time()  # the build is once: not a case's duration
             for stage in trainer.stages:
                 stage.set_recompute(recompute)
             trainer.grads.set_fuse_weight_grads(fuse)
+            predicted = peak_estimate(trainer, per_token, recompute).total
             batch, useful = micro_batches(shape, packed, VOCAB)
             # The first case compiles and autotunes; later ones need one step to settle (the
             # padded rows' longer documents autotune attention for their length there).
@@ -247,7 +250,10 @@ def rows_for(
             notes.append(f"MFU {row.tflops * 1e14 / peak_flops:.1f}% of {peak_flops / 1e12:.0f}")
         if m["peak"] is not None:
             notes.append(f"peak {m['peak'] / 2**30:.1f} GiB (weights, grads and optimizer "
-                         f"{m['states'] / 2**30:.1f} GiB)")  # fmt: skip
+                         f"{m['states'] / 2**30:.1f} GiB; train.memory predicted "
+                         f"{predicted / 2**30:.1f})")  # fmt: skip
+        else:
+            notes.append(f"train.memory predicts a peak of {predicted / 2**30:.2f} GiB")
         notes.append("phases (ms) " + ", ".join(f"{k} {v:.1f}" for k, v in m["phases"].items()))
         if fuse and not cpu:
             how = "one cuBLAS call" if fp32_out_addmm(torch.device(device)) else "two steps"

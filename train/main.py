@@ -82,7 +82,7 @@ def train(rc: RunConfig) -> int:
     from train import checkpoint as ckpt
     from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
     from train.loop import Trainer, run_training
-    from train.memory import activation_report, state_memory_line
+    from train.memory import activation_report, peak_estimate, peak_line, state_memory_line
     from train.metrics import Telemetry
 
     t_setup = time.perf_counter()
@@ -165,6 +165,13 @@ def train(rc: RunConfig) -> int:
             )
             values = {f"bytes_per_token_{k}": v for k, v in rep.items()}
             telemetry.record("activation_memory", trainer.iteration, values, "memory")
+            line, too_big = peak_line(peak_estimate(trainer, rep), device)
+            log(" " + line)
+            if too_big:
+                log(" WARNING: that is more than 92% of the device's memory, so the first steps "
+                    "may run out of it: lower --micro_batch_size, recompute more "
+                    "(--recompute_granularity full), add tensor or pipeline parallelism, or "
+                    "--use_distributed_optimizer (with --optimizer_cpu_offload)")  # fmt: skip
     try:
         run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry)
     except ckpt.CheckpointError as e:  # a failed save: the message says what is still intact

@@ -9,10 +9,13 @@ numbers show. Linear in tokens up to the attention core, whose saved state is li
 (flash-style: output and log-sum-exp).
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from model.llama import Block, _maybe_recompute
+from parallel.pipeline_schedule import max_in_flight
 
 
 def _set_block_mode(block: Block, mode: str) -> None:
@@ -86,3 +89,67 @@ def state_memory_line(trainer) -> str:
         how += f"; {host / gib:.3f} GiB more in host memory"
     return (f"states on this rank: weights {weights / gib:.3f} GiB, fp32 gradients "
             f"{grads / gib:.3f} GiB, optimizer {optim / gib:.3f} GiB ({how})")  # fmt: skip
+
+
+@dataclass
+class PeakEstimate:
+    """What one rank should hold at the peak of a step, in bytes (an estimate: allocator
+    fragmentation and kernel workspaces come on top)."""
+
+    states: float  # allocated now: weights, gradient buffer, optimizer state on the device
+    activations: float  # saved for backward by the micro-batches in flight
+    logits: float  # the last stage's logits of one micro-batch, their gradient, the head's output
+    in_flight: int  # (micro-batch, chunk) forwards awaiting their backward at most
+    layers: float  # per chunk
+    mode: str  # recompute granularity
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.logits
+
+
+def peak_estimate(trainer, per_token: dict[str, float], mode: str | None = None) -> PeakEstimate:
+    """The peak of a step on this rank, from the states allocated now, the activation bytes per
+    token and layer `per_token` measured by `activation_report`, and the pipeline's in-flight
+    bound. With --recompute_method block only the first recompute_num_layers of a chunk are
+    fully recomputed; the others keep everything. mode: the recompute granularity the layers
+    were set to, when not the run's (a benchmark switching them)."""
+    rc, dims = trainer.rc, trainer.dims
+    loop = rc.loop
+    tokens = rc.data.micro_batch_size * rc.data.seq_length
+    chunks = len(trainer.stages)
+    layers = sum(len(s.layers) for s in trainer.stages) / chunks
+    mode = mode or loop.recompute_granularity
+    if mode == "full" and loop.recompute_method == "block":
+        full = min(loop.recompute_num_layers, layers)
+        per_layer = (full * per_token["full"] + (layers - full) * per_token["none"]) / layers
+    else:
+        per_layer = per_token[mode]
+    in_flight = max_in_flight(dims.pp, dims.pp_rank, loop.num_microbatches, chunks)
+    activations = per_layer * tokens * layers * in_flight
+    logits = 0.0
+    if dims.is_last_stage:
+        width = trainer.padded_vocab // dims.tp
+        logits = 3.0 * tokens * width * torch.finfo(trainer.dtype).bits / 8
+    device = trainer.device
+    if device.type == "cuda":
+        states = float(torch.cuda.memory_allocated(device))
+    else:
+        states = float(sum(p.numel() * p.element_size() for _, p in trainer.named_parameters()))
+        states += trainer.grads.buffer.numel() * 4 + trainer.optimizer.state_bytes()
+    return PeakEstimate(states, activations, logits, in_flight, layers, mode)
+
+
+def peak_line(est: PeakEstimate, device) -> tuple[str, bool]:
+    """(log line, whether it looks too large for the device: over 92% of its memory)."""
+    gib = 2**30
+    line = (f"memory estimate at the step's peak on this rank: states {est.states / gib:.2f} + "
+            f"activations {est.activations / gib:.2f} ({est.in_flight} micro-batch chunk(s) in "
+            f"flight x {est.layers:g} layers, {est.mode} recompute) + logits "
+            f"{est.logits / gib:.2f} = {est.total / gib:.2f} GiB")  # fmt: skip
+    device = torch.device(device)
+    if device.type != "cuda":
+        return line, False
+    capacity = torch.cuda.get_device_properties(device).total_memory
+    line += f" of {capacity / gib:.1f} GiB on {device}"
+    return line, est.total > 0.92 * capacity

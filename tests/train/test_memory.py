@@ -1,0 +1,44 @@
+"""train.memory's start-up estimate of a step's peak: states allocated, activations of the
+micro-batches in flight (from the measured bytes per token and layer), and the last stage's
+logits; the benchmark compares it with the measured peak on a GPU (bench_train)."""
+
+import pytest
+
+from tests.train.helpers import tiny_run
+from train.loop import Trainer
+from train.memory import peak_estimate, peak_line
+
+PER_TOKEN = {"none": 1000.0, "selective": 600.0, "full": 40.0}  # bytes per token and layer
+
+
+def _trainer(extra=()):
+    rc, dims, tok = tiny_run(list(extra))
+    return Trainer(rc, dims, tok)
+
+
+def test_one_stage_holds_one_micro_batch_and_the_logits():
+    t = _trainer(["--recompute_granularity", "selective"])
+    rc = t.rc
+    tokens = rc.data.micro_batch_size * rc.data.seq_length
+    est = peak_estimate(t, PER_TOKEN)
+    assert est.in_flight == 1 and est.mode == "selective"
+    assert est.layers == rc.model.num_layers
+    assert est.activations == 600.0 * tokens * rc.model.num_layers
+    assert est.logits == 3 * tokens * t.padded_vocab * 4  # fp32 on the CPU
+    weights = sum(p.numel() * 4 for p in t.params)
+    assert est.states == weights + t.grads.buffer.numel() * 4 + t.optimizer.state_bytes()
+    assert est.total == est.states + est.activations + est.logits
+    assert peak_estimate(t, PER_TOKEN, mode="none").activations == pytest.approx(
+        est.activations * 1000 / 600
+    )
+    line, too_big = peak_line(est, "cpu")
+    assert "GiB" in line and "1 micro-batch chunk(s) in flight" in line and not too_big
+
+
+def test_block_recompute_mixes_full_and_stored_layers():
+    t = _trainer(["--recompute_granularity", "full", "--recompute_method", "block",
+                  "--recompute_num_layers", "1"])  # fmt: skip
+    tokens = t.rc.data.micro_batch_size * t.rc.data.seq_length
+    layers = t.rc.model.num_layers
+    est = peak_estimate(t, PER_TOKEN)
+    assert est.activations == pytest.approx((40.0 + (layers - 1) * 1000.0) * tokens)
