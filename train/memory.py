@@ -126,7 +126,9 @@ def peak_estimate(trainer, per_token: dict[str, float], mode: str | None = None)
     else:
         per_layer = per_token[mode]
     in_flight = max_in_flight(dims.pp, dims.pp_rank, loop.num_microbatches, chunks)
-    activations = per_layer * tokens * layers * in_flight
+    # plus, during one layer's backward, what its recomputation rebuilds on top of what it kept
+    recomputed = max(per_token["none"] - min(per_token[mode], per_layer), 0.0) * tokens
+    activations = per_layer * tokens * layers * in_flight + recomputed
     logits = 0.0
     if dims.is_last_stage:
         width = trainer.padded_vocab // dims.tp
