@@ -73,16 +73,24 @@ def activation_report(model: nn.Module, tokens: int, device, dtype) -> dict[str,
             for mode in ("none", "selective", "full")}  # fmt: skip
 
 
-def state_memory_line(trainer) -> str:
-    """One log line: the bytes of weights, fp32 gradients and optimizer state on this rank (what
-    the distributed optimizer divides by DP is the last)."""
-    gib = 2**30
+def state_bytes(trainer) -> tuple[int, int, int]:
+    """(weights, fp32 gradients, optimizer state) bytes this rank holds on its device; the
+    gradients include the distributed optimizer's reduced pieces when they are a separate
+    buffer."""
     weights = sum(p.numel() * p.element_size() for _, p in trainer.named_parameters())
     buf = trainer.grads
     grads = buf.buffer.numel() * 4
     if buf.local_grad.data_ptr() != buf.buffer.data_ptr():
         grads += buf.local_grad.numel() * 4
-    optim = trainer.optimizer.state_bytes()
+    return weights, grads, trainer.optimizer.state_bytes()
+
+
+def state_memory_line(trainer) -> str:
+    """One log line: the bytes of weights, fp32 gradients and optimizer state on this rank (what
+    the distributed optimizer divides by DP is the last)."""
+    gib = 2**30
+    weights, grads, optim = state_bytes(trainer)
+    buf = trainer.grads
     how = f"distributed over dp {buf.dp_size}" if buf.sharded else "replicated on each DP rank"
     host = getattr(trainer.optimizer, "host_state_bytes", lambda: 0)()
     if host:
@@ -137,8 +145,7 @@ def peak_estimate(trainer, per_token: dict[str, float], mode: str | None = None)
     if device.type == "cuda":
         states = float(torch.cuda.memory_allocated(device))
     else:
-        states = float(sum(p.numel() * p.element_size() for _, p in trainer.named_parameters()))
-        states += trainer.grads.buffer.numel() * 4 + trainer.optimizer.state_bytes()
+        states = float(sum(state_bytes(trainer)))
     return PeakEstimate(states, activations, logits, in_flight, layers, mode)
 
 
