@@ -139,14 +139,28 @@ class _SplitOutput:
         self.role.close()
 
 
-def _progress(total: int | None, desc: str, enabled: bool):
-    from tqdm import tqdm
+class _NoBar:
+    """Stands in for tqdm when progress is off or tqdm is not installed."""
 
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int | None, desc: str, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a bare environment (e.g. a GPU image): pretokenize without a bar
+        return _NoBar()
+    if not enabled:
+        return _NoBar()
     return tqdm(
         total=total,
         desc=desc,
         unit="rec",
-        disable=None if enabled else True,
+        disable=None,  # tqdm's own rule: no bar when stderr is not a terminal
         leave=False,
         file=sys.stderr,
     )

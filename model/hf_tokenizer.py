@@ -28,7 +28,8 @@ def _added_token(content: str) -> dict:
 def write_tokenizer_files(out_dir: Path, tok: Tokenizer, model_max_length: int) -> str:
     """tokenizer.model (copy), tokenizer_config.json (every special id of our layout as an added
     token, ChatML chat_template), special_tokens_map.json and, when `transformers` is installed,
-    tokenizer.json. Returns the tokenizer class written into the config.
+    tokenizer.json (that one also needs protobuf). Returns the tokenizer class written into the
+    config.
 
     Our ids come from SentencePiece run on each text piece between special tokens, which adds
     SentencePiece's dummy prefix to every piece. transformers' LlamaTokenizer rebuilds its own
@@ -71,6 +72,14 @@ def _write_fast_tokenizer(out_dir: Path) -> bool:
         from transformers import AutoTokenizer
     except ImportError:
         print("transformers is not installed: tokenizer.json not written (the slow files are)")
+        return False
+    try:  # transformers' SentencePiece converter reads the model file through protobuf
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        print(
+            "protobuf is not installed: tokenizer.json not written (the slow files are); "
+            "`pip install protobuf` and export again to get the fast tokenizer TGI and vLLM prefer"
+        )
         return False
     # Convert the SentencePiece model (+ added tokens) with transformers' own converter, then
     # swap the pre-tokenizer for the normalizer that reproduces SentencePiece's dummy prefix.

@@ -152,7 +152,13 @@ def _iter_json_array(path: Path, f) -> Iterator[tuple[str, object]]:
 
 
 def _open_parquet(path: Path, columns: list[str] | None):
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet files needs pyarrow, which is not installed; run "
+            "`make install` (or `pip install pyarrow`), or convert the file to JSONL"
+        ) from None
 
     try:
         pf = pq.ParquetFile(path)

@@ -197,6 +197,16 @@ def test_parquet_columns(files):
         list(iter_records(p, ["INSTRUCTION", "USER"]))
 
 
+def test_parquet_without_pyarrow_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    import sys
+
+    p = tmp_path / "m.parquet"
+    p.write_bytes(b"PAR1")  # never opened: the import fails first
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # `import` raises ImportError
+    with pytest.raises(DataError, match=r"m\.parquet: reading Parquet files needs pyarrow"):
+        list(iter_records(p))
+
+
 def test_unreadable_files_name_the_file(files):
     p = files.raw(
         "broken.jsonl.gz", gzip.compress(b"".join(b'{"a": %d}\n' % i for i in range(500)))[:200]

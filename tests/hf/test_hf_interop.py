@@ -403,3 +403,19 @@ def test_failed_import_leaves_no_partial_iteration(tmp_path, hf_dir, capsys, mon
     assert main(["import", str(hf_dir), str(tmp_path / "out")]) == 1
     assert "Input/output error" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_tokenizer_files_without_protobuf_say_what_is_missing(tmp_path, tokenizer, monkeypatch,
+                                                              capsys):  # fmt: skip
+    import sys
+
+    from model.hf_tokenizer import write_tokenizer_files
+
+    # transformers' SentencePiece converter needs protobuf; without it transformers 5 falls back
+    # to a tiktoken reader and fails with a message about tiktoken.
+    monkeypatch.setitem(sys.modules, "google.protobuf", None)
+    assert write_tokenizer_files(tmp_path, tokenizer, 64) == "LlamaTokenizer"
+    assert "protobuf is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "tokenizer.json").exists()
+    assert (tmp_path / "tokenizer.model").exists()
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]
