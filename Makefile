@@ -38,8 +38,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Kernel tests run the Triton kernels in the interpreter on CPU; the rest uses the references.
+# The transformers-parity test runs in both: there it trains through every kernel.
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -m "not gpu" -q
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels tests/hf/test_training_parity.py -m "not gpu" -q
 	$(PY) -m pytest tests --ignore=tests/kernels -m "not gpu" -q
 
 # On a GPU machine (also the lent one, whose image already has the packages): PYTHON=python3.
