@@ -55,7 +55,7 @@ def _batches(base_vocab: int) -> list[list[dict]]:
     return out
 
 
-def _ours(imported, tokenizer, batches):
+def _ours(imported, tokenizer, batches, device):
     cfg = [
         "--num_layers", "2", "--hidden_size", "64", "--ffn_hidden_size", "96",
         "--num_attention_heads", "4", "--num_attention_heads_kv", "2",
@@ -75,7 +75,8 @@ def _ours(imported, tokenizer, batches):
     rc.model = rc.model.replace(vocab_size=tokenizer.vocab_size)
     info = TokenizerInfo(tokenizer.vocab_size, tokenizer.fingerprint, None, None,
                          tokenizer.model_path, list(tokenizer.extra_ids))  # fmt: skip
-    trainer = Trainer(rc, ParallelDims(tp=1, pp=1, dp=1, rank=0), info)
+    trainer = Trainer(rc, ParallelDims(tp=1, pp=1, dp=1, rank=0), info, device)
+    assert trainer.dtype == torch.float32  # no --bf16: fp32 on the GPU too
     assert trainer.load(str(imported)) is None  # --finetune: weights only
     losses = []
     for it, step in enumerate(batches, start=1):
@@ -86,11 +87,12 @@ def _ours(imported, tokenizer, batches):
     return trainer, rc.model, losses
 
 
-def _theirs(exported, vocab, batches):
+def _theirs(exported, vocab, batches, device):
     transformers = pytest.importorskip("transformers")
     model = transformers.LlamaForCausalLM.from_pretrained(
         exported, torch_dtype=torch.float32, attn_implementation="eager"
-    ).train()
+    ).to(device)
+    model.train()
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(
         [{"params": [p for p in params.values() if p.dim() > 1], "weight_decay": WD},
@@ -101,10 +103,11 @@ def _theirs(exported, vocab, batches):
     for it, step in enumerate(batches, start=1):
         opt.zero_grad(set_to_none=True)
         total = sum(float(mb["loss_mask"].sum()) for mb in step)
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for mb in step:
-            tokens, labels = mb["tokens"].reshape(-1), mb["labels"].reshape(-1)
-            mask, cu = mb["loss_mask"].reshape(-1), mb["cu_seqlens"].tolist()
+            tokens, labels, mask = (mb[k].reshape(-1).to(device)
+                                    for k in ("tokens", "labels", "loss_mask"))  # fmt: skip
+            cu = mb["cu_seqlens"].tolist()
             for a, b in zip(cu[:-1], cu[1:]):
                 if not mask[a:b].any():
                     continue  # the padding documents: no loss, and attended by nothing
@@ -121,12 +124,25 @@ def _theirs(exported, vocab, batches):
     return params, losses
 
 
-def test_fine_tuning_matches_a_transformers_loop(imported, exported, tokenizer):
+DEVICES = [
+    "cpu",  # the reference ops; under TRITON_INTERPRET=1 (make test's kernel line) the kernels
+    pytest.param(
+        "cuda",  # the kernels compiled, in fp32 (attention's dots in IEEE fp32, no TF32)
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fine_tuning_matches_a_transformers_loop(imported, exported, tokenizer, device):
     from model.hf import export_tensors
 
     batches = _batches(tokenizer.base_vocab_size)
-    trainer, cfg, ours = _ours(imported, tokenizer, batches)
-    params, theirs = _theirs(exported, tokenizer.vocab_size, batches)
+    trainer, cfg, ours = _ours(imported, tokenizer, batches, device)
+    params, theirs = _theirs(exported, tokenizer.vocab_size, batches, device)
 
     for step, ((l_ours, n_ours), (l_theirs, n_theirs)) in enumerate(zip(ours, theirs), 1):
         assert l_ours == pytest.approx(l_theirs, rel=2e-6), f"step {step} loss"
@@ -143,7 +159,7 @@ def test_fine_tuning_matches_a_transformers_loop(imported, exported, tokenizer):
     sd = dict(trainer.named_parameters())
     mine = dict(export_tensors(lambda n: sd[n].detach(), cfg, cfg.vocab_size))
     assert set(mine) == set(params)
-    start = dict(export_tensors(_imported_tensor(imported), cfg, cfg.vocab_size))
+    start = dict(export_tensors(_imported_tensor(imported, device), cfg, cfg.vocab_size))
     lr_sum = sum(_lr(i) for i in range(1, STEPS + 1))  # bounds Adam's movement of an element
     outliers = total = 0
     for name, p in params.items():
@@ -157,10 +173,10 @@ def test_fine_tuning_matches_a_transformers_loop(imported, exported, tokenizer):
     assert outliers <= 1e-4 * total, f"{outliers} of {total} weights differ by more than 2e-6"
 
 
-def _imported_tensor(imported):
+def _imported_tensor(imported, device):
     """get(name) over the imported checkpoint's full tensors (our names)."""
     from model.generate import load_model
 
-    model, _, _ = load_model(imported, torch.device("cpu"), torch.float32)
+    model, _, _ = load_model(imported, torch.device(device), torch.float32)
     sd = model.state_dict()
     return lambda n: sd[n]
