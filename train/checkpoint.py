@@ -122,6 +122,15 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
                 f"{path} has shard directories but no {META_FILE}: an incomplete iteration (an "
                 "interrupted save or a partial copy); load another iteration"
             )
+        if (path / "config.json").is_file() and (
+            any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        ):
+            raise CheckpointError(
+                f"{path} is a Hugging Face model directory (config.json and weight files), not a "
+                f"checkpoint of this trainer: convert it once with `python -m model.hf import "
+                f"{path} OUT_DIR` (with the run's --tp/--pp to write its shards directly), then "
+                "train with --load OUT_DIR --finetune"
+            )
         raise CheckpointError(
             f"{path} holds no checkpoint: neither {META_FILE} (an iteration directory) nor "
             f"{LATEST_FILE} (a save directory) is there; {_latest_hint(path)}"

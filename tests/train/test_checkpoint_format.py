@@ -133,3 +133,16 @@ def test_resave_same_iteration_and_latest_written_last(tmp_path):
         ckpt.resolve_iteration_dir(tmp_path / "nope")
     with pytest.raises(ckpt.CheckpointError, match="holds no checkpoint"):
         ckpt.resolve_iteration_dir(tmp_path / "iter_0000003" / "mp_rank_00_000")
+
+
+def test_a_transformers_directory_is_named_with_the_import_command(tmp_path):
+    """--load of a Hugging Face model directory says what it is and how to convert it."""
+    hf = tmp_path / "Llama-2-7b-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ckpt.CheckpointError, match="holds no checkpoint"):
+        ckpt.resolve_iteration_dir(hf)  # a config alone is not a model directory
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match=r"Hugging Face model directory .* "
+                       r"`python -m model\.hf import .*Llama-2-7b-hf OUT_DIR`"):  # fmt: skip
+        ckpt.resolve_iteration_dir(hf)
