@@ -123,7 +123,7 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
                 "interrupted save or a partial copy); load another iteration"
             )
         if (path / "config.json").is_file() and (
-            any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+            any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
         ):
             raise CheckpointError(
                 f"{path} is a Hugging Face model directory (config.json and weight files), not a "

@@ -196,6 +196,25 @@ def test_fraction_val_split_max_val_set(files, pretok, make_chat_rows, tok):
     ).read_bytes()
 
 
+def test_runs_without_tqdm_and_with_progress_asked_for(files, make_chat_rows, monkeypatch):
+    """A bare environment (the GPU image has no tqdm): no progress bar, the same outputs."""
+    import sys
+
+    from data import pretokenize
+
+    files.jsonl("src/c.jsonl", make_chat_rows(30))
+    ds = {"chat": {"path": "c.jsonl", "val_split": 0.1}}
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
+    root = str(files.root / "src")
+    assert pretokenize.main([str(files.mix("nt", [ds])), "--data-root", root]) == 0
+    monkeypatch.delitem(sys.modules, "tqdm")
+    assert pretokenize.main([str(files.mix("wt", [ds])), "--data-root", root, "--no-progress"]) == 0
+    for split in ("train", "val"):
+        assert (files.root / f"out/nt/nt-{split}-text.bin").read_bytes() == (
+            files.root / f"out/wt/wt-{split}-text.bin"
+        ).read_bytes()
+
+
 def test_oasst_split_by_tree(files, pretok, tok):
     def tree(i):
         def m(role, text, replies=()):
