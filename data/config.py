@@ -5,7 +5,8 @@
         - <dataset name>:          # the kind (megacode2, orca-chat, ...) unless `kind:` says
             fraction: 0.5          # train part only: seeded sample without replacement
             val_split: 0.01        # share held out for val (Open-Assistant's default: 0.2)
-            max_val_set: 1000      # cap on the val part (a seeded subset)
+            max_val_set: 1000      # cap on the val part (a seeded subset; threads for
+                                   # oasst_export, whose val_split and fraction pick trees)
             ...                    # kind options: lang, top_k, input_file_path, filter_words
       output_dir: "output/..."
       filename_prefix: "..."
@@ -199,6 +200,13 @@ def _dataset(entry, where_file: str, mix: str, data_root: Path, list_line: int =
         max_val_set = _number(
             at("max_val_set"), "max_val_set", max_val_set, 0, float("inf"), integer=True
         )
+        if max_val_set == 0:
+            # Open-Assistant applies the cap only when it is truthy, so there 0 keeps the whole
+            # val part; here it would empty it. Neither reading is safe to guess.
+            raise DataError(
+                f"{at('max_val_set')}: max_val_set = 0 is ambiguous (Open-Assistant reads it as "
+                "no cap): omit max_val_set for no cap, or set val_split: 0 for no val set"
+            )
     options = {k: opts.get(k, default) for k, default in kind.options.items()}
     if "filter_words" in options and not isinstance(options["filter_words"], bool):
         raise DataError(f"{at('filter_words')}: filter_words must be true or false")

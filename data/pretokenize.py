@@ -14,9 +14,10 @@ Every file is written under a temporary name and renamed only when the whole mix
 How a dataset is read depends on its options: without val_split or fraction, in one pass; with a
 fraction below 1, twice (a scanning pass parses and filters, keeping one byte per record, and fixes
 the seeded train/val/unused assignment; the tokenizing pass then tokenizes only what is used);
-with val_split alone, in one tokenizing pass into a staging file, routed to train and val once
-the count is known. All routes give the same assignment. Samples are written per dataset in file
-order (the trainer shuffles); nothing depends on `--workers`.
+with val_split alone (or a tree kind with val_split and max_val_set, whose cap counts threads),
+in one tokenizing pass into a staging file, routed to train and val once the count is known. All
+routes give the same assignment. Samples are written per dataset in file order (the trainer
+shuffles); nothing depends on `--workers`.
 """
 
 import argparse
@@ -77,21 +78,57 @@ class SourceReport:
 def split_assignment(valid: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndarray:
     """Per record (valid or not): 0 unused, 1 train, 2 val.
 
-    One seeded permutation of the valid records: its first ceil(n * val_split) are the val part
-    (the first max_val_set of them kept), the next int(n_train * fraction) are the train sample
-    (without replacement). Seeded by (rng_seed, dataset name) only.
+    One seeded permutation of the valid records: its first `val_size` are the val part (the
+    first max_val_set of them kept, for a sample kind), the next int(n_train * fraction) are the
+    train sample (without replacement). Seeded by (rng_seed, dataset name) only. A tree kind's
+    max_val_set caps threads, not trees: `cap_val_samples` applies it once the threads are known.
     """
     idx = np.flatnonzero(valid)
     n = idx.size
     rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())]))
     perm = rng.permutation(n)
-    n_val = min(n, math.ceil(n * spec.val_split - 1e-9)) if spec.val_split > 0 else 0
-    n_val_kept = n_val if spec.max_val_set is None else min(n_val, spec.max_val_set)
-    n_train_kept = int((n - n_val) * spec.fraction + 1e-9)
+    n_val = val_size(n, spec)
+    capped = spec.max_val_set is not None and spec.kind.unit == "sample"
+    n_val_kept = min(n_val, spec.max_val_set) if capped else n_val
+    # Open-Assistant's pretokenizer: int(len(train) * fraction), no rounding up.
+    n_train_kept = int((n - n_val) * spec.fraction)
     assign = np.zeros(valid.size, dtype=np.int8)
     assign[idx[perm[:n_val_kept]]] = VAL
     assign[idx[perm[n_val : n_val + n_train_kept]]] = TRAIN
     return assign
+
+
+def val_size(n: int, spec: DatasetSpec) -> int:
+    """How many of `n` valid records (samples, or trees) Open-Assistant holds out for val.
+
+    Samples: sklearn's `train_test_split(test_size=val_split)`, i.e. ceil(val_split * n) in plain
+    float arithmetic (0.07 * 100 = 7.000000000000001 holds out 8). Trees (the OASST export):
+    torch's `random_split(trees, [1 - val_split, val_split])`, i.e. the floor of each share and
+    the remainder dealt out one by one from the train share on, so 21 trees at 0.05 give 1.
+    """
+    v = spec.val_split
+    if v <= 0:
+        return 0
+    if spec.kind.unit == "tree":
+        shares = [math.floor(n * (1.0 - v)), math.floor(n * v)]
+        for i in range(n - sum(shares)):
+            shares[i % 2] += 1
+        return shares[1]
+    return min(n, math.ceil(v * n))
+
+
+def cap_val_samples(splits: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndarray:
+    """A tree kind's max_val_set: per sample (thread) split ids with all but a seeded
+    max_val_set of the val threads set to 0 (unused), as Open-Assistant caps the flattened val
+    threads of the export, not its trees."""
+    val = np.flatnonzero(splits == VAL)
+    if spec.max_val_set is None or val.size <= spec.max_val_set:
+        return splits
+    key = [seed, zlib.crc32(spec.name.encode()), VAL]  # not the split permutation's stream
+    rng = np.random.default_rng(np.random.SeedSequence(key))
+    out = splits.copy()
+    out[val[rng.permutation(val.size)[spec.max_val_set :]]] = 0
+    return out
 
 
 def _chunks(spec: DatasetSpec, assign: np.ndarray | None, tokenize: bool) -> Iterator[Chunk]:
@@ -270,7 +307,8 @@ def _process_dataset(
     - fraction < 1: a scanning pass fixes the assignment, so that only the kept part is
       tokenized on the second pass;
     - val_split only: one tokenizing pass into a staging area, then the assignment (the same as
-      the scanning route would give) routes the staged samples.
+      the scanning route would give) routes the staged samples. A tree kind with val_split and
+      max_val_set always takes this route: its cap counts threads, known only once tokenized.
     """
     report = SourceReport()
     mat = mix.min_assistant_tokens or 0
@@ -282,7 +320,9 @@ def _process_dataset(
         report.assigned = {"train": int((assign == TRAIN).sum()), "val": int((assign == VAL).sum())}
         return assign
 
-    if spec.fraction < 1 or (spec.val_split > 0 and not _STAGE_SPLITS):
+    # A tree kind's val threads are capped once they are known: only the staged route has them.
+    thread_cap = spec.kind.unit == "tree" and spec.val_split > 0 and spec.max_val_set is not None
+    if not thread_cap and (spec.fraction < 1 or (spec.val_split > 0 and not _STAGE_SPLITS)):
         valid = bytearray()
         bar = _progress(None, f"{spec.name}: scan", progress)
         for res in workers.map(_chunks(spec, None, tokenize=False)):
@@ -317,8 +357,14 @@ def _process_dataset(
                 bar.update(len(res.status))
             bar.close()
             assign = assignment(valid)
-            for sizes, assistant, tokens, roles, record in staging.replay():
-                _route(outputs, stats, mat, sizes, assistant, tokens, roles, assign[record])
+            splits = assign[np.frombuffer(staging.record, dtype=np.int64)]
+            if thread_cap:
+                splits = cap_val_samples(splits, spec, mix.rng_seed)
+            k = 0
+            for sizes, assistant, tokens, roles, _ in staging.replay():
+                part = splits[k : k + sizes.size]
+                _route(outputs, stats, mat, sizes, assistant, tokens, roles, part)
+                k += sizes.size
         finally:
             staging.close()
     else:

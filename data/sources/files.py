@@ -11,6 +11,7 @@ Locations are `file:line` (JSON Lines and JSON arrays) or `file:row N` (Parquet)
 import gzip
 import io
 import json
+import re
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -66,7 +67,35 @@ def decode_line(raw: bytes, location: str) -> dict:
         raise BadRecord(location, f"malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise BadRecord(location, f"expected a JSON object, found {type(obj).__name__}")
+    if _SURROGATE_ESCAPE in raw or _SURROGATE_ESCAPE_UPPER in raw:
+        _check_surrogates(obj, location)
     return obj
+
+
+# A lone surrogate can only come from a `\u` escape (the bytes are valid UTF-8), so only lines
+# holding one are walked.
+_SURROGATE_ESCAPE, _SURROGATE_ESCAPE_UPPER = b"\\ud", b"\\uD"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_surrogates(obj, location: str) -> None:
+    """BadRecord for a string holding half of a UTF-16 pair (`"\\ud800"` alone is valid JSON but
+    no Unicode text: SentencePiece, like any UTF-8 encoder, refuses it)."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            m = _SURROGATE.search(x)
+            if m:
+                raise BadRecord(
+                    location,
+                    f"invalid Unicode: a lone surrogate \\u{ord(m.group()):04x} (half of a "
+                    "UTF-16 pair) in a string; fix the text",
+                )
+        elif isinstance(x, dict):
+            stack += x.values()
+        elif isinstance(x, list):
+            stack += x
 
 
 def _open_binary(path: Path):
@@ -77,6 +106,8 @@ def _open_binary(path: Path):
 
 def _iter_jsonl(path: Path, f, first_line: int = 1) -> Iterator[tuple[str, bytes]]:
     for lineno, line in enumerate(f, start=first_line):
+        if lineno == first_line and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a byte-order mark (Windows editors), which json.loads refuses
         if line.strip():
             yield f"{path}:{lineno}", line
 
@@ -146,6 +177,9 @@ def _iter_json_array(path: Path, f) -> Iterator[tuple[str, object]]:
                         f"({e.msg}); a JSON array cannot be resumed after a syntax error, so "
                         "--skip-bad-records does not apply: fix or remove the element"
                     ) from None
+        if buf.find("\\ud", pos, end) >= 0 or buf.find("\\uD", pos, end) >= 0:
+            # Possibly a lone surrogate: hand the element over as a line, checked when decoded.
+            obj = buf[pos:end].encode("utf-8")
         line += buf.count("\n", pos, end)
         pos = end
         yield f"{path}:{start_line}", obj  # not a dict: the record's reader reports it

@@ -6,7 +6,8 @@ messages in which no message is deleted or synthetic. With `top_k`, a thread is 
 of its assistant messages has `rank >= top_k`, or has no rank while its parent has several
 replies. A trailing prompter message is dropped; such a thread is taken only through the parent's
 first reply, so several unanswered follow-ups do not repeat the same conversation. Train and val
-are split by tree (the unit of `val_split` and `fraction` for this kind).
+are split by tree (the unit of `val_split` and `fraction` for this kind; `max_val_set` caps the
+val threads, as Open-Assistant caps its flattened val set).
 """
 
 from pathlib import Path

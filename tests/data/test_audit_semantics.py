@@ -1,0 +1,137 @@
+"""Split sizes and caps against Open-Assistant's pretokenizer semantics (SFT v10).
+
+Open-Assistant splits sample datasets with sklearn's `train_test_split(test_size=val_split)`
+(val = ceil(val_split * n), exactly) and the OASST export by tree with torch's
+`random_split(trees, [1 - val_split, val_split])` (floor of each share, the remainder dealt out
+from train on); `max_val_set` then caps the flattened val *samples* (threads for the export), and
+`fraction` keeps int(len(train) * fraction) samples.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.config import DatasetSpec
+from data.indexed import IndexedDataset
+from data.pretokenize import TRAIN, VAL, split_assignment
+from data.sources import KINDS
+
+
+def _spec(kind: str, **kw) -> DatasetSpec:
+    return DatasetSpec(name=kind, kind=KINDS[kind], location=Path("."), files=[], **kw)
+
+
+def _sizes(assign: np.ndarray) -> tuple[int, int]:
+    return int((assign == TRAIN).sum()), int((assign == VAL).sum())
+
+
+@pytest.mark.filterwarnings("ignore:Length of split")  # torch's note on an empty val share
+@pytest.mark.parametrize("n", [1, 3, 7, 20, 21, 39, 101, 10001])
+@pytest.mark.parametrize("val_split", [0.05, 0.1, 0.25, 0.5])
+def test_tree_split_sizes_follow_torch_random_split(n, val_split):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import random_split
+
+    parts = random_split(range(n), [1.0 - val_split, val_split], torch.Generator())
+    want = (len(parts[0]), len(parts[1]))
+    spec = _spec("oasst_export", val_split=val_split)
+    assert _sizes(split_assignment(np.ones(n, dtype=bool), spec, 42)) == want
+
+
+def test_sample_split_sizes_are_sklearns_exact_ceil_and_int_fraction():
+    # 0.07 * 100 = 7.000000000000001: train_test_split holds out ceil() = 8 samples.
+    spec = _spec("chat", val_split=0.07)
+    assert _sizes(split_assignment(np.ones(100, dtype=bool), spec, 42)) == (92, 8)
+    assert math.ceil(0.07 * 100) == 8
+    # 0.29 * 100 = 28.999999999999996: the pretokenizer keeps int() = 28 train samples.
+    spec = _spec("chat", val_split=0.0, fraction=0.29)
+    assert _sizes(split_assignment(np.ones(100, dtype=bool), spec, 42)) == (28, 0)
+
+
+def _tree(i: int, threads: int = 2) -> dict:
+    def m(role, text, replies=()):
+        return {"role": role, "text": text, "lang": "en", "review_result": True, "rank": None,
+                "deleted": False, "synthetic": False, "replies": list(replies)}  # fmt: skip
+
+    replies = [m("assistant", f"answer {i} {k}") for k in range(threads)]
+    return {"message_tree_id": str(i), "tree_state": "ready_for_export",
+            "prompt": m("prompter", f"tree {i}", replies)}  # fmt: skip
+
+
+def test_oasst_max_val_set_caps_threads_not_trees(files, pretok, tok):
+    files.jsonl("src/trees.jsonl.gz", [_tree(i) for i in range(20)], gz=True)
+    ds = {
+        "oasst_export": {"input_file_path": "trees.jsonl.gz", "val_split": 0.25, "max_val_set": 3}
+    }
+    config = files.mix("oa", [ds])
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 0, err
+    out = files.root / "out" / "oa"
+    val = IndexedDataset(out / "oa-val-text")
+    train = IndexedDataset(out / "oa-train-text")
+    # 5 val trees of 2 threads each; the cap keeps 3 of those 10 threads (whole trees in train).
+    assert (len(train), len(val)) == (30, 3)
+    val_trees = {tok.decode(val[i]).split("tree ")[1].split("<")[0] for i in range(len(val))}
+    train_trees = {tok.decode(train[i]).split("tree ")[1].split("<")[0] for i in range(len(train))}
+    assert not val_trees & train_trees
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["splits"]["val"]["total"]["total_samples"] == 3
+
+
+def test_oasst_max_val_set_with_fraction_is_seeded(files, pretok):
+    files.jsonl("src/trees.jsonl.gz", [_tree(i, 1 + i % 3) for i in range(40)], gz=True)
+    opts = {"input_file_path": "trees.jsonl.gz", "val_split": 0.2, "max_val_set": 5}
+    config = files.mix("of", [{"oasst_export": {**opts, "fraction": 0.5}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 0, err
+    out = files.root / "out" / "of"
+    assert len(IndexedDataset(out / "of-val-text")) == 5
+    again = files.mix("of2", [{"oasst_export": {**opts, "fraction": 0.5}}])
+    assert pretok(again, "--data-root", files.root / "src")[0] == 0
+    for f in ("train-text.bin", "val-text.bin"):
+        assert (files.root / f"out/of2/of2-{f}").read_bytes() == (out / f"of-{f}").read_bytes()
+
+
+def test_max_val_set_zero_is_refused(files, pretok, make_chat_rows):
+    # Open-Assistant skips the cap when max_val_set is falsy, so 0 would mean "no cap" there and
+    # "no val set" here: refuse it and name the two spellings that say what is meant.
+    files.jsonl("src/c.jsonl", make_chat_rows(10))
+    config = files.mix("z", [{"chat": {"path": "c.jsonl", "max_val_set": 0}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2
+    assert "max_val_set" in err and "val_split: 0" in err and "z.yaml:" in err
+
+
+_ROW = '{"messages": [{"role": "user", "content": "%s"}, {"role": "assistant", "content": "yo"}]}'
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "array"])
+def test_lone_surrogate_is_a_bad_record_not_a_tokenizer_crash(files, pretok, layout):
+    # "\ud800" is valid JSON but no Unicode text: SentencePiece cannot take it. The record is
+    # named (file:line) and --skip-bad-records counts it, like any unusable record.
+    rows = [_ROW % "hi", _ROW % "half a pair \\ud800 here", _ROW % "a whole pair \\ud83d\\ude00"]
+    if layout == "jsonl":
+        name, where = "c.jsonl", "c.jsonl:2:"
+        files.text(f"src/{name}", "\n".join(rows) + "\n")
+    else:
+        name, where = "c.json", "c.json:3:"  # the array's "[" is line 1
+        files.text(f"src/{name}", "[\n" + ",\n".join(rows) + "\n]\n")
+    ds = [{"chat": {"path": name, "val_split": 0}}]
+    rc, _, err = pretok(files.mix("s", ds), "--data-root", files.root / "src")
+    assert rc == 2 and where in err and "surrogate" in err, err
+    rc, _, err = pretok(files.mix("k", ds), "--data-root", files.root / "src", "--skip-bad-records")
+    assert rc == 0, err
+    info = json.loads((files.root / "out/k/stats.json").read_text())["datasets"]["chat"]
+    assert (info["bad_records"], info["valid"]) == (1, 2)
+
+
+def test_jsonl_with_a_byte_order_mark(files, pretok):
+    # Editors on Windows write one; the JSON-array reader already skipped it.
+    files.raw("src/c.jsonl", b"\xef\xbb\xbf" + (_ROW % "hi").encode() + b"\n")
+    ds = [{"chat": {"path": "c.jsonl", "val_split": 0}}]
+    rc, _, err = pretok(files.mix("b", ds), "--data-root", files.root / "src")
+    assert rc == 0, err
+    assert len(IndexedDataset(files.root / "out/b/b-train-text")) == 1
