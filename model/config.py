@@ -137,7 +137,8 @@ class ModelConfig:
             problems.append(f"head_dim={head_dim} differs from hidden_size / num_attention_heads")
         # Older transformers write rope_theta + rope_scaling; newer ones a rope_parameters dict.
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        # A key written as null (some hand-edited configs) means its default, as in LlamaConfig.
+        theta = _given(d.get("rope_theta"), rope.get("rope_theta"), 10000.0)
         kind = rope.get("rope_type", rope.get("type", "default"))
         factor = 1.0
         if kind == "linear":
@@ -154,13 +155,20 @@ class ModelConfig:
             num_layers=int(d["num_hidden_layers"]),
             num_attention_heads=int(heads),
             num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+            max_position_embeddings=int(_given(d.get("max_position_embeddings"), 4096)),
             rope_theta=float(theta),
             rope_scaling_factor=factor,
-            norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            attention_dropout=float(d.get("attention_dropout", 0.0)),
-            init_std=float(d.get("initializer_range", 0.02)),
+            # A missing key means LlamaConfig's default (1e-6, LLaMA-1's), which transformers
+            # would run the model with, not Llama-2's 1e-5.
+            norm_eps=float(_given(d.get("rms_norm_eps"), 1e-6)),
+            attention_dropout=float(_given(d.get("attention_dropout"), 0.0)),
+            init_std=float(_given(d.get("initializer_range"), 0.02)),
         )
+
+
+def _given(*values):
+    """The first value that is not None (a config key absent or written as null)."""
+    return next(v for v in values if v is not None)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -30,7 +30,7 @@ import re
 import shutil
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from train import checkpoint as ckpt
 
 HF_INDEX = "model.safetensors.index.json"
 HF_SINGLE = "model.safetensors"
+ROTARY_BUFFER_SUFFIX = "rotary_emb.inv_freq"  # a derived buffer older checkpoints also hold
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -177,6 +178,8 @@ def read_hf_config(hf_dir: Path) -> dict:
         v = d.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
             raise ValueError(f"{path}: {key} must be a number, found {v!r}")
+        if key in ("rope_theta", "rms_norm_eps") and v is not None and not v > 0:
+            raise ValueError(f"{path}: {key} must be > 0, found {v!r}")
     for key in ("rope_scaling", "rope_parameters"):
         rope = d.get(key)
         if rope is None:
@@ -189,6 +192,12 @@ def read_hf_config(hf_dir: Path) -> dict:
             raise ValueError(
                 f"{path}: {key} of type 'linear' needs a numeric 'factor', found {factor!r}"
             )
+        if kind == "linear" and not factor > 0:
+            raise ValueError(f"{path}: {key} 'factor' must be > 0, found {factor!r}")
+        theta = rope.get("rope_theta")
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, int | float)
+                                  or not theta > 0):  # fmt: skip
+            raise ValueError(f"{path}: {key}.rope_theta must be a number > 0, found {theta!r}")
     return d
 
 
@@ -303,11 +312,40 @@ def import_tensors(
 
 
 def hf_added_tokens(hf_dir: Path, tok: Tokenizer, hf_rows: int) -> list[int]:
-    """Ids in [base vocab, HF rows) whose rows the import keeps: those the HF tokenizer config
-    declares with the same token as ours (e.g. the released SFT model's ChatML rows). A declared
+    """Ids in [base vocab, HF rows) whose rows the import keeps: those the HF tokenizer files
+    declare with the same token as ours (e.g. the released SFT model's ChatML rows). A declared
     token that differs from ours is an error; undeclared rows are padding and are dropped."""
+    copied = []
+    declared = _declared_added_tokens(hf_dir)
+    for i in sorted(declared):
+        if i < tok.base_vocab_size or i >= hf_rows:
+            continue
+        token, path = declared[i]
+        ours = tok.piece(i) if i < tok.vocab_size else None
+        if token != ours:
+            raise ValueError(
+                f"{path}: id {i} is {token!r} but our layout (base vocabulary, "
+                f"Megatron specials, extra ids {tok.extra_ids}) gives {ours!r} there: pass the "
+                "--vocab_extra_ids_list the model was trained with"
+            )
+        copied.append(i)
+    return copied
+
+
+def _declared_added_tokens(hf_dir: Path) -> dict[int, tuple[str, Path]]:
+    """id -> (token, file declaring it). transformers >= 4.34 writes the added tokens into
+    tokenizer_config.json's `added_tokens_decoder`; older ones (2023's, the released SFT
+    model's era) only into added_tokens.json (slow tokenizer) and tokenizer.json's
+    "added_tokens" (fast tokenizer), which transformers still reads. All three are consulted,
+    in that order; the first file to declare an id gives its token."""
+    fix = "fix the file or remove it (the added tokens' rows are then initialised anew)"
+    declared: dict[int, tuple[str, Path]] = {}
+
+    def declare(path: Path, pairs: Iterable[tuple[int | str, str]]) -> None:
+        for i, token in pairs:
+            declared.setdefault(int(i), (token, path))
+
     path = hf_dir / "tokenizer_config.json"
-    declared = {}
     if path.is_file():
         decoder = _read_json(path).get("added_tokens_decoder") or {}
         ok = isinstance(decoder, dict) and all(
@@ -317,23 +355,32 @@ def hf_added_tokens(hf_dir: Path, tok: Tokenizer, hf_rows: int) -> list[int]:
         if not ok:
             raise ValueError(
                 f"{path}: 'added_tokens_decoder' must map ids to {{\"content\": token, ...}} "
-                "(as transformers writes it); fix the file or remove it (the added tokens' rows "
-                "are then initialised anew)"
+                f"(as transformers writes it); {fix}"
             )
-        declared = {int(i): d["content"] for i, d in decoder.items()}
-    copied = []
-    for i in sorted(declared):
-        if i < tok.base_vocab_size or i >= hf_rows:
-            continue
-        ours = tok.piece(i) if i < tok.vocab_size else None
-        if declared[i] != ours:
+        declare(path, ((i, d["content"]) for i, d in decoder.items()))
+    path = hf_dir / "added_tokens.json"
+    if path.is_file():
+        encoder = _read_json(path)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in encoder.values()):
+            raise ValueError(f"{path}: expected an object of token -> integer id; {fix}")
+        declare(path, ((i, t) for t, i in encoder.items()))
+    path = hf_dir / "tokenizer.json"
+    if path.is_file():
+        added = _read_json(path).get("added_tokens") or []
+        ok = isinstance(added, list) and all(
+            isinstance(d, dict)
+            and isinstance(d.get("id"), int)
+            and not isinstance(d["id"], bool)
+            and isinstance(d.get("content"), str)
+            for d in added
+        )
+        if not ok:
             raise ValueError(
-                f"{path}: id {i} is {declared[i]!r} but our layout (base vocabulary, "
-                f"Megatron specials, extra ids {tok.extra_ids}) gives {ours!r} there: pass the "
-                "--vocab_extra_ids_list the model was trained with"
+                f'{path}: \'added_tokens\' must be a list of {{"id": int, "content": token, '
+                f"...}} (as the tokenizers library writes it); {fix}"
             )
-        copied.append(i)
-    return copied
+        declare(path, ((d["id"], d["content"]) for d in added))
+    return declared
 
 
 def check_hf_shapes(hf: HFWeights, cfg: ModelConfig, base_vocab: int) -> int:
@@ -352,7 +399,12 @@ def check_hf_shapes(hf: HFWeights, cfg: ModelConfig, base_vocab: int) -> int:
             raise ValueError(
                 f"{hf.dir}: {name} has shape {hf.shape(name)}, config.json implies {shape}"
             )
-    unused = sorted(set(hf.weight_map) - set(want))
+    # transformers before 4.32 saved each layer's rotary `inv_freq` buffer with the weights
+    # (meta-llama/Llama-2-*-hf hold them); it follows from rope_theta, and transformers itself
+    # recomputes it and ignores the stored copy, so it is skipped rather than refused.
+    unused = sorted(
+        n for n in set(hf.weight_map) - set(want) if not n.endswith(ROTARY_BUFFER_SUFFIX)
+    )
     if unused:
         raise ValueError(f"{hf.dir}: tensors the Llama mapping does not use: {unused[:5]}")
     return rows
