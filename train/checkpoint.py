@@ -16,10 +16,12 @@ assembles any slice of any global tensor from whatever shard set is on disk, rea
 which is what loading at another tensor/pipeline layout needs.
 
 A whole checkpoint directory is first written under a temporary name and renamed into place,
-and `latest_checkpointed_iteration.txt` is replaced only after that, so a crash never leaves a
-half-written iteration where a resume would find it.
+and `latest_checkpointed_iteration.txt` is replaced only after that, every file and directory
+entry fsynced before the step that relies on it, so a crash (of the process or of the machine)
+never leaves a half-written iteration where a resume would find it.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -238,6 +240,7 @@ def _save_safetensors(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "tensors": json.dumps(layouts, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
+    _fsync(path)
 
 
 class _Entry:
@@ -432,6 +435,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk. The temporary-name-and-rename
+    protocol only survives a crashed process by itself; after a power loss or kernel crash the
+    page cache is gone, and a renamed iteration (or the latest file naming it, with the older
+    iterations already pruned) could hold empty files unless they were flushed first."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        # Some file systems refuse fsync on a directory; their entries are then as durable as
+        # they make them.
+        if not path.is_dir() or e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -439,10 +459,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself, before anything (pruning) relies on it
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    with open(path, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager
@@ -489,6 +513,9 @@ def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
     final = save_dir / iteration_dir_name(iteration)
     if rank == 0:
         tmp = _tmp_dir(save_dir, iteration)
+        # Every rank flushed its files; the directory entries that name them, before the rename.
+        for d in [*tmp.glob("mp_rank_*"), tmp]:
+            _fsync(d)
         if final.exists():  # re-saving an iteration: move the old one out of the way first
             old = save_dir / f".old_{iteration_dir_name(iteration)}"
             if old.exists():
@@ -499,9 +526,11 @@ def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
             except OSError:
                 os.replace(old, final)  # the previous copy back where a resume looks for it
                 raise
+            _fsync(save_dir)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+            _fsync(save_dir)  # the rename, before the latest file names the iteration
         _write_text_atomic(save_dir / LATEST_FILE, f"{iteration}\n")
     _barrier()
     return final
@@ -627,17 +656,32 @@ def read_full_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
 
 
 def rng_state() -> dict:
-    """Torch CPU and CUDA generator states as JSON lists of bytes."""
+    """The torch CPU generator's state and that of this rank's own (current) CUDA device, as
+    JSON lists of bytes.
+
+    Only the current device's: a rank draws its dropout masks on cuda:LOCAL_RANK, and a resume
+    at another layout restores a stage's stream from a file written by a rank with another
+    local rank. Per-device states restored by index would give that rank one of the saver's
+    untouched devices (so the TP ranks of a stage would draw different masks on replicated
+    activations), or fail on a node with fewer devices."""
     state = {"cpu": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda_device"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s states: the CUDA one into this rank's current device."""
     torch.set_rng_state(torch.tensor(state["cpu"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_device"], dtype=torch.uint8))
+    elif "cuda" in state:
+        # Older checkpoints: every device's state by index, right only for the saving rank's
+        # own device index (a resume at the saved layout).
+        states = state["cuda"][: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states])
 
 
 def save_checkpoint(
