@@ -470,6 +470,16 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             f"{ns.seq_length} tokens over tensor parallel size {tp}: make micro_batch_size x "
             f"seq_length divisible by {tp}"
         )
+    padded_short = ns.variable_seq_lengths and not ns.packing
+    if sp and padded_short and ns.micro_batch_size and (ns.micro_batch_size * 16) % tp:
+        # Rows are then padded to a multiple of 16 tokens, not to seq_length: a short
+        # micro-batch (training or validation) would not split evenly, hours into the run.
+        problems.append(
+            f"--sequence_parallel with --variable_seq_lengths: micro-batches of "
+            f"{ns.micro_batch_size} rows padded to a multiple of 16 tokens do not split over "
+            f"tensor parallel size {tp}; make micro_batch_size x 16 divisible by {tp}, or drop "
+            "--variable_seq_lengths"
+        )
     if pp > 1 and ns.variable_seq_lengths:
         problems.append(
             "--variable_seq_lengths with pipeline parallelism: stage boundaries need one "

@@ -161,6 +161,19 @@ def test_bad_flags_name_the_nearest_valid_one(argv, message):
             "to be a multiple of pipeline size 2",
         ),  # fmt: skip
         (
+            [
+                "--tensor_model_parallel_size",
+                "32",
+                "--sequence_parallel",
+                "--micro_batch_size",
+                "1",
+                "--variable_seq_lengths",
+                "--no-packing",
+            ],
+            32,
+            "make micro_batch_size x 16 divisible by 32",
+        ),  # fmt: skip
+        (
             ["--pipeline_model_parallel_size", "2", "--variable_seq_lengths"],
             2,
             "--variable_seq_lengths with pipeline parallelism",
