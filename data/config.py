@@ -5,8 +5,9 @@
         - <dataset name>:          # the kind (megacode2, orca-chat, ...) unless `kind:` says
             fraction: 0.5          # train part only: seeded sample without replacement
             val_split: 0.01        # share held out for val (Open-Assistant's default: 0.2)
-            max_val_set: 1000      # cap on the val part (a seeded subset; threads for
-                                   # oasst_export, whose val_split and fraction pick trees)
+            max_val_set: 1000      # cap on the val part (a seeded subset; for oasst_export,
+                                   # whose val_split picks trees, fraction and the cap count
+                                   # threads)
             ...                    # kind options: lang, top_k, input_file_path, filter_words
       output_dir: "output/..."
       filename_prefix: "..."
@@ -48,14 +49,28 @@ class DatasetSpec:
     options: dict = field(default_factory=dict)  # the kind's options, parsed
 
     @property
+    def class_name(self) -> str:
+        """Open-Assistant's name of the whole dataset: its class (and `name` attribute)."""
+        if self.kind.name == "chat":
+            return f"{self.kind.display} ({self.name})"
+        return self.kind.display
+
+    @property
     def display(self) -> str:
-        """Name in the stats text, after Open-Assistant's (`Subset of ...` once split/sampled)."""
-        base = (
-            f"{self.kind.display} ({self.name})" if self.kind.name == "chat" else self.kind.display
-        )
-        if self.kind.unit == "sample" and (self.val_split > 0 or self.fraction < 1):
-            return f"Subset of {base}"
-        return base
+        """Name in the train stats, as Open-Assistant's `get_dataset_name` prints what
+        `get_one_dataset` returned: a sample kind's train part is a `Subset of ...` once
+        val_split cut it; the export's is a ListDataset. `fraction` never renames: the
+        pretokenizer takes the name before it samples."""
+        if self.kind.unit == "sample" and self.val_split > 0:
+            return f"Subset of {self.class_name}"
+        return self.class_name
+
+    def val_display(self, capped: bool) -> str:
+        """Name in the val stats: a sample kind's val part is always a Subset (of the split);
+        the export's is a ListDataset, a `Subset of ListDataset` when max_val_set `capped` it."""
+        if self.kind.unit == "sample" or capped:
+            return f"Subset of {self.class_name}"
+        return self.class_name
 
 
 @dataclass

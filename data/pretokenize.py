@@ -14,10 +14,16 @@ Every file is written under a temporary name and renamed only when the whole mix
 How a dataset is read depends on its options: without val_split or fraction, in one pass; with a
 fraction below 1, twice (a scanning pass parses and filters, keeping one byte per record, and fixes
 the seeded train/val/unused assignment; the tokenizing pass then tokenizes only what is used);
-with val_split alone (or a tree kind with val_split and max_val_set, whose cap counts threads),
-in one tokenizing pass into a staging file, routed to train and val once the count is known. All
-routes give the same assignment. Samples are written per dataset in file order (the trainer
-shuffles); nothing depends on `--workers`.
+with val_split alone, in one tokenizing pass into a staging file, routed to train and val once the
+count is known. All routes give the same assignment. A tree kind (the OASST export) is split by
+tree, but its `fraction` and `max_val_set` count threads, as Open-Assistant samples and caps the
+flattened thread lists its loader returns: with either, it always takes the staged route, where
+the threads are known. Samples are written per dataset in file order (the trainer shuffles);
+nothing depends on `--workers`.
+
+The stats files follow Open-Assistant's: each dataset under the name its pretokenizer prints
+(`DatasetSpec.display`, `val_display`); the val stats leave out a sample dataset with val_split
+0, which has no val set there (the export's loader always returns one, empty or not).
 """
 
 import argparse
@@ -59,15 +65,18 @@ class SourceReport:
 
     records: int = 0
     valid: int = 0  # usable records (samples, or trees for oasst_export)
+    no_samples: int = 0  # valid records that gave no sample (a tree with no thread left)
     dropped: Counter = field(default_factory=Counter)  # reason -> records
     bad: int = 0
     bad_examples: list = field(default_factory=list)
-    assigned: dict = field(default_factory=dict)  # split -> records
+    # split -> records (trees for oasst_export, before its thread-level fraction and cap)
+    assigned: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "records": self.records,
             "valid": self.valid,
+            "no_samples": self.no_samples,
             "dropped": dict(self.dropped),
             "bad_records": self.bad,
             "bad_examples": [f"{loc}: {why}" for loc, why in self.bad_examples],
@@ -81,17 +90,19 @@ def split_assignment(valid: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndar
     One seeded permutation of the valid records: its first `val_size` are the val part (the
     first max_val_set of them kept, for a sample kind), the next int(n_train * fraction) are the
     train sample (without replacement). Seeded by (rng_seed, dataset name) only. A tree kind's
-    max_val_set caps threads, not trees: `cap_val_samples` applies it once the threads are known.
+    fraction and max_val_set count threads, not trees: every tree is assigned here, and
+    `select_threads` samples and caps once the threads are known.
     """
     idx = np.flatnonzero(valid)
     n = idx.size
     rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(spec.name.encode())]))
     perm = rng.permutation(n)
     n_val = val_size(n, spec)
-    capped = spec.max_val_set is not None and spec.kind.unit == "sample"
+    per_sample = spec.kind.unit == "sample"
+    capped = spec.max_val_set is not None and per_sample
     n_val_kept = min(n_val, spec.max_val_set) if capped else n_val
     # Open-Assistant's pretokenizer: int(len(train) * fraction), no rounding up.
-    n_train_kept = int((n - n_val) * spec.fraction)
+    n_train_kept = int((n - n_val) * (spec.fraction if per_sample else 1.0))
     assign = np.zeros(valid.size, dtype=np.int8)
     assign[idx[perm[:n_val_kept]]] = VAL
     assign[idx[perm[n_val : n_val + n_train_kept]]] = TRAIN
@@ -117,17 +128,25 @@ def val_size(n: int, spec: DatasetSpec) -> int:
     return min(n, math.ceil(v * n))
 
 
-def cap_val_samples(splits: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndarray:
-    """A tree kind's max_val_set: per sample (thread) split ids with all but a seeded
-    max_val_set of the val threads set to 0 (unused), as Open-Assistant caps the flattened val
-    threads of the export, not its trees."""
-    val = np.flatnonzero(splits == VAL)
-    if spec.max_val_set is None or val.size <= spec.max_val_set:
-        return splits
-    key = [seed, zlib.crc32(spec.name.encode()), VAL]  # not the split permutation's stream
-    rng = np.random.default_rng(np.random.SeedSequence(key))
+def select_threads(splits: np.ndarray, spec: DatasetSpec, seed: int) -> np.ndarray:
+    """A tree kind's per-sample (thread) split ids, with the threads `fraction` and max_val_set
+    leave out set to 0 (unused): a seeded int(n_train_threads * fraction) of the train threads
+    are kept, and a seeded max_val_set of the val threads. Open-Assistant's loader returns the
+    export as flattened thread lists, one per split; its pretokenizer samples `fraction` of the
+    train list and `get_one_dataset` caps the val list, so both count threads, not trees. Each
+    draw has its own stream, seeded by (rng_seed, dataset name, split)."""
     out = splits.copy()
-    out[val[rng.permutation(val.size)[spec.max_val_set :]]] = 0
+    name = zlib.crc32(spec.name.encode())
+    train = np.flatnonzero(splits == TRAIN)
+    # Open-Assistant's pretokenizer: int(len(train) * fraction), no rounding up.
+    n_train = int(train.size * spec.fraction)
+    if n_train < train.size:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, name, TRAIN]))
+        out[train[rng.permutation(train.size)[n_train:]]] = 0
+    val = np.flatnonzero(splits == VAL)
+    if spec.max_val_set is not None and val.size > spec.max_val_set:
+        rng = np.random.default_rng(np.random.SeedSequence([seed, name, VAL]))
+        out[val[rng.permutation(val.size)[spec.max_val_set :]]] = 0
     return out
 
 
@@ -159,7 +178,7 @@ class _SplitOutput:
             files.path(f"{base}-text.bin"), best_dtype(tok.vocab_size), tok.vocab_size
         )
         self.role = IndexedWriter(files.path(f"{base}-role.bin"), np.uint16, 4)
-        self.stats: list[TokenStats] = []
+        self.stats: dict[str, TokenStats] = {}  # dataset name -> its stats, in mix order
         self.ranges: dict[str, list[int]] = {}
 
     def write(self, tokens, roles, sizes, keep: np.ndarray) -> None:
@@ -201,6 +220,11 @@ def _progress(total: int | None, desc: str, enabled: bool):
         leave=False,
         file=sys.stderr,
     )
+
+
+def _no_samples(res) -> int:
+    """Valid records of a tokenized chunk that gave no sample (an OASST tree with no thread)."""
+    return sum(s == OK for s in res.status) - int(np.unique(res.sample_record).size)
 
 
 def _count(report: SourceReport, status: list[str], bad: list, skip_bad: bool) -> None:
@@ -307,12 +331,16 @@ def _process_dataset(
     - fraction < 1: a scanning pass fixes the assignment, so that only the kept part is
       tokenized on the second pass;
     - val_split only: one tokenizing pass into a staging area, then the assignment (the same as
-      the scanning route would give) routes the staged samples. A tree kind with val_split and
-      max_val_set always takes this route: its cap counts threads, known only once tokenized.
+      the scanning route would give) routes the staged samples. A tree kind with fraction, or
+      with val_split and max_val_set, always takes this route: they count threads, known only
+      once tokenized.
     """
     report = SourceReport()
     mat = mix.min_assistant_tokens or 0
-    stats = {TRAIN: TokenStats(spec.display, spec.fraction), VAL: TokenStats(spec.display, 1.0)}
+    stats = {
+        TRAIN: TokenStats(spec.display, spec.fraction),
+        VAL: TokenStats(spec.val_display(capped=False), 1.0),
+    }
     first = {s: len(outputs[s].text) for s in outputs}
 
     def assignment(valid: bytearray) -> np.ndarray:
@@ -320,9 +348,13 @@ def _process_dataset(
         report.assigned = {"train": int((assign == TRAIN).sum()), "val": int((assign == VAL).sum())}
         return assign
 
-    # A tree kind's val threads are capped once they are known: only the staged route has them.
-    thread_cap = spec.kind.unit == "tree" and spec.val_split > 0 and spec.max_val_set is not None
-    if not thread_cap and (spec.fraction < 1 or (spec.val_split > 0 and not _STAGE_SPLITS)):
+    # A tree kind's train threads are sampled and its val threads capped once they are known:
+    # only the staged route has them.
+    tree = spec.kind.unit == "tree"
+    by_thread = tree and (
+        spec.fraction < 1 or (spec.val_split > 0 and spec.max_val_set is not None)
+    )
+    if not by_thread and (spec.fraction < 1 or (spec.val_split > 0 and not _STAGE_SPLITS)):
         valid = bytearray()
         bar = _progress(None, f"{spec.name}: scan", progress)
         for res in workers.map(_chunks(spec, None, tokenize=False)):
@@ -341,25 +373,30 @@ def _process_dataset(
                     f"{spec.location}: the dataset changed between the scanning and the "
                     "tokenizing pass; rerun when its files are no longer being written"
                 )
+            report.no_samples += _no_samples(res)
             splits = a[res.sample_record]
             _route(outputs, stats, mat, res.sizes, res.assistant, res.tokens, res.roles, splits)
             bar.update(int(np.count_nonzero(a)))
         bar.close()
-    elif spec.val_split > 0:
+    elif spec.val_split > 0 or by_thread:
         valid = bytearray()
         staging = _Staging(mix.output_dir, outputs[TRAIN].text.dtype)
         try:
             bar = _progress(None, f"{spec.name}: tokenize", progress)
             for res in workers.map(_chunks(spec, None, tokenize=True)):
                 _count(report, res.status, res.bad, skip_bad)
+                report.no_samples += _no_samples(res)
                 valid += bytes(s == OK for s in res.status)
                 staging.add(res)
                 bar.update(len(res.status))
             bar.close()
             assign = assignment(valid)
             splits = assign[np.frombuffer(staging.record, dtype=np.int64)]
-            if thread_cap:
-                splits = cap_val_samples(splits, spec, mix.rng_seed)
+            if tree:
+                n_val = int(np.count_nonzero(splits == VAL))  # val threads, before the cap
+                capped = spec.max_val_set is not None and n_val > spec.max_val_set
+                stats[VAL].name = spec.val_display(capped)
+                splits = select_threads(splits, spec, mix.rng_seed)
             k = 0
             for sizes, assistant, tokens, roles, _ in staging.replay():
                 part = splits[k : k + sizes.size]
@@ -371,6 +408,7 @@ def _process_dataset(
         bar = _progress(None, f"{spec.name}: tokenize", progress)
         for res in workers.map(_chunks(spec, None, tokenize=True)):
             _count(report, res.status, res.bad, skip_bad)
+            report.no_samples += _no_samples(res)
             splits = np.full(res.sizes.size, TRAIN, dtype=np.int8)
             _route(outputs, stats, mat, res.sizes, res.assistant, res.tokens, res.roles, splits)
             bar.update(len(res.status))
@@ -386,7 +424,11 @@ def _process_dataset(
             "the files are complete, or remove the dataset from the mix"
         )
     for split, out in outputs.items():
-        out.stats.append(stats[split])
+        # Open-Assistant has no val set for a sample dataset with val_split 0 (its
+        # train_val_dataset returns None), so its val stats do not list it; the export's loader
+        # always returns a val ListDataset, empty or not.
+        if split == TRAIN or spec.val_split > 0 or tree:
+            out.stats[spec.name] = stats[split]
         out.ranges[spec.name] = [first[split], len(out.text)]
     return report
 
@@ -477,13 +519,13 @@ def pretokenize_mix(
         for split_id, name in zip((TRAIN, VAL), SPLITS):
             out = outputs[split_id]
             total = TokenStats("total", 1.0)
-            for s in out.stats:
+            for s in out.stats.values():
                 total.merge(s)
             summary["splits"][name] = {
-                "datasets": {spec.name: s.to_dict() for spec, s in zip(mix.datasets, out.stats)},
+                "datasets": {k: s.to_dict() for k, s in out.stats.items()},
                 "total": total.to_dict(),
             }
-            texts[name] = stats_text(str(out_dir), out.stats, total)
+            texts[name] = stats_text(str(out_dir), list(out.stats.values()), total)
             files.path(f"{out.base}_stats.txt").write_text(texts[name], encoding="utf-8")
             meta = {
                 "format": FORMAT,

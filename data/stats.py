@@ -2,8 +2,14 @@
 
 A sample is *accepted* (written) or *skipped* (fewer assistant tokens than
 `min_assistant_tokens`); `total_samples` is what the dataset contributed to the split after
-`fraction` / `val_split` / `max_val_set`, so accepted + skipped = total. Token counts are the
-whole sample's tokens; skipped tokens are summed (not overwritten) per sample.
+`fraction` / `val_split` / `max_val_set` (threads, for the OASST export), so accepted + skipped =
+total. Token counts are the whole sample's tokens; skipped tokens are summed (not overwritten)
+per sample.
+
+Each block is named as Open-Assistant's pretokenizer names the dataset: the class of what its
+`get_one_dataset` returned, `Subset of ...` when that is a Subset (`DatasetSpec.display` and
+`val_display` say when); a split's file lists only the datasets that have that split there (no
+val block for a sample dataset with val_split 0).
 """
 
 from dataclasses import dataclass

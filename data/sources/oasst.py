@@ -5,9 +5,13 @@ the root's `lang` is in the `lang` list. Its threads are the root-to-leaf paths 
 messages in which no message is deleted or synthetic. With `top_k`, a thread is rejected when one
 of its assistant messages has `rank >= top_k`, or has no rank while its parent has several
 replies. A trailing prompter message is dropped; such a thread is taken only through the parent's
-first reply, so several unanswered follow-ups do not repeat the same conversation. Train and val
-are split by tree (the unit of `val_split` and `fraction` for this kind; `max_val_set` caps the
-val threads, as Open-Assistant caps its flattened val set).
+first reply, so several unanswered follow-ups do not repeat the same conversation.
+
+A kept tree whose threads are all rejected is still a valid record (an empty list of
+conversations): Open-Assistant's loader keeps it in the tree list it splits, so it counts when
+the val share is sized. Train and val are split by tree (`val_split`); `fraction` then samples
+the train threads and `max_val_set` caps the val threads, as Open-Assistant samples and caps the
+flattened thread lists its loader returns (see `data.pretokenize.select_threads`).
 """
 
 from pathlib import Path
@@ -98,9 +102,8 @@ def convert_tree(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         raise BadRecord(location, f"prompt: 'lang' must be a language code, found {lang!r}")
     if langs is not None and lang not in langs:
         return "lang"
-    threads = tree_threads(root, location, opts["top_k"])
-    if not threads:
-        return "no_threads"
+    # No thread left is not a drop: the tree still counts when the split is sized.
     return [
-        Conversation(turns=[(_ROLES[m["role"]], m["text"]) for m in t], lang=lang) for t in threads
+        Conversation(turns=[(_ROLES[m["role"]], m["text"]) for m in t], lang=lang)
+        for t in tree_threads(root, location, opts["top_k"])
     ]

@@ -3,8 +3,11 @@
 Open-Assistant splits sample datasets with sklearn's `train_test_split(test_size=val_split)`
 (val = ceil(val_split * n), exactly) and the OASST export by tree with torch's
 `random_split(trees, [1 - val_split, val_split])` (floor of each share, the remainder dealt out
-from train on); `max_val_set` then caps the flattened val *samples* (threads for the export), and
-`fraction` keeps int(len(train) * fraction) samples.
+from train on), counting every tree that passes the tree filters, threads or not; `max_val_set`
+then caps the flattened val *samples* (threads for the export), and `fraction` keeps
+int(len(train) * fraction) samples (train threads for the export). The stats name each dataset
+as Open-Assistant's `get_dataset_name` does, and the val stats leave out sample datasets with
+val_split 0 (no val set there).
 """
 
 import json
@@ -135,3 +138,111 @@ def test_jsonl_with_a_byte_order_mark(files, pretok):
     rc, _, err = pretok(files.mix("b", ds), "--data-root", files.root / "src")
     assert rc == 0, err
     assert len(IndexedDataset(files.root / "out/b/b-train-text")) == 1
+
+
+# -- the OASST export's thread-level semantics and the statistics' names ---------------------------
+
+
+def _tree_ids(ds: IndexedDataset, tok) -> list[str]:
+    return [tok.decode(ds[i]).split("tree ")[1].split("<")[0] for i in range(len(ds))]
+
+
+def _oasst_run(files, pretok, name: str, trees: list, *args: str, **opts) -> Path:
+    files.jsonl(f"src/{name}.jsonl.gz", trees, gz=True)
+    ds = {"oasst_export": {"input_file_path": f"{name}.jsonl.gz", **opts}}
+    rc, _, err = pretok(files.mix(name, [ds]), "--data-root", files.root / "src", *args)
+    assert rc == 0, err
+    return files.root / "out" / name
+
+
+def test_oasst_fraction_samples_train_threads_not_trees(files, pretok):
+    # Open-Assistant's pretokenizer keeps int(len(train) * fraction) of what get_one_dataset
+    # returned for train: for the export, the flattened list of train threads. One tree of 10
+    # threads and 9 of one: 19 threads, 9 kept; picking 5 of the 10 trees gives 5 or 14.
+    trees = [_tree(0, threads=10)] + [_tree(i, threads=1) for i in range(1, 10)]
+    out = _oasst_run(files, pretok, "fr", trees, val_split=0, fraction=0.5)
+    assert len(IndexedDataset(out / "fr-train-text")) == 9
+    assert len(IndexedDataset(out / "fr-val-text")) == 0
+
+
+def test_oasst_fraction_with_val_split_keeps_trees_whole(files, pretok, tok):
+    trees = [_tree(i, threads=1 + i % 3) for i in range(40)]
+    out = _oasst_run(files, pretok, "fv", trees, val_split=0.25, fraction=0.5)
+    val, train = IndexedDataset(out / "fv-val-text"), IndexedDataset(out / "fv-train-text")
+    val_trees = set(_tree_ids(val, tok))
+    assert len(val_trees) == 10  # random_split(40 trees, [0.75, 0.25]): 10 val trees, whole
+    assert len(val) == sum(1 + i % 3 for i in range(40) if str(i) in val_trees)
+    train_threads = sum(1 + i % 3 for i in range(40) if str(i) not in val_trees)
+    assert len(train) == int(train_threads * 0.5)
+    assert not val_trees & set(_tree_ids(train, tok))
+    # Seeded by (rng_seed, dataset name) only: the same bytes with two worker processes.
+    again = _oasst_run(files, pretok, "fv2", trees, "--workers", "2", val_split=0.25, fraction=0.5)
+    for f in ("train-text.bin", "val-text.bin"):
+        assert (again / f"fv2-{f}").read_bytes() == (out / f"fv-{f}").read_bytes()
+
+
+def test_oasst_trees_without_threads_still_count_in_the_split(files, pretok):
+    # Open-Assistant keeps a tree that passes the tree filters (state, review, language) in the
+    # list it hands to random_split even when no thread of it passes the thread filters: 20
+    # trees give 5 val trees at 0.25, not 2 of the 10 that have a thread.
+    trees = [_tree(i, threads=i % 2) for i in range(20)]
+    out = _oasst_run(files, pretok, "em", trees, val_split=0.25)
+    info = json.loads((out / "stats.json").read_text())["datasets"]["oasst_export"]
+    assert (info["valid"], info["assigned"]) == (20, {"train": 15, "val": 5})
+    assert info["no_samples"] == 10  # reported, no longer dropped
+    n = len(IndexedDataset(out / "em-train-text")) + len(IndexedDataset(out / "em-val-text"))
+    assert n == 10
+
+
+def _blocks(text: str) -> list[str]:
+    return [line.split("'")[1] for line in text.splitlines() if line.startswith("## Stats for")]
+
+
+def test_val_stats_leave_out_sample_datasets_without_a_val_split(files, pretok, make_chat_rows):
+    # get_one_dataset returns no val set for a sample dataset with val_split 0 (train_val_dataset
+    # gives None), so it has no eval entry; the export's loader always returns its val
+    # ListDataset (empty at val_split 0), so it stays listed.
+    files.jsonl("src/a.jsonl", make_chat_rows(10))
+    files.jsonl("src/b.jsonl", make_chat_rows(10, start=10))
+    files.jsonl("src/t.jsonl.gz", [_tree(i) for i in range(4)], gz=True)
+    ds = [
+        {"a": {"kind": "chat", "path": "a.jsonl", "val_split": 0}},
+        {"b": {"kind": "chat", "path": "b.jsonl", "val_split": 0.5}},
+        {"oasst_export": {"input_file_path": "t.jsonl.gz", "val_split": 0}},
+    ]
+    rc, _, err = pretok(files.mix("vs", ds), "--data-root", files.root / "src")
+    assert rc == 0, err
+    out = files.root / "out" / "vs"
+    train = _blocks((out / "vs-train_stats.txt").read_text())
+    assert train == ["ChatDataset (a)", "Subset of ChatDataset (b)", "ListDataset", "total"]
+    val = _blocks((out / "vs-val_stats.txt").read_text())
+    assert val == ["Subset of ChatDataset (b)", "ListDataset", "total"]
+    stats = json.loads((out / "stats.json").read_text())["splits"]
+    assert list(stats["val"]["datasets"]) == ["b", "oasst_export"]
+    assert stats["val"]["total"]["total_samples"] == 5
+
+
+def test_stats_names_are_open_assistants_dataset_names(files, pretok, make_chat_rows):
+    # get_dataset_name() prints the class of what get_one_dataset returned, `Subset of ...` when
+    # it is a Subset: a sample dataset's train part is one once val_split cut it
+    # (train_test_split), its val part always; the export's parts are ListDatasets, and its val
+    # part a Subset once max_val_set cut it. The pretokenizer takes the name before it samples
+    # `fraction`, so fraction never renames.
+    files.jsonl("src/c.jsonl", make_chat_rows(10))
+    files.jsonl("src/t.jsonl.gz", [_tree(i) for i in range(20)], gz=True)
+    tree = {"kind": "oasst_export", "input_file_path": "t.jsonl.gz", "val_split": 0.25}
+    ds = [
+        {"c": {"kind": "chat", "path": "c.jsonl", "val_split": 0, "fraction": 0.5}},
+        {"capped": {**tree, "max_val_set": 3, "fraction": 0.5}},  # 10 val threads > 3
+        {"uncapped": {**tree, "max_val_set": 10}},  # 10 val threads, not more
+    ]
+    rc, _, err = pretok(files.mix("nm", ds), "--data-root", files.root / "src")
+    assert rc == 0, err
+    out = files.root / "out" / "nm"
+    train = _blocks((out / "nm-train_stats.txt").read_text())
+    assert train == ["ChatDataset (c)", "ListDataset", "ListDataset", "total"]
+    val = _blocks((out / "nm-val_stats.txt").read_text())
+    assert val == ["Subset of ListDataset", "ListDataset", "total"]
+    splits = json.loads((out / "stats.json").read_text())["splits"]
+    assert splits["val"]["datasets"]["capped"]["name"] == "Subset of ListDataset"
+    assert splits["train"]["datasets"]["c"]["name"] == "ChatDataset (c)"

@@ -310,7 +310,9 @@ def test_oasst_tree_filters():
     assert oasst(tree({**good, "review_result": None})) == "review_result"
     assert oasst(tree({**good, "lang": "ja"}), lang="en,de") == "lang"
     assert texts(oasst(tree({**good, "lang": "de"}), lang="en,de")) == [["P", "A"]]
-    assert oasst(tree(msg("prompter", "lonely"))) == "no_threads"
+    # Passes the tree filters but has no thread: a valid tree with no conversation, not a drop
+    # (Open-Assistant's loader keeps it in the tree list it splits).
+    assert oasst(tree(msg("prompter", "lonely"))) == []
 
 
 def test_oasst_bad_trees():
