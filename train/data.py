@@ -121,13 +121,18 @@ def eval_batches(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices, 
 
 def eval_splits(valid) -> dict[str, np.ndarray | None]:
     """name -> sample indices for per-dataset validation ("all" = the whole split); datasets
-    are listed separately only when the split holds more than one."""
+    are listed separately only when more than one has samples in the split (else its entry
+    would repeat "all"). Empty when the split holds no samples (a mix without val_split still
+    writes one): there is nothing to evaluate, and an evaluation of nothing would log loss 0,
+    a perfect model."""
+    if len(valid) == 0:
+        return {}
     out: dict[str, np.ndarray | None] = {"all": None}
     ranges = getattr(valid, "dataset_ranges", None) or {}
-    if len(ranges) > 1:
-        for name, (start, end) in ranges.items():
-            if end > start:
-                out[str(name)] = np.arange(start, end, dtype=np.int64)
+    held = {name: (a, b) for name, (a, b) in ranges.items() if b > a}
+    if len(held) > 1:
+        for name, (start, end) in held.items():
+            out[str(name)] = np.arange(start, end, dtype=np.int64)
     return out
 
 

@@ -14,7 +14,7 @@ prediction p_t = argmax of the logits over the real (unpadded) vocabulary and la
 - count_loss_mask:   sum_t m_t / number of rows (loss tokens per sequence, as Megatron-LLM)
 
 Sums are taken over data-parallel ranks before dividing, so the numbers do not depend on the
-layout.
+layout. A ratio with nothing to divide by (no loss-mask tokens) is NaN.
 """
 
 import math
@@ -61,15 +61,20 @@ class EvalStats:
         if dp_group is not None and dist.get_world_size(dp_group) > 1:
             dist.all_reduce(sums, group=dp_group)
         s = dict(zip(self.FIELDS, sums.tolist()))
-        tokens = max(s["tokens"], 1.0)
-        loss = s["loss_sum"] / tokens
+
+        def ratio(num: float, den: float) -> float:
+            # No tokens to average over: NaN, not the 0 of 0 / 1 (loss 0 and perplexity 1
+            # would read as a perfect model).
+            return num / den if den > 0 else math.nan
+
+        loss = ratio(s["loss_sum"], s["tokens"])
         out = {"loss": loss, "loss_tokens": int(s["tokens"])}
         all_metrics = {
-            "perplexity": ("ppl", math.exp(min(loss, 700.0))),
-            "accuracy": ("accuracy", s["correct"] / tokens),
+            "perplexity": ("ppl", math.exp(min(loss, 700.0)) if math.isfinite(loss) else loss),
+            "accuracy": ("accuracy", ratio(s["correct"], s["tokens"])),
             "instruct_accuracy": (
                 "instruct_accuracy",
-                s["instruct_correct"] / max(s["instruct_tokens"], 1.0),
+                ratio(s["instruct_correct"], s["instruct_tokens"]),
             ),
             "count_loss_mask": ("count_loss_mask", s["tokens"] / max(s["rows"], 1.0)),
         }

@@ -13,6 +13,11 @@ D = decay_iters, lr_max = lr:
 Megatron evaluates the same formula at the number of steps already taken, so its first step runs
 at lr 0 and step s at lr(s - 1); here step s runs at lr(s), which spends no step at lr 0 and
 reaches lr_max exactly at the end of warm-up.
+
+s counts iterations, skipped ones included: an update skipped for non-finite gradients (bf16 has
+no loss scaler to back off) still moves the schedule, so a resumed run's lr follows its iteration
+alone. Megatron's fp16 scaler instead holds the schedule back on an overflow step; in bf16 it
+never skips.
 """
 
 import math

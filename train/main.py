@@ -136,6 +136,7 @@ def train(rc: RunConfig) -> int:
             eval_loaders[name] = lambda idx=indices: eval_batches(
                 valid_ds, rc.data, dims.dp_rank, dims.dp, idx, rc.eval.iters
             )
+    empty_valid = valid_ds is not None and not eval_loaders
     telemetry = None
     if logging:
         wandb_cfg = None
@@ -152,6 +153,9 @@ def train(rc: RunConfig) -> int:
         note = _earlier_run_note(rc)
         if note:
             log(note)
+        if empty_valid and rc.eval.iters > 0:
+            log(f" note: the validation split {rc.data.valid_prefix} holds no samples (no "
+                "val_split in the data mix?): no validation in this run")  # fmt: skip
     if rc.log.activation_memory_report:
         tokens = min(rc.data.seq_length, 256) // (2 * dims.tp) * (2 * dims.tp)
         rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks

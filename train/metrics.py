@@ -25,9 +25,12 @@ import torch
 
 from model.config import ModelConfig
 
-# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, no sparsity).
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, no sparsity). The PCIe and
+# NVL cards run at lower clocks and power than the SXM card whose name they extend, so the
+# longest key found in the device name wins.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-             "L40S": 362e12, "A10G": 70e12}  # fmt: skip
+             "L40S": 362e12, "A10G": 70e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H200 NVL": 835e12}  # fmt: skip
 
 
 def matmul_params(cfg: ModelConfig, padded_vocab: int) -> int:
@@ -53,10 +56,8 @@ def peak_flops_per_gpu() -> float | None:
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    for key, peak in PEAK_BF16.items():
-        if key in name:
-            return peak
-    return None
+    found = [key for key in PEAK_BF16 if key in name]
+    return PEAK_BF16[max(found, key=len)] if found else None
 
 
 def memory_gib() -> tuple[float, str]:

@@ -51,3 +51,15 @@ def test_trainer_evaluate_matches_loss_and_is_repeatable():
 def _micro_batches(seed, steps):
     loader = SyntheticLoader(2, 64, 2, seed=seed)
     return [mb for _ in range(steps) for mb in loader.next_global_batch()]
+
+
+def test_no_loss_tokens_is_no_result_rather_than_a_perfect_one():
+    st = EvalStats("cpu")
+    labels = torch.tensor([[1, 2, 3, 4]])
+    st.add(torch.tensor([9.0, 1.0, 2.0, 3.0]), labels.reshape(-1), labels, torch.zeros(1, 4),
+           None, None)  # fmt: skip
+    r = st.result()
+    assert r["loss_tokens"] == 0
+    for key in ("loss", "ppl", "accuracy", "instruct_accuracy"):
+        assert math.isnan(r[key]), (key, r[key])  # not loss 0 / perplexity 1 / accuracy 0
+    assert r["count_loss_mask"] == 0.0  # zero loss tokens per row is a true count

@@ -43,3 +43,19 @@ def test_telemetry_writes_jsonl_and_tensorboard(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["type"] == "train" and rows[0]["iteration"] == 3 and rows[0]["lm_loss"] == 2.5
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+     ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12),
+     ("Tesla V100-SXM2-16GB", None)],
+)  # fmt: skip
+def test_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
+    # The PCIe and NVL cards share the SXM card's name prefix but not its clocks and power:
+    # dividing by the SXM peak would under-report their MFU by a fifth or more.
+    from train.metrics import peak_flops_per_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_flops_per_gpu() == peak
