@@ -39,11 +39,14 @@ bwd 206 / 286 / 334 / 360, 1.04-1.21x.
 import math
 
 import torch
-import triton
-import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels._triton import INTERPRET, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, use_triton
+
+if HAS_TRITON:  # elsewhere (no Triton wheel) `attention` runs the reference
+    import triton
+    import triton.language as tl
 
 LOG2E = 1.4426950408889634
 
@@ -62,345 +65,347 @@ _NO_SPEC_ROWS = ["num_docs", "search_steps", "tokens"]
 # Triton tutorials; the formatter would put each of the ~40 arguments on its own line.)
 
 
-@triton.jit
-def _col_mask(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Columns inside head_dim. All-true as a constant when head_dim is a power of two, so the
-    compiler drops the mask instead of testing it on every load."""
-    if HEAD_DIM == BLOCK_D:
-        ok = tl.full([BLOCK_D], 1, tl.int1)
-    else:
-        ok = tl.arange(0, BLOCK_D) < HEAD_DIM
-    return ok
+if HAS_TRITON:
 
-
-@triton.jit
-def _doc_bounds(cu_seqlens, tok, num_docs, search_steps):
-    """Start and end of the document holding each token.   tok: int32 vector, all < tokens.
-
-    Finds the largest d with cu_seqlens[d] <= tok; empty documents are skipped by construction.
-    Extra steps past convergence keep lo fixed, so search_steps >= ceil(log2(num_docs)) is enough.
-    """
-    lo = tl.zeros_like(tok)
-    hi = tl.zeros_like(tok) + num_docs
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        right = tl.load(cu_seqlens + mid) <= tok
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return tl.load(cu_seqlens + lo), tl.load(cu_seqlens + lo + 1)
-
-
-@triton.jit(do_not_specialize=_NO_SPEC_ROWS)
-def _doc_starts_kernel(
-    cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
-    ROW_START,  # out: (tokens,) int32, the first token of each token's document
-    tokens,
-    BLOCK: tl.constexpr,
-):
-    tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    start, _ = _doc_bounds(cu_seqlens, tl.minimum(tok, tokens - 1), num_docs, search_steps)
-    tl.store(ROW_START + tok, start, mask=tok < tokens)
-
-
-@triton.jit
-def _fwd_inner(
-    acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum, row max (log2 units)
-    k_head, v_head,  # K/V pointers at token 0 of this KV head
-    rows, doc_start, d_ok,  # (BLOCK_M,) query tokens and their documents' first token
-    n_lo, n_hi, tokens, qk_scale,
-    stride_kt, stride_kd, stride_vt, stride_vd,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_k = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    tile_v = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    # Block pointers advance by a scalar step; only the start is formed in int64.
-    k_blk = k_head + n_lo.to(tl.int64) * stride_kt
-    v_blk = v_head + n_lo.to(tl.int64) * stride_vt
-    for n in range(n_lo, n_hi, BLOCK_N):
-        cols = n + offs_n
-        if MASKED:
-            mask = (cols < tokens)[:, None] & d_ok[None, :]
+    @triton.jit
+    def _col_mask(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Columns inside head_dim. All-true as a constant when head_dim is a power of two, so the
+        compiler drops the mask instead of testing it on every load."""
+        if HEAD_DIM == BLOCK_D:
+            ok = tl.full([BLOCK_D], 1, tl.int1)
         else:
-            mask = d_ok[None, :]
-        k = tl.load(k_blk + tile_k, mask=mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        if MASKED:
-            ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
-            qk = tl.where(ok, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            # A row may see no key of this block (a later document's row): keep exp2 finite.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_use = m_new
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_blk + tile_v, mask=mask, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
-        k_blk += BLOCK_N * stride_kt
-        v_blk += BLOCK_N * stride_vt
-    return acc, l_i, m_i
+            ok = tl.arange(0, BLOCK_D) < HEAD_DIM
+        return ok
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _fwd_kernel(
-    Q, K, V, O, LSE,  # q (T, H, D), k/v (T, KVH, D), out (T, H, D), lse (H, T) fp32
-    ROW_START,  # (T,) int32: first token of each token's document (_doc_starts_kernel)
-    qk_scale,  # softmax scale * log2(e)
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
-    stride_lh,  # lse head stride (token stride is 1)
-    tokens, heads, group,  # group = heads // kv_heads
-    seq_bucket,  # bucketed max_seqlen: autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    h = pid % heads  # heads of a group are neighbours in launch order: K/V stay in L2
-    # Late blocks first: within a document they have the most keys, so the tail wave is light.
-    m0 = (tl.cdiv(tokens, BLOCK_M) - 1 - pid // heads) * BLOCK_M
-    kvh = h // group
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _col_mask(BLOCK_D, HEAD_DIM)
-    rows = m0 + offs_i
-    rows_ok = rows < tokens
-    n_hi = tl.minimum(m0 + BLOCK_M, tokens)
+    @triton.jit
+    def _doc_bounds(cu_seqlens, tok, num_docs, search_steps):
+        """Start and end of the document holding each token.   tok: int32 vector, all < tokens.
 
-    m64 = m0.to(tl.int64)
-    h64 = h.to(tl.int64)
-    row_mask = rows_ok[:, None] & d_ok[None, :]
-    q_ptrs = Q + m64 * stride_qt + h64 * stride_qh + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_mask, other=0.0)
-    # Issued with q's load: one round trip, no search. Rows are sorted, so the block's smallest
-    # and largest document starts are its first and last row's (scalar loads, no reduction).
-    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
-    n_lo = tl.load(ROW_START + m0)
-    start_last = tl.load(ROW_START + n_hi - 1)
-    k_head = K + kvh.to(tl.int64) * stride_kh
-    v_head = V + kvh.to(tl.int64) * stride_vh
-
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    # Keys [n_lo, n_pre): some row's document starts later; [n_pre, n_full): every pair is
-    # visible, no mask; [n_full, n_hi): the causal diagonal.
-    n_pre = tl.minimum(n_lo + tl.cdiv(start_last - n_lo, BLOCK_N) * BLOCK_N, n_hi)
-    n_full = n_pre + tl.maximum(m0 + 1 - n_pre, 0) // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_lo, n_pre, tokens, qk_scale,
-                               stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_pre, n_full, tokens, qk_scale,
-                               stride_kt, stride_kd, stride_vt, stride_vd, False, BLOCK_N, BLOCK_D, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_full, n_hi, tokens, qk_scale,
-                               stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
-
-    out = acc / l_i[:, None]
-    o_ptrs = O + m64 * stride_ot + h64 * stride_oh + offs_i[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
-    tl.store(LSE + h64 * stride_lh + rows, lse, mask=rows_ok)
+        Finds the largest d with cu_seqlens[d] <= tok; empty documents are skipped by construction.
+        Extra steps past convergence keep lo fixed, so search_steps >= ceil(log2(num_docs)) is enough.
+        """
+        lo = tl.zeros_like(tok)
+        hi = tl.zeros_like(tok) + num_docs
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            right = tl.load(cu_seqlens + mid) <= tok
+            lo = tl.where(right, mid, lo)
+            hi = tl.where(right, hi, mid)
+        return tl.load(cu_seqlens + lo), tl.load(cu_seqlens + lo + 1)
 
 
-@triton.jit
-def _dq_inner(
-    dq, q, do, lse2, delta,  # dq (BLOCK_M, BLOCK_D) fp32; lse2 = lse * log2(e); delta (BLOCK_M,)
-    k_head, v_head, rows, doc_start, d_ok, n_lo, n_hi, tokens, qk_scale,
-    stride_kt, stride_kd, stride_vt, stride_vd,
-    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_k = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
-    tile_v = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    k_blk = k_head + n_lo.to(tl.int64) * stride_kt
-    v_blk = v_head + n_lo.to(tl.int64) * stride_vt
-    for n in range(n_lo, n_hi, BLOCK_N):
-        cols = n + offs_n
-        if MASKED:
-            mask = (cols < tokens)[:, None] & d_ok[None, :]
-        else:
-            mask = d_ok[None, :]
-        k = tl.load(k_blk + tile_k, mask=mask, other=0.0)
-        v = tl.load(v_blk + tile_v, mask=mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        if MASKED:
-            ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
-            p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-        k_blk += BLOCK_N * stride_kt
-        v_blk += BLOCK_N * stride_vt
-    return dq
+    @triton.jit(do_not_specialize=_NO_SPEC_ROWS)
+    def _doc_starts_kernel(
+        cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
+        ROW_START,  # out: (tokens,) int32, the first token of each token's document
+        tokens,
+        BLOCK: tl.constexpr,
+    ):
+        tok = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        start, _ = _doc_bounds(cu_seqlens, tl.minimum(tok, tokens - 1), num_docs, search_steps)
+        tl.store(ROW_START + tok, start, mask=tok < tokens)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA,  # DELTA (H, T) fp32 is written here for the dK/dV kernel
-    ROW_START,  # (T,) int32: first token of each token's document
-    qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
-    stride_dot, stride_doh, stride_dod,
-    stride_dqt, stride_dqh, stride_dqd,
-    stride_lh,  # lse and delta head stride (token stride is 1)
-    tokens, heads, group,
-    seq_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    h = pid % heads
-    m0 = (tl.cdiv(tokens, BLOCK_M) - 1 - pid // heads) * BLOCK_M
-    kvh = h // group
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _col_mask(BLOCK_D, HEAD_DIM)
-    rows = m0 + offs_i
-    rows_ok = rows < tokens
-    n_hi = tl.minimum(m0 + BLOCK_M, tokens)
-    # First, so the key range is known when delta is: as in the forward
-    doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
-    n_lo = tl.load(ROW_START + m0)
-    start_last = tl.load(ROW_START + n_hi - 1)
-
-    m64 = m0.to(tl.int64)
-    h64 = h.to(tl.int64)
-    row_mask = rows_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + m64 * stride_qt + h64 * stride_qh + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
-    do = tl.load(DO + m64 * stride_dot + h64 * stride_doh + offs_i[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
-    o = tl.load(O + m64 * stride_ot + h64 * stride_oh + offs_i[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=row_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), FA2 Alg. 2 line 4
-    tl.store(DELTA + h64 * stride_lh + rows, delta, mask=rows_ok)
-    lse2 = tl.load(LSE + h64 * stride_lh + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
-
-    k_head = K + kvh.to(tl.int64) * stride_kh
-    v_head = V + kvh.to(tl.int64) * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_pre = tl.minimum(n_lo + tl.cdiv(start_last - n_lo, BLOCK_N) * BLOCK_N, n_hi)
-    n_full = n_pre + tl.maximum(m0 + 1 - n_pre, 0) // BLOCK_N * BLOCK_N
-    dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_lo, n_pre, tokens, qk_scale,
-                   stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_pre, n_full, tokens, qk_scale,
-                   stride_kt, stride_kd, stride_vt, stride_vd, False, BLOCK_N, BLOCK_D, PRECISION)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_full, n_hi, tokens, qk_scale,
-                   stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
-
-    dq_ptrs = DQ + m64 * stride_dqt + h64 * stride_dqh + offs_i[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+    @triton.jit
+    def _fwd_inner(
+        acc, l_i, m_i, q,  # running output (BLOCK_M, BLOCK_D) fp32, row sum, row max (log2 units)
+        k_head, v_head,  # K/V pointers at token 0 of this KV head
+        rows, doc_start, d_ok,  # (BLOCK_M,) query tokens and their documents' first token
+        n_lo, n_hi, tokens, qk_scale,
+        stride_kt, stride_kd, stride_vt, stride_vd,
+        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile_k = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        tile_v = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        # Block pointers advance by a scalar step; only the start is formed in int64.
+        k_blk = k_head + n_lo.to(tl.int64) * stride_kt
+        v_blk = v_head + n_lo.to(tl.int64) * stride_vt
+        for n in range(n_lo, n_hi, BLOCK_N):
+            cols = n + offs_n
+            if MASKED:
+                mask = (cols < tokens)[:, None] & d_ok[None, :]
+            else:
+                mask = d_ok[None, :]
+            k = tl.load(k_blk + tile_k, mask=mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            if MASKED:
+                ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
+                qk = tl.where(ok, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                # A row may see no key of this block (a later document's row): keep exp2 finite.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_blk + tile_v, mask=mask, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+            k_blk += BLOCK_N * stride_kt
+            v_blk += BLOCK_N * stride_vt
+        return acc, l_i, m_i
 
 
-@triton.jit
-def _dkdv_inner(
-    dk, dv, k, v,  # dk/dv (BLOCK_N, BLOCK_D) fp32 accumulators; k/v this program's key block
-    q_head, do_head, lse_head, delta_head,  # pointers at token 0 of one query head
-    cols, doc_end, d_ok,  # (BLOCK_N,) key tokens and their documents' end
-    m_lo, m_hi, tokens, qk_scale,
-    stride_qt, stride_qd, stride_dot, stride_dod,
-    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):
-    offs_i = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    tile_q = offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    tile_do = offs_i[:, None] * stride_dot + offs_d[None, :] * stride_dod
-    q_blk = q_head + m_lo.to(tl.int64) * stride_qt
-    do_blk = do_head + m_lo.to(tl.int64) * stride_dot
-    for m in range(m_lo, m_hi, BLOCK_M):
-        rows = m + offs_i
-        if MASKED:
-            rows_ok = rows < tokens
-            mask = rows_ok[:, None] & d_ok[None, :]
-            lse2 = tl.load(lse_head + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_head + rows, mask=rows_ok, other=0.0)
-        else:
-            mask = d_ok[None, :]
-            lse2 = tl.load(lse_head + rows) * 1.4426950408889634
-            delta = tl.load(delta_head + rows)
-        q = tl.load(q_blk + tile_q, mask=mask, other=0.0)
-        do = tl.load(do_blk + tile_do, mask=mask, other=0.0)
-        qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])  # P^T
-        if MASKED:
-            ok = (rows[None, :] >= cols[:, None]) & (rows[None, :] < doc_end[:, None])
-            pt = tl.where(ok, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
-        q_blk += BLOCK_M * stride_qt
-        do_blk += BLOCK_M * stride_dot
-    return dk, dv
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _fwd_kernel(
+        Q, K, V, O, LSE,  # q (T, H, D), k/v (T, KVH, D), out (T, H, D), lse (H, T) fp32
+        ROW_START,  # (T,) int32: first token of each token's document (_doc_starts_kernel)
+        qk_scale,  # softmax scale * log2(e)
+        stride_qt, stride_qh, stride_qd,
+        stride_kt, stride_kh, stride_kd,
+        stride_vt, stride_vh, stride_vd,
+        stride_ot, stride_oh, stride_od,
+        stride_lh,  # lse head stride (token stride is 1)
+        tokens, heads, group,  # group = heads // kv_heads
+        seq_bucket,  # bucketed max_seqlen: autotune key only
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = pid % heads  # heads of a group are neighbours in launch order: K/V stay in L2
+        # Late blocks first: within a document they have the most keys, so the tail wave is light.
+        m0 = (tl.cdiv(tokens, BLOCK_M) - 1 - pid // heads) * BLOCK_M
+        kvh = h // group
+        offs_i = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = _col_mask(BLOCK_D, HEAD_DIM)
+        rows = m0 + offs_i
+        rows_ok = rows < tokens
+        n_hi = tl.minimum(m0 + BLOCK_M, tokens)
+
+        m64 = m0.to(tl.int64)
+        h64 = h.to(tl.int64)
+        row_mask = rows_ok[:, None] & d_ok[None, :]
+        q_ptrs = Q + m64 * stride_qt + h64 * stride_qh + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_mask, other=0.0)
+        # Issued with q's load: one round trip, no search. Rows are sorted, so the block's smallest
+        # and largest document starts are its first and last row's (scalar loads, no reduction).
+        doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
+        n_lo = tl.load(ROW_START + m0)
+        start_last = tl.load(ROW_START + n_hi - 1)
+        k_head = K + kvh.to(tl.int64) * stride_kh
+        v_head = V + kvh.to(tl.int64) * stride_vh
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        # Keys [n_lo, n_pre): some row's document starts later; [n_pre, n_full): every pair is
+        # visible, no mask; [n_full, n_hi): the causal diagonal.
+        n_pre = tl.minimum(n_lo + tl.cdiv(start_last - n_lo, BLOCK_N) * BLOCK_N, n_hi)
+        n_full = n_pre + tl.maximum(m0 + 1 - n_pre, 0) // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_lo, n_pre, tokens, qk_scale,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_pre, n_full, tokens, qk_scale,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, False, BLOCK_N, BLOCK_D, PRECISION)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_head, v_head, rows, doc_start, d_ok, n_full, n_hi, tokens, qk_scale,
+                                   stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
+
+        out = acc / l_i[:, None]
+        o_ptrs = O + m64 * stride_ot + h64 * stride_oh + offs_i[:, None] * stride_ot + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_mask)
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
+        tl.store(LSE + h64 * stride_lh + rows, lse, mask=rows_ok)
 
 
-@triton.jit(do_not_specialize=_NO_SPEC)
-def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
-    cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
-    qk_scale, sm_scale,
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod,
-    stride_dkt, stride_dkh, stride_dkd,
-    stride_dvt, stride_dvh, stride_dvd,
-    stride_lh,
-    tokens, kv_heads, group,
-    seq_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    kvh = pid % kv_heads
-    n0 = (pid // kv_heads) * BLOCK_N  # early keys first: they have the most queries
-    offs_j = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _col_mask(BLOCK_D, HEAD_DIM)
-    cols = n0 + offs_j
-    cols_ok = cols < tokens
-    # Searched here, unlike the forward and dQ programs' loaded starts: a dK/dV program runs the
-    # whole query range of a KV head's group, so its prologue is a small share, and the compiled
-    # search spills less at 64x128 than the loaded form (976 against 1296 B of stack, Triton 3.6).
-    _, doc_end = _doc_bounds(cu_seqlens, tl.minimum(cols, tokens - 1), num_docs, search_steps)
-    end_first = tl.min(doc_end, 0)
-    end_last = tl.max(doc_end, 0)
+    @triton.jit
+    def _dq_inner(
+        dq, q, do, lse2, delta,  # dq (BLOCK_M, BLOCK_D) fp32; lse2 = lse * log2(e); delta (BLOCK_M,)
+        k_head, v_head, rows, doc_start, d_ok, n_lo, n_hi, tokens, qk_scale,
+        stride_kt, stride_kd, stride_vt, stride_vd,
+        MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile_k = offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+        tile_v = offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+        k_blk = k_head + n_lo.to(tl.int64) * stride_kt
+        v_blk = v_head + n_lo.to(tl.int64) * stride_vt
+        for n in range(n_lo, n_hi, BLOCK_N):
+            cols = n + offs_n
+            if MASKED:
+                mask = (cols < tokens)[:, None] & d_ok[None, :]
+            else:
+                mask = d_ok[None, :]
+            k = tl.load(k_blk + tile_k, mask=mask, other=0.0)
+            v = tl.load(v_blk + tile_v, mask=mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+            if MASKED:
+                ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] >= doc_start[:, None])
+                p = tl.where(ok, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+            k_blk += BLOCK_N * stride_kt
+            v_blk += BLOCK_N * stride_vt
+        return dq
 
-    n64 = n0.to(tl.int64)
-    kvh64 = kvh.to(tl.int64)
-    col_mask = cols_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + n64 * stride_kt + kvh64 * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_mask, other=0.0)
-    v = tl.load(V + n64 * stride_vt + kvh64 * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=col_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Queries [n0, m_pre): the causal diagonal; [m_pre, m_full): every pair visible, no mask;
-    # [m_full, end_last): past the first key's document end.
-    m_pre = tl.minimum(n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M, end_last)
-    m_full = m_pre + tl.maximum(end_first - m_pre, 0) // BLOCK_M * BLOCK_M
-    for g in range(group):  # the query heads sharing this KV head: dK/dV sum over them here
-        h64 = (kvh * group + g).to(tl.int64)
-        q_head = Q + h64 * stride_qh
-        do_head = DO + h64 * stride_doh
-        lse_head = LSE + h64 * stride_lh
-        delta_head = DELTA + h64 * stride_lh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, n0, m_pre, tokens, qk_scale,
-                             stride_qt, stride_qd, stride_dot, stride_dod, True, BLOCK_M, BLOCK_D, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, m_pre, m_full, tokens, qk_scale,
-                             stride_qt, stride_qd, stride_dot, stride_dod, False, BLOCK_M, BLOCK_D, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, m_full, end_last, tokens, qk_scale,
-                             stride_qt, stride_qd, stride_dot, stride_dod, True, BLOCK_M, BLOCK_D, PRECISION)
 
-    dk_ptrs = DK + n64 * stride_dkt + kvh64 * stride_dkh + offs_j[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_mask)
-    dv_ptrs = DV + n64 * stride_dvt + kvh64 * stride_dvh + offs_j[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_mask)
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _dq_kernel(
+        Q, K, V, O, DO, DQ, LSE, DELTA,  # DELTA (H, T) fp32 is written here for the dK/dV kernel
+        ROW_START,  # (T,) int32: first token of each token's document
+        qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_qd,
+        stride_kt, stride_kh, stride_kd,
+        stride_vt, stride_vh, stride_vd,
+        stride_ot, stride_oh, stride_od,
+        stride_dot, stride_doh, stride_dod,
+        stride_dqt, stride_dqh, stride_dqd,
+        stride_lh,  # lse and delta head stride (token stride is 1)
+        tokens, heads, group,
+        seq_bucket,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = pid % heads
+        m0 = (tl.cdiv(tokens, BLOCK_M) - 1 - pid // heads) * BLOCK_M
+        kvh = h // group
+        offs_i = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = _col_mask(BLOCK_D, HEAD_DIM)
+        rows = m0 + offs_i
+        rows_ok = rows < tokens
+        n_hi = tl.minimum(m0 + BLOCK_M, tokens)
+        # First, so the key range is known when delta is: as in the forward
+        doc_start = tl.load(ROW_START + rows, mask=rows_ok, other=0)
+        n_lo = tl.load(ROW_START + m0)
+        start_last = tl.load(ROW_START + n_hi - 1)
+
+        m64 = m0.to(tl.int64)
+        h64 = h.to(tl.int64)
+        row_mask = rows_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + m64 * stride_qt + h64 * stride_qh + offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_mask, other=0.0)
+        do = tl.load(DO + m64 * stride_dot + h64 * stride_doh + offs_i[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
+        o = tl.load(O + m64 * stride_ot + h64 * stride_oh + offs_i[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=row_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), FA2 Alg. 2 line 4
+        tl.store(DELTA + h64 * stride_lh + rows, delta, mask=rows_ok)
+        lse2 = tl.load(LSE + h64 * stride_lh + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
+
+        k_head = K + kvh.to(tl.int64) * stride_kh
+        v_head = V + kvh.to(tl.int64) * stride_vh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_pre = tl.minimum(n_lo + tl.cdiv(start_last - n_lo, BLOCK_N) * BLOCK_N, n_hi)
+        n_full = n_pre + tl.maximum(m0 + 1 - n_pre, 0) // BLOCK_N * BLOCK_N
+        dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_lo, n_pre, tokens, qk_scale,
+                       stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_pre, n_full, tokens, qk_scale,
+                       stride_kt, stride_kd, stride_vt, stride_vd, False, BLOCK_N, BLOCK_D, PRECISION)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_head, v_head, rows, doc_start, d_ok, n_full, n_hi, tokens, qk_scale,
+                       stride_kt, stride_kd, stride_vt, stride_vd, True, BLOCK_N, BLOCK_D, PRECISION)
+
+        dq_ptrs = DQ + m64 * stride_dqt + h64 * stride_dqh + offs_i[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+    @triton.jit
+    def _dkdv_inner(
+        dk, dv, k, v,  # dk/dv (BLOCK_N, BLOCK_D) fp32 accumulators; k/v this program's key block
+        q_head, do_head, lse_head, delta_head,  # pointers at token 0 of one query head
+        cols, doc_end, d_ok,  # (BLOCK_N,) key tokens and their documents' end
+        m_lo, m_hi, tokens, qk_scale,
+        stride_qt, stride_qd, stride_dot, stride_dod,
+        MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        offs_i = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile_q = offs_i[:, None] * stride_qt + offs_d[None, :] * stride_qd
+        tile_do = offs_i[:, None] * stride_dot + offs_d[None, :] * stride_dod
+        q_blk = q_head + m_lo.to(tl.int64) * stride_qt
+        do_blk = do_head + m_lo.to(tl.int64) * stride_dot
+        for m in range(m_lo, m_hi, BLOCK_M):
+            rows = m + offs_i
+            if MASKED:
+                rows_ok = rows < tokens
+                mask = rows_ok[:, None] & d_ok[None, :]
+                lse2 = tl.load(lse_head + rows, mask=rows_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(delta_head + rows, mask=rows_ok, other=0.0)
+            else:
+                mask = d_ok[None, :]
+                lse2 = tl.load(lse_head + rows) * 1.4426950408889634
+                delta = tl.load(delta_head + rows)
+            q = tl.load(q_blk + tile_q, mask=mask, other=0.0)
+            do = tl.load(do_blk + tile_do, mask=mask, other=0.0)
+            qkt = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+            pt = tl.math.exp2(qkt * qk_scale - lse2[None, :])  # P^T
+            if MASKED:
+                ok = (rows[None, :] >= cols[:, None]) & (rows[None, :] < doc_end[:, None])
+                pt = tl.where(ok, pt, 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+            q_blk += BLOCK_M * stride_qt
+            do_blk += BLOCK_M * stride_dot
+        return dk, dv
+
+
+    @triton.jit(do_not_specialize=_NO_SPEC)
+    def _dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA,
+        cu_seqlens, num_docs, search_steps,  # (docs + 1,) int32 boundaries; binary-search depth
+        qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_qd,
+        stride_kt, stride_kh, stride_kd,
+        stride_vt, stride_vh, stride_vd,
+        stride_dot, stride_doh, stride_dod,
+        stride_dkt, stride_dkh, stride_dkd,
+        stride_dvt, stride_dvh, stride_dvd,
+        stride_lh,
+        tokens, kv_heads, group,
+        seq_bucket,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        kvh = pid % kv_heads
+        n0 = (pid // kv_heads) * BLOCK_N  # early keys first: they have the most queries
+        offs_j = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = _col_mask(BLOCK_D, HEAD_DIM)
+        cols = n0 + offs_j
+        cols_ok = cols < tokens
+        # Searched here, unlike the forward and dQ programs' loaded starts: a dK/dV program runs the
+        # whole query range of a KV head's group, so its prologue is a small share, and the compiled
+        # search spills less at 64x128 than the loaded form (976 against 1296 B of stack, Triton 3.6).
+        _, doc_end = _doc_bounds(cu_seqlens, tl.minimum(cols, tokens - 1), num_docs, search_steps)
+        end_first = tl.min(doc_end, 0)
+        end_last = tl.max(doc_end, 0)
+
+        n64 = n0.to(tl.int64)
+        kvh64 = kvh.to(tl.int64)
+        col_mask = cols_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + n64 * stride_kt + kvh64 * stride_kh + offs_j[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=col_mask, other=0.0)
+        v = tl.load(V + n64 * stride_vt + kvh64 * stride_vh + offs_j[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=col_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # Queries [n0, m_pre): the causal diagonal; [m_pre, m_full): every pair visible, no mask;
+        # [m_full, end_last): past the first key's document end.
+        m_pre = tl.minimum(n0 + tl.cdiv(BLOCK_N - 1, BLOCK_M) * BLOCK_M, end_last)
+        m_full = m_pre + tl.maximum(end_first - m_pre, 0) // BLOCK_M * BLOCK_M
+        for g in range(group):  # the query heads sharing this KV head: dK/dV sum over them here
+            h64 = (kvh * group + g).to(tl.int64)
+            q_head = Q + h64 * stride_qh
+            do_head = DO + h64 * stride_doh
+            lse_head = LSE + h64 * stride_lh
+            delta_head = DELTA + h64 * stride_lh
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, n0, m_pre, tokens, qk_scale,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, True, BLOCK_M, BLOCK_D, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, m_pre, m_full, tokens, qk_scale,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, False, BLOCK_M, BLOCK_D, PRECISION)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_head, do_head, lse_head, delta_head, cols, doc_end, d_ok, m_full, end_last, tokens, qk_scale,
+                                 stride_qt, stride_qd, stride_dot, stride_dod, True, BLOCK_M, BLOCK_D, PRECISION)
+
+        dk_ptrs = DK + n64 * stride_dkt + kvh64 * stride_dkh + offs_j[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_mask)
+        dv_ptrs = DV + n64 * stride_dvt + kvh64 * stride_dvh + offs_j[:, None] * stride_dvt + offs_d[None, :] * stride_dvd
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_mask)
 
 
 # fmt: on
@@ -443,7 +448,7 @@ _INTERPRET_CONFIG = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 6
 _AUTOTUNE_FROM = 2048  # bucketed max_seqlen at which autotuning starts
 
 
-def _config(spec) -> triton.Config:
+def _config(spec) -> "triton.Config":
     block_m, block_n, warps, stages = spec
     return triton.Config(
         {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages
@@ -586,6 +591,7 @@ class _FlashAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable  # else create_graph would take these gradients as constants, silently
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, row_start, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _backward(
@@ -615,7 +621,8 @@ def _check(q, k, v, cu_seqlens) -> None:
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"{where}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+    # Zero tokens may have zero documents ([0]); any token needs a document to search for.
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < (2 if tokens else 1):
         raise ValueError(
             f"{where}: cu_seqlens must be (docs + 1,) document boundaries starting at 0 and ending "
             f"at tokens={tokens}; got shape {tuple(cu_seqlens.shape)}"
@@ -670,7 +677,7 @@ def attention_padded(
             f"k, v (batch, seq, kv_heads, head_dim); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
             f"v {tuple(v.shape)}"
         )
-    batch, seq, heads, _ = q.shape
+    batch, seq, heads, head_dim = q.shape
     cu_seqlens = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * seq
     res = attention(
         q.flatten(0, 1),
@@ -681,7 +688,8 @@ def attention_padded(
         softmax_scale,
         return_lse,
     )
+    # head_dim, not -1: a view of zero elements cannot infer a dimension
     if not return_lse:
-        return res.view(batch, seq, heads, -1)
+        return res.view(batch, seq, heads, head_dim)
     out, lse = res
-    return out.view(batch, seq, heads, -1), lse.view(heads, batch, seq).transpose(0, 1)
+    return out.view(batch, seq, heads, head_dim), lse.view(heads, batch, seq).transpose(0, 1)

@@ -185,7 +185,11 @@ def cross_entropy_bytes(tokens: int, local: int, dtype_bytes: int, backward: boo
     return tokens * local * dtype_bytes * (2 if backward else 1)
 
 
-def _check(logits: torch.Tensor, labels: torch.Tensor, valid: int) -> torch.Tensor:
+def _check(
+    logits: torch.Tensor, labels: torch.Tensor, valid: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits with unit column stride, dense labels): the kernels index labels (and the other
+    (tokens,) vectors) by row alone, so a strided view, e.g. a column of (tokens, 2), is copied."""
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
             f"cross-entropy kernels want logits (tokens, vocab) and labels (tokens,), got "
@@ -193,7 +197,7 @@ def _check(logits: torch.Tensor, labels: torch.Tensor, valid: int) -> torch.Tens
         )
     if not 0 <= valid <= logits.shape[1]:
         raise ValueError(f"valid columns {valid} outside [0, {logits.shape[1]}]")
-    return logits if logits.stride(1) == 1 else logits.contiguous()
+    return (logits if logits.stride(1) == 1 else logits.contiguous()), labels.contiguous()
 
 
 def ce_stats(
@@ -211,7 +215,7 @@ def ce_stats(
     logits: (tokens, local) any float dtype; labels: (tokens,) global ids. `out` may give the
     three fp32 outputs (tests pass NaN-filled ones); `cfg` overrides the launch settings (the
     tuning sweep times each candidate)."""
-    logits = _check(logits, labels, valid)
+    logits, labels = _check(logits, labels, valid)
     if not use_triton(logits):
         return reference.ce_stats(logits, labels, start, valid)
     tokens = logits.shape[0]
@@ -241,9 +245,10 @@ def ce_grad(
     the valid columns, 0 for padding columns. m, s: the global statistics (tokens,) fp32.
     `grad` may be given (unit column stride; tests pass a NaN-filled one); `cfg` overrides the
     launch settings."""
-    logits = _check(logits, labels, valid)
+    logits, labels = _check(logits, labels, valid)
     if not use_triton(logits):
         return reference.ce_grad(logits, labels, start, valid, m, s, dloss)
+    m, s = m.contiguous(), s.contiguous()  # read by row, as labels
     tokens, local = logits.shape
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)

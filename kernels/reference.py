@@ -116,6 +116,9 @@ def attention(
             lses.append(torch.logsumexp(scores.float(), dim=-1))
             od = scores.softmax(dim=-1) @ vd
         outs.append(od.transpose(0, 1))
+    if not outs:  # zero tokens: empty results, still attached to q's graph
+        outs.append(q[:0])
+        lses.append(torch.zeros(heads, 0, device=q.device))
     out = torch.cat(outs, dim=0).to(dtype)
     if return_lse:
         return out, torch.cat(lses, dim=1)

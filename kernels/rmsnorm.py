@@ -18,6 +18,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
@@ -513,6 +514,7 @@ class _RMSNorm(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable  # else create_graph would take these gradients as constants, silently
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
         dx, dweight = _rmsnorm_bwd(_rows(dy), x2, weight, rstd)

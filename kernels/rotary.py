@@ -37,6 +37,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
@@ -477,6 +478,7 @@ class _Rotary(torch.autograd.Function):
         return _rotary_apply(q, k, positions, theta, scaling_factor, cos_sin=cos_sin)
 
     @staticmethod
+    @once_differentiable  # else create_graph would take these gradients as constants, silently
     def backward(ctx, dq_out, dk_out):
         (positions,) = ctx.saved_tensors
         # New gradient buffers: the upstream gradients may be shared and are never overwritten.
@@ -510,6 +512,7 @@ class _RotaryInplace(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable  # else create_graph would take these gradients as constants, silently
     def backward(ctx, dx_out):
         (positions,) = ctx.saved_tensors
         none = dx_out[:, :0]

@@ -12,6 +12,7 @@ Launch settings (columns per program, warps) come from a heuristic unless the ca
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
 from kernels._triton import HAS_TRITON, use_triton
@@ -283,6 +284,7 @@ class _SwiGLU(torch.autograd.Function):
         return out.view(*gate_up.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable  # else create_graph would take these gradients as constants, silently
     def backward(ctx, dout: torch.Tensor) -> torch.Tensor:
         (gu,) = ctx.saved_tensors
         dgu = _swiglu_bwd(dout.reshape(-1, dout.shape[-1]), gu)
