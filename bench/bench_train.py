@@ -207,8 +207,8 @@ def rows_for(
         op, impl = ("train_step", impl) if packed else ("train_step_padded", "ours")
         row = Row(op, shape.label(not packed), "fp32" if cpu else "bf16", "step", impl)
         rows.append(row)
-        # The rows are written when the section ends: a case that would run past the deadline
-        # (as long as the last one took) must not start, or the hard kill loses every row.
+        # A case that would run past the deadline must not start. One cut at the section's
+        # limit anyway is an error row (bench.gpu_check interrupts before it kills).
         if deadline is not None and time.time() + last_case_s > deadline:
             row.error = SKIPPED
             continue
@@ -234,6 +234,10 @@ def rows_for(
             if not cpu:
                 torch.cuda.empty_cache()
             last_case_s = time.time() - t_case
+        # The next case's length: one warm-up step and `steps` timed ones at this case's rate.
+        # This one's whole length counts the compiling and autotuning the first case does for
+        # all of them, and would skip cases that fit.
+        last_case_s = (1 + steps) * max(m["times"]) / 1e3
         q = statistics.quantiles(m["times"], n=10, method="inclusive")
         row.ms, row.ms_p20, row.ms_p80 = statistics.median(m["times"]), q[1], q[7]
         res = m["result"]

@@ -17,8 +17,10 @@ Steps, each under its own time budget, each reported (a failure is a loud row, n
      others down.
   5. telemetry again (clocks and power after load)
 Then it writes bench/results/<YYYY-MM-DD>-<card>.json and .md (copies under $OUT when set, with
-the per-section logs) and prints the short table last. Exit status 1 when a test failed or a
-section crashed or timed out; the files are written either way.
+the per-section logs as one <stem>-logs.tar.gz) and prints the short table last. Both files are
+also written before each section, so a run killed from outside keeps its finished sections.
+Exit status 1 when a test failed or a section crashed or timed out; the files are written
+either way.
 
 Without a CUDA device it says so and exits 0. `--cpu-smoke` runs the whole plumbing on CPU with
 tiny shapes (into a temporary folder unless --out-dir is given): a check of this script, not a
@@ -39,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -120,24 +123,32 @@ def card_slug(name: str) -> str:
     return re.sub(r"^nvidia-", "", s) or "unknown-card"
 
 
-def _env() -> dict:
+def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (
         os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
     )
     env.pop("TRITON_INTERPRET", None)  # the GPU run must compile the kernels, not interpret them
+    env.update(extra or {})
     return env
 
 
-def _run(cmd: list[str], timeout_s: float, log: Path) -> dict:
+def _run(cmd: list[str], timeout_s: float, log: Path, env: dict | None = None) -> dict:
     """Run cmd in its own process group within timeout_s; its output goes to log.
 
     At the limit the group gets SIGINT first (pytest then still writes its summary and JUnit
-    XML), and SIGKILL INTERRUPT_S later: the group also holds any compile workers it started."""
+    XML; a section's child records the measurement in flight as interrupted and writes the rows
+    it has), and SIGKILL INTERRUPT_S later: the group also holds any compile workers it started.
+    env: variables added to the child's environment."""
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            cmd,
+            cwd=REPO,
+            env=_env(env),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         soft = max(1.0, timeout_s - INTERRUPT_S)
         try:
@@ -238,14 +249,29 @@ def run_section(
         "--device",
         device,
     ] + (["--quick"] if quick else [])
-    out = _run(cmd, budget_s, logdir / f"{name}.log")
+    # Triton prints each autotuned kernel's winner into the section's log: which attention tiles
+    # the autotuner kept is what NOTES.md's prediction 6 asks, and no row records it.
+    out = _run(cmd, budget_s, logdir / f"{name}.log", env={"TRITON_PRINT_AUTOTUNING": "1"})
     out["rows"] = json.loads(result.read_text()) if result.exists() else []
     out["ok"] = out["returncode"] == 0 and not out["timed_out"] and result.exists()
     return out
 
 
+class SectionInterrupted(Exception):
+    """Raised in a section's child when `_run` interrupts it at its time limit. An Exception, not
+    a KeyboardInterrupt: every family records an exception on the measurement in flight and goes
+    on, and by then its deadline has passed, so it skips the rest and returns the rows it has
+    instead of losing them all."""
+
+
+def _interrupted(signum, frame):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # once: the next signal is the SIGKILL
+    raise SectionInterrupted("interrupted at the section's time limit")
+
+
 def child_main(args) -> int:
     """In the child: import the family's module, call gpu_rows, write its rows as JSON."""
+    signal.signal(signal.SIGINT, _interrupted)
     import torch  # noqa: F401  (import before the module so its CUDA errors name the module)
 
     mod = importlib.import_module(args.child)
@@ -262,7 +288,10 @@ def child_main(args) -> int:
         Path(args.result).write_text("[]")
         return 0
     rows = fn(ceilings, args.quick, **kwargs)
-    Path(args.result).write_text(json.dumps([r.to_dict() for r in rows], default=str))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rows are in hand: write them whole
+    tmp = Path(args.result + ".tmp")
+    tmp.write_text(json.dumps([r.to_dict() for r in rows], default=str))
+    tmp.replace(args.result)  # a SIGKILL mid-write leaves no half file for the parent to read
     return 0
 
 
@@ -328,6 +357,34 @@ def _write_markdown(path: Path, doc: dict, summary: str, table: str) -> None:
     path.write_text("\n".join(lines))
 
 
+def _save(rows: list, meta: dict, doc: dict, stem: Path, logdir: Path):
+    """Write `stem`.json and .md as the run stands, with copies and the logs in $OUT when set;
+    (json path, md path, the copies, the short table)."""
+    from bench.harness import format_summary, format_table, write_json
+
+    table, summary = format_table(rows), format_summary(rows)
+    json_path = write_json(rows, {**meta, "extra": doc}, stem.with_name(stem.name + ".json"))
+    md_path = stem.with_name(stem.name + ".md")
+    _write_markdown(md_path, {"meta": meta, **doc}, summary, table)
+    copies = []
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"])
+        dest.mkdir(parents=True, exist_ok=True)
+        for src in (json_path, md_path):
+            if src.resolve() != (dest / src.name).resolve():  # --out-dir may already be $OUT
+                shutil.copy2(src, dest / src.name)
+            copies.append(str(dest / src.name))
+        # The logs as one file: the device tool brings back at most 8 files from $OUT, and a
+        # dozen loose logs would crowd out the results and the card's tuning table.
+        archive = dest / f"{stem.name}-logs.tar.gz"
+        tmp = archive.with_name(archive.name + ".tmp")
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(logdir, arcname=f"{stem.name}-logs")
+        tmp.replace(archive)
+        copies.append(str(archive))
+    return json_path, md_path, copies, summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python3 -m bench.gpu_check", description=__doc__.split("\n")[0]
@@ -357,14 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     import torch
 
-    from bench.harness import (
-        Row,
-        format_summary,
-        format_table,
-        measure_ceilings,
-        telemetry,
-        write_json,
-    )
+    from bench.harness import Row, measure_ceilings, telemetry
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu_smoke:
@@ -464,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         meta["budgets_s"][name] = round(budget)
+        # What has run so far, saved before each section: a run killed at the device's hard
+        # limit (or hung) still leaves every finished section's rows.
+        doc["sections"][name] = {"status": "RUNNING", "note": "the run ended inside it"}
+        meta["seconds"] = round(time.time() - t_start, 1)
+        try:
+            _save(rows, meta, doc, out_dir / stem, logdir)
+        except OSError as e:  # the run goes on: the final save comes after the last section
+            print(f"gpu_check: could not save the results so far: {e}", flush=True)
         print(f"{name}: up to {budget:.0f} s ...", flush=True)
         if module is None:
             rec = run_tests(budget, logdir, args.tests_path)
@@ -497,21 +555,7 @@ def main(argv: list[str] | None = None) -> int:
 
     doc["telemetry"]["after"] = telemetry()
     meta["seconds"] = round(time.time() - t_start, 1)
-    table, summary = format_table(rows), format_summary(rows)
-    json_path = write_json(rows, {**meta, "extra": doc}, out_dir / f"{stem}.json")
-    doc_for_md = {"meta": meta, **doc}
-    md_path = out_dir / f"{stem}.md"
-    _write_markdown(md_path, doc_for_md, summary, table)
-    copies = []
-    if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"])
-        dest.mkdir(parents=True, exist_ok=True)
-        for src in (json_path, md_path):
-            if src.resolve() != (dest / src.name).resolve():  # --out-dir may already be $OUT
-                shutil.copy2(src, dest / src.name)
-            copies.append(str(dest / src.name))
-        if logdir.resolve() != (dest / f"{stem}-logs").resolve():
-            shutil.copytree(logdir, dest / f"{stem}-logs", dirs_exist_ok=True)
+    json_path, md_path, copies, summary = _save(rows, meta, doc, out_dir / stem, logdir)
 
     # The short table last (the device tool returns only the end of the output); every row is
     # in the .md and the JSON.

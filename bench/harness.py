@@ -321,7 +321,9 @@ def write_json(rows: list[Row], meta: dict, path: str | Path) -> Path:
     meta = dict(meta)
     extra = meta.pop("extra", {})
     doc = {"meta": meta, **extra, "rows": [r.to_dict() for r in rows]}
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)  # a process killed mid-write leaves the last whole file, never half a one
     return path
 
 

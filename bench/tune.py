@@ -228,6 +228,10 @@ def _graph_time(run: Callable[[], object]) -> Timing:
 FIRST_PASS = 6  # candidates of every sweep timed before the rest of any sweep
 
 
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
 def _schedule(todo: list[Sweep], first_pass: int) -> list[tuple[int, int]]:
     """(sweep, candidate) pairs in timing order: the first `first_pass` candidates of every
     sweep (each family lists its likeliest first, the heuristic at 0), then the rest of each."""
@@ -260,9 +264,14 @@ def run_sweeps(
         sw, cfg = todo[i], todo[i].candidates[j]
         st = started.setdefault(i, {"timed": []})
         if "run" not in st:
-            st["run"] = sw.make()
-            st["refs"] = [t.clone() for t in st["run"](sw.candidates[0])]
+            try:  # inputs and the heuristic's outputs: a failure here loses this sweep only
+                st["run"] = sw.make()
+                st["refs"] = [t.clone() for t in st["run"](sw.candidates[0])]
+            except Exception as e:
+                st["run"], st["error"] = None, _why(e)
         run = st["run"]
+        if run is None:
+            continue
         row = Row("tune", f"{sw.op} {sw.key}", "bf16", "-", _label(cfg), bytes=sw.nbytes)
         try:
             if row.check_result(run(cfg), st["refs"], MAX_REL_ERR, "the heuristic's settings"):
@@ -271,7 +280,7 @@ def run_sweeps(
                 row.fill_rates(ceilings)
                 st["timed"].append((t.ms, cfg, row))
         except Exception as e:  # e.g. out of registers / shared memory for this setting
-            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            row.error = _why(e)
         rows.append(row)
     for i, sw in enumerate(todo):
         what = f"{sw.op} {sw.key}"
@@ -282,8 +291,9 @@ def run_sweeps(
         timed, base = st["timed"], sw.candidates[0]
         base_ms = next((ms for ms, cfg, _ in timed if cfg == base), None)
         if base_ms is None:
+            why = f": {st['error']}" if st.get("error") else ""
             rows.append(
-                Row("tune", what, "bf16", "-", OURS, error="the heuristic's settings failed")
+                Row("tune", what, "bf16", "-", OURS, error=f"the heuristic's settings failed{why}")
             )
             continue
         best_ms, best, best_row = min(timed, key=lambda x: x[0])

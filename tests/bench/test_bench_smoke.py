@@ -6,7 +6,9 @@ measurement, and everything is written under pytest's tmp_path only.
 
 import json
 import sys
+import tarfile
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,10 +146,34 @@ def test_gpu_check_without_cuda_says_so(capsys):
 FAKE_MODULES = {
     # gpu_rows with FAKE TIMINGS: a unit test of the section plumbing, not a measurement
     "fake_good.py": """
+        import glob, json, os
         from bench.harness import Row
         def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
-            r = Row("fakeop", "1x1", "bf16", "fwd", "ours", ms=1.0, bytes=10**6, note="FAKE")
+            # what the parent saved in $OUT before starting this section
+            [saved] = glob.glob(os.path.join(os.environ["OUT"], "*-cpu-smoke.json"))
+            seen = json.load(open(saved))["sections"]
+            note = "FAKE; saved: " + ",".join(f"{k}={v['status']}" for k, v in seen.items())
+            r = Row("fakeop", "1x1", "bf16", "fwd", "ours", ms=1.0, bytes=10**6, note=note)
             return [r.fill_rates(ceilings)]
+    """,
+    "fake_cut.py": """
+        import time
+        from bench.harness import Row
+        def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
+            rows = []
+            for i in range(3):
+                r = Row("cutop", str(i), "bf16", "fwd", "ours")
+                rows.append(r)
+                if time.time() > deadline:
+                    r.error = "skipped"
+                    continue
+                try:  # as every family: a failed measurement is a row, the others go on
+                    if i == 1:
+                        time.sleep(600)  # a compile that outlasts the section's limit
+                    r.ms = 1.0
+                except Exception as e:
+                    r.error = f"{type(e).__name__}: {e}"
+            return rows
     """,
     "fake_bad.py": """
         def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
@@ -188,6 +214,7 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
             ("tests", None, 60),
             ("good", "fake_good", 60),
             ("bad", "fake_bad", 60),
+            ("cut", "fake_cut", 6),  # 12 s (twice nominal): time for the child to start
             ("slow", "fake_slow", 2),
             ("later", "not_written_yet", 60),
         ],
@@ -214,22 +241,37 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
     [failed_id] = doc["tests"]["failed_ids"]
     assert failed_id.endswith("test_fake_gpu::test_broken"), failed_id
     s = doc["sections"]
-    assert (s["good"]["status"], s["bad"]["status"], s["slow"]["status"], s["later"]["status"]) == (
+    assert [s[k]["status"] for k in ("good", "bad", "cut", "slow", "later")] == [
         "ok",
         "FAILED",
         "FAILED",
+        "FAILED",
         "absent",
-    )
+    ]
     assert s["slow"]["timed_out"] and "fake kernel crash" in s["bad"]["tail"]
-    assert [r.op for r in rows] == ["fakeop", "bad", "slow"]
+    assert [r.op for r in rows] == ["fakeop", "bad", "cutop", "cutop", "cutop", "cut", "slow"]
     assert (
         rows[0].pct_of_ceiling is not None
         and "fake kernel crash" in rows[1].error
-        and "timed out" in rows[2].error
+        and "timed out" in rows[-1].error
     )
-    assert (tmp_path / "out" / json_path.name).exists() and (
-        tmp_path / "out" / json_path.with_suffix(".md").name
+    # the results so far were saved before each section: the good one saw the tests' record
+    assert "tests=FAILED" in rows[0].note and "good=RUNNING" in rows[0].note
+    # interrupted at its limit, a section keeps what it measured: the row in flight says so,
+    # the next was skipped by its deadline
+    assert s["cut"]["timed_out"] and rows[2].ms == 1.0 and rows[2].error is None
+    assert "SectionInterrupted" in rows[3].error and rows[4].error == "skipped"
+    out_dir = tmp_path / "out"
+    assert (out_dir / json_path.name).exists() and (
+        out_dir / json_path.with_suffix(".md").name
     ).exists()
+    # the device tool brings back at most 8 files from $OUT: the logs travel as one archive
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert len(files) == 3, files
+    [archive] = out_dir.glob("*-logs.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"tests.log", "tests-junit.xml", "cut.log", "good-rows.json"} <= names
     assert out.rstrip().splitlines()[-1].startswith("slow"), "the short table must come last"
 
 

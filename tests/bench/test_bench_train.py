@@ -68,3 +68,32 @@ def test_a_spent_budget_skips_every_case():
 def test_refuses_without_a_gpu():
     with pytest.raises(RuntimeError, match="no CUDA device"):
         gpu_rows(CEILINGS, True)
+
+
+def test_a_slow_first_case_does_not_skip_the_cases_that_fit(monkeypatch):
+    """The first case compiles and autotunes for every case: the later ones are judged by their
+    own steps, not by that. FAKE clock and timings around real tiny CPU steps."""
+    from types import SimpleNamespace
+
+    from bench import bench_train
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(
+        bench_train,
+        "time",
+        SimpleNamespace(time=lambda: clock["now"], perf_counter=time.perf_counter),
+    )
+    real = bench_train.measure
+
+    def measure(trainer, batch, device, warmup, steps):
+        m = real(trainer, batch, device, warmup, steps)
+        clock["now"] += 20.0 if warmup > 1 else 1.0  # the first case's compiles: 20 s
+        m["times"] = [100.0] * steps  # 0.1 s a step
+        return m
+
+    monkeypatch.setattr(bench_train, "measure", measure)
+    shape = Shape(layers=1, seq=256, micro_batches=2, hidden=64, ffn=160, heads=4, kv_heads=2)
+    rows = bench_train.rows_for(shape, CEILINGS, "cpu", warmup=2, steps=2, deadline=22.5)
+    # cases start at 0, 20, 21 and 22 s (each ~0.3 s by its steps); the fifth would end past 22.5
+    assert [r.ms is not None for r in rows] == [True, True, True, True, False]
+    assert "skipped" in rows[4].error
