@@ -25,6 +25,7 @@ $(error MODEL=$(MODEL) STAGE=$(STAGE): there is no $(TRAIN_ARGS); the argument f
 endif
 endif
 
+.NOTPARALLEL:
 .PHONY: install test test-gpu data train sample bench gpu-check plots lint format clean
 
 install: $(STAMP)
@@ -49,7 +50,9 @@ test-gpu:
 
 data: install $(SAMPLE_DATA)
 
-$(SAMPLE_DATA):
+# One run writes both mixes; the targets run one at a time (.NOTPARALLEL), so `make -j`
+# does not start the pretokenizer twice on the same files.
+$(SAMPLE_DATA): | $(STAMP)
 	$(PY) -m data.pretokenize configs/data/sample.yaml
 
 train: install $(if $(filter tiny,$(MODEL)),data)

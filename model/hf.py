@@ -2,7 +2,9 @@
 ours as one that `transformers`, TGI and vLLM load.
 
     python -m model.hf import HF_DIR OUT_DIR [--tp N --pp M] [--vocab_extra_ids_list ...]
+        [--tokenizer tokenizer.model] [--dtype auto|fp32|bf16|fp16]
     python -m model.hf export CKPT_DIR HF_OUT [--pad-multiple 128] [--max-shard-size 5GB]
+        [--tokenizer tokenizer.model] [--dtype auto|fp32|bf16|fp16]
 
 Name and layout map (ours <- HF, per layer i):
   embed.weight                       <- model.embed_tokens.weight   (rows grown, then padded)
@@ -783,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=128,
         dest="pad_multiple",
-        help="vocabulary rows padded (copies of row 0) to a multiple of this",
+        help="vocabulary rows padded (copies of row 0) to a multiple of this (default 128)",
     )
     exp.add_argument(
         "--max-shard-size",
