@@ -157,7 +157,9 @@ def train(rc: RunConfig) -> int:
             log(f" note: the validation split {rc.data.valid_prefix} holds no samples (no "
                 "val_split in the data mix?): no validation in this run")  # fmt: skip
     if rc.log.activation_memory_report:
-        tokens = min(rc.data.seq_length, 256) // (2 * dims.tp) * (2 * dims.tp)
+        # A probe of up to 256 tokens, split evenly over TP (x2: sequence parallelism); at least
+        # one token per rank however short seq_length is.
+        tokens = max(min(rc.data.seq_length, 256) // (2 * dims.tp), 1) * (2 * dims.tp)
         rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks
         if telemetry is not None:
             per_mb = rc.data.seq_length * rc.data.micro_batch_size
