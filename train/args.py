@@ -7,8 +7,9 @@ rules (`#` starts a comment), so the seed's lists can be pasted verbatim, includ
 after an @file override the file's values (argparse keeps the last occurrence).
 
 Defaults follow Megatron-LLM's `arguments.py` except `--attention_dropout` (0.0 here: the
-flash-attention path has no dropout) and `--clip_grad` (1.0, the same). Flags of a later issue
-fail when a run starts (not in `--dry_run`, which only reports them).
+flash-attention path has no dropout) and `--metrics` (all four here; Megatron-LLM's default is
+none, validation loss and perplexity only). Flags of a later issue fail when a run starts (not in
+`--dry_run`, which only reports them).
 """
 
 import argparse
@@ -271,7 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("validation")
     g.add_argument("--eval_iters", type=int, default=100)
     g.add_argument("--eval_interval", type=int, default=1000)
-    g.add_argument("--metrics", nargs="*", choices=list(METRICS), default=list(METRICS))
+    g.add_argument(
+        "--metrics",
+        nargs="*",
+        choices=list(METRICS),
+        default=list(METRICS),
+        help="validation metrics besides the loss; default: all (Megatron-LLM's default: none, "
+        "and it always logged perplexity)",
+    )
 
     g = p.add_argument_group("logging")
     g.add_argument("--log_interval", type=int, default=100)

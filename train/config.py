@@ -398,6 +398,52 @@ def _vocab_size(ns, meta, extra_ids: list[str], notes: list[str], unchecked: lis
     return v
 
 
+def _epochs_line(prefix: str, seq_length: int, packing: bool, rows: int) -> str | None:
+    """How many epochs of the training split `rows` rows are (None when the split is not here):
+    one sample per row without packing; with packing at least tokens / seq_length rows an epoch
+    (samples longer than a row are cut to it), so the figure is an upper bound."""
+    from data.errors import DataError
+    from data.indexed import IndexedDataset
+
+    try:
+        sizes = IndexedDataset(f"{prefix}-text").sizes.astype("int64")
+    except (DataError, OSError, ValueError):
+        return None
+    if len(sizes) == 0:
+        return None
+    per_epoch = -(-int(sizes.clip(max=seq_length).sum()) // seq_length) if packing else len(sizes)
+    about = "at most " if packing else ""
+    return f"{about}{rows / per_epoch:.2f} epochs of its {len(sizes):,} samples"
+
+
+def _megatron_differences(ns, prefix: str, valid: str | None, global_bs: int,
+                          train_iters: int) -> list[str]:  # fmt: skip
+    """Where the same flags train differently from Megatron-LLM by design (../shared/DESIGN.md),
+    said where a user sees it: the dry run and the start-up log print these notes."""
+    rows = train_iters * global_bs
+    out = [
+        "learning rate: optimizer step s runs at lr(s); Megatron-LLM's ran at lr(s - 1), so its "
+        "first step had lr 0 under warm-up (train/lr.py)"
+    ]
+    if ns.packing:
+        out.append(
+            f"--packing: a step is {global_bs} rows of {ns.seq_length} tokens, each row packed "
+            "with whole samples; Megatron-LLM took one padded sample per row, so the same "
+            "--global_batch_size and --train_iters see several times as many samples and epochs "
+            "(--no-packing: one sample per row, as there)"
+        )
+    epochs = _epochs_line(prefix, ns.seq_length, ns.packing, rows)
+    if epochs is not None:
+        out.append(f"--train_iters {train_iters} x {global_bs} rows = {epochs} ({prefix})")
+    if valid is not None:
+        out.append(
+            f"validation reads {valid} and training all of {prefix}; Megatron-LLM given this one "
+            "--data_path split it by --split (default 969,30,1): it trained on 96.9% and "
+            "validated on 3% of it"
+        )
+    return out
+
+
 def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     """Validate the flags and build the run configuration; raise ArgsError listing every problem.
 
@@ -580,6 +626,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     valid = prefix[: -len("-train")] + "-val" if prefix.endswith("-train") else None
     if valid is None:
         notes.append(f"--data_path {prefix} does not end in -train: no validation split")
+    notes.extend(_megatron_differences(ns, prefix, valid, global_bs, train_iters))
 
     if tp > 1:
         try:
