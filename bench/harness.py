@@ -127,8 +127,8 @@ class Row:
     ratio_vs maps a baseline's impl name to baseline_ms / ours_ms (> 1: ours is faster); it is
     filled on the `ours` row only. pct_of_ceiling is gbps over the measured copy bandwidth for
     memory-bound rows, tflops over the measured matmul rate for compute-bound ones. goals maps a
-    metric ("pct_of_ceiling" or a baseline's impl name) to its minimum; error is set when the
-    measurement failed or its result disagreed with the reference.
+    metric ("pct_of_ceiling", "tflops" or a baseline's impl name) to its minimum; error is set
+    when the measurement failed or its result disagreed with the reference.
     """
 
     op: str
@@ -189,8 +189,9 @@ class Row:
     def missed_goals(self) -> list[str]:
         """Goals this row does not meet (an unknown metric counts as missed)."""
         missed = []
+        rates = {"pct_of_ceiling": self.pct_of_ceiling, "tflops": self.tflops}
         for metric, target in self.goals.items():
-            value = self.pct_of_ceiling if metric == "pct_of_ceiling" else self.ratio_vs.get(metric)
+            value = rates[metric] if metric in rates else self.ratio_vs.get(metric)
             if value is None or not value >= target:
                 shown = "?" if value is None else f"{value:.2f}"
                 missed.append(f"{metric} {shown} < {target:g}")
