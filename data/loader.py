@@ -2,10 +2,20 @@
 
 Rows of `seq_length` tokens are built from a global sample order (a seeded permutation per
 epoch), independent of the data-parallel size: packing (default) puts whole samples into rows,
-first-fit over a few open rows in that order; padding puts one sample per row. Global step i takes
-rows [i*G, (i+1)*G) of the row stream (G = global_batch_size, epochs follow one another); DP rank
-r takes its contiguous G/dp_size of them, in micro-batches of micro_batch_size rows. The state is
-the number of rows consumed, so a run resumed at another DP size sees the same global batches.
+first-fit over a few open rows in that order; padding puts one sample per row.
+
+What a global batch of G = global_batch_size is (`batch_unit`):
+- "samples" (the trainer's default): global step i takes samples [i*G, (i+1)*G) of the sample
+  stream (epochs follow one another), as Megatron-LLM's one padded sample per row did, so the
+  seed's batch size, iterations and epochs mean what they meant there. DP rank r packs its
+  contiguous G/dp_size of them into as many rows as they need, in micro-batches of
+  micro_batch_size rows (the last one filled up with all-padding rows): the number of
+  micro-batches varies by step and rank, the compute spent on padding stays small.
+- "rows": global step i takes rows [i*G, (i+1)*G) of the row stream, packed over the whole
+  epoch; DP rank r takes its contiguous G/dp_size of them. With packing a step then sees several
+  times the samples of G padded rows.
+The state is the position in the sample (or row) stream, so a run resumed at another DP size sees
+the same global batches.
 
 Micro-batch (CPU tensors):
     tokens        (B, S) int64    inputs
@@ -186,7 +196,7 @@ class LoaderConfig:
 
     seq_length: int  # tokens per row (the model's sequence length)
     micro_batch_size: int  # rows per micro-batch
-    global_batch_size: int  # rows per optimizer step, over all data-parallel ranks
+    global_batch_size: int  # samples (or rows, see batch_unit) per optimizer step, all DP ranks
     dp_rank: int = 0  # this rank's index among the data-parallel ranks
     dp_size: int = 1  # number of data-parallel ranks
     packing: bool = True  # whole samples packed per row (else one sample per row, padded)
@@ -197,13 +207,29 @@ class LoaderConfig:
     shuffle: bool = True  # a seeded permutation per epoch (else dataset order)
     drop_last: bool = False  # skip an epoch's last rows that do not fill a global batch
     pad_id: int | None = None  # padding token; None: the dataset's pad id, else 0
+    # "rows": a global batch is global_batch_size rows; "samples": that many samples, packed per
+    # step and DP rank into as many rows as they need (the module docstring)
+    batch_unit: str = "rows"
+
+    @property
+    def by_samples(self) -> bool:
+        """Global batches of samples packed per step (the same as rows without packing)."""
+        return self.batch_unit == "samples" and self.packing
 
     def validate(self) -> None:
         problems = []
         if self.seq_length < 2:
             problems.append(f"seq_length={self.seq_length} must be at least 2")
+        if self.batch_unit not in ("rows", "samples"):
+            problems.append(f"batch_unit {self.batch_unit!r} must be 'rows' or 'samples'")
         if self.micro_batch_size < 1 or self.dp_size < 1:
             problems.append("micro_batch_size and dp_size must be positive")
+        elif self.by_samples:
+            if self.global_batch_size % self.dp_size:
+                problems.append(
+                    f"global_batch_size {self.global_batch_size} samples must be a multiple of "
+                    f"dp_size {self.dp_size}"
+                )
         elif self.global_batch_size % (self.micro_batch_size * self.dp_size):
             problems.append(
                 f"global_batch_size {self.global_batch_size} must be a multiple of "
@@ -352,18 +378,21 @@ class BatchLoader:
         if self.indices.min() < 0 or self.indices.max() >= len(dataset):
             raise ValueError(f"indices must be in [0, {len(dataset)})")
         self._epoch = 0
-        self._row = 0  # next row of the current epoch
-        self.consumed_rows = 0
+        self._row = 0  # next row (by_samples: next sample) of the current epoch
+        self.consumed_rows = 0  # rows (by_samples: samples) consumed
         self.consumed_documents = 0
         self._plans: dict[int, _Rows] = {}
+        self._order_cache: tuple[int, np.ndarray] = (-1, self.indices)
 
     # -- the row stream -------------------------------------------------------------------
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.cfg.shuffle:
             return self.indices
-        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, epoch]))
-        return self.indices[rng.permutation(self.indices.size)]
+        if self._order_cache[0] != epoch:  # by_samples reads it every step
+            rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, epoch]))
+            self._order_cache = (epoch, self.indices[rng.permutation(self.indices.size)])
+        return self._order_cache[1]
 
     def _plan(self, epoch: int) -> _Rows:
         if epoch not in self._plans:
@@ -378,13 +407,40 @@ class BatchLoader:
 
     @property
     def rows_per_epoch(self) -> int:
-        """Rows of the current epoch (with packing it can differ slightly between epochs)."""
+        """Rows of the current epoch (with packing it can differ slightly between epochs);
+        by_samples: the samples of an epoch."""
+        if self.cfg.by_samples:
+            return int(self.indices.size)
         return len(self._plan(self._epoch))
 
     @property
     def consumed_samples(self) -> int:
-        """Rows (sequences of seq_length) consumed so far: Megatron's consumed_samples."""
+        """Megatron's consumed_samples: samples (batch_unit "samples"), else rows of
+        seq_length, consumed so far."""
         return self.consumed_rows
+
+    def _take_samples(self, count: int) -> np.ndarray:
+        """The next `count` samples of the stream (by_samples): the epochs' orders one after
+        another; with drop_last an epoch's tail shorter than a global batch is skipped."""
+        G = self.cfg.global_batch_size
+        if self.cfg.drop_last and self.indices.size < G:
+            raise DataError(
+                f"{self.ds.prefix}: an epoch has {self.indices.size} samples, fewer than "
+                f"global_batch_size {G}; with drop_last no global batch could ever be filled"
+            )
+        parts: list[np.ndarray] = []
+        got = 0
+        while got < count:
+            left = self.indices.size - self._row
+            if left <= 0 or (self.cfg.drop_last and got == 0 and left < G):
+                self._epoch += 1
+                self._row = 0
+                continue
+            take = min(left, count - got)
+            parts.append(self._order(self._epoch)[self._row : self._row + take])
+            self._row += take
+            got += take
+        return np.concatenate(parts)
 
     def _take_rows(self, count: int) -> list[np.ndarray]:
         G = self.cfg.global_batch_size
@@ -407,14 +463,31 @@ class BatchLoader:
         return out
 
     def next_global_batch(self) -> list[dict]:
-        """This DP rank's micro-batches for the next optimizer step."""
+        """This DP rank's micro-batches for the next optimizer step (by_samples: as many as its
+        share of the samples fills, every one micro_batch_size rows)."""
         cfg = self.cfg
+        mbs = cfg.micro_batch_size
+        if cfg.by_samples:
+            samples = self._take_samples(cfg.global_batch_size)
+            self.consumed_rows += samples.size
+            self.consumed_documents += samples.size
+            per_rank = cfg.global_batch_size // cfg.dp_size
+            mine = samples[cfg.dp_rank * per_rank : (cfg.dp_rank + 1) * per_rank]
+            rows = _Rows(*pack_rows(mine, self.ds.sizes, cfg.seq_length))
+            return [
+                build_micro_batch(
+                    self.ds,
+                    [rows[j] for j in range(k, min(k + mbs, len(rows)))],
+                    cfg,
+                    batch_size=mbs,
+                )  # fmt: skip
+                for k in range(0, len(rows), mbs)
+            ]
         rows = self._take_rows(cfg.global_batch_size)
         self.consumed_rows += len(rows)
         self.consumed_documents += sum(len(r) for r in rows)
         per_rank = cfg.global_batch_size // cfg.dp_size
         mine = rows[cfg.dp_rank * per_rank : (cfg.dp_rank + 1) * per_rank]
-        mbs = cfg.micro_batch_size
         return [build_micro_batch(self.ds, mine[k : k + mbs], cfg) for k in range(0, per_rank, mbs)]
 
     def __iter__(self) -> Iterator[list[dict]]:
@@ -437,6 +510,7 @@ class BatchLoader:
             "packing": self.cfg.packing,
             "shuffle": self.cfg.shuffle,
             "drop_last": self.cfg.drop_last,
+            "batch_unit": "samples" if self.cfg.by_samples else "rows",
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -445,12 +519,20 @@ class BatchLoader:
                 f"data loader state version {state.get('version')!r}; expected {_STATE_VERSION}"
             )
         ours = self.state_dict()
+        state = {"batch_unit": "rows", **state}  # states saved before batch_unit count rows
         # These define the row stream: a change would silently show other batches.
-        for key in ("num_samples", "seed", "seq_length", "packing", "shuffle", "drop_last"):
+        keys = ("num_samples", "seed", "seq_length", "packing", "shuffle", "drop_last",
+                "batch_unit")  # fmt: skip
+        for key in keys:
             if state.get(key) != ours[key]:
+                hint = (
+                    f" (--global_batch_unit {state.get(key)} resumes it)"
+                    if key == "batch_unit"
+                    else ""
+                )
                 raise DataError(
                     f"cannot resume the data loader: {key} was {state.get(key)!r} when the state "
-                    f"was saved and is {ours[key]!r} now (the batches would differ)"
+                    f"was saved and is {ours[key]!r} now (the batches would differ){hint}"
                 )
         self._epoch = int(state["epoch"])
         self._row = int(state["row_in_epoch"])

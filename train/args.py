@@ -264,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(--no-packing: one padded document per row, as Megatron-LLM)",
     )
     g.add_argument(
+        "--global_batch_unit",
+        choices=["samples", "rows"],
+        default="samples",
+        help="with --packing, what --global_batch_size counts: samples (default; each step packs "
+        "that many samples into the rows they need, so batch size, --train_iters and epochs mean "
+        "what they meant in Megatron-LLM's one padded sample per row) or packed rows",
+    )
+    g.add_argument(
         "--variable_seq_lengths",
         action="store_true",
         help="without packing: pad each micro-batch to its longest document only",

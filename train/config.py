@@ -38,10 +38,13 @@ class DataConfig:
     vocab_extra_ids: str | None  # --vocab_extra_ids_list as given
     seq_length: int  # tokens per row
     micro_batch_size: int  # rows per micro-batch
-    global_batch_size: int  # rows per optimizer step, all DP ranks
+    global_batch_size: int  # samples (batch_unit "samples") or rows per optimizer step, all DP
     packing: bool  # pack documents with per-document attention
     variable_seq_lengths: bool  # without packing, pad to the longest row of the micro-batch
     seed: int  # shuffling seed
+    # "samples": a step is global_batch_size samples, packed per step into the rows they need
+    # (Megatron-LLM's batch and epochs); "rows": global_batch_size packed rows (data/loader.py)
+    batch_unit: str = "samples"
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class LoopConfig:
     train_iters: int
     micro_batch_size: int
     global_batch_size: int
-    num_microbatches: int  # per DP rank per step
+    num_microbatches: int  # per DP rank per step (global batches of samples: at most this)
     loss_reduction: str  # global | microbatch
     bf16: bool  # honoured on GPU only
     recompute_granularity: str  # none | selective | full
@@ -399,9 +402,10 @@ def _vocab_size(ns, meta, extra_ids: list[str], notes: list[str], unchecked: lis
 
 
 def _epochs_line(prefix: str, seq_length: int, packing: bool, rows: int) -> str | None:
-    """How many epochs of the training split `rows` rows are (None when the split is not here):
-    one sample per row without packing; with packing at least tokens / seq_length rows an epoch
-    (samples longer than a row are cut to it), so the figure is an upper bound."""
+    """How many epochs of the training split `rows` rows (or samples: packing=False) are (None
+    when the split is not here): one sample per row without packing; with packing at least
+    tokens / seq_length rows an epoch (samples longer than a row are cut to it), so the figure
+    is an upper bound."""
     from data.errors import DataError
     from data.indexed import IndexedDataset
 
@@ -425,16 +429,24 @@ def _megatron_differences(ns, prefix: str, valid: str | None, global_bs: int,
         "learning rate: optimizer step s runs at lr(s); Megatron-LLM's ran at lr(s - 1), so its "
         "first step had lr 0 under warm-up (train/lr.py)"
     ]
-    if ns.packing:
+    by_rows = ns.packing and ns.global_batch_unit == "rows"
+    if by_rows:
         out.append(
-            f"--packing: a step is {global_bs} rows of {ns.seq_length} tokens, each row packed "
-            "with whole samples; Megatron-LLM took one padded sample per row, so the same "
-            "--global_batch_size and --train_iters see several times as many samples and epochs "
-            "(--no-packing: one sample per row, as there)"
+            f"--global_batch_unit rows: a step is {global_bs} rows of {ns.seq_length} tokens, "
+            "each packed with whole samples; Megatron-LLM took one padded sample per row, so "
+            "the same --global_batch_size and --train_iters see several times as many samples "
+            "and epochs (the default, --global_batch_unit samples, keeps its meaning)"
         )
-    epochs = _epochs_line(prefix, ns.seq_length, ns.packing, rows)
+    elif ns.packing:
+        out.append(
+            f"--packing: a step is {global_bs} samples (Megatron-LLM's one padded sample per "
+            f"row), packed into as many rows of {ns.seq_length} tokens as they fill: the same "
+            "samples and epochs, without the padding's compute"
+        )
+    epochs = _epochs_line(prefix, ns.seq_length, by_rows, rows)
     if epochs is not None:
-        out.append(f"--train_iters {train_iters} x {global_bs} rows = {epochs} ({prefix})")
+        unit = "rows" if by_rows else "samples"
+        out.append(f"--train_iters {train_iters} x {global_bs} {unit} = {epochs} ({prefix})")
     if valid is not None:
         out.append(
             f"validation reads {valid} and training all of {prefix}; Megatron-LLM given this one "
@@ -545,7 +557,16 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
         problems.append("--micro_batch_size (>= 1) is required")
     micro = ns.micro_batch_size or 1
     global_bs = ns.global_batch_size if ns.global_batch_size is not None else micro * dp
-    if global_bs % (micro * dp):
+    by_samples = ns.packing and ns.global_batch_unit == "samples"
+    if by_samples:
+        # Each DP rank packs its equal share of the samples into the rows they need; the
+        # micro-batch count follows from the data (interleaved 1F1B gets filler micro-batches).
+        if global_bs % dp:
+            problems.append(
+                f"--global_batch_size {global_bs} samples is not divisible by data parallel size "
+                f"{dp}"
+            )
+    elif global_bs % (micro * dp):
         problems.append(
             f"--global_batch_size {global_bs} is not divisible by --micro_batch_size {micro} x "
             f"data parallel size {dp}"
@@ -668,6 +689,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.packing,
             ns.variable_seq_lengths,
             ns.seed,
+            "samples" if by_samples else "rows",
         ),
         optim=OptimizerConfig(
             ns.adam_beta1,
@@ -709,7 +731,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             train_iters,
             micro,
             global_bs,
-            global_bs // (micro * dp),
+            -(-global_bs // (micro * dp)),  # by_samples: at most (a row holds >= 1 sample)
             ns.loss_reduction,
             ns.bf16,
             granularity,

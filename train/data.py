@@ -98,6 +98,7 @@ def loader_config(cfg: DataConfig, dp_rank: int, dp_size: int):
         packing=cfg.packing,
         variable_seq_lengths=cfg.variable_seq_lengths,
         seed=cfg.seed,
+        batch_unit=cfg.batch_unit,
     )
 
 
@@ -114,9 +115,12 @@ def eval_batches(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices, 
     (Megatron instead continues through the split)."""
     from data.loader import iter_eval_batches
 
+    lc = loader_config(cfg, dp_rank, dp_size)
+    if lc.by_samples:  # global batches of samples: the first iters x G of them, packed
+        order = np.arange(len(dataset), dtype=np.int64) if indices is None else indices
+        return iter_eval_batches(dataset, lc, order[: iters * cfg.global_batch_size])
     per_rank = cfg.global_batch_size // (cfg.micro_batch_size * dp_size)
-    it = iter_eval_batches(dataset, loader_config(cfg, dp_rank, dp_size), indices)
-    return itertools.islice(it, iters * per_rank)
+    return itertools.islice(iter_eval_batches(dataset, lc, indices), iters * per_rank)
 
 
 def eval_splits(valid) -> dict[str, np.ndarray | None]:

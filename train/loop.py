@@ -19,8 +19,12 @@ Loss normalisation (`--loss_reduction`):
   the first forward). Summing gradients over micro-batches and DP ranks then gives exactly the
   gradient of (sum of masked token losses) / N, however the tokens fall into micro-batches.
 - microbatch: Megatron-LLM's mean of per-micro-batch means: each micro-batch's masked mean
-  divided by (micro-batches x DP). A micro-batch without loss tokens contributes 0 (Megatron's
-  0 / 0 would be NaN).
+  divided by the number of micro-batches over all DP ranks. A micro-batch without loss tokens
+  contributes 0 (Megatron's 0 / 0 would be NaN).
+
+Micro-batches per step: a global batch of samples (`--global_batch_unit samples`, the default)
+is packed per DP rank into as many micro-batches as it fills, so their number varies by step and
+rank; under interleaved 1F1B, fillers without loss tokens round it up to a multiple of pp.
 """
 
 import math
@@ -199,20 +203,30 @@ class Trainer:
         them from its own loader); only the first stage uses the tokens, the last the labels."""
         rc, dims = self.rc, self.dims
         clock = PhaseClock(self.device)
+        real = len(micro_batches)
+        if self.pipe.v > 1 and real % dims.pp:
+            # Global batches of samples give a data-dependent micro-batch count; the interleaved
+            # table wants a multiple of pp. Fillers without loss tokens add no gradient.
+            mb0 = micro_batches[0]
+            filler = {**mb0, "loss_mask": torch.zeros_like(mb0["loss_mask"])}
+            micro_batches = micro_batches + [filler] * (dims.pp - real % dims.pp)
         # Labels and counts from the loader's host tensors: no device round trip for them.
         for mb in micro_batches:
             check_labels(mb["labels"], rc.model.vocab_size)
         counts = torch.tensor(
             [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
              sum(mb["tokens"].numel() for mb in micro_batches),
-             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches)],
+             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches),
+             real],
             dtype=torch.float64, device=self.device,
         )  # fmt: skip
         mbs = [to_device(mb, self.device) for mb in micro_batches]
         _all_reduce(counts, dims.dp_group)
-        n_loss, n_tokens, n_pairs = (int(x) for x in counts.tolist())
+        n_loss, n_tokens, n_pairs, n_micro = (int(x) for x in counts.tolist())
         global_mode = rc.loop.loss_reduction == "global"
-        denom_micro = len(mbs) * dims.dp
+        # Megatron-LLM's mean of per-micro-batch means, over every DP rank's micro-batches (their
+        # number may differ between ranks when a global batch counts samples); fillers excluded.
+        denom_micro = max(n_micro, 1)
         logged = [torch.zeros((), dtype=torch.float64, device=self.device)]
 
         def loss_fn(logits: torch.Tensor, mb: dict) -> torch.Tensor:  # last stage only

@@ -372,3 +372,112 @@ def test_a_file_name_for_the_prefix_gets_a_hint(tmp_path):
     for wrong in (f"{prefix}-text", f"{prefix}-text.bin", f"{prefix}-role.idx"):
         with pytest.raises(DataError, match=f"the data prefix is .* e.g. {prefix}$"):
             SFTDataset(wrong)
+
+
+# -- global batches of samples (batch_unit="samples", the trainer's default) -------------------
+
+
+def _samples_cfg(**kw) -> LoaderConfig:
+    base = dict(seq_length=64, micro_batch_size=2, global_batch_size=8, batch_unit="samples")
+    return LoaderConfig(**{**base, **kw})
+
+
+def _step_samples(loaders, texts, roles) -> list[int]:
+    """The samples of one global step over the given DP ranks' loaders (packing invariants
+    checked on every micro-batch; every micro-batch is micro_batch_size rows)."""
+    seen = []
+    for ld in loaders:
+        for mb in ld.next_global_batch():
+            assert mb["tokens"].shape == (ld.cfg.micro_batch_size, ld.cfg.seq_length)
+            seen += check_micro_batch(mb, texts, roles, ld.cfg)
+    return seen
+
+
+def test_a_global_batch_of_samples_is_that_many_samples_whatever_the_dp_size(tmp_path):
+    """Megatron-LLM's meaning of --global_batch_size (one padded sample per row): step i holds
+    samples [i*G, (i+1)*G) of the epoch order, packed into the rows they need, at any DP size;
+    an epoch is N / G steps, not N / (G x samples per row)."""
+    lengths = np.random.default_rng(4).integers(3, 70, size=48).tolist()
+    prefix, texts, roles = make_dataset(tmp_path, lengths)
+    ds = SFTDataset(prefix)
+    single = BatchLoader(ds, _samples_cfg())
+    pairs = [BatchLoader(ds, _samples_cfg(dp_size=2, dp_rank=r)) for r in range(2)]
+    order = single._order(0)
+    for step in range(6):  # 48 samples / 8 = one epoch
+        want = order[step * 8 : (step + 1) * 8].tolist()
+        assert sorted(_step_samples([single], texts, roles)) == sorted(want)
+        got = [_step_samples([ld], texts, roles) for ld in pairs]
+        assert sorted(got[0]) == sorted(want[:4]) and sorted(got[1]) == sorted(want[4:])
+    assert single.consumed_samples == pairs[0].consumed_samples == 48
+    assert single.epoch == 0 and single.rows_per_epoch == 48
+    _step_samples([single], texts, roles)
+    assert single.epoch == 1  # the seventh step starts the second epoch
+
+
+def test_samples_are_packed_into_as_many_micro_batches_as_they_fill(tmp_path):
+    """Short samples pack densely (one micro-batch for a step), long ones need more; a last,
+    partly filled micro-batch is topped up with all-padding rows that count no row."""
+    prefix, texts, roles = make_dataset(tmp_path, [10] * 8 + [60] * 8)
+    ds = SFTDataset(prefix)
+    ld = BatchLoader(ds, _samples_cfg(shuffle=False))
+    short = ld.next_global_batch()  # 8 x 10 tokens: two rows of 64, one micro-batch
+    assert len(short) == 1 and short[0]["num_rows"] == 2
+    long = ld.next_global_batch()  # 8 x 60 tokens: eight rows, four micro-batches
+    assert len(long) == 4 and [mb["num_rows"] for mb in long] == [2, 2, 2, 2]
+    three = BatchLoader(ds, _samples_cfg(shuffle=False, global_batch_size=3))
+    three.next_global_batch(), three.next_global_batch()
+    mbs = three.next_global_batch()  # samples 6, 7 (short) and 8 (long): two rows
+    assert len(mbs) == 1 and mbs[0]["num_rows"] == 2
+    for mb in short + long + mbs:
+        check_micro_batch(mb, texts, roles, ld.cfg)
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+def test_resume_of_a_sample_stream_at_another_dp_size(tmp_path, dp):
+    prefix, texts, roles = make_dataset(
+        tmp_path, np.random.default_rng(5).integers(3, 70, size=30).tolist()
+    )
+    ds = SFTDataset(prefix)
+    a = BatchLoader(ds, _samples_cfg(seed=3))
+    for _ in range(5):
+        a.next_global_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["batch_unit"] == "samples" and state["consumed_samples"] == 40
+    want = [sorted(_step_samples([a], texts, roles)) for _ in range(6)]  # across epochs
+    b = [BatchLoader(ds, _samples_cfg(seed=3, dp_size=dp, dp_rank=r)) for r in range(dp)]
+    for ld in b:
+        ld.load_state_dict(state)
+    assert [sorted(_step_samples(b, texts, roles)) for _ in range(6)] == want
+
+
+def test_drop_last_with_samples(tmp_path):
+    prefix, _, _ = make_dataset(tmp_path, [10] * 10)
+    ds = SFTDataset(prefix)
+    ld = BatchLoader(ds, _samples_cfg(global_batch_size=4, drop_last=True))
+    for _ in range(4):
+        ld.next_global_batch()  # two batches an epoch, the last 2 samples dropped
+    assert ld.epoch == 1 and ld.consumed_samples == 16
+    with pytest.raises(DataError, match="fewer than global_batch_size"):
+        BatchLoader(ds, _samples_cfg(global_batch_size=16, drop_last=True)).next_global_batch()
+
+
+def test_batch_unit_must_match_to_resume(tmp_path):
+    """A state saved before batch_unit existed counts rows: it resumes a rows stream only."""
+    prefix, _, _ = make_dataset(tmp_path, [10] * 10)
+    ds = SFTDataset(prefix)
+    old = BatchLoader(ds, LoaderConfig(10, 1, 2)).state_dict()
+    del old["batch_unit"]
+    BatchLoader(ds, LoaderConfig(10, 1, 2)).load_state_dict(old)
+    with pytest.raises(DataError, match="batch_unit was 'rows'.*--global_batch_unit rows"):
+        BatchLoader(ds, _samples_cfg(seq_length=10)).load_state_dict(old)
+
+
+def test_samples_config_checks():
+    _samples_cfg(global_batch_size=6, dp_size=2).validate()  # micro-batches need not divide it
+    with pytest.raises(ValueError, match="multiple of dp_size 4"):
+        _samples_cfg(global_batch_size=6, dp_size=4).validate()
+    with pytest.raises(ValueError, match="batch_unit 'tokens'"):
+        _samples_cfg(batch_unit="tokens").validate()
+    # Without packing a row is a sample: the rows rules apply.
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x dp_size"):
+        _samples_cfg(global_batch_size=6, dp_size=2, packing=False).validate()

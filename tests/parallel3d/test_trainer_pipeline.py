@@ -67,3 +67,27 @@ def test_pipeline_trainer_matches_pp1(reference, tmp_path, name, world, pp, extr
         assert count > 100_000
         # fp32 per-tensor norms: ~1e-8 relative; one norm weight (128) missed would be ~6e-5
         assert norm == pytest.approx(expected, rel=1e-6) and expected == math.sqrt(count)
+
+
+@pytest.mark.parametrize("reduction", ["global", "microbatch"])
+def test_micro_batch_counts_that_differ_by_rank_and_are_no_multiple_of_pp(tmp_path, reduction):
+    """Global batches of samples (the default --global_batch_unit) give each DP rank as many
+    micro-batches as its samples fill: here 3 in a step, 2 on one DP rank and 1 on the other
+    under interleaved 1F1B at PP 2 (fillers round each rank up to a multiple of pp). Losses,
+    gradients and evaluation match one process running the same 3 micro-batches, in both loss
+    reductions (the micro-batch mean counts real micro-batches over all ranks)."""
+    args = ["--loss_reduction", reduction]
+    ref = launch(1, str(tmp_path / "one"), {"name": "one", "global_batch": 6, "args": args,
+                                            "grads_at": 1})  # fmt: skip
+    interleaved = [*args, "--num_layers_per_virtual_pipeline_stage", "1"]
+    job = {"name": "uneven", "pp": 2, "global_batch": 6, "args": interleaved, "grads_at": 1,
+           "dp_cuts": [0, 2]}  # fmt: skip
+    res = launch(4, str(tmp_path / "uneven"), job)
+    assert res["dp"] == 2
+    grads = {}
+    for r in range(2):
+        grads.update(load_file(f"{tmp_path}/uneven/uneven_grads_pp{r}.st"))
+    assert_grads_close(grads, load_file(f"{tmp_path}/one/one_grads_pp0.st"))
+    assert _losses(res) == pytest.approx(_losses(ref), rel=1e-5)
+    assert max(_losses(ref)) - min(_losses(ref)) > 0.05
+    assert _evals(res) == pytest.approx(_evals(ref), rel=1e-5)

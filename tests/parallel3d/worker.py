@@ -40,10 +40,14 @@ class DPSlice:
     """SyntheticLoader's global batch (all DP ranks' micro-batches), this DP rank's share: the
     global batches are the same at any DP size, as with data.loader.BatchLoader."""
 
-    def __init__(self, global_batch: int, dp_rank: int, dp: int, seed: int):
-        self.per_rank = global_batch // (MICRO * dp)
+    def __init__(self, global_batch: int, dp_rank: int, dp: int, seed: int,
+                 cuts: list[int] | None = None):  # fmt: skip
+        """cuts: the micro-batch index where each DP rank's share starts (uneven shares, as
+        global batches of samples give); default: equal shares."""
         self.inner = SyntheticLoader(MICRO, SEQ, global_batch // MICRO, seed=seed)
-        self.lo = dp_rank * self.per_rank
+        per = global_batch // (MICRO * dp)
+        bounds = [*(cuts or range(0, per * dp, per)), global_batch // MICRO]
+        self.lo, self.per_rank = bounds[dp_rank], bounds[dp_rank + 1] - bounds[dp_rank]
 
     def next_global_batch(self) -> list[dict]:
         return self.inner.next_global_batch()[self.lo : self.lo + self.per_rank]
@@ -100,7 +104,8 @@ def main() -> None:
     trainer = Trainer(rc, dims, tok)
     if job.get("bucket_mb"):
         assert trainer.grads.num_buckets > 4, trainer.grads.num_buckets
-    loader = DPSlice(rc.loop.global_batch_size, dims.dp_rank, dims.dp, seed=5)
+    loader = DPSlice(rc.loop.global_batch_size, dims.dp_rank, dims.dp, seed=5,
+                     cuts=job.get("dp_cuts"))  # fmt: skip
     result: dict = {"dp": dims.dp}
     masters = [trainer.optimizer.buffer("master")] if trainer.grads.sharded else [
         g.master for g in trainer.optimizer.groups

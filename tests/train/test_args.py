@@ -104,15 +104,21 @@ def test_bad_flags_name_the_nearest_valid_one(argv, message):
     ("extra", "world", "message"),
     [
         (
-            ["--global_batch_size", "7"],
+            ["--global_batch_size", "7", "--global_batch_unit", "rows"],
             1,
             "--global_batch_size 7 is not divisible by --micro_batch_size 2",
         ),
         (
-            [],
+            ["--global_batch_unit", "rows"],
             3,
             "--global_batch_size 8 is not divisible by --micro_batch_size 2 x data parallel size 3",
         ),
+        (
+            ["--no-packing"],
+            3,
+            "--global_batch_size 8 is not divisible by --micro_batch_size 2 x data parallel size 3",
+        ),
+        ([], 3, "--global_batch_size 8 samples is not divisible by data parallel size 3"),
         (
             ["--tensor_model_parallel_size", "4"],
             4,
@@ -156,6 +162,8 @@ def test_bad_flags_name_the_nearest_valid_one(argv, message):
                 "1",
                 "--global_batch_size",
                 "2",
+                "--global_batch_unit",
+                "rows",
             ],
             2,
             "to be a multiple of pipeline size 2",

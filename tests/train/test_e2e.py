@@ -88,14 +88,17 @@ def test_stage2_finetunes_from_stage1(stage1, data_dir, tmp_path, capsys):
 
 
 def test_stage2_runs_three_epochs(data_dir):
-    """The stage-2 args file's train_iters is 3 epochs of the sample split, rounded up."""
-    from data.loader import BatchLoader, LoaderConfig, SFTDataset
+    """The stage-2 args file's train_iters is 3 epochs of the sample split, rounded up, with the
+    trainer's own loader (a global batch counts samples)."""
+    from data.loader import SFTDataset
+    from train.config import resolve
+    from train.data import make_loader
 
-    ns, _ = parse_args([f"@{STAGE2}"])
+    ns, given = parse_args([f"@{STAGE2}"])
+    rc = resolve(ns, given, world_size=1)
     ds = SFTDataset(str(data_dir / "sample_stage2" / "sample_stage2-train"))
-    cfg = LoaderConfig(seq_length=ns.seq_length, micro_batch_size=ns.micro_batch_size,
-                       global_batch_size=ns.global_batch_size, seed=ns.seed)  # fmt: skip
-    loader = BatchLoader(ds, cfg)
+    loader = make_loader(ds, rc.data, 0, 1)
+    assert loader.cfg.by_samples
     for _ in range(ns.train_iters - 1):
         loader.next_global_batch()
     assert loader.epoch == 2  # the last step starts inside the third epoch ...

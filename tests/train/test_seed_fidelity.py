@@ -66,14 +66,16 @@ def test_lr_offset_from_megatron_is_said(stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_packing_changes_what_the_seeds_train_iters_cover_and_says_so(stage):
+def test_a_packed_global_batch_keeps_the_seeds_samples_and_says_so(stage):
     """The card's 12000 x 64 (1 epoch) and 519 x 64 (3 epochs) count samples, one padded sample
-    per row in Megatron-LLM; packed rows hold several, so the same flags train ~8x / ~25x the
-    epochs. Before: nothing a user sees said it."""
+    per row in Megatron-LLM. By default a packed step is that many samples too; packed rows
+    (--global_batch_unit rows) hold several, so the same flags would train ~8x / ~25x the
+    epochs, and the notes say so."""
     notes = _notes(stage)
-    assert "--packing" in notes and "one padded sample per row" in notes
-    assert "--no-packing" in notes
-    assert "--packing:" not in _notes(stage, "--no-packing")
+    assert "a step is 64 samples" in notes and "one padded sample per row" in notes
+    rows = _notes(stage, "--global_batch_unit", "rows")
+    assert "several times as many samples and epochs" in rows
+    assert "a step is 64" not in _notes(stage, "--no-packing")
 
 
 def _train_split(tmp_path: Path, samples: int, length: int) -> str:
@@ -85,12 +87,13 @@ def _train_split(tmp_path: Path, samples: int, length: int) -> str:
 
 
 def test_epochs_of_the_training_split_are_reported(tmp_path):
-    """64 samples of 1024 tokens: 16 packed rows an epoch (at best), 64 rows unpacked."""
+    """64 samples of 1024 tokens: 16 packed rows an epoch (at best), 64 samples."""
     prefix = _train_split(tmp_path, 64, 1024)
-    packed = _notes(2, "--data_path", prefix)
-    assert f"--train_iters 519 x 64 rows = at most {519 * 64 / 16:.2f} epochs of its 64" in packed
-    unpacked = _notes(2, "--data_path", prefix, "--no-packing")
-    assert f"= {519.0:.2f} epochs of its 64 samples" in unpacked
+    rows = _notes(2, "--data_path", prefix, "--global_batch_unit", "rows")
+    assert f"--train_iters 519 x 64 rows = at most {519 * 64 / 16:.2f} epochs of its 64" in rows
+    for extra in ([], ["--no-packing"]):
+        samples = _notes(2, "--data_path", prefix, *extra)
+        assert f"519 x 64 samples = {519.0:.2f} epochs of its 64 samples" in samples
 
 
 def test_validation_split_differs_from_megatrons_split_and_says_so():
