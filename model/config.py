@@ -19,7 +19,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # rotary base
     rope_scaling_factor: float = 1.0  # linear position interpolation: positions / factor
     norm_eps: float = 1e-5  # RMSNorm epsilon (the seed's --layernorm_epsilon)
-    hidden_dropout: float = 0.0  # dropout on the residual branches (max layer's value with LIMA)
+    hidden_dropout: float = 0.0  # on the residual branches (the last layer's with LIMA), embeddings
     attention_dropout: float = 0.0  # must be 0: flash attention has no dropout
     lima_dropout: bool = False  # layer i of L gets hidden_dropout * i / (L - 1)
     init_std: float = 0.02  # normal init std; output projections get std / sqrt(2 * layers)

@@ -169,8 +169,11 @@ class Llama(nn.Module):
         self.padded_vocab = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size()
         layer_ids = layer_ids if layer_ids is not None else range(cfg.num_layers)
         self.pre, self.post = pre, post
-        # Embedding dropout is 0 (as LIMA / the seed); the first layer's hidden dropout is 0 too.
         self.embed = nn.Embedding(self.padded_vocab, cfg.hidden_size) if pre else None
+        # The embedding's output gets hidden_dropout whatever --lima_dropout says: Megatron-LLM's
+        # embedding layer takes --hidden_dropout, and LIMA's ramp applies to the layers only.
+        p = cfg.hidden_dropout if pre else 0.0
+        self.embed_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in layer_ids})
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if post else None
         self.output = Linear(cfg.hidden_size, self.padded_vocab) if post else None
@@ -222,7 +225,7 @@ class Llama(nn.Module):
         position_ids: same leading shape as the tokens; cu_seqlens: (docs + 1,) int32 over the
         flattened tokens. Returns logits (tokens, padded_vocab) on the last stage, else hidden."""
         positions = position_ids.reshape(-1)
-        h = self.embed(x.reshape(-1)) if self.pre else x  # (T, hidden)
+        h = self.embed_dropout(self.embed(x.reshape(-1))) if self.pre else x  # (T, hidden)
         for key, block in self.layers.items():
             full = int(key) in self.recompute_full_layers
             h = _maybe_recompute(full, block, h, positions, cu_seqlens, max_seqlen)

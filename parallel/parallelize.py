@@ -120,6 +120,8 @@ def parallelize(model: Llama, dims: ParallelDims, sequence_parallel: bool = Fals
     if model.embed is not None:
         make = partial(VocabParallelEmbedding, vocab, h, cfg.vocab_size, group, sp)
         model.embed = swap(model.embed, make)
+        if sp and isinstance(model.embed_dropout, nn.Dropout):  # on the embedding's token shard
+            model.embed_dropout = SequenceParallelDropout(model.embed_dropout.p, rank)
     if model.norm is not None:
         _mark_norm(model.norm.weight, sp, tp, rank)
     if model.output is not None:

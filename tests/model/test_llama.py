@@ -108,6 +108,25 @@ def test_lima_dropout_probabilities():
     assert CFG.replace(num_layers=1, hidden_dropout=0.3, lima_dropout=True).layer_dropout(0) == 0.3
 
 
+@pytest.mark.parametrize("lima", [True, False])
+def test_embedding_output_gets_the_hidden_dropout(lima):
+    """Megatron-LLM's embedding layer takes --hidden_dropout whatever --lima_dropout says (the
+    seed's stage 2 dropped embeddings at 0.25); before, the embedding had no dropout."""
+    cfg = CFG.replace(hidden_dropout=0.5, lima_dropout=lima)
+    model = _model(cfg).train()
+    seen = {}
+    model.embed_dropout.register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    t = torch.randint(0, cfg.vocab_size, (1, 64))
+    model(t, torch.arange(64)[None], torch.tensor([0, 64], dtype=torch.int32), 64)
+    dropped = seen["out"] == 0
+    assert 0.4 < dropped.float().mean() < 0.6  # p = 0.5 of the (64, hidden) values
+    torch.testing.assert_close(seen["out"][~dropped], 2 * seen["inp"][~dropped])
+    model.eval()
+    out = model.embed_dropout(seen["inp"])
+    assert torch.equal(out, seen["inp"])
+    assert isinstance(_model(CFG).embed_dropout, torch.nn.Identity)  # no dropout: no RNG draw
+
+
 @pytest.mark.parametrize("granularity,method", [("selective", "uniform"), ("full", "uniform"),
                                                 ("full", "block")])  # fmt: skip
 def test_recompute_gives_the_same_gradients(granularity, method):

@@ -274,6 +274,8 @@ def dropout_worker(dims: ParallelDims) -> None:
     sync_check(trainer.model, g)
     # With SP: the same seed gives the same run, and full recompute redraws the same masks.
     a, ta = run(True, "none", 3)
+    # the embedding's dropout (hidden_dropout, as Megatron-LLM) runs on the token shard too
+    assert isinstance(ta.model.embed_dropout, SequenceParallelDropout)
     b, _ = run(True, "none", 3)
     assert a == b, f"same seed, different SP runs: {a} vs {b}"
     c, tc = run(True, "full", 3)
