@@ -122,7 +122,8 @@ class LoopConfig:
     train_iters: int
     micro_batch_size: int
     global_batch_size: int
-    num_microbatches: int  # per DP rank per step (global batches of samples: at most this)
+    num_microbatches: int  # per DP rank per step (global batches of samples: at most this,
+    # interleaved fillers included)
     loss_reduction: str  # global | microbatch
     bf16: bool  # honoured on GPU only
     recompute_granularity: str  # none | selective | full
@@ -667,6 +668,9 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             unchecked.append(f"--data_path: {prefix}{suffix} not found here")
             break
 
+    most_micro = -(-global_bs // (micro * dp))  # by_samples: at most (a row holds >= 1 sample)
+    if vsl and model.num_layers // (pp * vsl) > 1:  # interleaved: fillers to a multiple of pp
+        most_micro = -(-most_micro // pp) * pp
     return RunConfig(
         model=model,
         parallel=ParallelConfig(
@@ -731,7 +735,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             train_iters,
             micro,
             global_bs,
-            -(-global_bs // (micro * dp)),  # by_samples: at most (a row holds >= 1 sample)
+            most_micro,
             ns.loss_reduction,
             ns.bf16,
             granularity,
