@@ -20,7 +20,8 @@ Loss normalisation (`--loss_reduction`):
   gradient of (sum of masked token losses) / N, however the tokens fall into micro-batches.
 - microbatch: Megatron-LLM's mean of per-micro-batch means: each micro-batch's masked mean
   divided by the number of micro-batches over all DP ranks. A micro-batch without loss tokens
-  contributes 0 (Megatron's 0 / 0 would be NaN).
+  contributes 0 (Megatron's 0 / 0 would be NaN). With global batches of samples each rank packs
+  its own share, so the micro-batches (and this mean) depend on the DP size; `global` does not.
 
 Micro-batches per step: a global batch of samples (`--global_batch_unit samples`, the default)
 is packed per DP rank into as many micro-batches as it fills, so their number varies by step and
