@@ -116,8 +116,13 @@ def worker(rendezvous: str) -> None:
         _close(_weights(opt), at_resume, f"{kind} loaded")
         _steps(opt, buf, segments, 4, 6)
         _close(_weights(opt), _weights(flat), f"{kind} resumed")
-    dist.barrier()  # no rank tears gloo down while another still talks (it aborted one)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank has checked everything: nothing is left to say
+    # Leave without tearing gloo down: under load one rank of this worker sometimes aborted in
+    # the teardown ("terminate called without an active exception", exit -6) after passing,
+    # which failed the test for nothing it checks.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
