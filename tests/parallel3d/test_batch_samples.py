@@ -19,17 +19,6 @@ STAGE1 = Path(REPO) / "configs" / "train" / "tiny-stage1.args"
 ITERS, G, MICRO, SEQ = 6, 8, 2, 128
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    subprocess.run(
-        [sys.executable, "-m", "data.pretokenize", "configs/data/sample.yaml", "--mix",
-         "sample_stage1", "--output-dir", str(out), "--no-progress"],
-        cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
-    return out / "sample_stage1-train"
-
-
 def _train(run: Path, data: Path, nproc: int, extra: list[str]) -> tuple[list[dict], str]:
     argv = [f"@{STAGE1}", "--data_path", str(data), "--save", str(run / "ckpt"),
             "--run_dir", str(run), "--tensorboard_dir", str(run / "tb"), "--train_iters",
