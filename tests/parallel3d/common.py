@@ -6,8 +6,13 @@ trainer's path (stage building, pipeline step, loss normalisation, grad sync, ch
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from tests.gloo_ranks import REPO, run_ranks
+
+STAGE1 = Path(REPO) / "configs" / "train" / "tiny-stage1.args"
 
 STEPS = 10
 
@@ -58,3 +63,24 @@ def launch(world: int, out_dir: str, job: dict, timeout: float = 170.0) -> dict:
         result = json.load(f)
     result["log"] = "\n".join(logs)
     return result
+
+
+def train_stage1(run: Path, data: Path, nproc: int, args: list[str]) -> tuple[list[dict], str]:
+    """`python -m train @tiny-stage1.args` on `data` (a train prefix) with `args`, on nproc ranks
+    under torchrun (one plain process at 1), writing under `run`: (metrics.jsonl rows, stdout)."""
+    argv = [f"@{STAGE1}", "--data_path", str(data), "--save", str(run / "ckpt"),
+            "--run_dir", str(run), "--tensorboard_dir", str(run / "tb"), *args]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    env.pop("WORLD_SIZE", None)
+    p = subprocess.run([*launcher, "-m", "train", *argv], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return rows, p.stdout
+
+
+def by_iteration(rows: list[dict], key: str = "lm_loss", kind: str = "train") -> dict:
+    """iteration -> rows[key] of the metrics rows of one type."""
+    return {r["iteration"]: r[key] for r in rows if r["type"] == kind}

@@ -5,39 +5,21 @@ attention and the global token mean make the layout irrelevant up to float round
 consumed samples and evaluations agree, and a checkpoint saved at one DP size (by --exit_interval,
 mid-epoch) continues at the other as the uninterrupted run."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.parallel3d.common import REPO
+from tests.parallel3d.common import STAGE1, by_iteration, train_stage1
 
-STAGE1 = Path(REPO) / "configs" / "train" / "tiny-stage1.args"
 ITERS, G, MICRO, SEQ = 6, 8, 2, 128
 
 
 def _train(run: Path, data: Path, nproc: int, extra: list[str]) -> tuple[list[dict], str]:
-    argv = [f"@{STAGE1}", "--data_path", str(data), "--save", str(run / "ckpt"),
-            "--run_dir", str(run), "--tensorboard_dir", str(run / "tb"), "--train_iters",
+    args = ["--train_iters",
             str(ITERS), "--lr_warmup_iters", "2", "--seq_length", str(SEQ), "--global_batch_size",
             str(G), "--micro_batch_size", str(MICRO), "--log_interval", "1", "--save_interval",
             "3", "--eval_interval", "3", "--eval_iters", "1", *extra]  # fmt: skip
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    env.pop("WORLD_SIZE", None)
-    p = subprocess.run([*launcher, "-m", "train", *argv], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return rows, p.stdout
-
-
-def _col(rows, key, kind="train"):
-    return {r["iteration"]: r[key] for r in rows if r["type"] == kind}
+    return train_stage1(run, data, nproc, args)
 
 
 def _evals(rows):
@@ -79,33 +61,36 @@ def test_the_steps_split_unevenly_over_two_dp_ranks(data):
 
 def test_dp2_matches_dp1_and_resumes_across_dp_sizes(one, data, tmp_path):
     ref_dir, ref = one
-    want = _col(ref, "lm_loss")
+    want = by_iteration(ref)
     assert list(want) == list(range(1, ITERS + 1))
-    assert _col(ref, "consumed_samples") == {i: i * G for i in want}
+    assert by_iteration(ref, "consumed_samples") == {i: i * G for i in want}
 
     # DP 2 for three steps, stopped by --exit_interval (saves): then DP 1 takes over
     head, out = _train(tmp_path / "dp2", data, 2, ["--exit_interval", "3"])
     assert "world 2 (tp 1 pp 1 dp 2)" in out
-    assert list(_col(head, "lm_loss").values()) == pytest.approx([want[i] for i in (1, 2, 3)],
-                                                                 rel=1e-5)  # fmt: skip
-    assert _col(head, "consumed_samples") == {i: i * G for i in (1, 2, 3)}
+    assert list(by_iteration(head).values()) == pytest.approx(
+        [want[i] for i in (1, 2, 3)], rel=1e-5
+    )
+    assert by_iteration(head, "consumed_samples") == {i: i * G for i in (1, 2, 3)}
     assert _evals(head) == pytest.approx({k: v for k, v in _evals(ref).items() if k[0] == 3},
                                          rel=1e-5)  # fmt: skip
     tail, out = _train(tmp_path / "dp2to1", data, 1,
                        ["--load", str(tmp_path / "dp2" / "ckpt")])  # fmt: skip
     assert "resharded to tp 1 pp 1 dp 1" in out
-    assert list(_col(tail, "lm_loss")) == [4, 5, 6]
-    assert list(_col(tail, "lm_loss").values()) == pytest.approx([want[i] for i in (4, 5, 6)],
-                                                                 rel=1e-5)  # fmt: skip
-    assert _col(tail, "consumed_samples") == {i: i * G for i in (4, 5, 6)}
+    assert list(by_iteration(tail)) == [4, 5, 6]
+    assert list(by_iteration(tail).values()) == pytest.approx(
+        [want[i] for i in (4, 5, 6)], rel=1e-5
+    )
+    assert by_iteration(tail, "consumed_samples") == {i: i * G for i in (4, 5, 6)}
 
     # and the reverse: DP 1's checkpoint at 3 continued at DP 2
     tail, out = _train(tmp_path / "dp1to2", data, 2,
                        ["--load", str(ref_dir / "ckpt" / "iter_0000003")])  # fmt: skip
     assert "resharded to tp 1 pp 1 dp 2" in out
-    assert list(_col(tail, "lm_loss").values()) == pytest.approx([want[i] for i in (4, 5, 6)],
-                                                                 rel=1e-5)  # fmt: skip
-    assert _col(tail, "consumed_samples") == {i: i * G for i in (4, 5, 6)}
+    assert list(by_iteration(tail).values()) == pytest.approx(
+        [want[i] for i in (4, 5, 6)], rel=1e-5
+    )
+    assert by_iteration(tail, "consumed_samples") == {i: i * G for i in (4, 5, 6)}
     assert _evals(tail) == pytest.approx({k: v for k, v in _evals(ref).items() if k[0] == 6},
                                          rel=1e-5)  # fmt: skip
 
@@ -123,9 +108,9 @@ def test_interleaved_pp2_dp2_with_fillers_matches_dp1(data, tmp_path):
                    "--num_layers_per_virtual_pipeline_stage", "1"]  # fmt: skip
     rows, out = _train(tmp_path / "pp2", data, 4, [*flags, *interleaved])
     assert "world 4 (tp 1 pp 2 dp 2)" in out
-    assert list(_col(rows, "lm_loss")) == [1, 2, 3, 4]
-    assert list(_col(rows, "lm_loss").values()) == pytest.approx(
-        list(_col(ref, "lm_loss").values()), rel=1e-5
+    assert list(by_iteration(rows)) == [1, 2, 3, 4]
+    assert list(by_iteration(rows).values()) == pytest.approx(
+        list(by_iteration(ref).values()), rel=1e-5
     )
-    assert _col(rows, "consumed_samples") == {i: 16 * i for i in (1, 2, 3, 4)}
+    assert by_iteration(rows, "consumed_samples") == {i: 16 * i for i in (1, 2, 3, 4)}
     assert _evals(rows) == pytest.approx(_evals(ref), rel=1e-5) and len(_evals(ref)) > 2
