@@ -634,7 +634,7 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    max_seqlen: int,
+    max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
 ):
@@ -643,7 +643,7 @@ def attention(
     q: (tokens, heads, head_dim); k, v: (tokens, kv_heads, head_dim), any strides (e.g. views
     split out of a fused qkv projection); cu_seqlens: (docs + 1,) int32 boundaries, 0 first and
     tokens last, empty documents allowed; max_seqlen: longest document (picks launch settings
-    only). softmax_scale defaults to head_dim ** -0.5. Returns out: (tokens, heads, head_dim)
+    only; None reads it from cu_seqlens, one device-to-host copy, so pass it when known). softmax_scale defaults to head_dim ** -0.5. Returns out: (tokens, heads, head_dim)
     contiguous, and with `return_lse` also lse: (heads, tokens) fp32, the natural-log
     log-sum-exp of the scaled scores per query (not differentiable). There is no dropout.
     """
@@ -653,6 +653,8 @@ def attention(
         return reference.attention(q, k, v, cu_seqlens, max_seqlen, scale, return_lse=return_lse)
     if cu_seqlens.dtype != torch.int32 or not cu_seqlens.is_contiguous():
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    if max_seqlen is None:
+        max_seqlen = int(cu_seqlens.diff().max()) if cu_seqlens.numel() > 1 else 0
     out, lse = _FlashAttention.apply(q, k, v, cu_seqlens, int(max_seqlen), float(scale))
     return (out, lse) if return_lse else out
 

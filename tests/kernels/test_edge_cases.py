@@ -93,6 +93,20 @@ def test_attention_padded_zero_size(device, batch, seq):
     assert out.shape == (batch, seq, 4, 32) and lse.shape == (batch, 4, seq)
 
 
+@pytest.mark.parametrize("cu", [[0, 3, 3, 10], [0], [0, 0]], ids=["docs", "no-doc", "empty"])
+def test_attention_max_seqlen_defaults_to_longest_document(device, cu):
+    """max_seqlen may be left out (as flash-attn users often do not know it): it is read from
+    cu_seqlens and the result is the one with the true longest document given."""
+    g = torch.Generator().manual_seed(1)
+    tokens = cu[-1]
+    q = torch.randn(tokens, 4, 32, generator=g).to(device)
+    kv = torch.randn(tokens, 2, 32, generator=g).to(device)
+    cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+    longest = max([b - a for a, b in zip(cu[:-1], cu[1:])], default=0)
+    out = attention(q, kv, kv, cu_seqlens)
+    torch.testing.assert_close(out, attention(q, kv, kv, cu_seqlens, longest), rtol=0, atol=0)
+
+
 def _families(device):
     """(name, inputs, loss of the kernel op) per autograd Function, tiny shapes."""
     g = torch.Generator().manual_seed(0)
