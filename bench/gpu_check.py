@@ -6,8 +6,9 @@ Steps, each under its own time budget, each reported (a failure is a loud row, n
   1. telemetry (nvidia-ml-py: card, driver, clocks, power, memory, clock-limit reasons)
   2. ceilings in this process: a 2 GiB device-to-device copy (GB/s, read + write bytes) and an
      8192^3 bf16 matmul (TFLOP/s)
-  3. `python3 -m pytest tests -m gpu` in a subprocess: pass/fail/skip counts, failed test ids,
-     the tail of its output
+  3. `python3 -m pytest tests -m gpu` in concurrent subprocesses (`--test-shards`, 4 on the lent
+     machine's 16 cores; the tests are bound by Triton's compiles): pass/fail/skip counts summed
+     over the shards, failed test ids, the tail of each shard's output
   4. one subprocess per benchmark family that exists: bench.tune (the launch-settings sweep; it
      writes kernels/tuned/<card>.json, which the later sections then use), bench.bench_kernels,
      bench.bench_attention, bench.bench_parallel, bench.bench_train (whole training steps:
@@ -30,6 +31,7 @@ measurement.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import importlib.util
 import inspect
@@ -53,7 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 # ceilings stays under 8 minutes; time a section leaves unused goes to the ones after it.
 # "tune" writes kernels/tuned/<card>.json (bench/tune.py) before "kernels" runs, so the kernel
 # rows measure the card's tuned settings; the table is also copied under $OUT to be committed.
-# On the H200 of 2026-11-28 the GPU tests took 109 s, kernels 45 s, attention 29 s, parallel 8 s.
+# On the H200 of 2026-11-28 the GPU tests took 109 s in one process (134 tests then; 4 shards
+# now), kernels 45 s, attention 29 s, parallel 8 s.
 # Since then the tests check every attention autotune candidate in bf16 and compile about twice
 # as many tuning candidates (about a hundred more compiles), and the sweep has ~170 candidates
 # (~0.3 s each plus ~90 compiles), likeliest winners first. "train" builds a 1.9B-parameter
@@ -183,10 +186,39 @@ def ordered_test_paths(tests_path: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_tests(budget_s: float, logdir: Path, tests_path: str) -> dict:
-    """`pytest <tests_path> -m gpu`; counts from its JUnit XML, which survives any output format."""
-    xml = logdir / "tests-junit.xml"
-    cmd = [
+def default_test_shards() -> int:
+    """Concurrent pytest processes for the GPU tests: one per 4 cores, at most 4. The tests are
+    bound by Triton's compiles (one core each, plus ptxas), not by the GPU, so on the lent
+    machine's 16 cores 4 shards take about a quarter of the time of one."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
+
+
+def _junit(xml: Path) -> dict:
+    """Counts and failed ids from one pytest JUnit XML file."""
+    out = {"passed": None, "failed": None, "errors": None, "skipped": None, "failed_ids": []}
+    if not xml.exists():
+        return out
+    try:
+        root = ET.parse(xml).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        total = int(suite.get("tests", 0))
+        out["failed"] = int(suite.get("failures", 0))
+        out["errors"] = int(suite.get("errors", 0))
+        out["skipped"] = int(suite.get("skipped", 0))
+        out["passed"] = total - out["failed"] - out["errors"] - out["skipped"]
+        for case in suite.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                out["failed_ids"].append(f"{case.get('classname')}::{case.get('name')}")
+    except (ET.ParseError, AttributeError, ValueError) as e:
+        out["parse_error"] = str(e)
+    return out
+
+
+def run_tests(budget_s: float, logdir: Path, tests_path: str, shards: int = 1) -> dict:
+    """`pytest <tests_path> -m gpu` in `shards` concurrent processes (bench/pytest_shard.py
+    deals the selected tests round-robin); counts from their JUnit XML, which survives any
+    output format, summed over the shards."""
+    base = [
         sys.executable,
         "-m",
         "pytest",
@@ -197,32 +229,55 @@ def run_tests(budget_s: float, logdir: Path, tests_path: str) -> dict:
         "-p",
         "no:cacheprovider",
         "--continue-on-collection-errors",
-        f"--junitxml={xml}",
     ]
-    out = _run(cmd, budget_s, logdir / "tests.log")
-    out.update(passed=None, failed=None, errors=None, skipped=None, failed_ids=[])
-    if xml.exists():
-        try:
-            root = ET.parse(xml).getroot()
-            suite = root if root.tag == "testsuite" else root.find("testsuite")
-            total = int(suite.get("tests", 0))
-            out["failed"] = int(suite.get("failures", 0))
-            out["errors"] = int(suite.get("errors", 0))
-            out["skipped"] = int(suite.get("skipped", 0))
-            out["passed"] = total - out["failed"] - out["errors"] - out["skipped"]
-            for case in suite.iter("testcase"):
-                if case.find("failure") is not None or case.find("error") is not None:
-                    out["failed_ids"].append(f"{case.get('classname')}::{case.get('name')}")
-        except (ET.ParseError, AttributeError, ValueError) as e:
-            out["parse_error"] = str(e)
-    summary = [
-        ln
-        for ln in out["tail"].splitlines()
-        if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)
-    ]
-    out["summary"] = summary[-1].strip("= ") if summary else ""
-    # pytest's 0 is all passed, 5 is nothing collected (no gpu tests yet); anything else failed
-    out["ok"] = not out["timed_out"] and out["returncode"] in (0, 5)
+
+    def one(i: int) -> dict:
+        name = "tests" if shards == 1 else f"tests-{i}"
+        xml = logdir / f"{name}-junit.xml"
+        cmd = base + [f"--junitxml={xml}"]
+        env = None
+        if shards > 1:
+            cmd += ["-p", "bench.pytest_shard"]
+            env = {"PYTEST_SHARD": f"{i}/{shards}"}
+        return {**_run(cmd, budget_s, logdir / f"{name}.log", env=env), **_junit(xml)}
+
+    with concurrent.futures.ThreadPoolExecutor(shards) as pool:
+        parts = list(pool.map(one, range(shards)))
+    out = {
+        "shards": shards,
+        "returncode": max((p["returncode"] for p in parts), key=lambda rc: (rc not in (0, 5), rc)),
+        "timed_out": any(p["timed_out"] for p in parts),
+        "seconds": max(p["seconds"] for p in parts),
+        "tail": "\n".join(p["tail"][-3000 // shards :] for p in parts),
+        "failed_ids": [f for p in parts for f in p["failed_ids"]],
+    }
+    for key in ("passed", "failed", "errors", "skipped"):
+        counts = [p[key] for p in parts]
+        out[key] = None if None in counts else sum(counts)
+    errors = [p["parse_error"] for p in parts if "parse_error" in p]
+    if errors:
+        out["parse_error"] = "; ".join(errors)
+    summary = []
+    for p in parts:
+        lines = [
+            ln
+            for ln in p["tail"].splitlines()
+            if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)
+        ]
+        summary.append(lines[-1].strip("= ") if lines else "no summary line")
+    if shards == 1:
+        out["summary"] = summary[0] if summary[0] != "no summary line" else ""
+    elif out["passed"] is not None:
+        out["summary"] = (
+            f"{out['passed']} passed, {out['failed']} failed, {out['errors']} errors, "
+            f"{out['skipped']} skipped in {out['seconds']} s over {shards} shards"
+        )
+    else:
+        out["summary"] = " | ".join(summary)
+    out["shard_summaries"] = summary
+    # pytest's 0 is all passed, 5 is nothing collected (no gpu tests, or none in this shard);
+    # anything else failed
+    out["ok"] = not out["timed_out"] and all(p["returncode"] in (0, 5) for p in parts)
     return out
 
 
@@ -398,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tests-path", default="tests", help="what pytest -m gpu runs")
     ap.add_argument(
+        "--test-shards",
+        type=int,
+        default=default_test_shards(),
+        help="concurrent pytest processes for the GPU tests (default: one per 4 cores, at most 4)",
+    )
+    ap.add_argument(
         "--cpu-smoke", action="store_true", help="run the plumbing on CPU with tiny shapes"
     )
     # child mode (internal)
@@ -524,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_check: could not save the results so far: {e}", flush=True)
         print(f"{name}: up to {budget:.0f} s ...", flush=True)
         if module is None:
-            rec = run_tests(budget, logdir, args.tests_path)
+            rec = run_tests(budget, logdir, args.tests_path, max(1, args.test_shards))
             doc["tests"] = rec
             status = "ok" if rec["ok"] and not rec["failed"] and not rec["errors"] else "FAILED"
             late = ", TIMED OUT" if rec["timed_out"] else ""

@@ -8,6 +8,7 @@ import json
 import sys
 import tarfile
 import textwrap
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -228,6 +229,8 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
             "400",
             "--tests-path",
             str(tmp_path / "test_fake_gpu.py"),
+            "--test-shards",
+            "2",
         ]
     )
     out = capsys.readouterr().out
@@ -235,7 +238,9 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
     [json_path] = (tmp_path / "res").glob("*-cpu-smoke.json")
     rows, doc = read_json(json_path)
     assert doc["meta"]["cpu_smoke"] and doc["meta"]["git"]["commit"]
+    # two concurrent shards, one test each: the counts are their sum
     assert doc["tests"]["passed"] == 1 and doc["tests"]["failed"] == 1
+    assert doc["tests"]["shards"] == 2 and "over 2 shards" in doc["tests"]["summary"]
     # junit names the class relative to pytest's rootdir, which depends on where the checkout
     # and the temporary directory sit (a clone under /tmp prefixes the tmp path).
     [failed_id] = doc["tests"]["failed_ids"]
@@ -271,8 +276,46 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
     [archive] = out_dir.glob("*-logs.tar.gz")
     with tarfile.open(archive) as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"tests.log", "tests-junit.xml", "cut.log", "good-rows.json"} <= names
+    assert {"tests-0.log", "tests-1-junit.xml", "cut.log", "good-rows.json"} <= names
     assert out.rstrip().splitlines()[-1].startswith("slow"), "the short table must come last"
+
+
+_MANY_TESTS = """
+import pytest
+@pytest.mark.parametrize("i", range(7))
+@pytest.mark.gpu
+def test_gpu(i):
+    assert i != 4
+def test_not_gpu():
+    pass
+"""
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_gpu_tests_split_over_shards_count_every_test_once(tmp_path, shards):
+    """The shards deal the gpu-marked tests round-robin: the sums are one run's counts, the
+    failure is reported once, and no test runs twice or not at all."""
+    (tmp_path / "test_many.py").write_text(_MANY_TESTS)
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    rec = gpu_check.run_tests(60, logdir, str(tmp_path / "test_many.py"), shards)
+    assert (rec["passed"], rec["failed"], rec["errors"], rec["skipped"]) == (6, 1, 0, 0), rec
+    [failed] = rec["failed_ids"]
+    assert failed.endswith("test_gpu[4]") and not rec["ok"] and not rec["timed_out"]
+    ran = []
+    for xml in logdir.glob("*junit.xml"):
+        ran += [c.get("name") for c in ET.parse(xml).getroot().iter("testcase")]
+    assert sorted(ran) == sorted(f"test_gpu[{i}]" for i in range(7))
+    assert len(list(logdir.glob("*junit.xml"))) == shards
+
+
+def test_pytest_shard_refuses_a_bad_spec():
+    from bench.pytest_shard import parse_shard
+
+    assert parse_shard("2/4") == (2, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(pytest.UsageError, match="expected i/K"):
+            parse_shard(bad)
 
 
 def test_gpu_tests_run_the_kernels_last():
