@@ -16,6 +16,10 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 TRAIN_ARGS := configs/train/$(MODEL)-stage$(STAGE).args
+# torchrun sets OMP_NUM_THREADS=1 when it is unset, which leaves the offloaded optimizer step
+# (CPU Adam over a rank's share of 70B parameters) on one core; each local rank gets its share
+# of the cores instead (a value in the environment wins).
+OMP_THREADS := $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$((n / $(NPROC))); echo $$((t > 0 ? t : 1)))
 SAMPLE_DATA := runs/data/sample_stage1/sample_stage1-train-text.idx runs/data/sample_stage2/sample_stage2-train-text.idx
 
 # A MODEL / STAGE without an argument file fails here, before installing or pretokenizing.
@@ -59,7 +63,7 @@ train: install $(if $(filter tiny,$(MODEL)),data)
 ifeq ($(NPROC)$(NNODES),11)
 	$(PY) -m train @$(TRAIN_ARGS) $(ARGS)
 else
-	$(VENV)/bin/torchrun --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(OMP_THREADS)} $(VENV)/bin/torchrun --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
 		--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) -m train @$(TRAIN_ARGS) $(ARGS)
 endif
 

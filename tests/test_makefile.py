@@ -1,0 +1,46 @@
+"""What `make train` launches (dry run, `make -n`: nothing is installed or trained)."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch_line(*args: str, env: dict | None = None) -> str:
+    res = subprocess.run(
+        ["make", "-n", "train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    # torchrun's command continues on a second line (`\\`), which also holds `-m train`
+    lines = [ln for ln in res.stdout.splitlines() if "torchrun" in ln] or [
+        ln for ln in res.stdout.splitlines() if " -m train " in ln
+    ]
+    [line] = lines
+    return line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("nproc,nnodes", [("2", "1"), ("1", "2")])
+def test_torchrun_gets_each_local_rank_its_share_of_the_cores(nproc, nnodes):
+    """torchrun alone would set OMP_NUM_THREADS=1 and leave an offloaded Adam step on one
+    core; the Makefile passes cores / local ranks (at least 1) unless the caller set it."""
+    line = _launch_line(f"NPROC={nproc}", f"NNODES={nnodes}")
+    want = max(1, len(os.sched_getaffinity(0)) // int(nproc))
+    m = re.search(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\} \S*torchrun ", line)
+    assert m and int(m.group(1)) == want, line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_one_process_runs_without_torchrun():
+    line = _launch_line()
+    assert "torchrun" not in line and "OMP_NUM_THREADS" not in line
