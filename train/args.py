@@ -26,6 +26,26 @@ class ArgsError(ValueError):
     """Bad command-line input; the message says what to change."""
 
 
+# Megatron-LLM flags accepted so the seed's lists parse verbatim, that change nothing here: what
+# each asks for is already how this trainer works. Given, each is named in the run's notes
+# (start-up log and --dry_run), so none passes silently.
+NO_EFFECT = {
+    "use_flash_attn": ("--use_flash_attn", "attention is always the varlen flash kernel"),
+    "bias_gelu_fusion": ("--no_bias_gelu_fusion", "Llama has no biases, nothing to fuse"),
+    "bias_dropout_fusion": ("--no_bias_dropout_fusion", "Llama has no biases, nothing to fuse"),
+    "use_multiquery_attn": (
+        "--use_multiquery_attn",
+        "the KV heads come from --num_attention_heads_kv (or the model preset) alone",
+    ),
+}
+
+
+def no_effect_notes(given: set[str]) -> list[str]:
+    """One note per flag of NO_EFFECT that was given (`given`: destinations, as parse_args)."""
+    return [f"{flag}: accepted without effect ({why})"
+            for dest, (flag, why) in NO_EFFECT.items() if dest in given]  # fmt: skip
+
+
 def expand_args_files(argv: list[str]) -> list[str]:
     """Replace every `@path` by the flags in that file (recursively), shell-quoted per line."""
     out: list[str] = []

@@ -123,18 +123,33 @@ def eval_batches(dataset, cfg: DataConfig, dp_rank: int, dp_size: int, indices, 
     return itertools.islice(iter_eval_batches(dataset, lc, indices), iters * per_rank)
 
 
+WHOLE_SPLIT = "all"  # the eval key of the whole validation split
+
+
 def eval_splits(valid) -> dict[str, np.ndarray | None]:
     """name -> sample indices for per-dataset validation ("all" = the whole split); datasets
     are listed separately only when more than one has samples in the split (else its entry
     would repeat "all"). Empty when the split holds no samples (a mix without val_split still
     writes one): there is nothing to evaluate, and an evaluation of nothing would log loss 0,
-    a perfect model."""
+    a perfect model.
+
+    A dataset of the mix named "all" would share the whole split's key (its metrics would
+    replace the whole split's, in the log, metrics.jsonl and TensorBoard): refused, naming
+    the dataset and the meta file it is listed in."""
     if len(valid) == 0:
         return {}
-    out: dict[str, np.ndarray | None] = {"all": None}
+    out: dict[str, np.ndarray | None] = {WHOLE_SPLIT: None}
     ranges = getattr(valid, "dataset_ranges", None) or {}
     held = {name: (a, b) for name, (a, b) in ranges.items() if b > a}
     if len(held) > 1:
+        if WHOLE_SPLIT in held:
+            where = getattr(valid, "meta_path", None) or "the validation split's -meta.json"
+            raise DataError(
+                f"{where}: the data mix has a dataset named {WHOLE_SPLIT!r}, the name validation "
+                f"uses for the whole split, so its per-dataset metrics and the whole split's "
+                f"would be logged under one key; rename that dataset in the data-mix YAML "
+                f"(e.g. `- {WHOLE_SPLIT}_data: {{kind: ...}}`) and pretokenize again"
+            )
         for name, (start, end) in held.items():
             out[str(name)] = np.arange(start, end, dtype=np.int64)
     return out

@@ -49,7 +49,7 @@ from parallel.grad_norm import (
 from parallel.pipeline import PipelineExecutor, pipeline_loss
 from parallel.pipeline_schedule import stage_spec
 from train import checkpoint as ckpt
-from train.config import RunConfig
+from train.config import RunConfig, ScheduleConfig
 from train.data import TokenizerInfo, to_device
 from train.evaluate import EvalStats
 from train.lr import lr_at
@@ -77,8 +77,8 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 class StepResult:
     loss: float  # the step's loss as defined by --loss_reduction
     loss_tokens: int  # loss-mask tokens of the global batch
-    tokens: int  # tokens processed (all rows, all DP ranks)
-    pairs: int  # causal attention pairs (for FLOPs)
+    tokens: int  # tokens of the step's micro-batches (all rows, all DP ranks; no fillers)
+    pairs: int  # causal attention pairs of those (for FLOPs)
     grad_norm: float
     skipped: bool
     phases: PhaseClock | None = None  # per-phase times, read after the device is synced
@@ -214,10 +214,12 @@ class Trainer:
         # Labels and counts from the loader's host tensors: no device round trip for them.
         for mb in micro_batches:
             check_labels(mb["labels"], rc.model.vocab_size)
+        # Tokens and attention pairs of the real micro-batches only: a filler's compute is
+        # schedule overhead, not model FLOPs, and would inflate tokens/s and MFU.
         counts = torch.tensor(
             [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
-             sum(mb["tokens"].numel() for mb in micro_batches),
-             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches),
+             sum(mb["tokens"].numel() for mb in micro_batches[:real]),
+             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches[:real]),
              real],
             dtype=torch.float64, device=self.device,
         )  # fmt: skip
@@ -405,6 +407,7 @@ class Trainer:
         self.iteration = int(meta["iteration"])
         self.consumed_samples = int(meta["consumed_train_samples"])
         self.skipped_total = int(meta["optimizer"].get("skipped", 0))
+        self._note_schedule_change(meta.get("scheduler") or {}, iter_dir)
         if rc.ckpt.load_optim and meta.get("has_optimizer"):
             self.optimizer.load_state_tensors(
                 lambda kind, name, p: ckpt.read_param(
@@ -421,6 +424,28 @@ class Trainer:
         )  # fmt: skip
         log(f" resumed from {iter_dir} at iteration {self.iteration}{where}")
         return loader_state
+
+    def _note_schedule_change(self, saved: dict, iter_dir) -> None:
+        """Warn when the run resumes under other schedule flags than the checkpoint's (an
+        extended --train_iters also moves the default --lr_decay_iters): the lr then jumps at
+        the resume. Megatron-LLM refuses such a resume unless told which values to keep; here
+        this run's flags win, and the log says what changed."""
+        sc = self.rc.schedule
+        ours = {"lr": sc.lr, "min_lr": sc.min_lr, "decay_style": sc.decay_style,
+                "warmup_iters": sc.warmup_iters, "decay_iters": sc.decay_iters}  # fmt: skip
+        changed = [k for k, v in ours.items() if k in saved and saved[k] != v]
+        if not changed:
+            return
+        diff = ", ".join(f"{k} {saved[k]} -> {ours[k]}" for k in changed)
+        nxt = self.iteration + 1
+        line = f" WARNING: resuming {iter_dir} under another learning-rate schedule ({diff})"
+        try:
+            theirs = ScheduleConfig(**{k: saved.get(k, v) for k, v in ours.items()})
+            line += (f": step {nxt} runs at lr {lr_at(sc, nxt):.6E}, where the checkpoint's "
+                     f"schedule gave {lr_at(theirs, nxt):.6E}")  # fmt: skip
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass
+        log(line + "; give the saved values to continue its schedule")
 
     def _restore_rank_state(self, iter_dir, saved: dict, same_layout: bool) -> dict | None:
         """RNG and data position from the per-rank state files.

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train.args import ArgsError, parse_args
+from train.args import ArgsError, no_effect_notes, parse_args
 from train.config import RunConfig, describe, resolve
 from train.metrics import is_logging_rank, log
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = resolve(ns, given)
     except ArgsError as e:
         return _fail(str(e))
+    rc.notes.extend(no_effect_notes(given))
     if ns.dry_run:
         print(describe(rc), flush=True)
         print("dry run: nothing allocated, no process launched", flush=True)
@@ -112,6 +113,7 @@ def train(rc: RunConfig) -> int:
     logging = is_logging_rank()
     try:
         train_ds, valid_ds, tok = open_datasets(rc.data)
+        splits = eval_splits(valid_ds) if valid_ds is not None else {}
     except (DataError, OSError, ValueError) as e:
         return _fail(str(e))
     if tok.vocab_size != rc.model.vocab_size:
@@ -132,7 +134,7 @@ def train(rc: RunConfig) -> int:
             return _fail(f"{rc.ckpt.load}: {e}")
     eval_loaders = {}
     if valid_ds is not None:
-        for name, indices in eval_splits(valid_ds).items():
+        for name, indices in splits.items():
             eval_loaders[name] = lambda idx=indices: eval_batches(
                 valid_ds, rc.data, dims.dp_rank, dims.dp, idx, rc.eval.iters
             )

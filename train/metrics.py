@@ -10,6 +10,17 @@ not the embedding, a lookup, nor the norm weights). The second term is causal at
 layer, Q K^T and P V cost 2 * hidden multiply-adds per (query, key) pair forward, and the
 backward twice the forward; only the L (L + 1) / 2 causal pairs of each packed document are
 computed, so only those count. MFU = achieved FLOP/s / (GPUs * dense bf16 peak of the GPU).
+
+Against the published conventions: PaLM (Chowdhery et al. 2022, appendix B) counts 6N + 12 L H T
+FLOPs per token, i.e. attention over all T x T pairs of a T-token sequence, causal mask ignored;
+Megatron's formula (Narayanan et al. 2021) likewise counts the full s^2 and adds the recomputed
+forward (hardware FLOPs). Here attention counts the L (L + 1) / 2 pairs of each packed document,
+the work the varlen causal kernel does, so the attention term is at most about half of PaLM's for
+a one-document row and far less for rows packed with short documents: our MFU is the lower,
+stricter figure. Padding (the tail segment of a packed row, all-padding rows, and every row's
+padding without --packing, where a row is one segment as in Megatron-LLM) is computed and counted,
+as Megatron counts its padded sequences; interleaved 1F1B's filler micro-batches are not
+(train.loop.Trainer.train_step). tokens/s counts the same tokens, over all ranks.
 """
 
 import json
