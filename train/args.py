@@ -198,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit_interval", type=int, help="stop after an iteration divisible by it")
+    g.add_argument(
+        "--exit_duration_in_mins",
+        type=float,
+        help="save and stop after the first iteration that ends this many minutes after the "
+        "start (set-up included; all ranks stop together)",
+    )
+    g.add_argument(
+        "--exit_signal_handler",
+        action="store_true",
+        help="on SIGTERM (e.g. a scheduler's pre-emption), finish the iteration, save and stop",
+    )
     g.add_argument("--rampup_batch_size", nargs="*")
     g.add_argument("--use_distributed_optimizer", action="store_true")
     g.add_argument(

@@ -132,6 +132,8 @@ class LoopConfig:
     seed: int
     exit_interval: int | None
     gradient_accumulation_fusion: bool = True  # weight grads accumulate into the fp32 buffer
+    exit_duration_in_mins: float | None = None  # save and stop once the run is this old
+    exit_signal_handler: bool = False  # SIGTERM: finish the iteration, save and stop
 
 
 @dataclass
@@ -341,6 +343,8 @@ def _check_ranges(ns) -> list[str]:
         v = getattr(ns, name)
         if v is not None and v < low:
             problems.append(f"--{name} {v}: must be >= {low}")
+    if ns.exit_duration_in_mins is not None and not ns.exit_duration_in_mins > 0:
+        problems.append(f"--exit_duration_in_mins {ns.exit_duration_in_mins:g}: must be > 0")
     if not ns.distributed_timeout_minutes > 0:
         problems.append(
             f"--distributed_timeout_minutes {ns.distributed_timeout_minutes}: must be > 0"
@@ -658,6 +662,11 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
                 f"--tensor_model_parallel_size {tp}: tensor parallelism arrives with the parallel "
                 "runtime issue (parallel/parallelize.py)"
             )
+    if (ns.exit_signal_handler or ns.exit_duration_in_mins is not None) and not ns.save:
+        notes.append(
+            "--exit_signal_handler / --exit_duration_in_mins without --save: the run stops "
+            "early without a checkpoint to resume from"
+        )
     if ns.bf16:
         notes.append("--bf16: bf16 model on GPU with fp32 master weights; fp32 everywhere on CPU")
     for flag, value in (("--vocab_file", ns.vocab_file), ("--load", ns.load)):
@@ -744,6 +753,8 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             ns.seed,
             ns.exit_interval,
             ns.gradient_accumulation_fusion,
+            ns.exit_duration_in_mins,
+            ns.exit_signal_handler,
         ),
         notes=notes,
         deferred=deferred,

@@ -65,6 +65,7 @@ from train.metrics import (
 )
 from train.optimizer import FlatAdamW, ShardedAdamW, param_order
 from train.profile import PhaseClock, StepProfiler
+from train.stop import StopCheck
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -518,9 +519,22 @@ class Trainer:
 
 
 def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loader,
-                 eval_loaders: dict, telemetry: Telemetry | None) -> list[dict]:  # fmt: skip
+                 eval_loaders: dict, telemetry: Telemetry | None,
+                 started: float | None = None) -> list[dict]:  # fmt: skip
     """The loop. eval_loaders: name -> zero-argument factory of an iterable of validation
-    micro-batches (a fresh one per evaluation). Returns the logged rows."""
+    micro-batches (a fresh one per evaluation); started: time.time() at the run's start, the
+    origin of --exit_duration_in_mins (default: now). Returns the logged rows.
+
+    A stop before --train_iters (train.stop: --exit_interval, --exit_duration_in_mins, SIGTERM
+    under --exit_signal_handler) saves when --save is given and skips the final evaluation, as
+    Megatron-LLM's exit does: a job racing its time limit should spend it on the checkpoint."""
+    with StopCheck(rc.loop, time.time() if started is None else started, trainer.device) as stops:
+        return _run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry, stops)
+
+
+def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loader,
+                  eval_loaders: dict, telemetry: Telemetry | None,
+                  stops: StopCheck) -> list[dict]:  # fmt: skip
     loop = rc.loop
     peak = peak_flops_per_gpu() if trainer.device.type == "cuda" else None
     world = dims.world_size
@@ -542,6 +556,7 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
                 telemetry.record("eval", it, {"dataset": name, **res}, f"validation/{name}")
             history.append({"type": "eval", "iteration": it, "dataset": name, **res})
 
+    stop = None
     while trainer.iteration < loop.train_iters:
         t0 = time.perf_counter()
         batch = train_loader.next_global_batch()
@@ -612,7 +627,7 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
         saving = rc.ckpt.save and (
             (rc.ckpt.save_interval and it % rc.ckpt.save_interval == 0) or it == loop.train_iters
         )
-        stop = loop.exit_interval is not None and it % loop.exit_interval == 0
+        stop = stops.reason(it) if it < loop.train_iters else None
         if saving or (stop and rc.ckpt.save):
             t1 = time.perf_counter()
             trainer.save(train_loader.state_dict())
@@ -622,10 +637,11 @@ def run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_load
                 if rc.log.log_timers:
                     telemetry.record("checkpoint", it, {"timers/save_s": took}, "train")
         if stop:
-            log(f" exiting at iteration {it} (--exit_interval {loop.exit_interval})")
+            log(f" exiting at iteration {it}: {stop}")
             break
     for path in profiler.finish(trainer.iteration):  # a window cut short by the run's end
         log(f" profile of rank {dims.rank} written: {path}")
-    if eval_loaders and rc.eval.iters > 0 and trainer.iteration % rc.eval.interval != 0:
+    if (not stop and eval_loaders and rc.eval.iters > 0
+            and trainer.iteration % rc.eval.interval != 0):  # fmt: skip
         evaluate(trainer.iteration)
     return history

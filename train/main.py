@@ -87,6 +87,7 @@ def train(rc: RunConfig) -> int:
     from train.metrics import Telemetry
 
     t_setup = time.perf_counter()
+    started = time.time()  # --exit_duration_in_mins counts the set-up too (as Megatron)
     try:
         dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend,
                                   timeout_minutes=rc.parallel.timeout_minutes)  # fmt: skip
@@ -181,7 +182,7 @@ def train(rc: RunConfig) -> int:
                     "(--recompute_granularity full), add tensor or pipeline parallelism, or "
                     "--use_distributed_optimizer (with --optimizer_cpu_offload)")  # fmt: skip
     try:
-        run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry)
+        run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry, started)
     except ckpt.CheckpointError as e:  # a failed save: the message says what is still intact
         return _fail(str(e))
     finally:

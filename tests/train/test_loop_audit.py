@@ -4,6 +4,8 @@ throughput figures count."""
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from data.errors import DataError
 from data.indexed import write_indexed
 from data.loader import SFTDataset
 from tests.train.helpers import SyntheticLoader, tiny_run
+from train.args import ArgsError
 from train.config import ScheduleConfig
 from train.data import eval_splits
 from train.loop import StepResult, Trainer, run_training
@@ -120,11 +123,7 @@ def test_seed_flags_without_effect_are_named_in_the_notes(stage, capsys):
 
 def test_unknown_megatron_flags_are_errors_naming_them(capsys):
     args = ROOT / "configs" / "train" / "llama2-70b-stage2.args"
-    for flag in (
-        "--exit_duration_in_mins",
-        "--exit_signal_handler",
-        "--override_opt_param_scheduler",
-    ):
+    for flag in ("--override_opt_param_scheduler", "--exit_on_missing_checkpoint"):
         assert main([f"@{args}", flag, "--dry_run"]) == 2
         assert f"unknown flag {flag}" in capsys.readouterr().err
 
@@ -222,7 +221,7 @@ def test_filler_micro_batches_are_not_counted_as_tokens_or_flops(tmp_path):
 # the loop's bookkeeping: log-interval means, skipped steps, eval / save / exit intervals
 
 
-def _scripted_run(extra: list[str], tmp_path, skip_at=(), stop_after=None):
+def _scripted_run(extra: list[str], tmp_path, skip_at=(), stop_after=None, signal_at=None):
     """run_training over scripted steps (loss 10 x iteration, norm = iteration, skipped at
     `skip_at`): what the loop logs, evaluates and saves, without the model's arithmetic."""
     rc, dims, tok = tiny_run(extra, tmp_path)
@@ -234,6 +233,8 @@ def _scripted_run(extra: list[str], tmp_path, skip_at=(), stop_after=None):
         lrs.append(lr)
         skipped = it in skip_at
         trainer.skipped_total += skipped
+        if it == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
         return StepResult(10.0 * it, 5, 128, 100, math.inf if skipped else float(it), skipped)
 
     def evaluate(mbs):
@@ -277,6 +278,68 @@ def test_eval_and_save_intervals_and_the_end(tmp_path):
 def test_exit_interval_saves_and_stops(tmp_path):
     extra = ["--train_iters", "20", "--exit_interval", "5", "--save_interval", "4",
              "--eval_interval", "100", "--eval_iters", "1"]  # fmt: skip
-    _, trainer, _, lrs, saved, _ = _scripted_run(extra, tmp_path)
+    _, trainer, _, lrs, saved, evals = _scripted_run(extra, tmp_path)
     assert trainer.iteration == 5 and len(lrs) == 5
     assert saved == [4, 5]  # the exit saves what the interval did not
+    assert evals == []  # an early exit skips the final evaluation (Megatron exits at once)
+
+
+def test_exit_duration_saves_and_stops_after_the_first_late_iteration(tmp_path):
+    extra = ["--train_iters", "20", "--exit_duration_in_mins", "1e-9", "--eval_interval", "100",
+             "--eval_iters", "1"]  # fmt: skip
+    _, trainer, _, lrs, saved, evals = _scripted_run(extra, tmp_path)
+    assert trainer.iteration == 1 and saved == [1] and evals == []
+
+
+def test_sigterm_under_exit_signal_handler_finishes_the_iteration_saves_and_stops(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    extra = ["--train_iters", "20", "--exit_signal_handler", "--eval_interval", "100",
+             "--eval_iters", "1", "--save_interval", "2"]  # fmt: skip
+    # the scripted step of iteration 3 receives SIGTERM, as from a scheduler
+    _, trainer, _, lrs, saved, evals = _scripted_run(extra, tmp_path, signal_at=3)
+    assert trainer.iteration == 3 and len(lrs) == 3
+    assert saved == [2, 3] and evals == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_exit_duration_must_be_positive(value):
+    with pytest.raises(ArgsError, match=f"--exit_duration_in_mins {value}: must be > 0"):
+        tiny_run(["--exit_duration_in_mins", value])
+
+
+_STOP_WORKER = """
+import json, os, signal, sys, time
+import torch
+import torch.distributed as dist
+from train.config import LoopConfig
+from train.stop import StopCheck
+
+out = sys.argv[1]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method=f"file://{out}/rdzv", rank=rank, world_size=2)
+loop = LoopConfig(20, 1, 2, 1, "global", False, "none", None, 1, 0, None,
+                  exit_duration_in_mins=None, exit_signal_handler=True)
+stopped = None
+with StopCheck(loop, time.time(), torch.device("cpu")) as stops:
+    for it in range(1, 8):
+        if rank == 1 and it == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # only this rank is told
+        reason = stops.reason(it)
+        if reason:
+            stopped = [it, reason]
+            break
+json.dump(stopped, open(f"{out}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_iteration(tmp_path):
+    # A rank that stopped alone would leave the others waiting in their next collective.
+    from tests.gloo_ranks import run_ranks
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_STOP_WORKER)
+    run_ranks(str(worker), [str(tmp_path)], 2, timeout=120, what="stop agreement")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got[0] == got[1] == [4, "SIGTERM received (--exit_signal_handler)"]
