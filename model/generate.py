@@ -5,7 +5,7 @@
         [--max_new_tokens N] [--num_samples N] [--system TEXT | --system_preset llama2]
 
 Prompts are rendered with ChatML (`data.chat.render_prompt`, ending in `<|im_start|>assistant\\n`)
-and generation stops at `<|im_end|>`. The report has the shape of Open-Assistant's sampling
+and generation stops at `<|im_end|>` (or EOS). The report has the shape of Open-Assistant's sampling
 reports (model_name, date, args, prompts[].results[].outputs), which their viewer reads, plus the
 checkpoint, tokenizer and per-output token counts and stop reasons.
 
@@ -18,6 +18,7 @@ token generated at that position before any query can see it.
 """
 
 import argparse
+import codecs
 import contextlib
 import json
 import math
@@ -69,13 +70,19 @@ class SamplingParams:
         return self.temperature <= 0.0
 
     def validate(self) -> None:
-        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError(
-                f"sampling: temperature {self.temperature} must be >= 0, top_p {self.top_p} in "
-                f"(0, 1], top_k {self.top_k} >= 0"
-            )
+        # Name only the values that are wrong: listing every field made a bad top_p read as
+        # "temperature 1.0 must be >= 0".
+        problems = []
+        if not self.temperature >= 0:
+            problems.append(f"temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k {self.top_k} must be >= 0 (0 = no top-k cut)")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens {self.max_new_tokens} must be >= 1")
+            problems.append(f"max_new_tokens {self.max_new_tokens} must be >= 1")
+        if problems:
+            raise ValueError("sampling: " + "; ".join(problems))
 
 
 # Named configurations of Open-Assistant's sampling reports (without repetition penalty).
@@ -188,14 +195,11 @@ def forward_cached(
 # Sampling
 
 
-def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits: (B, vocab) -> next ids (B,). Temperature, then top-k, then top-p (nucleus)."""
-    logits = logits.float()
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits: (B, vocab) -> fp32 logits to sample from: temperature, then top-k, then top-p
+    (nucleus), with -inf on the tokens cut; the order and definitions of transformers'
+    Temperature/TopK/TopPLogitsWarper. Not for greedy params."""
+    logits = logits.float() / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -206,8 +210,31 @@ def sample_next(
         drop = probs.cumsum(dim=-1) - probs >= params.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits: (B, vocab) -> next ids (B,)."""
+    if params.greedy:
+        return logits.float().argmax(dim=-1)
+    probs = filter_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_prompt_lengths(
+    prompts: list[list[int]], max_pos: int, names: list[str] | None = None
+) -> None:
+    """Every prompt must leave room for one new token within max_position_embeddings (the
+    rotary table and the cache end there). `names` say where each prompt came from."""
+    for i, p in enumerate(prompts):
+        if not 0 < len(p) < max_pos:
+            name = names[i] if names is not None else f"prompt {i}"
+            raise ValueError(
+                f"{name} has {len(p)} tokens; a prompt must have between 1 and "
+                f"max_position_embeddings - 1 = {max_pos - 1} (shorten it or leave it out)"
+            )
 
 
 @torch.no_grad()
@@ -217,19 +244,15 @@ def generate_batch(
     params: SamplingParams,
     stop_ids: set[int],
     vocab_size: int,
-    generator: torch.Generator | None = None,
+    generators: list[torch.Generator] | None = None,
 ) -> list[Completion]:
     """One batch: prefill all prompts (padded to the longest), then one decode step per token.
-    A row stops at a stop id (kept) or after max_new_tokens / at max_position_embeddings."""
+    A row stops at a stop id (kept) or after max_new_tokens / at max_position_embeddings.
+    generators: one per row, for sampled params (None: torch's default generator)."""
     device = model.embed.weight.device
     max_pos = model.cfg.max_position_embeddings
+    check_prompt_lengths(prompts, max_pos)
     lens = [len(p) for p in prompts]
-    for i, n in enumerate(lens):
-        if not 0 < n < max_pos:
-            raise ValueError(
-                f"prompt {i} has {n} tokens; it must have between 1 and "
-                f"max_position_embeddings - 1 = {max_pos - 1}"
-            )
     limits = [min(params.max_new_tokens, max_pos - n) for n in lens]
     b, longest = len(prompts), max(lens)
     cache = KVCache(
@@ -245,7 +268,13 @@ def generate_batch(
     reasons: list[str | None] = [None] * b
     for step in range(max(limits)):
         # Padded vocabulary rows are not tokens: sample among the real ones only.
-        nxt = sample_next(logits[:, :vocab_size], params, generator)
+        if params.greedy or generators is None:
+            nxt = sample_next(logits[:, :vocab_size], params)
+        else:
+            probs = filter_logits(logits[:, :vocab_size], params).softmax(dim=-1)
+            nxt = torch.cat(
+                [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+            )
         for i, tok in enumerate(nxt.tolist()):
             if reasons[i] is not None:
                 continue
@@ -271,14 +300,37 @@ def generate(
     batch_size: int = 8,
     generator: torch.Generator | None = None,
 ) -> list[Completion]:
-    """Completions of all prompts, in their order; batches group prompts of similar length."""
+    """Completions of all prompts, in their order; batches group prompts of similar length.
+    Sampled completions depend on `generator`'s state and each prompt's place in `prompts`,
+    not on `batch_size` or on which prompts share a batch."""
     params.validate()
+    # Checked here, over the caller's indices: inside a batch (sorted by length) the index of
+    # an overlong prompt is its place in that batch, which named the wrong prompt.
+    check_prompt_lengths(prompts, model.cfg.max_position_embeddings)
+    gens = None
+    if not params.greedy:
+        # One generator per prompt, seeded in the caller's order. One multinomial over the
+        # batch drew every row from a shared stream, so --batch_size (a speed setting) and the
+        # other prompts of a batch changed a prompt's samples.
+        device = model.embed.weight.device
+        seeds = torch.randint(
+            2**62,
+            (len(prompts),),
+            generator=generator,
+            device=generator.device if generator is not None else "cpu",
+        ).tolist()
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[Completion | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         batch = generate_batch(
-            model, [prompts[i] for i in idx], params, stop_ids, vocab_size, generator
+            model,
+            [prompts[i] for i in idx],
+            params,
+            stop_ids,
+            vocab_size,
+            [gens[i] for i in idx] if gens is not None else None,
         )
         for i, c in zip(idx, batch):
             results[i] = c
@@ -294,6 +346,7 @@ class Prompt:
     text: str  # what the report shows: the (last) user message
     conversation: Conversation
     messages: list | None  # as given, when the line held a conversation
+    where: str = ""  # "file:line", for errors about this prompt
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -304,15 +357,20 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"prompt file {path} {what} (--prompts expects a JSONL file)")
+    # A byte-order mark (editors on Windows write one) is not part of the first line's JSON.
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        line = raw[: e.start].count(b"\n") + 1
         raise ValueError(
             f"{path}:{line}: invalid UTF-8 ({e.reason}); save the file as UTF-8"
         ) from None
     prompts = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which
+    # JSON leaves unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them raw).
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -344,12 +402,16 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                     f"{where}: message {k} needs a string 'role' (system, user, assistant, "
                     f"context) and a string 'content', found {role!r:.30} / {content!r:.30}"
                 )
+        if system is not None and turns[0][0].strip().lower() == "system":
+            # Conversation.from_messages keeps a leading system turn when a system message is
+            # given, so both would be rendered, one after the other.
+            raise ValueError(f"{where}: both a 'system' key and a leading system message; keep one")
         try:
             conv = Conversation.from_messages(turns, system=system)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         users = [text for role, text in turns if role in ("user", "prompter")]
-        prompts.append(Prompt(users[-1] if users else turns[-1][1], conv, messages))
+        prompts.append(Prompt(users[-1] if users else turns[-1][1], conv, messages, where))
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
@@ -362,6 +424,13 @@ def sampling_configs(args: argparse.Namespace) -> dict[str, SamplingParams]:
         if getattr(args, k) is not None
     }
     names = args.sampling or (["custom"] if custom else ["greedy", "nucleus9"])
+    if custom and "custom" not in names:
+        # They only shape the custom configuration; the presets would silently run without them.
+        flags = ", ".join(f"--{k}" for k in custom)
+        raise ValueError(
+            f"{flags} set the custom sampling configuration, which --sampling "
+            f"{' '.join(names)} does not run; add custom to --sampling or leave {flags} out"
+        )
     out = {}
     for name in names:
         fields = custom if name == "custom" else SAMPLING_PRESETS[name]
@@ -409,16 +478,21 @@ def build_report(args: argparse.Namespace) -> dict:
         if conv.system is None and system:
             conv = Conversation(turns=conv.turns, system=system)
         ids.append(render_prompt(conv, tok))
+    # Before any generation, naming the prompt's line (generate only knows list indices).
+    check_prompt_lengths(
+        ids, model.cfg.max_position_embeddings, [f"the prompt at {p.where}" for p in prompts]
+    )
     configs = sampling_configs(args)
+    # <|im_end|> closes a ChatML reply; EOS ends a document for a model that was not fine-tuned
+    # on ChatML (an imported Llama-2, whose HF config stops there): nothing after it is a reply.
+    stop_ids = {tok.im_end_id, tok.eos_id}
     generator = torch.Generator(device=device).manual_seed(args.seed)
     results = [[] for _ in prompts]
     total_new, t0 = 0, time.perf_counter()
     for name, params in configs.items():
         samples = 1 if params.greedy else args.num_samples
         runs = [
-            generate(
-                model, ids, params, {tok.im_end_id}, tok.vocab_size, args.batch_size, generator
-            )
+            generate(model, ids, params, stop_ids, tok.vocab_size, args.batch_size, generator)
             for _ in range(samples)
         ]
         for i in range(len(prompts)):
@@ -484,7 +558,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=[*SAMPLING_PRESETS, "custom"],
         help="configurations to run (default: greedy nucleus9; custom when "
-        "--temperature/--top_p/--top_k are given)",
+        "--temperature/--top_p/--top_k are given, which need custom in an explicit list)",
     )
     p.add_argument("--temperature", type=float, help="custom: softmax temperature (0 = greedy)")
     p.add_argument("--top_p", "--top-p", type=float, help="custom: nucleus mass")
@@ -526,6 +600,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch_size and --num_samples must be >= 1")
     if args.num_prompts is not None and args.num_prompts < 1:
         p.error("--num_prompts must be >= 1 (leave it out to use every prompt)")
+    # Sampling flags are checked here too: build_report would only see them after the model
+    # (minutes for a 70B checkpoint) has loaded.
+    try:
+        sampling_configs(args)
+    except ValueError as e:
+        p.error(str(e))
     # Checked before the model is loaded and the prompts generated, not when the report is due.
     if Path(args.out).is_dir():
         p.error(f"--out {args.out} is a directory; give the report's file name, e.g. report.json")

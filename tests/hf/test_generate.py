@@ -11,6 +11,7 @@ from model.generate import (
     LLAMA2_SYSTEM_MESSAGE,
     KVCache,
     SamplingParams,
+    filter_logits,
     forward_cached,
     generate,
     load_model,
@@ -18,6 +19,7 @@ from model.generate import (
     read_prompts,
     sample_next,
 )
+from train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[2]
 MESSAGES = [
@@ -275,3 +277,96 @@ def test_report_cli_rejects_bad_arguments_before_generating(tmp_path, random_ckp
     assert main([*no_model, "--out", str(tmp_path / "r.json")]) == 1
     assert "p.jsonl:1: expected a JSON string" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_sampled_outputs_do_not_depend_on_batch_size(our_model, tokenizer):
+    # One multinomial over the batch drew all rows from one stream: the same seed gave other
+    # samples for every prompt when --batch_size (a speed setting) changed.
+    prompts = _prompts(tokenizer)
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8)
+    vocab = tokenizer.vocab_size
+    runs = [
+        generate(our_model, prompts, params, set(), vocab, bs, torch.Generator().manual_seed(5))
+        for bs in (1, 3, 4)
+    ]
+    assert [c.tokens for c in runs[0]] == [c.tokens for c in runs[1]] == [c.tokens for c in runs[2]]
+    other = generate(
+        our_model, prompts, params, set(), tokenizer.vocab_size, 4, torch.Generator().manual_seed(6)
+    )
+    assert [c.tokens for c in other] != [c.tokens for c in runs[0]]  # the seed does matter
+
+
+def test_filter_logits_equals_transformers_warpers():
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        vocab = 3 + trial % 50
+        # Continuous random logits: no ties, whose order at a cut neither side defines.
+        logits = torch.randn(3, vocab, generator=g) * (0.5 + trial % 7)
+        temperature = 0.1 + 1.9 * float(torch.rand(1, generator=g))
+        top_k = [0, 1, 5, vocab - 1, vocab + 2][trial % 5]
+        top_p = [1.0, 0.9, 0.5, 0.05][trial % 4]
+        warpers = lp.LogitsProcessorList([lp.TemperatureLogitsWarper(temperature)])
+        if top_k:
+            warpers.append(lp.TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(lp.TopPLogitsWarper(top_p))
+        want = warpers(None, logits.clone()).softmax(-1)
+        got = filter_logits(logits, SamplingParams(temperature, top_p, top_k)).softmax(-1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_at_the_position_limit_batched_with_a_short_one(our_model, tokenizer):
+    # A prompt of max_position_embeddings - 1 tokens has room for one token; sharing a batch with
+    # a short prompt must not cut that one short or let it see the long row's slots.
+    max_pos = our_model.cfg.max_position_embeddings
+    g = torch.Generator().manual_seed(1)
+    long = torch.randint(tokenizer.base_vocab_size, (max_pos - 1,), generator=g).tolist()
+    short = _prompts(tokenizer)[0]
+    got = generate(
+        our_model, [long, short], SamplingParams(max_new_tokens=4), set(), tokenizer.vocab_size, 2
+    )
+    assert got[0].stop_reason == "length" and got[0].tokens == _greedy_without_cache(
+        our_model, long, 1, set()
+    )
+    assert got[1].tokens == _greedy_without_cache(our_model, short, 4, set())
+
+
+def test_overlong_prompt_is_named(tmp_path, random_ckpt, tokenizer, capsys):
+    model, _, _ = load_model(random_ckpt, torch.device("cpu"), torch.float32)
+    max_pos = model.cfg.max_position_embeddings
+    short, long = [5, 6, 7], [5] * max_pos
+    # Sorted by length, the long prompt was "prompt 0" of its batch: the wrong prompt.
+    with pytest.raises(ValueError, match=rf"prompt 1 has {max_pos} tokens"):
+        generate(model, [short, long], SamplingParams(max_new_tokens=2), set(), 10, batch_size=2)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hi"\n\n' + json.dumps(" ".join(["fox"] * max_pos)) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["--load", str(random_ckpt), "--prompts", str(prompts), "--out", str(out)]) == 1
+    assert f"the prompt at {prompts}:3 has " in capsys.readouterr().err
+
+
+def test_report_stops_at_eos(tmp_path, random_ckpt, tokenizer):
+    """A model that emits EOS (an imported base Llama-2; its HF config stops there) ends its
+    reply there: it used to run on past it until <|im_end|> or the token limit."""
+    model, meta, _ = load_model(random_ckpt, torch.device("cpu"), torch.float32)
+    prompt = render_prompt([("user", "hello world")], tokenizer)
+    free = generate(model, [prompt], SamplingParams(max_new_tokens=3), set(), tokenizer.vocab_size)
+    first, second, third = free[0].tokens
+    eos = tokenizer.eos_id
+    assert eos not in (first, second, third) and third not in (first, second)
+    # Swapping the output rows of EOS and of the third greedy token makes greedy decoding emit
+    # EOS third, and leaves the first two tokens as they were.
+    sd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sd["output.weight"][[eos, third]] = sd["output.weight"][[third, eos]]
+    ckpt.write_full_checkpoint(
+        tmp_path / "ckpt", 1, sd, {"model": meta["model"], "tokenizer": meta["tokenizer"]}
+    )
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hello world"\n')
+    out = tmp_path / "r.json"
+    argv = ["--load", str(tmp_path / "ckpt"), "--prompts", str(prompts), "--out", str(out)]
+    assert main([*argv, "--sampling", "greedy", "--max_new_tokens", "6"]) == 0
+    (result,) = json.loads(out.read_text())["prompts"][0]["results"]
+    assert result["stop_reasons"] == ["stop"] and result["output_tokens"] == [3]
+    assert result["outputs"] == [tokenizer.decode([first, second])]
