@@ -4,6 +4,11 @@ One string per turn, `<|im_start|>{role}\\n{text}<|im_end|>\\n`, each tokenized 
 the ids are the same as tokenizing the joined text: every turn ends with a special token and a
 newline). Every token of a turn carries the turn's role id, so the assistant's own header and its
 closing `<|im_end|>\\n` count as assistant tokens, as in Open-Assistant's pretokenizer.
+
+A turn's text is not escaped: a literal `<|im_start|>`, `<|im_end|>`, `</s>`, ... in it becomes
+that special id (with the turn's role id), as Megatron-LLM's tokenizer made it for the seed's
+data, and an empty text still gets its header and `<|im_end|>\\n`. The system message is
+rendered only when it is not empty (Open-Assistant's `format_sft_entry`).
 """
 
 from collections.abc import Iterable, Sequence

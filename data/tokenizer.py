@@ -9,7 +9,8 @@ ids of the released checkpoint.
 Encoding splits every special token out of the text first (so a literal `<|im_end|>` or `</s>` in
 the text becomes that one id, as in Megatron-LLM) and hands the pieces between them to
 SentencePiece, one call per piece; no BOS is added. `decode` is the exact inverse of `encode` for
-any text (specials are written back verbatim, no spaces inserted).
+any text (specials are written back verbatim, no spaces inserted) but one holding U+2581 "▁",
+which SentencePiece reads as the space it stands for ("a▁b" comes back as "a b").
 """
 
 import hashlib
@@ -114,9 +115,11 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
         self._first_chars = {t[0] for t in alternatives}
         self._first_char = next(iter(self._first_chars))
+        # encode_turns' shortcut finds specials in a content by their one common first character.
         self._turn_fast_path = (
             IM_START in self.special_tokens
             and IM_END in self.special_tokens
+            and len(self._first_chars) == 1
             and not any("<" in t[1:] or ">" in t[:-1] for t in alternatives)
         )
         if self._turn_fast_path:  # the fixed ids around every ChatML turn's content
@@ -227,7 +230,8 @@ class Tokenizer:
         only the contents go through SentencePiece. Equal to `encode_flat` of the whole strings
         because no special token holds a `<` after its first character: none can start in the
         content and end in the scaffold or the other way round (checked at construction; other
-        extra ids take the general path).
+        extra ids take the general path, as do extra ids that do not start with `<`: the
+        shortcut looks for one first character).
         """
         if not self._turn_fast_path:
             return self.encode_flat([f"{IM_START}{c}{IM_END}\n" for c in contents], dtype)

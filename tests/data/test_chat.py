@@ -93,3 +93,53 @@ def test_roles():
     )
     with pytest.raises(ValueError, match="unknown role"):
         as_role("bot")
+
+
+def _turn_ids(tok, role: str, text: str) -> list[int]:
+    """Ids of one ChatML turn, built from its parts (not by encoding the whole turn string)."""
+    return [tok.im_start_id] + tok.encode(f"{role}\n{text}") + [tok.im_end_id] + tok.encode("\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "trailing spaces and newlines  \n\n",
+        "  leading spaces",
+        "Grüße, ¿qué tal? 日本語 ☃ \u00a0 e\u0301",
+        "literal <|im_start|>user\nfake turn<|im_end|>\n and </s> <PAD>",
+        "<|im_end|>",
+        "x" * 20_000 + " long " * 5_000,
+    ],
+)
+def test_render_edge_texts(tok, text):
+    conv = Conversation(turns=[(Role.USER, text), (Role.ASSISTANT, text)], system=text or None)
+    ids, roles = render(conv, tok)
+    assert ids == tok.encode(format_text(conv))
+    assert tok.decode(ids) == format_text(conv)
+    head = [] if not text else _turn_ids(tok, "system", text)
+    user, assistant = _turn_ids(tok, "user", text), _turn_ids(tok, "assistant", text)
+    assert ids == head + user + assistant
+    assert roles == [0] * len(head) + [1] * len(user) + [2] * len(assistant)
+    # The loss mask (assistant tokens) is exactly the assistant turn: its header
+    # `<|im_start|>assistant\n`, its text (literal specials included) and `<|im_end|>\n`.
+    mask = [r == Role.ASSISTANT for r in roles]
+    start = mask.index(True)
+    assert all(mask[start:]) and not any(mask[:start])
+    assert ids[start] == tok.im_start_id
+    assert tok.decode(ids[start:]) == f"<|im_start|>assistant\n{text}<|im_end|>\n"
+    assert ids[-len(tok.encode("\n")) - 1] == tok.im_end_id
+
+
+def test_literal_specials_in_text_become_special_ids(tok):
+    """Megatron-LLM (the seed's pretokenizer) split every special token out of the text, the ones
+    a user typed included; so do we, each carrying its turn's role id."""
+    ids, roles = render([("user", "a <|im_end|> b")], tok)
+    inner = [i for i, r in zip(ids, roles) if i == tok.im_end_id]
+    assert len(inner) == 2 and set(roles) == {int(Role.USER)}
+
+
+def test_empty_system_message_is_not_rendered(tok):
+    with_empty = Conversation.from_messages([("system", ""), ("user", "hi")])
+    assert format_text(with_empty) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert render_prompt([("user", "hi")], tok, system="") == render_prompt([("user", "hi")], tok)

@@ -153,6 +153,8 @@ def test_sample_tokenizer_regenerates_deterministically(tmp_path):
     [
         ["<|im_start|>", "<|im_end|>"],
         ["<|im_start|>", "<|im_end|>", "x<y>"],  # a '<' inside a special: the general path
+        ["<|im_start|>", "<|im_end|>", "[X]"],  # a special that does not start with '<'
+        ["[X]", "<|im_start|>", "<|im_end|>"],
     ],
 )
 def test_encode_turns_equals_encoding_the_turn_strings(extra):
@@ -163,6 +165,7 @@ def test_encode_turns_equals_encoding_the_turn_strings(extra):
         "assistant\ncode: if a < b and b > c: return a <|im_end|> b</s>",
         "user\n x<y> <|im_start|>",
         "system\n\n\n",
+        "user\nsay [X] now, [X",
     ]
     flat, lengths = t.encode_turns(contents)
     ref, ref_lengths = t.encode_flat([f"<|im_start|>{c}<|im_end|>\n" for c in contents])
@@ -214,3 +217,9 @@ def test_encode_turns_int32_and_list_paths_agree(tok, contents, path):
     assert flat.dtype == np.uint16 and lengths.dtype == np.int64
     assert lengths.tolist() == ref_lengths.tolist()
     assert flat.tolist() == ref.tolist()
+
+
+def test_decode_reads_a_literal_u2581_as_space(tok):
+    """SentencePiece escapes spaces as U+2581 "▁", so a literal one comes back as a space: the one
+    text `decode(encode(text))` does not return (documented in data/tokenizer.py)."""
+    assert tok.decode(tok.encode("a\u2581b c")) == "a b c"
