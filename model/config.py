@@ -21,7 +21,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon (the seed's --layernorm_epsilon)
     hidden_dropout: float = 0.0  # on the residual branches (the last layer's with LIMA), embeddings
     attention_dropout: float = 0.0  # must be 0: flash attention has no dropout
-    lima_dropout: bool = False  # layer i of L gets hidden_dropout * i / (L - 1)
+    lima_dropout: bool = False  # layer i of L gets hidden_dropout * i / (L - 1); 0 when L = 1
     init_std: float = 0.02  # normal init std; output projections get std / sqrt(2 * layers)
     make_vocab_size_divisible_by: int = 128  # embedding rows padded to a multiple of this x TP
 
@@ -39,32 +39,48 @@ class ModelConfig:
         if not self.lima_dropout:
             return self.hidden_dropout
         if self.num_layers == 1:
-            return self.hidden_dropout
+            # Megatron-LLM takes torch.linspace(0, hidden_dropout, num_layers)[layer], and a
+            # one-point linspace is its start: the single layer is the bottom one, rate 0.
+            return 0.0
         return self.hidden_dropout * layer / (self.num_layers - 1)
 
     def validate(self, tp: int = 1) -> None:
-        """Raise ValueError naming the field when the architecture is inconsistent."""
+        """Raise ValueError naming the field (and the trainer's flag) when the architecture is
+        inconsistent or cannot be split over `tp` tensor-parallel ranks."""
         problems = []
+        # Sizes the checks below divide by: a 0 would raise ZeroDivisionError instead.
+        for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_kv_heads"):  # fmt: skip
+            if getattr(self, f) < 1:
+                problems.append(f"{f} {getattr(self, f)} ({_FLAG[f]}) must be >= 1")
+        if tp < 1:
+            problems.append(f"tensor parallel size {tp} ({_TP_FLAG}) must be >= 1")
+        if problems:
+            raise ValueError("invalid model configuration: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
             problems.append(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                f"{self.num_attention_heads}"
+                f"hidden_size {self.hidden_size} (--hidden_size) is not divisible by "
+                f"num_attention_heads {self.num_attention_heads} (--num_attention_heads)"
+            )
+        elif self.head_dim % 2:  # only meaningful when head_dim is hidden / heads exactly
+            problems.append(
+                f"head_dim {self.head_dim} (hidden_size / num_attention_heads) must be even for "
+                "rotary embeddings"
             )
         if self.num_attention_heads % self.num_kv_heads:
             problems.append(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_kv_heads {self.num_kv_heads}"
+                f"num_attention_heads {self.num_attention_heads} (--num_attention_heads) is not a "
+                f"multiple of num_kv_heads {self.num_kv_heads} (--num_attention_heads_kv)"
             )
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
         if self.num_attention_heads % tp or self.num_kv_heads % tp:
             problems.append(
-                f"tensor parallel size {tp} must divide num_attention_heads "
+                f"tensor parallel size {tp} ({_TP_FLAG}) must divide num_attention_heads "
                 f"({self.num_attention_heads}) and num_kv_heads ({self.num_kv_heads})"
             )
         if self.ffn_hidden_size % tp:
             problems.append(
-                f"tensor parallel size {tp} must divide ffn_hidden_size {self.ffn_hidden_size}"
+                f"tensor parallel size {tp} ({_TP_FLAG}) must divide ffn_hidden_size "
+                f"{self.ffn_hidden_size} (--ffn_hidden_size)"
             )
         if self.attention_dropout != 0.0:
             problems.append(
@@ -164,6 +180,17 @@ class ModelConfig:
             attention_dropout=float(_given(d.get("attention_dropout"), 0.0)),
             init_std=float(_given(d.get("initializer_range"), 0.02)),
         )
+
+
+# The trainer's flag for each size `validate` checks (train/args.py; Megatron-LLM's names).
+_FLAG = {
+    "num_layers": "--num_layers",
+    "hidden_size": "--hidden_size",
+    "ffn_hidden_size": "--ffn_hidden_size",
+    "num_attention_heads": "--num_attention_heads",
+    "num_kv_heads": "--num_attention_heads_kv",
+}
+_TP_FLAG = "--tensor_model_parallel_size"
 
 
 def _given(*values):

@@ -167,7 +167,20 @@ class Llama(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.padded_vocab = padded_vocab if padded_vocab is not None else cfg.padded_vocab_size()
+        if self.padded_vocab < cfg.vocab_size:
+            raise ValueError(
+                f"padded_vocab {self.padded_vocab} is below the model's vocab_size "
+                f"{cfg.vocab_size}: the embedding and output head need a row per token id"
+            )
         layer_ids = layer_ids if layer_ids is not None else range(cfg.num_layers)
+        outside = [i for i in layer_ids if not 0 <= i < cfg.num_layers]
+        if outside:
+            # A stage's ids are global: past the model, LIMA would give rates above the last
+            # layer's and the parameter names would match no checkpoint.
+            raise ValueError(
+                f"layer_ids {list(layer_ids)} include {outside}, outside the model's "
+                f"num_layers {cfg.num_layers} (global ids 0..{cfg.num_layers - 1})"
+            )
         self.pre, self.post = pre, post
         self.embed = nn.Embedding(self.padded_vocab, cfg.hidden_size) if pre else None
         # The embedding's output gets hidden_dropout whatever --lima_dropout says: Megatron-LLM's
