@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden_dropout", type=float, default=0.1)
     g.add_argument("--attention_dropout", type=float, default=0.0)
     g.add_argument(
-        "--lima_dropout", action="store_true", help="layer i of L gets hidden_dropout * i / (L - 1) (0 when L = 1)"
+        "--lima_dropout",
+        action="store_true",
+        help="layer i of L gets hidden_dropout * i / (L - 1) (0 when L = 1)",
     )
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--clip_grad", type=float, default=1.0, help="global L2 norm; 0 disables")
