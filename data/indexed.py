@@ -66,6 +66,12 @@ class IndexedWriter:
             raise ValueError(
                 f"unsupported dtype {self.dtype}: expected one of {sorted(map(str, _CODE_OF))}"
             )
+        if max_value is not None and max_value > int(np.iinfo(self.dtype).max) + 1:
+            # Values past the dtype's range would be stored wrapped (65537 as 1 in uint16).
+            raise ValueError(
+                f"max_value {max_value} does not fit {self.dtype}: use a wider dtype "
+                "(best_dtype(vocab_size))"
+            )
         self.bin_path = Path(bin_path)
         self.max_value = max_value  # exclusive bound checked on every write (e.g. the vocab size)
         self._file = open(self.bin_path, "wb")  # noqa: SIM115 - closed in finalize/close

@@ -148,7 +148,21 @@ class SFTDataset:
                 f"{self._sequence_of(int(np.argmax(roles > max(Role))))}; role ids are 0 system, "
                 "1 user, 2 assistant, 3 context"
             )
+        if roles.size and roles.dtype.kind == "i" and int(roles.min()) < 0:
+            raise DataError(
+                f"{self.role.bin_path}: role id {int(roles.min())} in sequence "
+                f"{self._sequence_of(int(np.argmax(roles < 0)))}; role ids are 0 system, "
+                "1 user, 2 assistant, 3 context"
+            )
         tokens = self.text.data
+        # Signed token files (int32 for large vocabularies) could hold ids the embedding
+        # would index out of range; unsigned ones cannot.
+        if tokens.size and tokens.dtype.kind == "i" and int(tokens.min()) < 0:
+            raise DataError(
+                f"{self.text.bin_path}: token id {int(tokens.min())} < 0 (first in sequence "
+                f"{self._sequence_of(int(np.argmax(tokens < 0)))}); the file is corrupt or "
+                "not a token file; re-run data.pretokenize"
+            )
         if vocab_size is not None and tokens.size:
             hi = int(tokens.max())
             if hi >= vocab_size:
@@ -308,7 +322,8 @@ def build_micro_batch(
     S = cfg.seq_length
     if not cfg.packing and cfg.variable_seq_lengths:
         longest = max((min(int(ds.sizes[r[0]]), S) for r in rows if len(r)), default=1)
-        S = min(S, _ROUND * math.ceil(longest / _ROUND))
+        # At least one block: a micro-batch of empty samples must not become (B, 0).
+        S = min(S, _ROUND * max(1, math.ceil(longest / _ROUND)))
     tokens = np.full((b_size, S), pad, dtype=np.int64)
     labels = np.full((b_size, S), pad, dtype=np.int64)
     mask = np.zeros((b_size, S), dtype=np.float32)
@@ -331,7 +346,7 @@ def build_micro_batch(
             mask[b, off : off + lab.size] = lab_roles == Role.ASSISTANT
             pos[b, off : off + n] = np.arange(n)
             off += n
-            if cfg.packing:
+            if cfg.packing and n:  # an empty document is no segment (cu_seqlens increase)
                 cu.append(b * S + off)
         if off < S:
             pos[b, off:] = np.arange(S - off) if cfg.packing else np.arange(off, S)
@@ -534,6 +549,20 @@ class BatchLoader:
                     f"cannot resume the data loader: {key} was {state.get(key)!r} when the state "
                     f"was saved and is {ours[key]!r} now (the batches would differ){hint}"
                 )
+        position = ("epoch", "row_in_epoch", "consumed_samples", "consumed_documents")
+        bad = [
+            k
+            for k in position
+            if not (isinstance(state.get(k), (int, np.integer)) and not isinstance(state[k], bool))
+            or state[k] < 0
+        ]
+        if bad:
+            # A damaged checkpoint would otherwise end in a bare KeyError/TypeError.
+            raise DataError(
+                f"cannot resume the data loader: its state lacks valid {', '.join(bad)} "
+                f"(non-negative integers; found {[state.get(k) for k in bad]!r}); the "
+                "checkpoint's loader state is damaged, resume from another checkpoint"
+            )
         self._epoch = int(state["epoch"])
         self._row = int(state["row_in_epoch"])
         self.consumed_rows = int(state["consumed_samples"])

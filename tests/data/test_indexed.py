@@ -133,3 +133,13 @@ def test_index_written_in_chunks_is_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(indexed, "_FINALIZE_CHUNK", 7)  # pointers and doc_idx over 8 chunks
     write_indexed(tmp_path / "chunked", seqs, np.uint16)
     assert (tmp_path / "chunked.idx").read_bytes() == (tmp_path / "whole.idx").read_bytes()
+
+
+def test_writer_bound_cannot_exceed_its_dtype(tmp_path):
+    # A bound above what uint16 holds would let 65537 through, stored as 1.
+    with pytest.raises(ValueError, match=r"max_value 70000 .* uint16"):
+        IndexedWriter(tmp_path / "w.bin", np.uint16, max_value=70000)
+    w = IndexedWriter(tmp_path / "ok.bin", np.int32, max_value=70000)
+    w.add([65537, 3])
+    w.finalize(tmp_path / "ok.idx")
+    assert IndexedDataset(tmp_path / "ok")[0].tolist() == [65537, 3]
