@@ -8,7 +8,10 @@
             max_val_set: 1000      # cap on the val part (a seeded subset; for oasst_export,
                                    # whose val_split picks trees, fraction and the cap count
                                    # threads)
-            ...                    # kind options: lang, top_k, input_file_path, filter_words
+            data_files: "*.json"   # optional: glob pattern(s) of the files to read in the
+                                   # dataset's directory (Hugging Face's data_files)
+            ...                    # kind options: lang, top_k, input_file_path, filter_words,
+                                   # rows_per_conv (orca-chat)
       output_dir: "output/..."
       filename_prefix: "..."
       min_assistant_tokens: 25     # samples with fewer assistant tokens are skipped (counted)
@@ -16,8 +19,11 @@
 
 A dataset is read from `path:` if given, else from `--data-root/<dataset name>`
 (`input_file_path` for oasst_export); relative paths are taken from `--data-root` (default: the
-current directory), absolute ones as they are. Unknown keys are errors that list the allowed ones
-and name the file and line.
+current directory), absolute ones as they are. A directory is read whole, except where
+Open-Assistant's loader names the files it reads of the hub repository and the directory holds
+them: megacode2 then reads only DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json, not
+the repository's other copies of the data. `data_files` overrides that choice. Unknown keys are
+errors that list the allowed ones and name the file and line.
 """
 
 import os
@@ -30,7 +36,7 @@ from data.errors import DataError
 from data.sources import KINDS, Kind, list_files, parse_langs
 
 MIX_KEYS = ("datasets", "output_dir", "filename_prefix", "min_assistant_tokens", "rng_seed")
-COMMON_KEYS = ("kind", "path", "fraction", "val_split", "max_val_set")
+COMMON_KEYS = ("kind", "path", "fraction", "val_split", "max_val_set", "data_files")
 DEFAULT_VAL_SPLIT = 0.2  # Open-Assistant's default when a dataset gives none
 DEFAULT_SEED = 42
 
@@ -236,6 +242,20 @@ def _dataset(entry, where_file: str, mix: str, data_root: Path, list_line: int =
                 f'codes (e.g. "en,de"), found {value!r}'
             )
         options["lang"] = parse_langs(value)
+        if options["lang"] is not None and not options["lang"]:
+            raise DataError(
+                f"{at('lang')}: lang names no language, so every record would be dropped; give "
+                'language codes (e.g. "en,de"), or null for no language filter'
+            )
+    if options.get("rows_per_conv") is not None:
+        options["rows_per_conv"] = _number(
+            at("rows_per_conv"),
+            "rows_per_conv",
+            options["rows_per_conv"],
+            1,
+            float("inf"),
+            integer=True,
+        )
     if options.get("top_k") is not None:
         options["top_k"] = _number(
             at("top_k"), "top_k", options["top_k"], 1, float("inf"), integer=True
@@ -247,7 +267,23 @@ def _dataset(entry, where_file: str, mix: str, data_root: Path, list_line: int =
         location = _resolve(data_root, _path_value(at("path"), "path", opts["path"]))
     else:
         location = data_root / name
-    files = list_files(location, f"{where_file}:{line}: dataset {name!r}")
+    patterns = opts.get("data_files")
+    if patterns is not None:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not (
+            isinstance(patterns, list)
+            and patterns
+            and all(isinstance(x, str) and x.strip() for x in patterns)
+        ):
+            raise DataError(
+                f"{at('data_files')}: data_files must be a file name or glob pattern, or a list "
+                f'of them (e.g. "*.json"), found {opts["data_files"]!r}'
+            )
+    elif kind.data_files and location.is_dir():
+        # Open-Assistant's loader reads only these files of the hub repository.
+        patterns = [f for f in kind.data_files if (location / f).is_file()] or None
+    files = list_files(location, f"{where_file}:{line}: dataset {name!r}", patterns)
     return DatasetSpec(
         name=name,
         kind=kind,

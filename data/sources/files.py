@@ -15,6 +15,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator
+from fnmatch import fnmatchcase as fnmatch
 from pathlib import Path
 
 from data.errors import BadRecord, DataError
@@ -29,10 +30,17 @@ def _supported(path: Path) -> bool:
     return path.name.endswith(SUFFIXES)
 
 
-def list_files(location: str | Path, what: str) -> list[Path]:
-    """The data files of a dataset location; `what` names the dataset in errors."""
+def list_files(location: str | Path, what: str, patterns: list[str] | None = None) -> list[Path]:
+    """The data files of a dataset location; `what` names the dataset in errors. `patterns`
+    (glob patterns of paths relative to a directory location, like Hugging Face's `data_files`)
+    keep only the files they match."""
     location = Path(location)
     if location.is_file():
+        if patterns is not None:
+            raise DataError(
+                f"{what}: data_files picks files of a directory, but {location} is a file; "
+                "remove data_files or point path at the directory"
+            )
         if not _supported(location):
             raise DataError(
                 f"{what}: {location} is not a supported file (expected {', '.join(SUFFIXES)})"
@@ -48,6 +56,15 @@ def list_files(location: str | Path, what: str) -> list[Path]:
         )
         if not files:
             raise DataError(f"{what}: directory {location} holds no {', '.join(SUFFIXES)} files")
+        if patterns is not None:
+            rel = [p.relative_to(location).as_posix() for p in files]
+            picked = [p for p, r in zip(files, rel) if any(fnmatch(r, pat) for pat in patterns)]
+            if not picked:
+                raise DataError(
+                    f"{what}: data_files {patterns} match none of the files of {location} "
+                    f"({', '.join(rel[:10])}{', ...' if len(rel) > 10 else ''})"
+                )
+            return picked
         return files
     raise DataError(
         f"{what}: {location} does not exist. Download the dataset there, pass --data-root, or set "
@@ -65,11 +82,16 @@ def decode_line(raw: bytes, location: str) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRecord(location, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise BadRecord(location, _TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise BadRecord(location, f"expected a JSON object, found {type(obj).__name__}")
     if _SURROGATE_ESCAPE in raw or _SURROGATE_ESCAPE_UPPER in raw:
         _check_surrogates(obj, location)
     return obj
+
+
+_TOO_DEEP = "JSON nested too deeply to read (thousands of levels of [ or {); fix the record"
 
 
 # A lone surrogate can only come from a `\u` escape (the bytes are valid UTF-8), so only lines
@@ -170,6 +192,11 @@ def _iter_json_array(path: Path, f) -> Iterator[tuple[str, object]]:
             try:
                 obj, end = decoder.raw_decode(buf, pos)
                 break
+            except RecursionError:
+                raise DataError(
+                    f"{path}:{start_line}: {_TOO_DEEP}; a JSON array cannot be resumed after it, "
+                    "so --skip-bad-records does not apply"
+                ) from None
             except json.JSONDecodeError as e:
                 if not more():
                     raise DataError(

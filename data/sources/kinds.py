@@ -3,13 +3,21 @@
 Readers follow Open-Assistant's loaders for the datasets of the seed's mixes:
 
 - `megacode2` (USER -> user, ASSISTANT -> assistant) and `oa_leet10k` (INSTRUCTION, RESPONSE;
-  SOURCE ignored): a None or blank field drops the row; the word filter is on by default.
-- `orca-chat`: `instruction` -> system message (none when empty); `conversation` = a list of
-  {"input", "output"} (or {"samples": [...]}, the hub's layout) -> user/assistant turns.
+  SOURCE ignored): a None or blank field drops the row; the word filter is on by default. In a
+  directory holding DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json, megacode2 reads
+  only that file, Open-Assistant's `data_files` (see `data.config`).
+- `orca-chat`: `instruction` -> system message (none when empty); `conversation` -> user/assistant
+  turns. The seed's orca-chat is shahules786/orca-best, whose rows hold {"samples": [{"input",
+  "output"}, ...]}: Open-Assistant's OrcaChat takes only the first `rows_per_conv` of them (its
+  default, 1, as the seed sets none). A plain list of {"input", "output"} (shahules786/orca-chat's
+  orca-chat-gpt4.json, which its earlier OrcaChat read whole) is taken whole unless
+  `rows_per_conv` is set.
 - `dolly15k_multilingual`: `instruction`, `context`, `response`; language from a `lang` column,
   else the file name's leading code (`en.jsonl`, `de-00000-of-00001.parquet`); en, de, es, fr
-  kept by default; citation marks removed from the context; a non-empty context becomes a
-  `context` turn between the user and the assistant turn.
+  kept by default; citation marks removed from the context (numbers, then `[citation needed]`,
+  then letters, in Open-Assistant's order); a non-empty context becomes a `context` turn between
+  the user and the assistant turn. As in Open-Assistant, only an empty instruction or response
+  drops the row (its word filter returns the empty text, which is falsy); whitespace is kept.
 - `chat`: {"messages": [{"role", "content"}, ...]} (roles system, user/prompter, assistant,
   context), an optional "lang".
 - `oasst_export`: see `data/sources/oasst.py`.
@@ -59,8 +67,11 @@ FILTER_PHRASES = tuple(
 )
 
 DOLLY_LANGS = "en,de,es,fr"
-# Citation marks: [1], [2, 3], [citation needed], [a] / [A].
-_CITATION = re.compile(r"\[\d+(?:,\s*\d+)*\]|\[citation needed\]|\[[a-zA-Z]\]")
+# Citation marks, removed one kind after the other as Open-Assistant does (a removal can join the
+# text around it into a new mark: "[[1]a]" -> "[a]" -> ""): [1] / [2, 3], then the literal
+# "[citation needed]", then [a] / [A].
+_CITATION_NUMBERS = re.compile(r"\[\d+(?:,\s*\d+)*\]")
+_CITATION_LETTER = re.compile(r"\[[a-zA-Z]\]")
 _LANG_PREFIX = re.compile(r"^([a-z]{2,3})(?=$|[-_.])")
 
 
@@ -124,8 +135,11 @@ def convert_orca(obj, location: str, path: Path, opts: dict) -> list[Conversatio
     if "conversation" not in row:
         raise BadRecord(location, f"missing column 'conversation' (found {sorted(row)})")
     conv = row["conversation"]
+    rows_per_conv = opts["rows_per_conv"]
     if isinstance(conv, dict) and "samples" in conv:
         conv = conv["samples"]
+        if rows_per_conv is None:
+            rows_per_conv = 1  # Open-Assistant's OrcaChat default for orca-best's layout
     if not isinstance(conv, list):
         raise BadRecord(
             location,
@@ -133,6 +147,8 @@ def convert_orca(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         )
     if not conv:
         raise BadRecord(location, "empty conversation")
+    if rows_per_conv is not None:
+        conv = conv[:rows_per_conv]  # the pairs left out are never read (nor checked), as there
     turns = []
     for k, item in enumerate(conv):
         if (
@@ -147,7 +163,8 @@ def convert_orca(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         turns += [(Role.USER, item["input"]), (Role.ASSISTANT, item["output"])]
     if opts["filter_words"] and has_filtered_words(*(t for _, t in turns)):
         return "filtered_words"
-    return [Conversation(turns=turns, system=system if system and system.strip() else None)]
+    # Any non-empty instruction is a system message, whitespace too (`format_sft_entry`).
+    return [Conversation(turns=turns, system=system or None)]
 
 
 def file_lang(path: Path) -> str | None:
@@ -170,13 +187,14 @@ def convert_dolly(obj, location: str, path: Path, opts: dict) -> list[Conversati
         )
     if opts["lang"] is not None and lang not in opts["lang"]:
         return "lang"
-    if _blank(instruction) or _blank(response):
+    if not instruction or not response:
         return "blank"
     if opts["filter_words"] and has_filtered_words(instruction, response):
         return "filtered_words"
-    context = _CITATION.sub("", context)
+    context = _CITATION_NUMBERS.sub("", context).replace("[citation needed]", "")
+    context = _CITATION_LETTER.sub("", context)
     turns = [(Role.USER, instruction)]
-    if context.strip():
+    if context:  # `format_sft_entry` renders any non-empty context, whitespace too
         turns.append((Role.CONTEXT, context))
     turns.append((Role.ASSISTANT, response))
     return [Conversation(turns=turns, lang=lang)]
@@ -193,13 +211,17 @@ def convert_chat(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         raise BadRecord(location, "empty conversation")
     turns = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or not isinstance(m.get("role"), str)
+        ):
             raise BadRecord(
                 location, f"messages[{k}] must be {{'role': str, 'content': str}}, found {m!r:.80}"
             )
         try:
             turns.append((as_role(m["role"]), m["content"]))
-        except (ValueError, AttributeError):
+        except ValueError:
             raise BadRecord(location, f"messages[{k}]: unknown role {m['role']!r}") from None
     if not any(role == Role.ASSISTANT for role, _ in turns):
         raise BadRecord(location, "no assistant turn")
@@ -229,6 +251,9 @@ class Kind:
     convert: Callable  # (raw, location, path, opts) -> list[Conversation] | drop reason
     columns: tuple[str, ...] | None = None  # Parquet columns to read (None: all)
     options: dict = field(default_factory=dict)  # kind-specific option -> default
+    # The files Open-Assistant's loader reads of the dataset's hub repository (its `data_files`):
+    # the default selection in a directory that holds them (see `data.config`).
+    data_files: tuple[str, ...] = ()
     unit: str = "sample"  # what val_split/fraction select: "sample" or "tree"
 
 
@@ -236,11 +261,12 @@ KINDS: dict[str, Kind] = {
     k.name: k
     for k in (
         Kind("megacode2", "InstructionDataset (megacode2)", _pair("USER", "ASSISTANT"),
-             ("USER", "ASSISTANT"), {"filter_words": True}),
+             ("USER", "ASSISTANT"), {"filter_words": True},
+             data_files=("DeDuped_LosslessMegaCodeTrainingV2_942k_Evol_Uncensored.json",)),
         Kind("oa_leet10k", "InstructionDataset (oa_leet10k)", _pair("INSTRUCTION", "RESPONSE"),
              ("INSTRUCTION", "RESPONSE"), {"filter_words": True}),
         Kind("orca-chat", "OrcaChat (orca-chat)", convert_orca, ("instruction", "conversation"),
-             {"filter_words": False}),
+             {"filter_words": False, "rows_per_conv": None}),
         Kind("dolly15k_multilingual", "Dolly15kMultilingual", convert_dolly, None,
              {"filter_words": True, "lang": DOLLY_LANGS}),
         Kind("chat", "ChatDataset", convert_chat, None, {"filter_words": False, "lang": None}),

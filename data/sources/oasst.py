@@ -5,7 +5,9 @@ the root's `lang` is in the `lang` list. Its threads are the root-to-leaf paths 
 messages in which no message is deleted or synthetic. With `top_k`, a thread is rejected when one
 of its assistant messages has `rank >= top_k`, or has no rank while its parent has several
 replies. A trailing prompter message is dropped; such a thread is taken only through the parent's
-first reply, so several unanswered follow-ups do not repeat the same conversation.
+first reply, so several unanswered follow-ups do not repeat the same conversation. A selected
+thread whose roles do not alternate (prompter first) is a bad record, where Open-Assistant's
+loader fails an assertion.
 
 A kept tree whose threads are all rejected is still a valid record (an empty list of
 conversations): Open-Assistant's loader keeps it in the tree list it splits, so it counts when
@@ -26,7 +28,7 @@ _ROLES = {"prompter": Role.USER, "assistant": Role.ASSISTANT}
 def _check_message(m, location: str, where: str, top_k: int | None) -> list:
     if not isinstance(m, dict):
         raise BadRecord(location, f"{where}: expected a message object, found {type(m).__name__}")
-    if m.get("role") not in _ROLES:
+    if not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
         raise BadRecord(
             location, f"{where}: role must be 'prompter' or 'assistant', found {m.get('role')!r}"
         )
@@ -80,10 +82,30 @@ def tree_threads(root: dict, location: str, top_k: int | None) -> list[list[dict
     return [t for t in threads if len(t) >= 2]
 
 
+def _check_alternating(thread: list[dict], location: str) -> None:
+    """Open-Assistant asserts that a selected thread alternates prompter, assistant, ... (a
+    prompter replying to a prompter is not a conversation it can train on)."""
+    for i, m in enumerate(thread):
+        want = "prompter" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise BadRecord(
+                location,
+                f"thread {' > '.join(x['role'] for x in thread)}: message {i + 1} has role "
+                f"{m['role']!r}, expected {want!r} (roles must alternate, starting with the "
+                "prompter); fix or remove the tree",
+            )
+
+
 def convert_tree(obj, location: str, path: Path, opts: dict) -> list[Conversation] | str:
     tree = decode_line(obj, location) if isinstance(obj, bytes) else obj
     if not isinstance(tree, dict):
         raise BadRecord(location, f"expected a message tree object, found {type(tree).__name__}")
+    if "prompt" not in tree and "message_id" in tree:
+        raise BadRecord(
+            location,
+            "this is a message, not a message tree: the file is a messages export (one message a "
+            "line); point input_file_path at the trees export (*.trees.jsonl.gz)",
+        )
     for key in ("tree_state", "prompt"):
         if key not in tree:
             raise BadRecord(
@@ -102,8 +124,10 @@ def convert_tree(obj, location: str, path: Path, opts: dict) -> list[Conversatio
         raise BadRecord(location, f"prompt: 'lang' must be a language code, found {lang!r}")
     if langs is not None and lang not in langs:
         return "lang"
+    threads = tree_threads(root, location, opts["top_k"])
+    for t in threads:
+        _check_alternating(t, location)
     # No thread left is not a drop: the tree still counts when the split is sized.
     return [
-        Conversation(turns=[(_ROLES[m["role"]], m["text"]) for m in t], lang=lang)
-        for t in tree_threads(root, location, opts["top_k"])
+        Conversation(turns=[(_ROLES[m["role"]], m["text"]) for m in t], lang=lang) for t in threads
     ]
