@@ -83,6 +83,7 @@ class StepResult:
     grad_norm: float
     skipped: bool
     phases: PhaseClock | None = None  # per-phase times, read after the device is synced
+    truncated: int = 0  # samples cut to --seq_length (all DP ranks)
 
 
 def virtual_stages(rc: RunConfig) -> int:
@@ -221,12 +222,13 @@ class Trainer:
             [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
              sum(mb["tokens"].numel() for mb in micro_batches[:real]),
              sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches[:real]),
-             real],
+             real,
+             sum(mb.get("num_truncated", 0) for mb in micro_batches[:real])],
             dtype=torch.float64, device=self.device,
         )  # fmt: skip
         mbs = [to_device(mb, self.device) for mb in micro_batches]
         _all_reduce(counts, dims.dp_group)
-        n_loss, n_tokens, n_pairs, n_micro = (int(x) for x in counts.tolist())
+        n_loss, n_tokens, n_pairs, n_micro, n_cut = (int(x) for x in counts.tolist())
         global_mode = rc.loop.loss_reduction == "global"
         # Megatron-LLM's mean of per-micro-batch means, over every DP rank's micro-batches (their
         # number may differ between ranks when a global batch counts samples); fillers excluded.
@@ -267,7 +269,7 @@ class Trainer:
             coef = clip_coefficient(norm, rc.optim.clip_grad) if rc.optim.clip_grad > 0 else 1.0
             self.optimizer.step(lr, grad_scale=coef)
         clock.mark("optimizer")  # the loss, the gradient norm, clipping and the update
-        return StepResult(step_loss, n_loss, n_tokens, n_pairs, norm, skipped, clock)
+        return StepResult(step_loss, n_loss, n_tokens, n_pairs, norm, skipped, clock, n_cut)
 
     # ------------------------------------------------------------------------------------------
     # evaluation
@@ -539,7 +541,8 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
     peak = peak_flops_per_gpu() if trainer.device.type == "cuda" else None
     world = dims.world_size
     history: list[dict] = []
-    fresh = {"loss": 0.0, "n": 0, "time": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0}
+    fresh = {"loss": 0.0, "n": 0, "time": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0,
+             "truncated": 0}  # fmt: skip
     acc, phases = dict(fresh), {}
     profiler = StepProfiler(rc.log, dims.rank, trainer.device)
     t_start = time.perf_counter()
@@ -583,6 +586,7 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
             acc["n"] += 1
         acc["time"] += dt
         acc["tokens"] += res.tokens
+        acc["truncated"] += res.truncated
         acc["flops"] += step_flops(rc.model, trainer.padded_vocab, res.tokens, res.pairs)
         it = trainer.iteration
         if it % rc.log.log_interval == 0 or it == loop.train_iters:
@@ -606,6 +610,7 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
                 "mem_gib": mem,
                 "mem_what": mem_what,
                 "loss_tokens": res.loss_tokens,
+                "truncated": acc["truncated"],  # samples cut to --seq_length in the interval
                 "eta_s": per_iter * (loop.train_iters - it),
             }
             if rc.log.log_timers:

@@ -156,6 +156,14 @@ def train(rc: RunConfig) -> int:
         note = _earlier_run_note(rc)
         if note:
             log(note)
+        long = int((train_ds.sizes > rc.data.seq_length).sum())
+        if long:
+            # Cut on the right (Megatron-LLM's t[:seq_length + 1]): the tail of each is never
+            # trained on; the log rows count them as they come.
+            seq = rc.data.seq_length
+            log(f" note: {long:,} of {len(train_ds):,} training samples "
+                f"({100 * long / len(train_ds):.2f}%) are longer than --seq_length {seq} "
+                f"tokens; each is cut to its first {seq}")  # fmt: skip
         if empty_valid and rc.eval.iters > 0:
             log(f" note: the validation split {rc.data.valid_prefix} holds no samples (no "
                 "val_split in the data mix?): no validation in this run")  # fmt: skip

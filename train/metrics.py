@@ -156,6 +156,8 @@ def train_line(it: int, total: int, v: dict) -> str:
         f"number of skipped iterations: {v['skipped']:3d}",
         f"tokens/s: {v['tokens_per_s']:.0f}",
     ]
+    if v.get("truncated"):
+        parts.append(f"samples cut to seq_length: {v['truncated']}")
     if v.get("tflops") is not None:
         parts.append(f"TFLOP/s: {v['tflops']:.1f}")
     if v.get("mfu") is not None:

@@ -156,3 +156,24 @@ def test_a_failed_save_mid_run_is_reported_and_keeps_the_checkpoints(
     assert "still names iteration 16, which is intact" in err and "Traceback" not in err
     after = {str(p): p.read_bytes() for p in sorted(save.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_samples_cut_to_seq_length_are_noted_and_counted(data_dir, tmp_path, capsys):
+    """Samples longer than --seq_length lose their tail: the start-up log says how many the
+    split holds, and each log row counts those its steps consumed (what the loader cut)."""
+    from train.config import resolve
+    from train.data import make_loader, open_datasets
+
+    argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 4), "--seq_length", "64",
+            "--log_interval", "1", "--eval_interval", "100", "--lr_warmup_iters", "1"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rc = resolve(*parse_args(argv))
+    train_ds, _, _ = open_datasets(rc.data)
+    long = int((train_ds.sizes > 64).sum())
+    assert long > 0 and f"note: {long:,} of {len(train_ds):,} training samples" in out
+    loader = make_loader(train_ds, rc.data, 0, 1)
+    want = [sum(mb["num_truncated"] for mb in loader.next_global_batch()) for _ in range(4)]
+    assert sum(want) > 0
+    assert [r["truncated"] for r in _rows(tmp_path, "train")] == want
+    assert "samples cut to seq_length" in out
