@@ -21,10 +21,11 @@ SP collectives are contiguous along dim 0 and need no transposes.
 import torch
 import torch.distributed as dist
 
-# torch >= 2.13 names the single-tensor collectives *_single (the *_tensor names are deprecated);
-# older builds (a GPU machine's own torch) only have the *_tensor ones.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch >= 2.13 names the single-tensor collectives *_single (the *_tensor names are deprecated
+# and warn on every rank); older builds (a GPU machine's own torch) only have the *_tensor ones.
+# Call these two wherever a flat buffer is gathered or reduce-scattered in place.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group) -> int:
@@ -54,21 +55,28 @@ def _check_divisible(n: int, size: int, what: str) -> None:
 
 
 def all_gather_dim0(x: torch.Tensor, group, async_op: bool = False):
-    """(n, ...) per rank -> (size * n, ...) in rank order. With async_op returns (out, work)."""
+    """(n, ...) per rank -> (size * n, ...) in rank order. With async_op returns (out, work);
+    at size 1 (group None) `x` itself and work None: None must not reach torch.distributed,
+    which would read it as the world group."""
     size = group_size(group)
+    if size == 1:
+        return (x, None) if async_op else x
     x = x.contiguous()
     out = torch.empty((size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = _all_gather(out, x, group=group, async_op=async_op)
+    work = all_gather_single(out, x, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 
 def reduce_scatter_dim0(x: torch.Tensor, group, async_op: bool = False):
-    """(size * n, ...) per rank -> (n, ...): rank r gets Σ_ranks of rows [r n, (r + 1) n)."""
+    """(size * n, ...) per rank -> (n, ...): rank r gets Σ_ranks of rows [r n, (r + 1) n).
+    At size 1 `x` itself (and work None), as all_gather_dim0."""
     size = group_size(group)
+    if size == 1:
+        return (x, None) if async_op else x
     _check_divisible(x.shape[0], size, "reduce-scatter over tokens")
     x = x.contiguous()
     out = torch.empty((x.shape[0] // size, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = _reduce_scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+    work = reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 

@@ -30,11 +30,12 @@ each TP rank; `finish()` sums them over `tp_group` in one coalesced all-reduce p
 of one per norm per micro-batch).
 
 With `shard_over_dp=True` (the distributed optimizer, `train.optimizer.ShardedAdamW`) each
-bucket is padded to a multiple of the DP size and cut into DP equal pieces; DP rank r owns piece r
-of every bucket. A bucket is *reduce-scattered* instead of all-reduced: the summed piece lands in
-`local_grad` (the rank's pieces back to back, in buffer order), which is all the optimizer of that
-rank reads. Half the bytes of an all-reduce; but afterwards `p.main_grad` holds only this rank's
-own, unreduced contribution: read the reduced gradients through `local_grad` / `shard_slice(p)`.
+bucket is padded to a multiple of GRAD_ALIGN x DP elements (at DP > 1) and cut into DP equal
+pieces, each starting on a GRAD_ALIGN boundary; DP rank r owns piece r of every bucket. A bucket
+is *reduce-scattered* instead of all-reduced: the summed piece lands in `local_grad` (the rank's
+pieces back to back, in buffer order), which is all the optimizer of that rank reads. Half the
+bytes of an all-reduce; but afterwards `p.main_grad` holds only this rank's own, unreduced
+contribution: read the reduced gradients through `local_grad` / `shard_slice(p)`.
 """
 
 import contextlib
@@ -45,7 +46,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from kernels.linear import accumulate_weight_grad
-from parallel.comm import group_size
+from parallel.comm import group_size, reduce_scatter_single
+
+# Sharded buckets are padded so that each DP piece is a multiple of this many elements: every
+# piece then starts 512-byte aligned (fp32) in `buffer` and in `local_grad`, where the
+# reduce-scatter (NCCL's vectorised path wants 16-byte-aligned pointers) and the fused AdamW
+# (Triton specialises on 16-byte-divisible pointers) read it. Padding to a multiple of DP alone
+# put the pieces at arbitrary offsets (any odd DP size). Megatron pads to lcm(DP, 128), which
+# aligns the buckets; 128 x DP aligns every piece too, for at most 512 x DP bytes per bucket.
+GRAD_ALIGN = 128
 
 
 class GradBuffer:
@@ -78,8 +87,9 @@ class GradBuffer:
         device = self.params[0].device if self.params else torch.device("cpu")
 
         # Buckets: runs of parameters of about `bucket_mb` MB taken from the end (bucket 0 holds
-        # the last parameters); each bucket's [start, end) range is padded to a multiple of the
-        # DP size when sharded, so it splits into DP equal pieces.
+        # the last parameters); when sharded over DP > 1 each bucket's [start, end) range is
+        # padded to a multiple of GRAD_ALIGN x DP, so it splits into DP equal aligned pieces.
+        # Unsharded (and DP 1) buckets stay back to back: FlatAdamW reads the gradients in place.
         cap = max(1, int(bucket_mb * 2**20 / 4))
         members: list[list[int]] = []
         size = 0
@@ -90,7 +100,7 @@ class GradBuffer:
             size += self.params[i].numel()
             if size >= cap:
                 size = 0
-        pad = self.dp_size if shard_over_dp else 1
+        pad = GRAD_ALIGN * self.dp_size if shard_over_dp and self.dp_size > 1 else 1
         self._offsets = [0] * len(self.params)
         self._ranges: list[tuple[int, int]] = [(0, 0)] * len(members)
         self._counts = [len(m) for m in members]
@@ -115,7 +125,7 @@ class GradBuffer:
         local = 0
         for b in sorted(range(len(members)), key=lambda b: self._ranges[b][0]):
             start, end = self._ranges[b]
-            n = (end - start) // pad if shard_over_dp else end - start
+            n = (end - start) // self.dp_size if shard_over_dp else end - start
             first = start + (self.dp_rank * n if shard_over_dp else 0)
             self._pieces[b] = (first, first + n, local)
             local += n
@@ -220,7 +230,7 @@ class GradBuffer:
             if self.sharded:
                 first, last, local = self._pieces[b]
                 out = self.local_grad[local : local + last - first]
-                work = dist.reduce_scatter_tensor(
+                work = reduce_scatter_single(
                     out, self.buffer[start:end], group=self.dp_group, async_op=True
                 )
             else:

@@ -159,9 +159,10 @@ def _fit_rows(full: torch.Tensor, rows: int, vocab_rows: int) -> torch.Tensor:
         raise ValueError(
             f"vocabulary tensor has {full.shape[0]} rows, fewer than vocab_size {vocab_rows}"
         )
+    # Only the real rows: the source's own padding rows (noise in a randomly initialised model)
+    # would otherwise land in some of the new padding rows and not in others.
     out = full.new_zeros((rows, *full.shape[1:]))
-    n = min(rows, full.shape[0])
-    out[:n] = full[:n]
+    out[:vocab_rows] = full[:vocab_rows]
     return out
 
 

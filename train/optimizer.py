@@ -15,11 +15,11 @@ and are used in place; otherwise they are gathered into a flat copy.
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from kernels import reference as kernels_reference
 from kernels.adamw import fused_adamw
+from parallel.comm import all_gather_single
 from parallel.data_parallel import GradBuffer
 from train.config import OptimizerConfig
 
@@ -204,13 +204,14 @@ class ShardedAdamW:
 
     It adopts the layout of `grads`, a `GradBuffer(..., shard_over_dp=True)` built over
     `param_order(named_params)`: the model's parameters are re-pointed to views of one flat
-    buffer laid out exactly like the gradient buffer (buckets padded to a multiple of DP), and DP
-    rank r updates piece r of every bucket -- the pieces whose reduced gradients the buffer's
-    reduce-scatter left in `grads.local_grad`. The new weights of each piece are then all-gathered
-    into every rank's model buffer, one collective per bucket. The update is the same kernel as
-    `FlatAdamW`'s (two launches: the decayed elements come first in the local order, the norm
-    weights after): the two agree to the last bit at DP 1, and at DP > 1 up to the order in which
-    the reduce-scatter and the all-reduce sum the ranks' gradients.
+    buffer laid out exactly like the gradient buffer (buckets padded to a multiple of 128 x DP,
+    so every rank's piece starts 128-aligned), and DP rank r updates piece r of every bucket --
+    the pieces whose reduced gradients the buffer's reduce-scatter left in `grads.local_grad`.
+    The new weights of each piece are then all-gathered into every rank's model buffer, one
+    collective per bucket. The update is the same kernel as `FlatAdamW`'s (two launches: the
+    decayed elements come first in the local order, the norm weights after): the two agree to
+    the last bit at DP 1, and at DP > 1 up to the order in which the reduce-scatter and the
+    all-reduce sum the ranks' gradients.
 
     `state_tensors()` and `load_state_tensors()` use the checkpoint format of `FlatAdamW` (whole
     per-parameter tensors), so a checkpoint moves freely between the two and across DP sizes.
@@ -381,7 +382,7 @@ class ShardedAdamW:
             return
         source = self.master if self.model_out is None else self.model_out
         works = [
-            dist.all_gather_into_tensor(
+            all_gather_single(
                 self.model_flat[start:end],
                 source[local : local + n],
                 group=self.group,
@@ -415,7 +416,7 @@ class ShardedAdamW:
             for start, end, _, lo, n in self.pieces:
                 tmp = staging[: end - start]
                 piece = local[lo : lo + n].to(staging.device)  # offloaded: via the device
-                dist.all_gather_into_tensor(tmp, piece, group=self.group)
+                all_gather_single(tmp, piece, group=self.group)
                 if full is not None:
                     full[start:end].copy_(tmp)
             if full is not None:

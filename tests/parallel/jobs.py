@@ -4,7 +4,7 @@ computed in the pytest process, only for the jobs a run selects."""
 from collections.abc import Callable
 from functools import cache
 
-from tests.parallel import workers
+from tests.parallel import audit_workers, workers
 from tests.parallel._harness import NORM_CFG, Job, reference
 
 ref = cache(reference)
@@ -27,4 +27,8 @@ JOBS: dict[str, Callable[[], Job]] = {
     "dp2": lambda: Job("dp2", 2, 1, workers.layout_worker, ((False,), 4, ref(4))),
     "tp2dp2-sp": lambda: Job("tp2dp2-sp", 4, 2, workers.layout_worker, ((True,), 4, ref(4))),
     "dropout-tp2": lambda: Job("dropout-tp2", 2, 2, workers.dropout_worker),
+    "padding-tp2": lambda: Job("padding-tp2", 2, 2, audit_workers.padding_rows_worker),
+    "align-dp3": lambda: Job("align-dp3", 3, 1, audit_workers.sharded_alignment_worker),
+    "none-group-w3": lambda: Job("none-group-w3", 3, 3, audit_workers.none_group_worker),
+    "ce-edges-tp3": lambda: Job("ce-edges-tp3", 3, 3, audit_workers.cross_entropy_edges_worker),
 }

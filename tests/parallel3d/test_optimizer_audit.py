@@ -43,8 +43,9 @@ def _build(kind: str, seed: int):
         opt = FlatAdamW(named, OptimizerConfig(**kw))
         return opt, GradBuffer(opt.params_in_order(), group, bucket_mb=1e-4), None
     buf = GradBuffer([p for _, p in named], group, bucket_mb=1e-4, shard_over_dp=True)
-    # two buckets, (a.w, b.w) and (c.w, n1, n2): 106 and 92 values, padded to 108 and 93
-    assert buf.num_buckets == 2 and buf.buffer.numel() == 201
+    # two buckets, (a.w, b.w) and (c.w, n1, n2): 106 and 92 values, each padded to a multiple
+    # of 128 x DP 3 (every rank's piece starts 128-aligned): 384 and 384
+    assert buf.num_buckets == 2 and buf.buffer.numel() == 768
     cfg = OptimizerConfig(**kw, distributed=True, cpu_offload=kind == "offload")
     ShardedAdamW.OFFLOAD_CHUNK = 5  # several chunks per segment, the last ones short
     return ShardedAdamW(named, cfg, buf), buf, sharded_norm_segments(buf)
