@@ -86,31 +86,50 @@ class HFWeights:
             hint = f" (found {bins}: re-save them with safetensors)" if bins else ""
             raise FileNotFoundError(f"{self.dir}: neither {HF_INDEX} nor {HF_SINGLE}{hint}")
         self.weight_map: dict[str, str] = weight_map
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _file(self, name: str):
+    def _path(self, name: str) -> Path:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} is missing from the checkpoint")
-        fname = self.weight_map[name]
-        if fname not in self._open:
-            self._open[fname] = _safe_open(self.dir / fname)
-        return self._open[fname]
+        return self.dir / self.weight_map[name]
+
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype code) of `name`, from its shard's header (read once)."""
+        path = self._path(name)
+        if path.name not in self._headers:
+            with _safe_open(path) as f:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                self._headers[path.name] = {
+                    k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()
+                }
+        found = self._headers[path.name].get(name)
+        if found is None:
+            raise ValueError(
+                f"{path}: no tensor {name!r}, though {HF_INDEX} places it there: the index and "
+                "the shards do not match; download them again"
+            )
+        return found
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
+        # Each read opens and closes its shard: a handle kept open keeps every page read through
+        # its memory map in this process's RSS, which for a 70B import climbs to the model's
+        # 140 GB (file-backed, but counted against RSS-based job limits).
+        self._header(name)
+        with _safe_open(self._path(name)) as f:
+            return f.get_tensor(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        code = self._file(name).get_slice(name).get_dtype()
+        code = self._header(name)[1]
         found = {v: k for k, v in _ST_DTYPE.items()}.get(code)
         if found is None:
             raise ValueError(f"{self.dir}: {name} has dtype {code}; expected F32, BF16 or F16")
         return found
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return self._header(name)[0]
 
 
 def _safe_open(path: Path):
@@ -211,10 +230,13 @@ def config_from_hf(hf_config: dict, vocab_size: int, name: str) -> ModelConfig:
 
 def hf_config_from_ours(cfg: ModelConfig, rows: int, dtype: torch.dtype, ids: dict) -> dict:
     """A `LlamaConfig` dict. Written in the flat form (rope_theta / rope_scaling) that both older
-    and newer `transformers`, TGI and vLLM read."""
+    and newer `transformers`, TGI and vLLM read. rope_scaling has exactly `type` and a float
+    `factor`: transformers 4.31-4.42 (Llama-2's era) refuse any other key (`rope_type` included)
+    and an int factor; newer versions take `type` as `rope_type`. (transformers < 4.33 has no
+    rope_theta and runs 10000 whatever is written: Llama-2's value.)"""
     rope_scaling = None
     if cfg.rope_scaling_factor != 1.0:
-        rope_scaling = {"type": "linear", "rope_type": "linear", "factor": cfg.rope_scaling_factor}
+        rope_scaling = {"type": "linear", "factor": float(cfg.rope_scaling_factor)}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -466,6 +488,67 @@ def hf_shapes(cfg: ModelConfig, rows: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def check_checkpoint(iter_dir: Path, meta: dict, index: ckpt.ShardIndex, cfg: ModelConfig) -> None:
+    """Before anything is written: every shard directory of the saved layout is there, and the
+    stored tensors are exactly those, at the global shapes, that meta.json's model config gives
+    (a mismatch would otherwise surface as a torch error in the middle of the export, or, with
+    fewer layers in the config than on disk, as a model silently missing layers)."""
+    where = f"{iter_dir / ckpt.META_FILE}'s model config"
+    layout = meta.get("layout") or {}
+    tp, pp = layout.get("tp"), layout.get("pp")
+    if isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1:
+        want = [ckpt.shard_dir_name(t, p) for t in range(tp) for p in range(pp)]
+        gone = [d for d in want if not (iter_dir / d / ckpt.MODEL_FILE).is_file()]
+        if gone:
+            verb = "is" if len(gone) == 1 else "are"
+            raise ValueError(
+                f"{iter_dir}: saved at TP {tp} / PP {pp} (meta.json 'layout'), but {gone[:8]} "
+                f"{verb} missing: the copy is incomplete; copy the missing mp_rank_* directories "
+                "or export another iteration"
+            )
+    shapes = cfg.param_shapes(cfg.vocab_size)
+    stored = set(index.names("model"))
+    missing = [n for n in shapes if n not in stored]
+    if missing:
+        raise ValueError(
+            f"{iter_dir}: the checkpoint lacks {missing[:5]} that {where} needs (a pipeline "
+            "stage's shard directories missing, or a meta.json from another model)"
+        )
+    unknown = sorted(n for n in stored if n not in shapes)
+    if unknown:
+        raise ValueError(
+            f"{iter_dir}: holds tensors that its meta.json's model config (num_layers "
+            f"{cfg.num_layers}) has no place for: {unknown[:5]}: meta.json does not describe "
+            "these weights; restore the meta.json the run saved"
+        )
+    for name, shape in shapes.items():
+        got = tuple(index.global_shape(name))
+        if name in ckpt.VOCAB_PARAMS:  # any padding of the real rows
+            ok = len(got) == 2 and got[0] >= shape[0] and got[1] == shape[1]
+            expected = f"({shape[0]} or more, {shape[1]})"
+        else:
+            ok, expected = got == shape, str(shape)
+        if not ok:
+            file = index.entries[("model", name)][0].file
+            raise ValueError(
+                f"{file}: {name} has shape {got} but {where} (hidden_size {cfg.hidden_size}, "
+                f"ffn_hidden_size {cfg.ffn_hidden_size}, num_attention_heads "
+                f"{cfg.num_attention_heads}, num_kv_heads {cfg.num_kv_heads}) implies {expected}: "
+                "meta.json does not describe these weights; restore the meta.json the run saved"
+            )
+
+
+def generation_config(tok: Tokenizer) -> dict:
+    """generation_config.json: `generate`, TGI and vLLM stop at any of its eos ids. A ChatML
+    reply ends with <|im_end|>; </s> ends a document: model.generate stops at both, and so do
+    they. (The first id is the one config.json and the tokenizer name as eos.)"""
+    return {
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": [tok.im_end_id, tok.eos_id],
+        "pad_token_id": tok.pad_id,
+    }
+
+
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     """Greedy, order-preserving split of tensors into shards of at most max_shard_bytes (a tensor
     larger than that gets a shard of its own)."""
@@ -526,6 +609,15 @@ class SafetensorsStream:
                 f"{self.path}: expected {want} {tuple(shape)} next, got {name} {tuple(t.shape)}"
             )
         flat = t.detach().to("cpu", self.dtype).contiguous().reshape(-1)
+        if self.dtype == torch.float16 and t.dtype != torch.float16:
+            # fp16 tops out at 65504: a larger bf16/fp32 value would be written as inf.
+            overflow = flat.isinf() & t.detach().reshape(-1).cpu().isfinite()
+            if overflow.any():
+                big = t.detach().abs().max().item()
+                raise ValueError(
+                    f"{name} holds values up to {big:.4g}, past float16's 65504: they would be "
+                    "written as inf; convert with --dtype bf16 or fp32 instead"
+                )
         self._f.write(flat.view(torch.uint8).numpy().data)
         self._next += 1
 
@@ -706,12 +798,10 @@ def export_hf(
     meta = ckpt.read_meta(iter_dir)
     cfg = ModelConfig.from_dict(meta["model"])
     tok = checkpoint_tokenizer(meta, tokenizer_path)
-    index = ckpt.ShardIndex(iter_dir)
-    missing = sorted(set(cfg.param_shapes()) - set(index.names("model")))
-    if missing:
-        raise ValueError(f"{iter_dir}: the checkpoint lacks {missing[:5]} (a pipeline stage?)")
     if pad_multiple < 1:
         raise ValueError(f"--pad-multiple {pad_multiple}: must be >= 1")
+    index = ckpt.ShardIndex(iter_dir)
+    check_checkpoint(iter_dir, meta, index, cfg)
     rows = round_up(cfg.vocab_size, pad_multiple)
     found = index.read("norm.weight").dtype
     out_dtype = _dtype_arg(dtype, found)
@@ -740,11 +830,7 @@ def export_hf(
         ids = {"bos": tok.bos_id, "eos": tok.im_end_id, "pad": tok.pad_id}
         hf_config = hf_config_from_ours(cfg, rows, out_dtype, ids)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {
-            "bos_token_id": tok.bos_id,
-            "eos_token_id": tok.im_end_id,
-            "pad_token_id": tok.pad_id,
-        }
+        generation = generation_config(tok)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         write_tokenizer_files(tmp, tok, cfg.max_position_embeddings)
         if target.is_dir():  # empty (checked above): keep the folder, move the files in

@@ -202,7 +202,7 @@ def test_exported_tokenizer_reproduces_our_ids(exported, tokenizer):
     templated = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert hf_tok.encode(templated) == render_prompt(messages, tokenizer)
     gen = json.loads((exported / "generation_config.json").read_text())
-    assert gen["eos_token_id"] == tokenizer.im_end_id
+    assert gen["eos_token_id"] == [tokenizer.im_end_id, tokenizer.eos_id]  # im_end first
     tok_cfg = json.loads((exported / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == CHATML_TEMPLATE
     declared = {int(i): d["content"] for i, d in tok_cfg["added_tokens_decoder"].items()}
