@@ -1,24 +1,13 @@
 """Readers against Open-Assistant's loaders for the seed's datasets (SFT v10), and bad input that
 used to escape as a traceback instead of a BadRecord naming the file and line."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from data.chat import Role
 from data.config import load_mixes
 from data.errors import BadRecord, DataError
-from data.sources import KINDS, iter_records, parse_langs
-
-
-def convert(kind: str, row, path: str = "x.jsonl", **opts):
-    options = dict(KINDS[kind].options)
-    options.update(opts)
-    if "lang" in options:
-        options["lang"] = parse_langs(options["lang"])
-    raw = json.dumps(row).encode() if isinstance(row, dict) else row
-    return KINDS[kind].convert(raw, f"{path}:7", Path(path), options)
+from data.sources import KINDS, iter_records
+from tests.data.test_sources import convert
 
 
 def turns(result):

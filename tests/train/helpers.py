@@ -1,7 +1,12 @@
 """Synthetic batches in the data loader's exact micro-batch format, and a tiny run config."""
 
+import json
+
+import numpy as np
 import torch
 
+from data.indexed import write_indexed
+from data.loader import SFTDataset
 from parallel.dims import ParallelDims
 from train.args import parse_args
 from train.config import resolve
@@ -101,3 +106,15 @@ def tiny_run(extra: list[str] = (), tmp_path=None):
     rc.model = rc.model.replace(vocab_size=VOCAB)
     tok = TokenizerInfo(VOCAB, "synthetic", None, None, None, [])
     return rc, ParallelDims(tp=1, pp=1, dp=1, rank=0), tok
+
+
+def write_split(tmp_path, name: str, lengths: list[int], ranges: dict) -> SFTDataset:
+    """A pretokenized split `{tmp_path}/{name}` of `lengths` samples (assistant role throughout,
+    vocabulary 100) whose meta lists `ranges` (dataset name -> [start, end) of its samples)."""
+    texts = [(np.arange(n, dtype=np.uint16) % 90) + 5 for n in lengths]
+    roles = [np.full(n, 2, dtype=np.uint16) for n in lengths]
+    write_indexed(f"{tmp_path}/{name}-text", texts, np.uint16)
+    write_indexed(f"{tmp_path}/{name}-role", roles, np.uint16)
+    meta = {"tokenizer": {"vocab_size": 100, "pad_id": 0}, "dataset_ranges": ranges}
+    (tmp_path / f"{name}-meta.json").write_text(json.dumps(meta))
+    return SFTDataset(f"{tmp_path}/{name}")

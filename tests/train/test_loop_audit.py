@@ -8,13 +8,10 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from data.errors import DataError
-from data.indexed import write_indexed
-from data.loader import SFTDataset
-from tests.train.helpers import SyntheticLoader, tiny_run
+from tests.train.helpers import SyntheticLoader, tiny_run, write_split
 from train.args import ArgsError
 from train.config import ScheduleConfig
 from train.data import eval_splits
@@ -25,38 +22,27 @@ from train.main import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _split(tmp_path, name: str, lengths: list[int], ranges: dict) -> SFTDataset:
-    """A pretokenized split of `lengths` samples (assistant role throughout), vocabulary 100."""
-    texts = [(np.arange(n, dtype=np.uint16) % 90) + 5 for n in lengths]
-    roles = [np.full(n, 2, dtype=np.uint16) for n in lengths]
-    write_indexed(f"{tmp_path}/{name}-text", texts, np.uint16)
-    write_indexed(f"{tmp_path}/{name}-role", roles, np.uint16)
-    meta = {"tokenizer": {"vocab_size": 100, "pad_id": 0}, "dataset_ranges": ranges}
-    (tmp_path / f"{name}-meta.json").write_text(json.dumps(meta))
-    return SFTDataset(f"{tmp_path}/{name}")
-
-
 # ----------------------------------------------------------------------------------------------
 # a dataset named "all" against the whole split's "all"
 
 
 def test_a_dataset_named_all_is_refused_naming_it_and_the_file(tmp_path):
-    ds = _split(tmp_path, "mix-val", [4, 5, 6], {"all": [0, 2], "b": [2, 3]})
+    ds = write_split(tmp_path, "mix-val", [4, 5, 6], {"all": [0, 2], "b": [2, 3]})
     with pytest.raises(DataError) as e:
         eval_splits(ds)
     msg = str(e.value)
     assert "mix-val-meta.json" in msg and "named 'all'" in msg and "rename" in msg
 
 
-def test_a_lone_dataset_named_all_is_the_whole_split(tmp_path):
+def test_a_lone_dataset_named_all_is_the_wholewrite_split(tmp_path):
     # Only one dataset holds validation samples: no per-dataset entries, nothing to confuse.
-    ds = _split(tmp_path, "mix-val", [4, 5], {"all": [0, 2], "b": [2, 2]})
+    ds = write_split(tmp_path, "mix-val", [4, 5], {"all": [0, 2], "b": [2, 2]})
     assert eval_splits(ds) == {"all": None}
 
 
 def test_training_refuses_a_dataset_named_all_before_building_the_model(tmp_path, capsys):
-    _split(tmp_path, "mix-train", [40, 50, 60, 70], {"all": [0, 2], "b": [2, 4]})
-    _split(tmp_path, "mix-val", [40, 50, 60], {"all": [0, 2], "b": [2, 3]})
+    write_split(tmp_path, "mix-train", [40, 50, 60, 70], {"all": [0, 2], "b": [2, 4]})
+    write_split(tmp_path, "mix-val", [40, 50, 60], {"all": [0, 2], "b": [2, 3]})
     argv = ["--model", "tiny", "--micro_batch_size", "2", "--global_batch_size", "2",
             "--seq_length", "64", "--train_iters", "1", "--lr", "1e-3",
             "--data_path", str(tmp_path / "mix-train"), "--eval_iters", "1",
