@@ -56,7 +56,10 @@ data: install $(SAMPLE_DATA)
 
 # One run writes both mixes; the targets run one at a time (.NOTPARALLEL), so `make -j`
 # does not start the pretokenizer twice on the same files.
-$(SAMPLE_DATA): | $(STAMP)
+# Rebuilt when the mix or the bundled sample files change (a stale pretokenized copy would
+# otherwise train on the old data without a word).
+SAMPLE_INPUTS := configs/data/sample.yaml data/assets/sample_sp.model $(wildcard data/samples/*/*)
+$(SAMPLE_DATA): $(SAMPLE_INPUTS) | $(STAMP)
 	$(PY) -m data.pretokenize configs/data/sample.yaml
 
 train: install $(if $(filter tiny,$(MODEL)),data)

@@ -44,3 +44,17 @@ def test_torchrun_gets_each_local_rank_its_share_of_the_cores(nproc, nnodes):
 def test_one_process_runs_without_torchrun():
     line = _launch_line()
     assert "torchrun" not in line and "OMP_NUM_THREADS" not in line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_sample_data_is_rebuilt_when_its_inputs_change():
+    """The pretokenized sample mix depends on the mix file, the sample tokenizer and every
+    bundled sample file: an edited sample must not leave `make train` on the old tokens."""
+    res = subprocess.run(["make", "-pn", "data"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    target = "runs/data/sample_stage1/sample_stage1-train-text.idx:"
+    [rule] = [ln for ln in res.stdout.splitlines() if ln.startswith(target)]
+    prereqs = rule.split(":", 1)[1].split("|")[0].split()
+    assert {"configs/data/sample.yaml", "data/assets/sample_sp.model"} <= set(prereqs), rule
+    assert "data/samples/orca-chat/orca_best.json" in prereqs, rule

@@ -190,7 +190,10 @@ def orca_chat(r: random.Random) -> list[dict]:
         if i % 3 == 0 and (f := follow_up(r, a)) is not None:
             turns.append({"input": f[0], "output": f[1]})
         system = r.choice(SYSTEMS) if i % 4 else ""
-        rows.append({"id": f"orca-{i}", "instruction": system, "conversation": turns})
+        # Even rows in orca-best's layout (the seed's, {"samples": [...]}, whose first pair
+        # alone is read), odd rows as orca-chat-gpt4's plain list (read whole).
+        conv = {"samples": turns} if i % 2 == 0 else turns
+        rows.append({"id": f"orca-{i}", "instruction": system, "conversation": conv})
     return rows
 
 
@@ -392,7 +395,8 @@ def tokenizer_lines(data: dict) -> list[str]:
         turns += [("user", row["USER"]), ("assistant", row["ASSISTANT"])]
     for row in data["orca-chat"]:
         turns.append(("system", row["instruction"]))
-        for t in row["conversation"]:
+        conv = row["conversation"]
+        for t in conv["samples"] if isinstance(conv, dict) else conv:
             turns += [("user", t["input"]), ("assistant", t["output"])]
     for rows in data["dolly15k_multilingual"].values():
         for row in rows:
