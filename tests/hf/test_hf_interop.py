@@ -9,15 +9,8 @@ from safetensors import safe_open
 from data.chat import render_prompt
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
-from model.hf import (
-    HFWeights,
-    SafetensorsStream,
-    export_hf,
-    import_hf,
-    main,
-    parse_size,
-    plan_shards,
-)
+from model.hf import export_hf, import_hf, main, parse_size
+from model.hf_io import HFWeights, SafetensorsStream, plan_shards
 from model.hf_tokenizer import CHATML_TEMPLATE
 from train import checkpoint as ckpt
 

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 
 from model.config import ModelConfig
-from model.hf import HFWeights, export_hf, import_hf, main
+from model.hf import export_hf, import_hf, main
+from model.hf_io import HFWeights
 from train import checkpoint as ckpt
 
 transformers = pytest.importorskip("transformers")
@@ -281,10 +282,10 @@ def test_fp16_export_refuses_values_fp16_cannot_hold(tmp_path, tokenizer, capsys
 def test_import_holds_no_shard_open(tmp_path, hf_dir, monkeypatch):
     """A safetensors handle left open keeps every page read through its memory map in the
     process's RSS: a 70B import would end at 140 GB RSS. At most one shard is open at a time."""
-    import model.hf as hf
+    import model.hf_io as hf_io
 
     live, most = set(), [0]
-    real = hf.safe_open
+    real = hf_io.safe_open
 
     class Tracked:
         def __init__(self, *args, **kwargs):
@@ -304,7 +305,7 @@ def test_import_holds_no_shard_open(tmp_path, hf_dir, monkeypatch):
             return getattr(self.f, name)
 
     assert len(set(HFWeights(hf_dir).weight_map.values())) > 1  # several shards to keep open
-    monkeypatch.setattr(hf, "safe_open", Tracked)
+    monkeypatch.setattr(hf_io, "safe_open", Tracked)
     import_hf(hf_dir, tmp_path / "out")
     assert most[0] == 1 and not live
 
