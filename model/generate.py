@@ -21,7 +21,6 @@ import argparse
 import codecs
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -31,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from data.chat import Conversation, render_prompt
 from data.tokenizer import Tokenizer
@@ -138,17 +138,21 @@ class KVCache:
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """q: (B, T, heads, hd); k, v: (B, S, kv_heads, hd); mask: (B, T, S) True where visible.
-    Returns (B, T, heads * hd). fp32 scores and softmax, as the reference attention."""
+    Returns (B, T, heads * hd). fp32 scores and softmax, as the reference attention; query head h
+    reads KV head h // (heads / kv_heads). Through torch's SDPA, whose memory-efficient backend
+    (fp32 and an arbitrary mask on CUDA) need not hold the (B, heads, T, S) scores that a prefill
+    of long prompts would otherwise materialise (64 heads x 4k^2 x 4 B = 4 GiB per prompt and
+    layer). The KV heads are repeated here rather than with `enable_gqa`, which not every
+    backend takes."""
     b, t, nh, hd = q.shape
-    nkv = k.shape[2]
-    rep = nh // nkv  # query head h reads KV head h // rep
-    qg = q.float().view(b, t, nkv, rep, hd).permute(0, 2, 3, 1, 4)  # (B, nkv, rep, T, hd)
-    kg = k.float().permute(0, 2, 1, 3)[:, :, None]  # (B, nkv, 1, S, hd)
-    vg = v.float().permute(0, 2, 1, 3)[:, :, None]  # (B, nkv, 1, S, hd)
-    scores = (qg @ kg.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, nkv, rep, T, S)
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    out = scores.softmax(dim=-1) @ vg  # (B, nkv, rep, T, hd)
-    return out.permute(0, 3, 1, 2, 4).reshape(b, t, nh * hd).to(q.dtype)
+    rep = nh // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.float().transpose(1, 2),  # (B, heads, T, hd)
+        k.float().transpose(1, 2).repeat_interleave(rep, dim=1),  # (B, heads, S, hd)
+        v.float().transpose(1, 2).repeat_interleave(rep, dim=1),
+        attn_mask=mask[:, None],  # (B, 1, T, S)
+    )  # (B, heads, T, hd)
+    return out.transpose(1, 2).reshape(b, t, nh * hd).to(q.dtype)
 
 
 def forward_cached(
