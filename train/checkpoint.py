@@ -240,6 +240,12 @@ def _save_safetensors(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "tensors": json.dumps(layouts, sort_keys=True)}
     save_file(tensors, str(path), metadata=meta)
+    # safetensors creates its files 0600 whatever the umask, where the JSON beside them follows
+    # it: a serving job or a colleague on a shared cluster could read meta.json but not the
+    # weights. Give them the mode any other file of the run gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     _fsync(path)
 
 

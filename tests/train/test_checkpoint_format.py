@@ -146,3 +146,22 @@ def test_a_transformers_directory_is_named_with_the_import_command(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"Hugging Face model directory .* "
                        r"`python -m model\.hf import .*Llama-2-7b-hf OUT_DIR`"):  # fmt: skip
         ckpt.resolve_iteration_dir(hf)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_follow_the_umask(tmp_path, umask):
+    """safetensors writes 0600 files whatever the umask: weights a serving job on a shared
+    cluster could not read, beside a meta.json it could. Every file gets the umask's mode."""
+    import os
+    import stat
+
+    cfg, sd = _tiny_state()
+    old = os.umask(umask)
+    try:
+        d = ckpt.write_full_checkpoint(tmp_path, 1, sd, {"model": cfg.to_dict()})
+    finally:
+        os.umask(old)
+    files = [p for p in d.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
