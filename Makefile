@@ -16,6 +16,10 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 TRAIN_ARGS := configs/train/$(MODEL)-stage$(STAGE).args
+# Tiny stage 1 resumes itself (Megatron's --load = --save): the first `make train STAGE=1`
+# starts from scratch, a later one resumes an interrupted run or, after a finished one, has
+# nothing left to do. ARGS come after, so they can name another --load.
+RESUME := $(if $(filter tiny1,$(MODEL)$(STAGE)),--load runs/tiny-stage1/checkpoints)
 # torchrun sets OMP_NUM_THREADS=1 when it is unset, which leaves the offloaded optimizer step
 # (CPU Adam over a rank's share of 70B parameters) on one core; each local rank gets its share
 # of the cores instead (a value in the environment wins).
@@ -26,6 +30,19 @@ SAMPLE_DATA := runs/data/sample_stage1/sample_stage1-train-text.idx runs/data/sa
 ifneq ($(filter train,$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(TRAIN_ARGS)),)
 $(error MODEL=$(MODEL) STAGE=$(STAGE): there is no $(TRAIN_ARGS); the argument files in configs/train are $(notdir $(wildcard configs/train/*.args)) (MODEL-stageSTAGE.args))
+endif
+endif
+
+# The tiny stages run in order: stage 2 fine-tunes stage 1's final checkpoint, `make sample`
+# reads stage 2's (unless ARGS names another --load).
+ifeq ($(filter train,$(MAKECMDGOALS))$(MODEL)$(STAGE)$(findstring --load,$(ARGS)),traintiny2)
+ifeq ($(wildcard runs/tiny-stage1/checkpoints/latest_checkpointed_iteration.txt),)
+$(error STAGE=2 fine-tunes stage 1's final checkpoint and runs/tiny-stage1/checkpoints holds none: run `make train STAGE=1` first)
+endif
+endif
+ifeq ($(filter sample,$(MAKECMDGOALS))$(findstring --load,$(ARGS)),sample)
+ifeq ($(wildcard runs/tiny-stage2/checkpoints/latest_checkpointed_iteration.txt),)
+$(error make sample reads stage 2's checkpoint and runs/tiny-stage2/checkpoints holds none: run `make train STAGE=1` and `make train STAGE=2` first (or give ARGS="--load DIR"))
 endif
 endif
 
@@ -64,10 +81,10 @@ $(SAMPLE_DATA): $(SAMPLE_INPUTS) | $(STAMP)
 
 train: install $(if $(filter tiny,$(MODEL)),data)
 ifeq ($(NPROC)$(NNODES),11)
-	$(PY) -m train @$(TRAIN_ARGS) $(ARGS)
+	$(PY) -m train @$(TRAIN_ARGS) $(RESUME) $(ARGS)
 else
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(OMP_THREADS)} $(VENV)/bin/torchrun --nnodes $(NNODES) --node_rank $(NODE_RANK) --nproc_per_node $(NPROC) \
-		--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) -m train @$(TRAIN_ARGS) $(ARGS)
+		--master_addr $(MASTER_ADDR) --master_port $(MASTER_PORT) -m train @$(TRAIN_ARGS) $(RESUME) $(ARGS)
 endif
 
 sample: install

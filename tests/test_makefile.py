@@ -58,3 +58,23 @@ def test_the_sample_data_is_rebuilt_when_its_inputs_change():
     prereqs = rule.split(":", 1)[1].split("|")[0].split()
     assert {"configs/data/sample.yaml", "data/assets/sample_sp.model"} <= set(prereqs), rule
     assert "data/samples/orca-chat/orca_best.json" in prereqs, rule
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_the_tiny_stages_out_of_order_say_what_to_run_first(tmp_path):
+    """In a checkout without runs/: STAGE=2 names `make train STAGE=1`, `make sample` names the
+    stages; with a --load of the user's own in ARGS neither is checked."""
+    for name in ("configs", "data", "pyproject.toml"):  # what the targets' rules read
+        (tmp_path / name).symlink_to(ROOT / name)
+
+    def make(*args):
+        return subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-n", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    res = make("train", "STAGE=2")
+    assert res.returncode != 0 and "run `make train STAGE=1` first" in res.stderr
+    res = make("sample")
+    assert res.returncode != 0 and "`make train STAGE=2` first" in res.stderr
+    assert make("train", "STAGE=2", "ARGS=--load elsewhere").returncode == 0
+    res = make("train", "STAGE=1")  # stage 1 resumes itself from its own --save
+    assert res.returncode == 0 and "--load runs/tiny-stage1/checkpoints" in res.stdout

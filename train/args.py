@@ -255,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="load weights only: iteration 0, fresh optimizer, no RNG/data restore",
     )
     g.add_argument(
+        "--no_finetune",
+        dest="finetune",
+        action="store_false",
+        help="undo an argument file's --finetune (to resume a fine-tuning run from its own --save)",
+    )
+    g.add_argument(
+        "--overwrite_save",
+        action="store_true",
+        help="let this run save into a --save that holds an earlier run it does not resume "
+        "(its iterations of the same number are replaced); refused without it",
+    )
+    g.add_argument(
         "--use_checkpoint_args",
         action="store_true",
         help="architecture flags not given here come from the checkpoint",

@@ -87,6 +87,7 @@ class CheckpointConfig:
     load_optim: bool = True
     load_rng: bool = True
     keep_last: int | None = None  # --keep_last_n_checkpoints: older iterations are deleted
+    overwrite_save: bool = False  # --overwrite_save: --save may hold a run this one replaces
 
 
 @dataclass(frozen=True)
@@ -725,6 +726,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             not ns.no_load_optim,
             not ns.no_load_rng,
             ns.keep_last_n_checkpoints,
+            ns.overwrite_save,
         ),
         log=LogConfig(
             ns.log_interval,

@@ -406,6 +406,12 @@ class Trainer:
         if not resume:
             why = "--finetune" if rc.ckpt.finetune else "a weights-only checkpoint"
             log(f" loaded weights of {iter_dir} ({why}): iteration 0, fresh optimizer")
+            # Starting stage 2 from a stage 1 that stopped early is legal but rarely meant.
+            planned = ((meta.get("args") or {}).get("loop") or {}).get("train_iters")
+            done = meta.get("iteration")
+            if planned and done is not None and int(done) < int(planned):
+                log(f" note: {iter_dir} is iteration {done} of the {planned} its run was set to "
+                    "train: that run did not finish")  # fmt: skip
             return None
         self.iteration = int(meta["iteration"])
         self.consumed_samples = int(meta["consumed_train_samples"])
@@ -560,6 +566,9 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
             history.append({"type": "eval", "iteration": it, "dataset": name, **res})
 
     stop = None
+    if trainer.iteration >= loop.train_iters:
+        log(f" iteration {trainer.iteration} already reaches --train_iters {loop.train_iters}: "
+            "nothing to train (raise --train_iters to go on)")  # fmt: skip
     while trainer.iteration < loop.train_iters:
         t0 = time.perf_counter()
         batch = train_loader.next_global_batch()
@@ -642,7 +651,11 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
                 if rc.log.log_timers:
                     telemetry.record("checkpoint", it, {"timers/save_s": took}, "train")
         if stop:
-            log(f" exiting at iteration {it}: {stop}")
+            resume = ""
+            if rc.ckpt.save:
+                again = f"--load {rc.ckpt.save}" + (" --no_finetune" if rc.ckpt.finetune else "")
+                resume = f"; resume with {again}"
+            log(f" exiting at iteration {it}: {stop}{resume}")
             break
     for path in profiler.finish(trainer.iteration):  # a window cut short by the run's end
         log(f" profile of rank {dims.rank} written: {path}")

@@ -1,5 +1,6 @@
 """`python -m train`: parse, validate, (dry-run or) set up the ranks and train."""
 
+import dataclasses
 import os
 import sys
 import time
@@ -52,29 +53,94 @@ def main(argv: list[str] | None = None) -> int:
     return train(rc)
 
 
-def _earlier_run_note(rc: RunConfig) -> str | None:
-    """A warning when --save already holds an earlier run's checkpoints that this run does not
-    resume from: iterations it reaches replace theirs, and the latest file will name its own."""
+def _inside(path: str, root: str) -> bool:
+    """`path` is `root` or lies below it (an iteration directory of a save directory)."""
+    root_dir = Path(root).resolve()
+    return root_dir in (Path(path).resolve(), *Path(path).resolve().parents)
+
+
+def _first_launch(rc: RunConfig) -> bool:
+    """--load names this run's own --save and nothing was saved there yet: Megatron's idiom for a
+    job that resumes itself (the same --load and --save on every launch), whose first launch
+    starts from scratch. Not under --finetune (weights to start from must exist), and not when
+    the directory holds anything that looks like an iteration (an interrupted save is an error
+    that says what to load)."""
     from train import checkpoint as ckpt
 
-    save, load = rc.ckpt.save, rc.ckpt.load
+    load, save = rc.ckpt.load, rc.ckpt.save
+    if not (load and save) or rc.ckpt.finetune:
+        return False
+    if Path(load).resolve() != Path(save).resolve():
+        return False
+    path = Path(load)
+    if not path.exists():
+        return True
+    return (
+        path.is_dir()
+        and not (path / ckpt.LATEST_FILE).exists()
+        and not (path / ckpt.META_FILE).exists()
+        and not any(path.glob("iter_*"))
+        and not any(path.glob("mp_rank_*"))
+    )
+
+
+def _earlier_run(rc: RunConfig) -> tuple[str | None, str | None]:
+    """(error, warning) when --save already holds an earlier run's checkpoints that this run
+    does not resume from: the iterations it saves would replace theirs, and the latest file would
+    name its own. Refused unless --overwrite_save (then only warned): nothing already written is
+    lost without being asked for."""
+    from train import checkpoint as ckpt
+
+    save, load, finetune = rc.ckpt.save, rc.ckpt.load, rc.ckpt.finetune
     if not save:
-        return None
+        return None, None
     try:
         it = ckpt.latest_iteration(save)
     except ckpt.CheckpointError:
-        return None
+        return None, None  # an unreadable latest file: loading it says what is wrong
     if it is None:
-        return None
-    save_dir = Path(save).resolve()
-    if load and save_dir in (Path(load).resolve(), *Path(load).resolve().parents):
-        return None  # resuming from it (or from one of its iterations)
-    return (
-        f" WARNING: --save {save} already holds an earlier run (its latest iteration is {it}) and "
-        "this run does not --load it: the iterations this run saves replace those with the same "
-        f"number, and {ckpt.LATEST_FILE} will name this run's. To resume instead, pass --load "
-        f"{save}; to keep both, choose another --save."
-    )
+        return None, None
+    own = bool(load) and _inside(load, save)
+    if own and not finetune:
+        return None, None  # resuming it (or one of its iterations)
+    if own:
+        why = (
+            f"--finetune --load {load} starts this run at iteration 0 from its own --save {save} "
+            f"(latest iteration {it}), and its saves would replace that run's iterations"
+        )
+        how = (
+            "to resume that run, add --no_finetune; to fine-tune it further, choose another "
+            "--save; to replace it, add --overwrite_save"
+        )
+    else:
+        why = (
+            f"--save {save} already holds an earlier run (its latest iteration is {it}) that this "
+            f"run does not resume: the iterations this run saves would replace those with the "
+            f"same number, and {ckpt.LATEST_FILE} would name this run's"
+        )
+        resume = f"--load {save}" + (" --no_finetune" if finetune else "")
+        how = (
+            f"to resume it, pass {resume}; to keep both, choose another --save; to replace it, "
+            "add --overwrite_save"
+        )
+    if rc.ckpt.overwrite_save:
+        return None, f" WARNING: {why} (--overwrite_save)"
+    return f"{why}: {how}", None
+
+
+def _resume_hint(rc: RunConfig) -> str:
+    """What a stopped run left and how to go on from it."""
+    from train import checkpoint as ckpt
+
+    save = rc.ckpt.save
+    try:
+        it = ckpt.latest_iteration(save) if save else None
+    except ckpt.CheckpointError:
+        it = None
+    if it is None:
+        return "no checkpoint was saved; start the run again"
+    resume = f"--load {save}" + (" --no_finetune" if rc.ckpt.finetune else "")
+    return f"{save} holds complete checkpoints up to iteration {it}; resume with {resume}"
 
 
 def train(rc: RunConfig) -> int:
@@ -95,6 +161,18 @@ def train(rc: RunConfig) -> int:
         return _fail(str(e))
     if dims.dp != rc.parallel.dp:
         return _fail(f"launched with data parallel size {dims.dp}, configured for {rc.parallel.dp}")
+    # Before any directory is made: a run that cannot start leaves nothing behind.
+    first_launch = _first_launch(rc)
+    if first_launch:
+        rc.ckpt = dataclasses.replace(rc.ckpt, load=None)
+    elif rc.ckpt.load:
+        try:
+            ckpt.resolve_iteration_dir(rc.ckpt.load)
+        except ckpt.CheckpointError as e:
+            return _fail(f"--load {rc.ckpt.load}: {e}")
+    refused, earlier = _earlier_run(rc)
+    if refused:
+        return _fail(refused)
     problem = _make_output_dirs(rc)
     if problem is not None:
         return _fail(problem)
@@ -153,9 +231,11 @@ def train(rc: RunConfig) -> int:
             f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
             f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
         log(" " + state_memory_line(trainer))
-        note = _earlier_run_note(rc)
-        if note:
-            log(note)
+        if earlier:
+            log(earlier)
+        if first_launch:
+            log(f" note: --load {rc.ckpt.save} is this run's --save and holds no checkpoint yet: "
+                "starting from scratch (a later launch resumes from it)")  # fmt: skip
         long = int((train_ds.sizes > rc.data.seq_length).sum())
         if long:
             # Cut on the right (Megatron-LLM's t[:seq_length + 1]): the tail of each is never
@@ -193,6 +273,10 @@ def train(rc: RunConfig) -> int:
         run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry, started)
     except ckpt.CheckpointError as e:  # a failed save: the message says what is still intact
         return _fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: say what is intact instead of a traceback
+        if logging:
+            print(f"interrupted: {_resume_hint(rc)}", file=sys.stderr, flush=True)
+        return 130
     finally:
         if telemetry is not None:
             telemetry.close()

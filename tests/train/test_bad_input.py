@@ -286,26 +286,61 @@ def test_failed_resave_of_the_same_iteration_restores_it(tmp_path, monkeypatch):
     assert ckpt.resolve_iteration_dir(tmp_path) == d
 
 
-def test_a_new_run_into_an_earlier_runs_save_directory_is_warned_about(tmp_path):
-    """Not refused (Megatron overwrites, and a second `make train STAGE=1` must work), but said
-    at start-up: the earlier run's iterations of the same number will be replaced."""
+def test_a_new_run_into_an_earlier_runs_save_directory_is_refused_unless_asked(tmp_path):
+    """A run that would replace an earlier run's iterations in its --save is refused (nothing
+    already written is lost without being asked for); --overwrite_save turns that into a
+    warning; a run that resumes the earlier one is neither. --finetune from the run's own --save
+    restarts it at iteration 0, which is refused too, naming --no_finetune."""
     import dataclasses
 
     from tests.train.helpers import tiny_run
-    from train.main import _earlier_run_note
+    from train.main import _earlier_run
 
     save = tmp_path / "ckpt"
     rc, _, _ = tiny_run()
 
-    def note(load=None, save_dir=save):
-        rc.ckpt = dataclasses.replace(rc.ckpt, save=str(save_dir), load=load)
-        return _earlier_run_note(rc)
+    def check(load=None, finetune=False, overwrite=False):
+        rc.ckpt = dataclasses.replace(rc.ckpt, save=str(save), load=load, finetune=finetune,
+                                      overwrite_save=overwrite)  # fmt: skip
+        return _earlier_run(rc)
 
-    assert note() is None  # nothing saved there yet
+    assert check() == (None, None)  # nothing saved there yet
     (save / "iter_0000005").mkdir(parents=True)
     (save / "latest_checkpointed_iteration.txt").write_text("5")
-    msg = note()
-    assert msg and "WARNING" in msg and "iteration is 5" in msg and f"--load {save}" in msg
-    assert note(load=str(save)) is None  # resuming it
-    assert note(load=str(save / "iter_0000005")) is None
-    assert "WARNING" in note(load=str(tmp_path / "elsewhere"))  # --finetune from another run
+    err, warn = check()
+    assert warn is None and "iteration is 5" in err and f"pass --load {save};" in err
+    assert "--overwrite_save" in err
+    err, warn = check(overwrite=True)
+    assert err is None and "WARNING" in warn and "iteration is 5" in warn
+    assert check(load=str(save)) == (None, None)  # resuming it
+    assert check(load=str(save / "iter_0000005")) == (None, None)
+    err, _ = check(load=str(tmp_path / "elsewhere"), finetune=True)  # stage 2 run again
+    assert f"--load {save} --no_finetune" in err
+    err, _ = check(load=str(save), finetune=True)  # --finetune from its own save
+    assert "starts this run at iteration 0" in err and "add --no_finetune" in err
+
+
+def test_first_launch_of_a_self_resuming_run_starts_from_scratch(tmp_path):
+    """--load equal to --save with nothing saved yet is Megatron's self-resuming job: the first
+    launch starts fresh. Not with --finetune, not for another directory, and not when the
+    directory holds an iteration without the latest file (an interrupted save is an error)."""
+    import dataclasses
+
+    from tests.train.helpers import tiny_run
+    from train.main import _first_launch
+
+    save = tmp_path / "ckpt"
+    rc, _, _ = tiny_run()
+
+    def first(load, finetune=False):
+        rc.ckpt = dataclasses.replace(rc.ckpt, save=str(save), load=str(load), finetune=finetune)
+        return _first_launch(rc)
+
+    assert first(save)  # does not exist yet
+    save.mkdir()
+    (save / "notes.txt").write_text("x")
+    assert first(save)  # exists, holds no checkpoint
+    assert not first(save, finetune=True)
+    assert not first(tmp_path / "other")
+    (save / "iter_0000003").mkdir()
+    assert not first(save)

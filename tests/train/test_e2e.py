@@ -177,3 +177,48 @@ def test_samples_cut_to_seq_length_are_noted_and_counted(data_dir, tmp_path, cap
     assert sum(want) > 0
     assert [r["truncated"] for r in _rows(tmp_path, "train")] == want
     assert "samples cut to seq_length" in out
+
+
+def _tree_digest(root: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_a_self_resuming_run_a_refused_rerun_and_ctrl_c(data_dir, tmp_path, capsys, monkeypatch):
+    """--load = --save (tiny-stage1.args): the first launch starts from scratch, the next
+    resumes, a finished one has nothing to do; a run that would replace that run's
+    checkpoints is refused and writes nothing; Ctrl-C says what is intact and how to resume."""
+    import train.loop
+
+    save = tmp_path / "checkpoints"
+    base = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 4), "--load", str(save),
+            "--lr_warmup_iters", "1", "--eval_interval", "100", "--save_interval", "2"]  # fmt: skip
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert "holds no checkpoint yet: starting from scratch" in out
+    assert [r["iteration"] for r in _rows(tmp_path, "train")] == [2, 4]
+    assert main([*base, "--train_iters", "6"]) == 0
+    assert "at iteration 4" in capsys.readouterr().out
+    assert [r["iteration"] for r in _rows(tmp_path, "train")] == [2, 4, 6]
+    assert main([*base, "--train_iters", "6"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+    before = _tree_digest(save)
+    at = base.index("--load")
+    fresh = base[:at] + base[at + 2 :]  # a new run into the same --save
+    assert main(fresh) == 2
+    err = capsys.readouterr().err
+    assert "already holds an earlier run (its latest iteration is 6)" in err
+    assert f"pass --load {save};" in err and "--overwrite_save" in err
+    assert _tree_digest(save) == before
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.loop, "run_training", interrupted)
+    assert main([*base, "--train_iters", "8"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: {save} holds complete checkpoints up to iteration 6" in err
+    assert f"resume with --load {save}" in err and "Traceback" not in err
