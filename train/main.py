@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(
             "these settings need a later part of the project:\n  - " + "\n  - ".join(rc.deferred)
         )
-    return train(rc)
+    return train(rc, list(argv) if argv is not None else sys.argv[1:])
 
 
 def _inside(path: str, root: str) -> bool:
@@ -128,6 +128,24 @@ def _earlier_run(rc: RunConfig) -> tuple[str | None, str | None]:
     return f"{why}: {how}", None
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (with "-dirty" for uncommitted changes), for the run's record; None
+    outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)  # fmt: skip
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def _resume_hint(rc: RunConfig) -> str:
     """What a stopped run left and how to go on from it."""
     from train import checkpoint as ckpt
@@ -143,8 +161,9 @@ def _resume_hint(rc: RunConfig) -> str:
     return f"{save} holds complete checkpoints up to iteration {it}; resume with {resume}"
 
 
-def train(rc: RunConfig) -> int:
-    """Set up this rank and run the loop; returns the exit code."""
+def train(rc: RunConfig, argv: list[str] | None = None) -> int:
+    """Set up this rank and run the loop; returns the exit code. argv: the command line, for
+    the run's record in metrics.jsonl."""
     from parallel.dims import ParallelDims
     from train import checkpoint as ckpt
     from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
@@ -225,6 +244,9 @@ def train(rc: RunConfig) -> int:
             wandb_cfg = {"project": rc.log.wandb_project, "entity": rc.log.wandb_entity,
                          "id": rc.log.wandb_id, "dir": rc.log.run_dir}  # fmt: skip
         telemetry = Telemetry(rc.log.run_dir, rc.log.tensorboard_dir, wandb_cfg, rc.to_dict())
+        telemetry.run_start(trainer.iteration, {
+            "argv": argv, "load": rc.ckpt.load, "finetune": rc.ckpt.finetune,
+            "world_size": dims.world_size, "git": _git_commit()})  # fmt: skip
         log(describe(rc))
         n_local = sum(p.numel() for _, p in trainer.named_parameters())
         log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "

@@ -118,6 +118,14 @@ class Telemetry:
             else:
                 self.wandb = wandb.init(config=config_dict, resume="allow", **wandb_cfg)
 
+    def run_start(self, iteration: int, info: dict) -> None:
+        """A {"type": "run_start"} line in metrics.jsonl (only there): the file is appended to
+        by every launch of a run (a resume, a rerun), so readers can tell the launches apart."""
+        if self.jsonl is not None:
+            row = {"type": "run_start", "iteration": iteration, "time": time.time(), **info}
+            self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+
     def record(self, kind: str, iteration: int, values: dict, tb_prefix: str) -> None:
         """One JSON line {"type": kind, "iteration": ..., **values}; scalars to TB and wandb."""
         row = {"type": kind, "iteration": iteration, "time": time.time(), **values}

@@ -222,3 +222,7 @@ def test_a_self_resuming_run_a_refused_rerun_and_ctrl_c(data_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert f"interrupted: {save} holds complete checkpoints up to iteration 6" in err
     assert f"resume with --load {save}" in err and "Traceback" not in err
+    # metrics.jsonl is appended to by every launch that started: each begins with a marker
+    starts = _rows(tmp_path, "run_start")
+    assert [r["iteration"] for r in starts] == [0, 4, 6, 6]  # not the refused launch
+    assert starts[1]["load"] == str(save) and "--train_iters" in starts[1]["argv"]
