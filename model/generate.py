@@ -508,6 +508,9 @@ def build_report(args: argparse.Namespace) -> dict:
                     "sampling_params": asdict(params),
                     "outputs": [_decode_output(tok, c) for c in comps],
                     "output_tokens": [len(c.tokens) for c in comps],
+                    # the ids themselves (stop id included): a token-by-token comparison with
+                    # another runtime (transformers, TGI) needs no re-tokenizing of the text
+                    "output_ids": [c.tokens for c in comps],
                     "stop_reasons": [c.stop_reason for c in comps],
                 }
             )

@@ -165,6 +165,11 @@ def test_report_cli(tmp_path, imported, tokenizer):
         for r in p["results"]:
             assert len(r["outputs"]) == 1 and isinstance(r["outputs"][0], str)
             assert 1 <= r["output_tokens"][0] <= 6
+            ids = r["output_ids"][0]
+            assert len(ids) == r["output_tokens"][0]
+            # the text is the ids decoded, the stop id left out
+            kept = ids[:-1] if r["stop_reasons"][0] == "stop" else ids
+            assert r["outputs"][0] == tokenizer.decode(kept)
             assert r["sampling_params"]["max_new_tokens"] == 6
     assert report["stats"]["generated_tokens"] == sum(
         r["output_tokens"][0] for p in report["prompts"] for r in p["results"]
