@@ -20,6 +20,17 @@ def use_triton(x: torch.Tensor) -> bool:
     return HAS_TRITON and (x.is_cuda or INTERPRET)
 
 
+def wide_offsets(t: torch.Tensor, dims: tuple[int, ...] = (1,), extra: int = 0) -> bool:
+    """True when an offset a kernel forms from int32 indices over `dims` of `t` can pass 2^31
+    elements: sum of (size - 1) * |stride| over `dims`, plus `extra` (what else the kernel adds
+    in int32, e.g. a few tokens). The kernels index rows (tokens) in int64 but columns and heads
+    in int32, which is exact for any dense layout; a view with a column or head stride in the
+    millions (a transposed or head-major tensor) is the exception, and the launchers copy it to
+    a dense layout instead of paying int64 index math on every launch."""
+    off = sum((t.shape[d] - 1) * abs(t.stride(d)) for d in dims if t.shape[d] > 0)
+    return off + extra >= 2**31
+
+
 if HAS_TRITON:
     import triton.language as tl
 

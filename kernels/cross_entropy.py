@@ -246,10 +246,23 @@ def ce_grad(
     `grad` may be given (unit column stride; tests pass a NaN-filled one); `cfg` overrides the
     launch settings."""
     logits, labels = _check(logits, labels, valid)
+    tokens = logits.shape[0]
+    if m.shape != (tokens,) or s.shape != (tokens,):
+        raise ValueError(
+            f"ce_grad: m and s must be ({tokens},) like the labels, got {tuple(m.shape)} and "
+            f"{tuple(s.shape)}"
+        )
+    if dloss.shape != (tokens,):
+        # one upstream gradient for every token ((1,) or 0-dim): the kernel reads it per row
+        if dloss.numel() != 1:
+            raise ValueError(
+                f"ce_grad: dloss must be ({tokens},) or a single number, got {tuple(dloss.shape)}"
+            )
+        dloss = dloss.reshape(1).expand(tokens)
     if not use_triton(logits):
         return reference.ce_grad(logits, labels, start, valid, m, s, dloss)
     m, s = m.contiguous(), s.contiguous()  # read by row, as labels
-    tokens, local = logits.shape
+    local = logits.shape[1]
     if grad is None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if tokens and local:

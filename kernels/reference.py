@@ -164,6 +164,9 @@ def adamw(
     """
     if found_inf is not None and bool(found_inf.item()):
         return
+    if isinstance(grad_scale, torch.Tensor):
+        # a number in fp32, as the kernel reads it: an fp64 (1,) tensor would promote g to fp64
+        grad_scale = grad_scale.float()
     g = grads.float() * grad_scale
     params.mul_(1.0 - lr * weight_decay)
     exp_avg.lerp_(g, 1.0 - beta1)

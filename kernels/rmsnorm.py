@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton
+from kernels._triton import HAS_TRITON, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -383,6 +383,12 @@ def _bwd_layout(n_rows: int, cfg: BwdConfig, device: torch.device) -> tuple[int,
     return triton.cdiv(n_rows, rows_per_program), rows_per_program  # each program has a row
 
 
+def _check_weight(weight: torch.Tensor, n_cols: int) -> None:
+    # On both paths: the reference would broadcast a (1,) or (rows, hidden) weight silently.
+    if weight.shape != (n_cols,):
+        raise ValueError(f"rmsnorm: weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """(..., hidden) -> (rows, hidden) as a view where strides allow (a copy only if they don't)."""
     return t.reshape(-1, t.shape[-1])
@@ -401,14 +407,18 @@ def _rmsnorm_fwd(
     `out` and `rstd` may be given (tests pass NaN-filled ones); `cfg` overrides the launch
     settings (the tuning sweep times each candidate)."""
     n_rows, n_cols = x.shape
-    if weight.shape != (n_cols,):
-        raise ValueError(f"rmsnorm: weight has shape {tuple(weight.shape)}, expected ({n_cols},)")
+    _check_weight(weight, n_cols)
     weight = weight.contiguous()
     if out is None:
         out = torch.empty(n_rows, n_cols, dtype=x.dtype, device=x.device)
     if rstd is None:
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
+        return out, rstd
+    if wide_offsets(x):  # column offsets past int32 (see wide_offsets): read a dense copy
+        x = x.contiguous()
+    if wide_offsets(out):
+        out.copy_(_rmsnorm_fwd(x, weight, eps, None, rstd, cfg)[0])
         return out, rstd
     blocks = _blocks(n_cols)
     cfg = cfg or _fwd_config(n_cols, x.device)
@@ -456,6 +466,12 @@ def _rmsnorm_bwd(
         dweight = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
     if n_rows == 0:
         return dx, dweight.zero_()
+    # column offsets past int32 (see wide_offsets): dense copies of the inputs, a dense dx
+    dy = dy.contiguous() if wide_offsets(dy) else dy
+    x = x.contiguous() if wide_offsets(x) else x
+    if wide_offsets(dx):
+        dx.copy_(_rmsnorm_bwd(dy, x, weight, rstd, None, dweight, cfg)[0])
+        return dx, dweight
     blocks = _blocks(n_cols)
     cfg = cfg or _bwd_config(n_cols, x.device)
     programs, rows_per_program = _bwd_layout(n_rows, cfg, x.device)
@@ -527,4 +543,5 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.T
     Rows may be strided (e.g. x[:, :hidden] of a wider tensor) and are read without a copy."""
     if use_triton(x):
         return _RMSNorm.apply(x, weight, eps)
+    _check_weight(weight, x.shape[-1])
     return reference.rmsnorm(x, weight, eps)

@@ -40,7 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton
+from kernels._triton import HAS_TRITON, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -120,7 +120,8 @@ if HAS_TRITON:
     ):
         """(BLOCK_T, BLOCK_H, BLOCK_D) offsets of the first half of heads h0.. and their mask.
 
-        int32 is enough: the program's base pointer already holds the int64 token offset."""
+        int32 is enough: the program's base pointer already holds the int64 token offset, and
+        `_rotary_apply` copies a view whose head or dim offsets would pass 2^31 to a dense one."""
         h = h0 + tl.arange(0, BLOCK_H)
         off = (
             t[:, None, None] * stride_tok
@@ -321,7 +322,12 @@ def _heuristic(n_heads: int, n_kv_heads: int, head_dim: int) -> _Config:
 def _config(n_heads: int, n_kv_heads: int, head_dim: int, device: torch.device) -> _Config:
     """The card's tuned settings for this head shape, else the heuristic (always on CPU)."""
     default = _heuristic(n_heads, n_kv_heads, head_dim)
-    return tuning.tuned_config("rotary", tune_key(n_heads, n_kv_heads, head_dim), device, default)
+    key = tune_key(n_heads, n_kv_heads, head_dim)
+
+    def check(cfg: _Config) -> None:  # an unusable entry: the heuristic runs, with a warning
+        _check_config(cfg, n_heads, n_kv_heads, head_dim)
+
+    return tuning.tuned_config("rotary", key, device, default, check)
 
 
 def candidates(n_heads: int, n_kv_heads: int, head_dim: int) -> list[_Config]:
@@ -434,6 +440,18 @@ def _rotary_apply(
     _check_config(cfg, n_heads, n_kv_heads, head_dim)
     if tokens == 0:
         return q_out, k_out
+
+    def wide(t: torch.Tensor) -> bool:  # a program's offsets: its tokens, every head, head_dim
+        return wide_offsets(t, (1, 2), (min(cfg.block_t, tokens) - 1) * abs(t.stride(0)))
+
+    if wide(q) or wide(k) or wide(q_out) or wide(k_out):
+        # Head or dim offsets past int32 (e.g. a head-major buffer of long sequences): rotate
+        # dense copies (loads stay ahead of stores: safe when q_out is q), then write back.
+        qo, ko = _rotary_apply(
+            q.contiguous(), k.contiguous(), positions, theta, scaling_factor, backward,
+            cfg=cfg, cos_sin=cos_sin,
+        )  # fmt: skip
+        return q_out.copy_(qo), k_out.copy_(ko)
     inv_freq = _inv_freq(head_dim, float(theta), q.device)
     cached = cos_sin is not None and cfg.cached
     cs = cos_sin if cached else inv_freq  # a pointer the kernel never reads when unused

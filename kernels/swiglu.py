@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton
+from kernels._triton import HAS_TRITON, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -223,6 +223,10 @@ def _swiglu_fwd(
         out = torch.empty(n_rows, n_ffn, dtype=gate_up.dtype, device=gate_up.device)
     if n_rows == 0 or n_ffn == 0:
         return out
+    if wide_offsets(gate_up):  # column offsets past int32 (see wide_offsets): a dense copy
+        gate_up = gate_up.contiguous()
+    if wide_offsets(out):
+        return out.copy_(_swiglu_fwd(gate_up, None, cfg))
     cfg = cfg or _config(n_ffn, gate_up.device, backward=False)
     grid, meta = _launch(n_rows, n_ffn, cfg, (gate_up, out))
     _swiglu_fwd_kernel[grid](
@@ -254,6 +258,11 @@ def _swiglu_bwd(
         dgate_up = torch.empty(n_rows, 2 * n_ffn, dtype=gate_up.dtype, device=gate_up.device)
     if n_rows == 0 or n_ffn == 0:
         return dgate_up
+    # column offsets past int32 (see wide_offsets): dense copies of the inputs, a dense output
+    dout = dout.contiguous() if wide_offsets(dout) else dout
+    gate_up = gate_up.contiguous() if wide_offsets(gate_up) else gate_up
+    if wide_offsets(dgate_up):
+        return dgate_up.copy_(_swiglu_bwd(dout, gate_up, None, cfg))
     cfg = cfg or _config(n_ffn, gate_up.device, backward=True)
     grid, meta = _launch(n_rows, n_ffn, cfg, (dout, gate_up, dgate_up))
     _swiglu_bwd_kernel[grid](
@@ -295,4 +304,5 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: (..., 2*ffn) laid out [gate | up] -> silu(gate) * up: (..., ffn)."""
     if use_triton(gate_up):
         return _SwiGLU.apply(gate_up)
+    _split_width(gate_up)  # the reference's chunk would split an odd width unevenly
     return reference.swiglu(gate_up)

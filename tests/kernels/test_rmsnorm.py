@@ -186,7 +186,8 @@ def test_every_forward_candidate_at_wide_rows(device, hidden):
 
 
 def test_tuned_table_overrides_heuristic(monkeypatch):
-    """A card's table entry replaces the heuristic; a stale entry fails with the op and key."""
+    """A card's table entry replaces the heuristic; a stale entry is skipped with a warning that
+    names the op and key, and the heuristic runs."""
     from kernels import tuning
 
     entries = {("rmsnorm_bwd", "hidden=4096"): {"warps": 4, "rows": 2, "programs_per_sm": 1}}
@@ -195,5 +196,5 @@ def test_tuned_table_overrides_heuristic(monkeypatch):
     assert rms_mod._bwd_config(4096, cuda) == rms_mod.BwdConfig(4, 2, 1)
     assert rms_mod._bwd_config(8192, cuda) == rms_mod.BwdConfig(16, 1, rms_mod._PROGRAMS_PER_SM)
     entries[("rmsnorm_fwd", "hidden=4096")] = {"warps": 8, "block": 64}
-    with pytest.raises(ValueError, match="rmsnorm_fwd.*unknown parameter.*block"):
-        rms_mod._fwd_config(4096, cuda)
+    with pytest.warns(UserWarning, match="rmsnorm_fwd.*unknown parameter.*block"):
+        assert rms_mod._fwd_config(4096, cuda) == rms_mod.FwdConfig(8, 1)
