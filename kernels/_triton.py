@@ -1,5 +1,6 @@
 """Whether Triton is importable, and whether a tensor should take the Triton path."""
 
+import functools
 import os
 
 import torch
@@ -18,6 +19,25 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def use_triton(x: torch.Tensor) -> bool:
     """True when `x` should go through a Triton kernel: CUDA tensors, or CPU under the interpreter."""
     return HAS_TRITON and (x.is_cuda or INTERPRET)
+
+
+def on_tensor_device(launcher):
+    """Decorator for a function that launches Triton kernels: runs it with the CUDA device of its
+    first tensor argument current. A Triton launch goes to the *current* device and its current
+    stream, not to its tensors' device: with x on cuda:1 while cuda:0 is current (`--device
+    cuda:1` without set_device, a second model copy) the kernel would run on cuda:0 against
+    cuda:1 memory -- an illegal address, or a race with cuda:1's stream where peer access is on.
+    CPU tensors (the interpreter) run the function as it is."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or not first.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return guarded
 
 
 def wide_offsets(t: torch.Tensor, dims: tuple[int, ...] = (1,), extra: int = 0) -> bool:

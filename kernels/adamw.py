@@ -29,7 +29,7 @@ import math
 import torch
 
 from kernels import reference
-from kernels._triton import HAS_TRITON, use_triton
+from kernels._triton import HAS_TRITON, on_tensor_device, use_triton
 
 if HAS_TRITON:
     import triton
@@ -198,6 +198,7 @@ def _flag_ptr(name: str, t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t
 
 
+@on_tensor_device
 def _adamw_triton(
     params,
     grads,
@@ -319,6 +320,7 @@ def fused_adamw(
         reference.adamw(params, grads, exp_avg, exp_avg_sq, **kwargs)
 
 
+@on_tensor_device
 def found_nonfinite(grads: torch.Tensor, found_inf: torch.Tensor) -> torch.Tensor:
     """Set found_inf (1,) fp32 to 1.0 if any element of grads (n,) is inf or NaN; never clears
     it, so one flag can collect several buffers. Device-side: no host sync. Returns found_inf."""
@@ -335,6 +337,7 @@ def found_nonfinite(grads: torch.Tensor, found_inf: torch.Tensor) -> torch.Tenso
     return found_inf
 
 
+@on_tensor_device
 def grad_sq_norm_and_nonfinite(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of squares of grads (n,) and a non-finite flag, in one read of the buffer.
 

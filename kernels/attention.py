@@ -42,7 +42,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference
-from kernels._triton import HAS_TRITON, INTERPRET, use_triton
+from kernels._triton import HAS_TRITON, INTERPRET, on_tensor_device, use_triton
 
 if HAS_TRITON:  # elsewhere (no Triton wheel) `attention` runs the reference
     import triton
@@ -496,6 +496,7 @@ def _search_steps(num_docs: int) -> int:
 _STARTS_BLOCK = 64 if INTERPRET else 1024  # tokens per program of _doc_starts_kernel
 
 
+@on_tensor_device
 def _doc_starts(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
     """(tokens,) int32: the first token of each token's document."""
     start = _empty((tokens,), torch.int32, cu_seqlens.device)
@@ -519,6 +520,7 @@ def _empty(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@on_tensor_device
 def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
     """row_start: `_doc_starts(cu_seqlens, tokens)`."""
     tokens, heads, head_dim = q.shape
@@ -541,6 +543,7 @@ def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
     return out, lse
 
 
+@on_tensor_device
 def _backward(do, q, k, v, out, lse, row_start, cu_seqlens, max_seqlen: int, scale: float):
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton
+from kernels._triton import HAS_TRITON, on_tensor_device, use_triton
 
 if HAS_TRITON:
     import triton
@@ -200,6 +200,7 @@ def _check(
     return (logits if logits.stride(1) == 1 else logits.contiguous()), labels.contiguous()
 
 
+@on_tensor_device
 def ce_stats(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -230,6 +231,7 @@ def ce_stats(
     return m, s, picked
 
 
+@on_tensor_device
 def ce_grad(
     logits: torch.Tensor,
     labels: torch.Tensor,

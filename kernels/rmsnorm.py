@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton, wide_offsets
+from kernels._triton import HAS_TRITON, on_tensor_device, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -394,6 +394,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+@on_tensor_device
 def _rmsnorm_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -445,6 +446,7 @@ def _rmsnorm_fwd(
     return out, rstd
 
 
+@on_tensor_device
 def _rmsnorm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,

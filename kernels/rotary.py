@@ -40,7 +40,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton, wide_offsets
+from kernels._triton import HAS_TRITON, on_tensor_device, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -409,6 +409,7 @@ def _check(
         )
 
 
+@on_tensor_device
 def _rotary_apply(
     q: torch.Tensor,
     k: torch.Tensor,

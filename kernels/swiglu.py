@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from kernels import reference, tuning
-from kernels._triton import HAS_TRITON, use_triton, wide_offsets
+from kernels._triton import HAS_TRITON, on_tensor_device, use_triton, wide_offsets
 
 if HAS_TRITON:
     import triton
@@ -212,6 +212,7 @@ def _split_width(gate_up: torch.Tensor) -> int:
     return width // 2
 
 
+@on_tensor_device
 def _swiglu_fwd(
     gate_up: torch.Tensor, out: torch.Tensor | None = None, cfg: Config | None = None
 ) -> torch.Tensor:
@@ -244,6 +245,7 @@ def _swiglu_fwd(
     return out
 
 
+@on_tensor_device
 def _swiglu_bwd(
     dout: torch.Tensor,
     gate_up: torch.Tensor,

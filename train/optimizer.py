@@ -346,9 +346,9 @@ class ShardedAdamW:
         def fetch(i: int) -> None:
             a, b, _ = chunks[i]
             self._grad_host[i % 2][: b - a].copy_(grad[a:b], non_blocking=cuda)
-            if cuda:
+            if cuda:  # on the stream the copy went to: grad's device's, whichever is current
                 arrived[i % 2] = torch.cuda.Event()
-                arrived[i % 2].record()
+                arrived[i % 2].record(torch.cuda.current_stream(grad.device))
 
         fetch(0)
         step = torch.tensor(float(self.step_count))
@@ -371,7 +371,7 @@ class ShardedAdamW:
             out[a:b].copy_(staged, non_blocking=cuda)
             if cuda:
                 sent[slot] = torch.cuda.Event()
-                sent[slot].record()
+                sent[slot].record(torch.cuda.current_stream(out.device))
         for ev in sent:  # the slots are free again before the next step writes them
             if ev is not None:
                 ev.synchronize()
