@@ -143,3 +143,18 @@ def test_double_backward_is_refused_not_silently_zero(device, family):
     # refusing node away and stays silent: a limit of torch's once_differentiable)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("given", [None, "0"])
+def test_fp_fusion_stays_on_unless_the_environment_chooses(given):
+    """Triton 3.10 turns FMA contraction off by default; the kernels keep Triton <= 3.9's
+    default (on) unless TRITON_DEFAULT_FP_FUSION is set by the user."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    env["PYTHONPATH"] = str(ROOT)
+    if given is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = given
+    code = "import os, kernels.rmsnorm; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == (given or "1")
