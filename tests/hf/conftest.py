@@ -99,7 +99,7 @@ def exported(tmp_path_factory, imported) -> Path:
 
 @pytest.fixture(scope="session")
 def our_model(imported):
-    from model.generate import load_model
+    from model.sampling import load_model
 
     model, meta, _ = load_model(imported, torch.device("cpu"), torch.float32)
     return model

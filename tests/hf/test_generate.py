@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from data.chat import render_prompt
-from model.generate import (
-    LLAMA2_SYSTEM_MESSAGE,
+from model.generate import LLAMA2_SYSTEM_MESSAGE, main, read_prompts
+from model.sampling import (
     KVCache,
     SamplingParams,
     filter_logits,
     forward_cached,
     generate,
     load_model,
-    main,
-    read_prompts,
     sample_next,
 )
 from train import checkpoint as ckpt

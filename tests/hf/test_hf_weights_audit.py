@@ -129,7 +129,7 @@ def test_export_of_a_sharded_checkpoint_equals_the_tp1_export(
 
 
 def test_export_logits_equal_ours_with_gqa_and_rope_scaling(full_ckpt, full_export, tokenizer):
-    from model.generate import load_model
+    from model.sampling import load_model
 
     ours, _, _ = load_model(full_ckpt[0], torch.device("cpu"), torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(full_export, dtype=torch.float32)

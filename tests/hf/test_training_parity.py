@@ -175,7 +175,7 @@ def test_fine_tuning_matches_a_transformers_loop(imported, exported, tokenizer, 
 
 def _imported_tensor(imported, device):
     """get(name) over the imported checkpoint's full tensors (our names)."""
-    from model.generate import load_model
+    from model.sampling import load_model
 
     model, _, _ = load_model(imported, torch.device(device), torch.float32)
     sd = model.state_dict()

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from model.generate import SamplingParams, parse_args, read_prompts
+from model.generate import parse_args, read_prompts
+from model.sampling import SamplingParams
 
 
 def _write(path, lines: list[str]) -> None:
