@@ -11,7 +11,10 @@ prediction p_t = argmax of the logits over the real (unpadded) vocabulary and la
                      to <|im_start|> and the two labels after it in its row (role name, newline),
                      and each label equal to <|im_end|> and the two after it (as Megatron-LLM's
                      metric); k_t = 1 elsewhere. With no ChatML ids known it equals accuracy.
-- count_loss_mask:   sum_t m_t / number of rows (loss tokens per sequence, as Megatron-LLM)
+- count_loss_mask:   sum_t m_t / number of rows holding samples (DP padding rows left out):
+                     loss tokens per row. With --no-packing a row is one sample, Megatron-LLM's
+                     loss tokens per sequence; under --packing a row packs several samples, so
+                     the count is per packed row (it grows with seq_length)
 
 Sums are taken over data-parallel ranks before dividing, so the numbers do not depend on the
 layout. A ratio with nothing to divide by (no loss-mask tokens) is NaN.

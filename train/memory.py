@@ -62,15 +62,30 @@ def saved_bytes(block: Block, tokens: int, mode: str, device, dtype, tp: int = 1
     return sum(saved.values())
 
 
+def _drops(block: Block) -> bool:
+    """Whether the block's hidden dropout is active (it then saves two masks for backward)."""
+    return float(getattr(block.dropout, "p", 0.0)) > 0.0
+
+
 def activation_report(model: nn.Module, tokens: int, device, dtype) -> dict[str, float]:
     """Bytes per layer per token (of the micro-batch, held on this rank) for none / selective /
-    full recompute, from the model's first local block (all blocks have the same shape).
-    Collective under tensor parallelism: every rank of the model must call it."""
-    block = next(iter(model.layers.values()))
+    full recompute: the mean over the model's local blocks. All blocks have the same shape, but
+    a block without dropout (LIMA's bottom layer at rate 0, the first stage's first block) saves
+    no dropout masks, so one block of each kind is measured and weighted by how many there are.
+    Collective under tensor parallelism: every rank of the model must call it (the TP ranks of
+    a stage hold the same layers, so they measure the same kinds in the same order)."""
+    blocks = list(model.layers.values())
+    kinds: dict[bool, list[Block]] = {}
+    for block in blocks:
+        kinds.setdefault(_drops(block), []).append(block)
     tp = getattr(model, "tp", 1)
     sp = getattr(model, "sequence_parallel", False)
-    return {mode: saved_bytes(block, tokens, mode, device, dtype, tp, sp) / tokens
-            for mode in ("none", "selective", "full")}  # fmt: skip
+    out = {}
+    for mode in ("none", "selective", "full"):
+        total = sum(len(members) * saved_bytes(members[0], tokens, mode, device, dtype, tp, sp)
+                    for members in kinds.values())  # fmt: skip
+        out[mode] = total / (len(blocks) * tokens)
+    return out
 
 
 def state_bytes(trainer) -> tuple[int, int, int]:
