@@ -364,6 +364,7 @@ def build_micro_batch(
         # Rows that hold samples: evaluation pads ranks with all-padding rows (see
         # iter_eval_batches), which per-row metrics must not count.
         "num_rows": sum(1 for r in rows if len(r)),
+        "num_samples": sum(len(r) for r in rows),  # packed rows hold several
     }
 
 

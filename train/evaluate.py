@@ -11,10 +11,9 @@ prediction p_t = argmax of the logits over the real (unpadded) vocabulary and la
                      to <|im_start|> and the two labels after it in its row (role name, newline),
                      and each label equal to <|im_end|> and the two after it (as Megatron-LLM's
                      metric); k_t = 1 elsewhere. With no ChatML ids known it equals accuracy.
-- count_loss_mask:   sum_t m_t / number of rows holding samples (DP padding rows left out):
-                     loss tokens per row. With --no-packing a row is one sample, Megatron-LLM's
-                     loss tokens per sequence; under --packing a row packs several samples, so
-                     the count is per packed row (it grows with seq_length)
+- count_loss_mask:   sum_t m_t / number of samples evaluated (DP padding rows hold none): loss
+                     tokens per sample, Megatron-LLM's loss tokens per sequence (there a row was
+                     one sample); the same with or without --packing, whatever seq_length
 
 Sums are taken over data-parallel ranks before dividing, so the numbers do not depend on the
 layout. A ratio with nothing to divide by (no loss-mask tokens) is NaN.
@@ -48,8 +47,8 @@ class EvalStats:
         self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
 
     def add(self, per_token_loss, pred, labels, loss_mask, im_start, im_end, rows=None) -> None:
-        """per_token_loss, pred: (tokens,); labels, loss_mask: (rows, seq); rows: how many of the
-        rows hold samples (default: all)."""
+        """per_token_loss, pred: (tokens,); labels, loss_mask: (rows, seq); rows: how many
+        samples the batch holds, the divisor of count_loss_mask (default: one per row)."""
         rows = labels.shape[0] if rows is None else rows
         m = loss_mask.reshape(-1).double()
         hit = (pred == labels.reshape(-1)).double()

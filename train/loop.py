@@ -286,7 +286,8 @@ class Trainer:
                                       vocab_size=vocab, labels_checked=True)  # fmt: skip
             pred = argmax(logits, tp_group, vocab_size=vocab)
             stats.add(per_token, pred, mb["labels"], mb["loss_mask"].to(per_token.dtype),
-                      self.tok.im_start, self.tok.im_end, mb.get("num_rows"))  # fmt: skip
+                      self.tok.im_start, self.tok.im_end,
+                      mb.get("num_samples", mb.get("num_rows")))  # fmt: skip
 
         for s in self.stages:
             s.eval()

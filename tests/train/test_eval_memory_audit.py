@@ -265,3 +265,24 @@ def test_profiler_traces_only_the_chosen_ranks_and_the_window(tmp_path, rank, wr
     assert names == (["rank1-iter2-4-top.txt", "rank1-iter2-4.json"] if writes else [])
     on_disk = sorted(p.name for p in (tmp_path / "profile").glob("*"))
     assert on_disk == names
+
+
+def test_count_loss_mask_is_per_sample_with_or_without_packing(tmp_path):
+    """Megatron-LLM's count_loss_mask is loss tokens per sequence, and there a row was one
+    sample. Packed rows hold several: the count must divide by samples, not rows, or it grows
+    with seq_length (76 against 25.3 on this split before)."""
+    from tests.train.helpers import tiny_run, write_split
+    from train.data import eval_batches
+    from train.loop import Trainer
+
+    ds = write_split(tmp_path, "mix-val", [20, 30, 9, 12, 25, 18], {})
+    got = {}
+    for packing in ("--packing", "--no-packing"):
+        rc, dims, tok = tiny_run(["--seq_length", "64", "--micro_batch_size", "2",
+                                  "--global_batch_size", "6", packing])  # fmt: skip
+        trainer = Trainer(rc, dims, tok)
+        mbs = list(eval_batches(ds, rc.data, 0, 1, None, 1))
+        got[packing] = trainer.evaluate(mbs)["count_loss_mask"]
+    # every token of these samples is an assistant token; each loses one label (the last)
+    want = sum(n - 1 for n in [20, 30, 9, 12, 25, 18]) / 6
+    assert got["--packing"] == pytest.approx(want) and got["--no-packing"] == pytest.approx(want)
