@@ -216,7 +216,7 @@ def rows_for(
         try:
             if trainer is None:
                 trainer = Trainer(rc, dims, tok, device=device)
-                per_token = activation_report(trainer.model, 256, device, trainer.dtype)
+                per_token = activation_report(trainer.stages, 256, device, trainer.dtype)
                 t_case = time.time()  # the build is once: not a case's duration
             for stage in trainer.stages:
                 stage.set_recompute(recompute)

@@ -273,7 +273,7 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
         # A probe of up to 256 tokens, split evenly over TP (x2: sequence parallelism); at least
         # one token per rank however short seq_length is.
         tokens = max(min(rc.data.seq_length, 256) // (2 * dims.tp), 1) * (2 * dims.tp)
-        rep = activation_report(trainer.model, tokens, device, trainer.dtype)  # all ranks
+        rep = activation_report(trainer.stages, tokens, device, trainer.dtype)  # all ranks
         if telemetry is not None:
             per_mb = rc.data.seq_length * rc.data.micro_batch_size
             parts = [f"{k} {v:,.0f} B/token = {v * per_mb / 2**20:.1f} MiB per micro-batch"

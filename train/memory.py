@@ -67,14 +67,19 @@ def _drops(block: Block) -> bool:
     return float(getattr(block.dropout, "p", 0.0)) > 0.0
 
 
-def activation_report(model: nn.Module, tokens: int, device, dtype) -> dict[str, float]:
+def activation_report(
+    model: nn.Module | list[nn.Module], tokens: int, device, dtype
+) -> dict[str, float]:
     """Bytes per layer per token (of the micro-batch, held on this rank) for none / selective /
-    full recompute: the mean over the model's local blocks. All blocks have the same shape, but
+    full recompute: the mean over the model's local blocks (over every chunk's, given the list
+    of an interleaved rank's model chunks). All blocks have the same shape, but
     a block without dropout (LIMA's bottom layer at rate 0, the first stage's first block) saves
     no dropout masks, so one block of each kind is measured and weighted by how many there are.
     Collective under tensor parallelism: every rank of the model must call it (the TP ranks of
     a stage hold the same layers, so they measure the same kinds in the same order)."""
-    blocks = list(model.layers.values())
+    chunks = model if isinstance(model, list | tuple) else [model]
+    blocks = [block for chunk in chunks for block in chunk.layers.values()]
+    model = chunks[0]  # the chunks of a rank share tp and sequence parallelism
     kinds: dict[bool, list[Block]] = {}
     for block in blocks:
         kinds.setdefault(_drops(block), []).append(block)

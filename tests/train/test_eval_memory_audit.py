@@ -127,6 +127,24 @@ def test_activation_report_counts_the_dropout_masks_of_lima_layers():
     assert rep["none"] == saved_bytes(first, tokens, "none", "cpu", torch.float32) / tokens
 
 
+def test_activation_report_of_an_interleaved_ranks_chunks_is_their_blocks_mean():
+    """An interleaved rank holds several chunks (here layers 0-1 and 2-3 of 4, LIMA): the
+    report over the list of chunks is the one of all four blocks, not chunk 0's alone (whose
+    rate-0 layer 0 weighs twice as much there)."""
+    from model.llama import Llama
+
+    rc, _, _ = tiny_run(["--hidden_dropout", "0.25", "--lima_dropout", "--num_layers", "4"])
+    cfg = rc.model
+    torch.manual_seed(0)
+    whole = Llama(cfg)
+    chunks = [Llama(cfg, layer_ids=range(0, 2), post=False),
+              Llama(cfg, layer_ids=range(2, 4), pre=False)]  # fmt: skip
+    tokens = 64
+    rep = activation_report(chunks, tokens, "cpu", torch.float32)
+    assert rep == pytest.approx(activation_report(whole, tokens, "cpu", torch.float32))
+    assert rep["none"] > activation_report(chunks[0], tokens, "cpu", torch.float32)["none"]
+
+
 def test_in_flight_bound_matches_the_schedules():
     """peak_estimate's micro-batches in flight (pp - stage for 1F1B, the warm-up + 1 of the
     interleaved table) is the most forwards awaiting their backward in the real schedule."""
