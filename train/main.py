@@ -167,9 +167,10 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
     from parallel.dims import ParallelDims
     from train import checkpoint as ckpt
     from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
-    from train.loop import Trainer, run_training
+    from train.loop import Trainer
     from train.memory import activation_report, peak_estimate, peak_line, state_memory_line
     from train.metrics import Telemetry
+    from train.run import run_training
 
     t_setup = time.perf_counter()
     started = time.time()  # --exit_duration_in_mins counts the set-up too (as Megatron)

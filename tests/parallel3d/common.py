@@ -1,8 +1,9 @@
 """Shared pieces of the trainer-level 3-D parallel tests: the run arguments, a DP-sliced synthetic
 loader and a launcher that runs tests/parallel3d/worker.py as gloo ranks.
 
-Every job goes through train.loop's own Trainer / run_training, so what is compared is the
-trainer's path (stage building, pipeline step, loss normalisation, grad sync, checkpoints)."""
+Every job goes through train.loop's own Trainer and train.run's run_training, so what is
+compared is the trainer's path (stage building, pipeline step, loss normalisation, grad sync,
+checkpoints)."""
 
 import json
 import os

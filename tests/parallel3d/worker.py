@@ -1,7 +1,7 @@
 """One gloo rank of a trainer-level 3-D parallel job (launched by common.launch).
 
 The job (a JSON file, argv[1]) names the layout and what to do: train through
-`train.loop.run_training` (optionally saving / loading a checkpoint), dump the gathered weights
+`train.run.run_training` (optionally saving / loading a checkpoint), dump the gathered weights
 and optimizer state, check the gradient norm. The last rank writes {name}.result.json; rank
 (tp 0, dp 0) of each pipeline stage writes that stage's gathered tensors.
 """
@@ -31,7 +31,8 @@ from parallel.grad_norm import (  # noqa: E402
 from parallel.parallelize import gather_full  # noqa: E402
 from tests.parallel3d.common import run_config  # noqa: E402
 from tests.train.helpers import SyntheticLoader  # noqa: E402
-from train.loop import Trainer, run_training  # noqa: E402
+from train.loop import Trainer  # noqa: E402
+from train.run import run_training  # noqa: E402
 
 MICRO, SEQ = 2, 32
 

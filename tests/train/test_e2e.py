@@ -190,7 +190,7 @@ def test_a_self_resuming_run_a_refused_rerun_and_ctrl_c(data_dir, tmp_path, caps
     """--load = --save (tiny-stage1.args): the first launch starts from scratch, the next
     resumes, a finished one has nothing to do; a run that would replace that run's
     checkpoints is refused and writes nothing; Ctrl-C says what is intact and how to resume."""
-    import train.loop
+    import train.run
 
     save = tmp_path / "checkpoints"
     base = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 4), "--load", str(save),
@@ -217,7 +217,7 @@ def test_a_self_resuming_run_a_refused_rerun_and_ctrl_c(data_dir, tmp_path, caps
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train.loop, "run_training", interrupted)
+    monkeypatch.setattr(train.run, "run_training", interrupted)
     assert main([*base, "--train_iters", "8"]) == 130
     err = capsys.readouterr().err
     assert f"interrupted: {save} holds complete checkpoints up to iteration 6" in err

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.train.helpers import SyntheticLoader, tiny_run
-from train.loop import Trainer, build_model, run_training
+from train.loop import Trainer, build_model
+from train.run import run_training
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.train.helpers import VOCAB, SyntheticLoader, make_doc, pack_micro_batch, tiny_run
-from train.loop import Trainer, build_model, run_training
+from train.loop import Trainer, build_model
 from train.optimizer import FlatAdamW
+from train.run import run_training
 
 
 def _uneven_micro_batches():

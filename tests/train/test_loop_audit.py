@@ -15,9 +15,10 @@ from tests.train.helpers import SyntheticLoader, tiny_run, write_split
 from train.args import ArgsError
 from train.config import ScheduleConfig
 from train.data import eval_splits
-from train.loop import StepResult, Trainer, run_training
+from train.loop import StepResult, Trainer
 from train.lr import lr_at
 from train.main import main
+from train.run import run_training
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,9 @@ import torch
 
 from tests.train.helpers import SyntheticLoader, tiny_run
 from train.args import ArgsError
-from train.loop import Trainer, run_training
+from train.loop import Trainer
 from train.profile import PhaseClock
+from train.run import run_training
 
 
 def test_phase_clock_on_cpu():

@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from tests.train.helpers import SyntheticLoader, tiny_run
 from train import checkpoint as ckpt
-from train.loop import Trainer, run_training
+from train.loop import Trainer
+from train.run import run_training
 
 ARGS = ["--hidden_dropout", "0.1", "--lima_dropout", "--train_iters", "5", "--save_interval", "3",
         "--log_interval", "1"]  # fmt: skip

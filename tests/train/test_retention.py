@@ -8,7 +8,8 @@ import torch
 
 from tests.train.helpers import SyntheticLoader, tiny_run
 from train import checkpoint as ckpt
-from train.loop import Trainer, run_training
+from train.loop import Trainer
+from train.run import run_training
 
 
 def _fake_iteration(save, it: int, complete: bool = True):
