@@ -55,12 +55,13 @@ from kernels.linear import fp32_out_addmm
 from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from train.args import parse_args
-from train.config import OptimizerConfig, resolve
+from train.config import OptimizerConfig
 from train.data import TokenizerInfo
 from train.loop import Trainer
 from train.memory import activation_report, peak_estimate
 from train.metrics import peak_flops_per_gpu, step_flops
 from train.optimizer import ShardedAdamW
+from train.resolve import resolve
 
 VOCAB = 32007  # Llama-2's 32000 + Megatron's 5 specials + <|im_start|>, <|im_end|>
 SKIPPED = "skipped: section time budget spent"

@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 
 from train.args import ArgsError, no_effect_notes, parse_args
-from train.config import RunConfig, describe, resolve
+from train.config import RunConfig
+from train.describe import describe
 from train.metrics import is_logging_rank, log
+from train.resolve import resolve
 
 
 def _fail(msg: str) -> int:

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from parallel.dims import ParallelDims
 from tests.train.helpers import pack_micro_batch
 from train.args import parse_args
-from train.config import resolve
 from train.data import TokenizerInfo
 from train.loop import Trainer
 from train.lr import lr_at
+from train.resolve import resolve
 
 STEPS, WARMUP, LR, MIN_LR = 6, 2, 2e-3, 2e-4
 CLIP, WD, BETAS, EPS = 0.5, 0.3, (0.9, 0.95), 1e-8

@@ -37,8 +37,8 @@ def run_config(tp: int, pp: int, world: int, global_batch: int, extra: list[str]
     """(RunConfig, TokenizerInfo) of a job: ARGS at this layout over the synthetic vocabulary."""
     from tests.train.helpers import VOCAB
     from train.args import parse_args
-    from train.config import resolve
     from train.data import TokenizerInfo
+    from train.resolve import resolve
 
     argv = [*ARGS, "--tensor_model_parallel_size", str(tp),
             "--pipeline_model_parallel_size", str(pp),

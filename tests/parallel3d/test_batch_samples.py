@@ -37,8 +37,8 @@ def _counts(data: Path, dp: int, global_batch: int, micro: int, iters: int) -> l
     """Micro-batches of each DP rank in the first steps, from the trainer's own loader."""
     from data.loader import SFTDataset
     from train.args import parse_args
-    from train.config import resolve
     from train.data import make_loader
+    from train.resolve import resolve
 
     argv = [f"@{STAGE1}", "--data_path", str(data), "--seq_length", str(SEQ),
             "--global_batch_size", str(global_batch), "--micro_batch_size", str(micro)]  # fmt: skip

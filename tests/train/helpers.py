@@ -9,8 +9,8 @@ from data.indexed import write_indexed
 from data.loader import SFTDataset
 from parallel.dims import ParallelDims
 from train.args import parse_args
-from train.config import resolve
 from train.data import TokenizerInfo
+from train.resolve import resolve
 
 VOCAB = 97
 

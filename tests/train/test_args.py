@@ -8,8 +8,8 @@ import pytest
 from model.config import PRESETS
 from train import checkpoint as ckpt
 from train.args import ArgsError, parse_args
-from train.config import resolve
 from train.main import main
+from train.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD = ROOT.parent / "shared" / "seed" / "model-card.md"

@@ -11,8 +11,8 @@ import torch
 from model.config import PRESETS
 from train import checkpoint as ckpt
 from train.args import ArgsError, parse_args
-from train.config import resolve
 from train.main import main
+from train.resolve import resolve
 
 
 def _tiny(*extra):

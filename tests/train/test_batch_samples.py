@@ -6,7 +6,7 @@ import pytest
 from parallel.pipeline_schedule import max_in_flight
 from tests.train.helpers import TINY_ARGS
 from train.args import parse_args
-from train.config import resolve
+from train.resolve import resolve
 
 
 def _loop(extra: list[str], world: int):

@@ -91,8 +91,8 @@ def test_stage2_runs_three_epochs(data_dir):
     """The stage-2 args file's train_iters is 3 epochs of the sample split, rounded up, with the
     trainer's own loader (a global batch counts samples)."""
     from data.loader import SFTDataset
-    from train.config import resolve
     from train.data import make_loader
+    from train.resolve import resolve
 
     ns, given = parse_args([f"@{STAGE2}"])
     rc = resolve(ns, given, world_size=1)
@@ -161,8 +161,8 @@ def test_a_failed_save_mid_run_is_reported_and_keeps_the_checkpoints(
 def test_samples_cut_to_seq_length_are_noted_and_counted(data_dir, tmp_path, capsys):
     """Samples longer than --seq_length lose their tail: the start-up log says how many the
     split holds, and each log row counts those its steps consumed (what the loader cut)."""
-    from train.config import resolve
     from train.data import make_loader, open_datasets
+    from train.resolve import resolve
 
     argv = [f"@{STAGE1}", *_short(tmp_path, data_dir, "sample_stage1", 4), "--seq_length", "64",
             "--log_interval", "1", "--eval_interval", "100", "--lr_warmup_iters", "1"]  # fmt: skip

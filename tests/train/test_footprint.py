@@ -54,7 +54,7 @@ def test_the_distributed_optimizer_divides_the_state_by_dp():
 
 def test_dry_run_description_prints_the_footprint_and_the_distributed_alternative():
     from tests.parallel3d.common import run_config
-    from train.config import describe
+    from train.describe import describe
 
     rc, _ = run_config(1, 2, 8, 16)  # DP 4
     text = describe(rc)

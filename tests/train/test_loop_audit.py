@@ -163,7 +163,7 @@ sys.path.insert(0, os.environ["PYTHONPATH"])
 from parallel.dims import ParallelDims
 from tests.train.helpers import TINY_ARGS, VOCAB, make_doc, pack_micro_batch
 from train.args import parse_args
-from train.config import resolve
+from train.resolve import resolve
 from train.data import TokenizerInfo
 from train.loop import Trainer
 from train.metrics import causal_pairs

@@ -9,7 +9,7 @@ import pytest
 
 from data.indexed import write_indexed
 from train.args import build_parser, parse_args
-from train.config import resolve
+from train.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_FILES = {s: ROOT / "configs" / "train" / f"llama2-70b-stage{s}.args" for s in (1, 2)}
