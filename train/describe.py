@@ -25,7 +25,7 @@ def _epochs_line(prefix: str, seq_length: int, packing: bool, rows: int) -> str 
     return f"{about}{rows / per_epoch:.2f} epochs of its {len(sizes):,} samples"
 
 
-def _megatron_differences(ns, prefix: str, valid: str | None, global_bs: int,
+def megatron_differences(ns, prefix: str, valid: str | None, global_bs: int,
                           train_iters: int) -> list[str]:  # fmt: skip
     """Where the same flags train differently from Megatron-LLM by design (../shared/DESIGN.md),
     said where a user sees it: the dry run and the start-up log print these notes."""

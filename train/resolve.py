@@ -19,7 +19,7 @@ from train.config import (
     RunConfig,
     ScheduleConfig,
 )
-from train.describe import _megatron_differences
+from train.describe import megatron_differences
 
 # Llama-2's SentencePiece model has 32000 pieces; Megatron-LLM adds <CLS> <SEP> <EOD> <MASK> <PAD>.
 LLAMA2_BASE_VOCAB = 32000
@@ -449,7 +449,7 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     valid = prefix[: -len("-train")] + "-val" if prefix.endswith("-train") else None
     if valid is None:
         notes.append(f"--data_path {prefix} does not end in -train: no validation split")
-    notes.extend(_megatron_differences(ns, prefix, valid, global_bs, train_iters))
+    notes.extend(megatron_differences(ns, prefix, valid, global_bs, train_iters))
 
     if tp > 1:
         try:
