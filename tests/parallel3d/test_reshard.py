@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from parallel.dims import ParallelDims
 from tests.parallel3d.common import launch, run_config
-from train.checkpoint import CheckpointError
+from train.checkpoint_io import CheckpointError
 from train.loop import Trainer
 
 GLOBAL_BATCH = 8
