@@ -67,7 +67,7 @@ def make_mix(root: Path, n: int, seed: int = 0, keep_texts: bool = True) -> tupl
 
     from data.chat import Conversation, format_text
     from data.samples import generate as gen
-    from data.sources.kinds import _CITATION
+    from data.sources.kinds import strip_citations
 
     r = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -116,10 +116,8 @@ def make_mix(root: Path, n: int, seed: int = 0, keep_texts: bool = True) -> tupl
         for _ in range(counts["dolly15k_multilingual"]):
             row = gen._dolly_row(r, "en")
             f.write(json.dumps(row) + "\n")
-            context = _CITATION.sub("", row["context"])
-            turns = [("user", row["instruction"])] + (
-                [("context", context)] if context.strip() else []
-            )
+            context = strip_citations(row["context"])
+            turns = [("user", row["instruction"])] + ([("context", context)] if context else [])
             keep(turns + [("assistant", row["response"])])
 
     lines = ["bench:", "  datasets:"]

@@ -72,6 +72,16 @@ DOLLY_LANGS = "en,de,es,fr"
 # "[citation needed]", then [a] / [A].
 _CITATION_NUMBERS = re.compile(r"\[\d+(?:,\s*\d+)*\]")
 _CITATION_LETTER = re.compile(r"\[[a-zA-Z]\]")
+
+
+def strip_citations(context: str) -> str:
+    """Dolly's context without its citation marks, in Open-Assistant's three passes: numbered
+    marks, then the literal "[citation needed]", then letter marks (one removal can expose the
+    next mark, so the order matters)."""
+    context = _CITATION_NUMBERS.sub("", context).replace("[citation needed]", "")
+    return _CITATION_LETTER.sub("", context)
+
+
 _LANG_PREFIX = re.compile(r"^([a-z]{2,3})(?=$|[-_.])")
 
 
@@ -191,8 +201,7 @@ def convert_dolly(obj, location: str, path: Path, opts: dict) -> list[Conversati
         return "blank"
     if opts["filter_words"] and has_filtered_words(instruction, response):
         return "filtered_words"
-    context = _CITATION_NUMBERS.sub("", context).replace("[citation needed]", "")
-    context = _CITATION_LETTER.sub("", context)
+    context = strip_citations(context)
     turns = [(Role.USER, instruction)]
     if context:  # `format_sft_entry` renders any non-empty context, whitespace too
         turns.append((Role.CONTEXT, context))
