@@ -11,6 +11,18 @@ For each mix of the config (or only `--mix`), writes into its output_dir:
   stats.json, special_tokens.json
 Every file is written under a temporary name and renamed only when the whole mix is done.
 
+Reruns and failures: an output_dir holding this mix's previous outputs (same mix name and
+filename_prefix, any other settings) is replaced as a whole when the new run succeeds (a note
+says so); one holding another mix's outputs or foreign files is refused before anything is
+written. A bad record (unless skipped), an unexpected error in a worker (named by file:line),
+a worker process that dies (killed for memory), a write error (disk full), Ctrl-C or SIGTERM
+stop the run with one message and exit status 2, 130 or 143: the mix being written is not
+renamed into place (its previous outputs stay as they were), its temporary files are removed
+and the workers stopped; mixes finished earlier in the same run stay written (the message lists
+them). Memory does not grow with the tokens: they stream to disk (about 25 bytes per sample are
+kept: the index sizes and, with val_split, the staging record). Without a terminal there is no
+progress bar but a line per dataset on stderr (none with --no-progress).
+
 How a dataset is read depends on its options: without val_split or fraction, in one pass; with a
 fraction below 1, twice (a scanning pass parses and filters, keeping one byte per record, and fixes
 the seeded train/val/unused assignment; the tokenizing pass then tokenizes only what is used);
@@ -30,11 +42,14 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import zlib
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +62,7 @@ from data.indexed import IndexedWriter, best_dtype
 from data.sources.files import iter_blocks
 from data.stats import TokenStats, stats_text
 from data.tokenizer import DEFAULT_TOKENIZER_PATH, Tokenizer
-from data.workers import BAD, OK, Chunk, Workers
+from data.workers import BAD, OK, Chunk, WorkerDied, Workers
 
 SPLITS = ("train", "val")
 TRAIN, VAL = 1, 2
@@ -470,8 +485,10 @@ def pretokenize_mix(
     workers: int = 1,
     skip_bad_records: bool = False,
     progress: bool = True,
+    on_commit: Callable[[], None] | None = None,
 ) -> dict:
-    """Tokenize one mix and write its files; returns what stats.json holds."""
+    """Tokenize one mix and write its files; returns what stats.json holds. `on_commit` is called
+    once every file is renamed into place, before an interrupt can land."""
     replacing = check_output_dir(mix)
     tok = Tokenizer(tokenizer_path)
     out_dir = mix.output_dir
@@ -483,10 +500,21 @@ def pretokenize_mix(
             VAL: _SplitOutput(files, Path(f"{prefix}-val"), tok),
         }
         try:
-            for spec in mix.datasets:
+            # Without a terminal (a log file, `make data` in CI) tqdm draws no bar: a line per
+            # dataset instead, so that a long run shows where it is.
+            log = progress and not _is_terminal(sys.stderr)
+            for k, spec in enumerate(mix.datasets, 1):
                 reports[spec.name] = _process_dataset(
                     spec, mix, pool, outputs, skip_bad_records, progress
                 )
+                if log:
+                    r = reports[spec.name]
+                    print(
+                        f"{mix.name}: dataset {k}/{len(mix.datasets)} {spec.name}: {r.records} "
+                        f"records read, {r.valid} usable",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             for out in outputs.values():
                 out.finalize()
         finally:
@@ -541,7 +569,10 @@ def pretokenize_mix(
             _write_json(files.path(f"{out.base}-meta.json"), meta)
         _write_json(files.path(out_dir / "stats.json"), summary)
         _write_json(files.path(out_dir / "special_tokens.json"), tok.special_tokens)
-        files.commit()
+        with _signals_deferred():  # all files renamed, or none: not old and new ones mixed
+            files.commit()
+            if on_commit is not None:
+                on_commit()
     if replacing:
         print(
             f"note: replaced the previous outputs of mix {mix.name!r} in {out_dir}", file=sys.stderr
@@ -549,6 +580,34 @@ def pretokenize_mix(
     for name in SPLITS:
         print(texts[name])
     return summary
+
+
+@contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM back until the block is done; one that came meanwhile is raised
+    again, and handled as usual, when it ends. Python-level handlers (they run on the main
+    thread, whichever thread the signal reached), not a signal mask: other threads (the
+    executor's) would take a signal that the main thread blocks."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _write_json(path: Path, obj) -> None:
@@ -582,6 +641,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     tokenizer = args.tokenizer or DEFAULT_TOKENIZER_PATH
+    # SIGTERM (`timeout`, a scheduler's limit, `docker stop`) takes Ctrl-C's way out: temporary
+    # files removed, workers stopped, instead of dying with them left behind.
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
+    try:
+        return _run(args, tokenizer)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, as SIGINT raises KeyboardInterrupt."""
+
+
+def _terminate(signum, frame) -> None:
+    raise _Terminated
+
+
+def _run(args, tokenizer: str) -> int:
+    written: list[str] = []  # mixes renamed into place by this run
+    current = None  # the mix being tokenized
     try:
         mixes = load_mixes(args.config, args.data_root, args.output_dir, args.mix)
         if not Path(tokenizer).is_file():
@@ -600,9 +681,16 @@ def main(argv: list[str] | None = None) -> int:
         for mix in mixes:  # every mix's folder, before the first one is written
             check_output_dir(mix)
         for mix in mixes:
+            current = mix
             summary = pretokenize_mix(
-                mix, tokenizer, args.workers, args.skip_bad_records, not args.no_progress
+                mix,
+                tokenizer,
+                args.workers,
+                args.skip_bad_records,
+                not args.no_progress,
+                on_commit=lambda name=mix.name: written.append(name),
             )
+            current = None
             for name, info in summary["datasets"].items():
                 if info["bad_records"]:
                     print(
@@ -616,16 +704,29 @@ def main(argv: list[str] | None = None) -> int:
                 f"(train {tr['accepted_samples']} samples / {tr['accepted_tokens']} tokens, "
                 f"val {va['accepted_samples']} / {va['accepted_tokens']})"
             )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, WorkerDied) as e:
+        print(f"error: {e}{_not_written(current, written)}", file=sys.stderr)
         return 2
     except OSError as e:  # writing the outputs (disk full, permissions): the previous ones stay
-        print(f"error: {e}; no output of the failed mix was renamed into place", file=sys.stderr)
+        print(f"error: {e}{_not_written(current, written)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was renamed into place", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, code = ("terminated", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+        print(f"{what}{_not_written(current, written)}", file=sys.stderr)
+        return code
     return 0
+
+
+def _not_written(mix: MixConfig | None, written: list[str]) -> str:
+    """What a failed or interrupted run left: the mix it was on is not renamed into place (its
+    previous outputs, if any, are untouched); the mixes before it are complete."""
+    done = f"mixes written by this run: {', '.join(written)}" if written else ""
+    if mix is None or mix.name in written:  # failed before the first mix, or after its commit
+        return f"\n  {done}" if done else ""
+    return (
+        f"\n  mix {mix.name!r} was not written: its previous outputs in {mix.output_dir}, if "
+        f"any, are untouched{'; ' + done if done else ''}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,14 +8,17 @@ of workers.
 """
 
 import multiprocessing as mp
+import signal
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 
 from data.chat import ROLE_NAMES, Role
-from data.errors import BadRecord
+from data.errors import BadRecord, DataError
 from data.indexed import best_dtype
 from data.sources import KINDS
 from data.tokenizer import Tokenizer
@@ -28,9 +31,20 @@ _TOKENIZER: Tokenizer | None = None
 _HEADER = {role: f"{name}\n" for role, name in ROLE_NAMES.items()}  # a turn's content starts so
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its chunk (killed, out of memory, crashed)."""
+
+
 def init_worker(model_path: str, extra_ids: list[str]) -> None:
     global _TOKENIZER
     _TOKENIZER = Tokenizer(model_path, extra_ids)
+
+
+def _init_pool_worker(model_path: str, extra_ids: list[str]) -> None:
+    # Ctrl-C reaches the whole process group: the main process alone handles it (and stops the
+    # workers), so that an interrupt prints one message, not a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(model_path, extra_ids)
 
 
 @dataclass
@@ -57,6 +71,32 @@ class ChunkResult:
 
 
 def process(chunk: Chunk) -> ChunkResult:
+    """Parse, check and (on the tokenizing pass) tokenize one chunk.
+
+    Anything but a BadRecord (which is counted) comes out as a DataError naming the record (or,
+    before the first record, the file): a plain message, the same from a worker process as in
+    process, that `python -m data.pretokenize` prints without a traceback."""
+    where: list = [None]  # the location of the record being read
+    try:
+        return _process(chunk, where)
+    except DataError as e:
+        raise DataError(str(e)) from None  # a plain DataError: subclasses may not unpickle
+    except Exception as e:
+        location = where[0] or _location(chunk, 0)
+        raise DataError(
+            f"{location}: unexpected {type(e).__name__} while reading this record: {e}"
+        ) from None
+
+
+def _location(chunk: Chunk, i: int) -> str:
+    """The location of the chunk's i-th record (records may be a list or ArrowRows)."""
+    for k, (location, _) in enumerate(chunk.records):
+        if k == i:
+            return location
+    return chunk.path
+
+
+def _process(chunk: Chunk, where: list) -> ChunkResult:
     from pathlib import Path
 
     kind = KINDS[chunk.kind]
@@ -69,6 +109,7 @@ def process(chunk: Chunk) -> ChunkResult:
         if chunk.assign is not None and chunk.assign[i] == 0:
             status.append(UNASSIGNED)
             continue
+        where[0] = location
         try:
             out = kind.convert(raw, location, path, chunk.options)
         except BadRecord as e:
@@ -84,7 +125,19 @@ def process(chunk: Chunk) -> ChunkResult:
             conv_record += [i] * len(out)
     result = ChunkResult(start=chunk.start, status=status, bad=bad)
     if chunk.tokenize:
-        _tokenize(result, convs, conv_record)
+        try:
+            _tokenize(result, convs, conv_record)
+        except Exception as e:
+            # One call tokenizes the whole chunk: find the first record it fails on alone.
+            for k, conv in enumerate(convs):
+                try:
+                    _tokenize(ChunkResult(0, [], []), [conv], [0])
+                except Exception:
+                    where[0] = _location(chunk, conv_record[k])
+                    break
+            raise DataError(
+                f"{where[0]}: the tokenizer failed on this record: {type(e).__name__}: {e}"
+            ) from None
     return result
 
 
@@ -122,7 +175,10 @@ class Workers:
     """Ordered, bounded parallel map of `process` over chunks.
 
     `Pool.imap` would read the whole input ahead (its feeder thread drains the iterator), so the
-    window of chunks in flight is kept here: at most `2 * workers + 2` at a time.
+    window of chunks in flight is kept here: at most `2 * workers + 2` at a time. A
+    ProcessPoolExecutor, not a `multiprocessing.Pool`: a worker that dies (the OOM killer, a
+    crash) breaks the executor, which fails the pending chunks (`WorkerDied`), where a Pool would
+    start a new worker and wait forever for the lost chunk's result.
     """
 
     def __init__(self, workers: int, model_path: str, extra_ids: list[str]):
@@ -132,9 +188,11 @@ class Workers:
             init_worker(model_path, extra_ids)
         else:
             # spawn: no inherited threads or file handles; each worker loads the tokenizer once.
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(
-                self.workers, initializer=init_worker, initargs=(model_path, extra_ids)
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_pool_worker,
+                initargs=(model_path, extra_ids),
             )
 
     def map(self, chunks: Iterator[Chunk]) -> Iterator[ChunkResult]:
@@ -145,23 +203,60 @@ class Workers:
         window: deque = deque()
         limit = 2 * self.workers + 2
         for c in chunks:
-            window.append(self._pool.apply_async(process, (c,)))
+            try:
+                future = self._pool.submit(process, c)
+            except BrokenProcessPool:  # a worker died since the last result: report it there
+                future = self._pool_broken()
+            window.append((c.path, c.start, future))
             if len(window) >= limit:
-                yield window.popleft().get()
+                yield _result(*window.popleft())
         while window:
-            yield window.popleft().get()
+            yield _result(*window.popleft())
+
+    @staticmethod
+    def _pool_broken():
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_exception(BrokenProcessPool("a worker process died"))
+        return future
 
     def close(self, abort: bool = False) -> None:
-        if self._pool is not None:
-            if abort:
-                self._pool.terminate()
-            else:
-                self._pool.close()
-            self._pool.join()
-            self._pool = None
+        """Stop the workers: after the chunks in flight (abort=False), or at once (abort=True:
+        an error or an interrupt), so that no worker process outlives the run."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if abort:
+            # No public way to stop running workers before Python 3.14's terminate_workers():
+            # cancel what is queued, terminate the processes, then wait for the executor's
+            # manager thread, which reaps them (joining them here too would race with it for
+            # their exit status, and a process could look alive after it was gone).
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            manager = getattr(pool, "_executor_manager_thread", None)
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            if manager is not None:
+                manager.join(timeout=60)
+            for p in procs:
+                p.join(timeout=5)
+        pool.shutdown(wait=True)
 
     def __enter__(self) -> "Workers":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(abort=exc_type is not None)
+
+
+def _result(path: str, start: int, future) -> ChunkResult:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise WorkerDied(
+            f"a worker process ended abruptly while reading {path} (the chunk from record "
+            f"{start} of its dataset, or one after it): killed for lack of memory, or crashed; "
+            "rerun, with fewer --workers if memory is short"
+        ) from None
