@@ -11,27 +11,14 @@ from parallel.layers import mark_sharded
 from parallel.parallelize import take_shard
 
 
+# Each job (tests/parallel/jobs.py) checks one fix on gloo ranks:
+#   align-dp3      sharded buckets are 128-aligned at an odd DP size
+#   none-group-w3  group=None never means the world group in the plain collectives
+#   ce-edges-tp3   vocab-parallel cross-entropy edges at TP 3 (partial padding, all masked, ties)
+#   padding-tp2    padding rows get no gradient and never win argmax, through training
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["align-dp3"])
-def test_sharded_buckets_are_aligned_at_odd_dp(dist_job, job):
-    dist_job(job)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("job", ["none-group-w3"])
-def test_none_group_never_means_the_world(dist_job, job):
-    dist_job(job)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("job", ["ce-edges-tp3"])
-def test_cross_entropy_edges_at_tp3(dist_job, job):
-    dist_job(job)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("job", ["padding-tp2"])
-def test_padding_rows_get_no_gradient_and_never_win(dist_job, job):
+@pytest.mark.parametrize("job", ["align-dp3", "none-group-w3", "ce-edges-tp3", "padding-tp2"])
+def test_parallel_audit_job(dist_job, job):
     dist_job(job)
 
 

@@ -129,27 +129,29 @@ def three_steps(tmp_path_factory):
     return tmp / "ckpt"
 
 
-def test_resume_under_another_schedule_warns(three_steps, tmp_path, capsys):
-    # An extended --train_iters moves the default --lr_decay_iters: the saved run had decayed to
-    # min_lr, the resumed one jumps back up. Megatron-LLM refuses this resume by default.
-    extra = ["--train_iters", "6", "--lr_warmup_iters", "1", "--load", str(three_steps)]
+def _resume_log(three_steps, tmp_path, capsys, train_iters: int):
+    """(run config, what Trainer.load logs) resuming `three_steps` with --train_iters N."""
+    extra = ["--train_iters", str(train_iters), "--lr_warmup_iters", "1", "--load",
+             str(three_steps)]  # fmt: skip
     rc, dims, tok = tiny_run(extra, tmp_path)
     trainer = Trainer(rc, dims, tok)
     capsys.readouterr()
     trainer.load(rc.ckpt.load)
-    out = capsys.readouterr().out
+    return rc, capsys.readouterr().out
+
+
+def test_resume_under_another_schedule_warns(three_steps, tmp_path, capsys):
+    # An extended --train_iters moves the default --lr_decay_iters: the saved run had decayed to
+    # min_lr, the resumed one jumps back up. Megatron-LLM refuses this resume by default.
+    rc, out = _resume_log(three_steps, tmp_path, capsys, 6)
     assert "WARNING: resuming" in out and "decay_iters 3 -> 6" in out, out
     assert f"step 4 runs at lr {lr_at(rc.schedule, 4):.6E}" in out
     assert f"gave {rc.schedule.min_lr:.6E}" in out
 
 
 def test_resume_under_the_same_schedule_is_quiet(three_steps, tmp_path, capsys):
-    extra = ["--train_iters", "3", "--lr_warmup_iters", "1", "--load", str(three_steps)]
-    rc, dims, tok = tiny_run(extra, tmp_path)
-    trainer = Trainer(rc, dims, tok)
-    capsys.readouterr()
-    trainer.load(rc.ckpt.load)
-    assert "schedule" not in capsys.readouterr().out
+    _, out = _resume_log(three_steps, tmp_path, capsys, 3)
+    assert "schedule" not in out
 
 
 # ----------------------------------------------------------------------------------------------
