@@ -441,7 +441,16 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     decay_iters = ns.lr_decay_iters if ns.lr_decay_iters is not None else train_iters
     warmup = ns.lr_warmup_iters
     if ns.lr_warmup_fraction is not None:
-        warmup = int(ns.lr_warmup_fraction * decay_iters)
+        exact = ns.lr_warmup_fraction * decay_iters
+        warmup = int(exact)
+        # The schedule counts whole iterations; Megatron divides by the fractional count, so
+        # its ramp is a little shallower. Say so when the two differ (0 means no warm-up at all).
+        if exact != warmup:
+            notes.append(
+                f"--lr_warmup_fraction {ns.lr_warmup_fraction} of {decay_iters} decay iterations "
+                f"is {exact:g}: warm-up over {warmup} whole iteration(s)"
+                + (" (none: give --lr_warmup_iters 1 or more for a warm-up)" if warmup == 0 else "")
+            )
     if warmup > decay_iters and ns.lr_decay_style != "constant":
         _fail([f"warm-up ({warmup} iterations) is longer than the decay ({decay_iters})"])
 

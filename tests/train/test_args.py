@@ -246,3 +246,19 @@ def test_hf_config_as_model(tmp_path):
     ns, given = parse_args(_tiny()[2:] + ["--model", str(tmp_path / "config.json")])
     rc = resolve(ns, given, world_size=1)
     assert rc.model.num_layers == 3 and rc.model.num_kv_heads == 2 and rc.model.norm_eps == 1e-6
+
+
+@pytest.mark.parametrize(
+    ("fraction", "warmup", "note"),
+    [
+        ("0.2", 2, None),  # 0.2 x 10 is whole: nothing to say
+        ("0.25", 2, "is 2.5: warm-up over 2 whole iteration(s)"),
+        ("0.05", 0, "is 0.5: warm-up over 0 whole iteration(s) (none: give --lr_warmup_iters"),
+    ],
+)
+def test_warmup_fraction_is_whole_iterations_and_a_rounding_is_named(fraction, warmup, note):
+    ns, given = parse_args(_tiny("--lr_warmup_fraction", fraction))
+    rc = resolve(ns, given, world_size=1)
+    assert rc.schedule.warmup_iters == warmup and rc.schedule.decay_iters == 10
+    said = [n for n in rc.notes if "--lr_warmup_fraction" in n]
+    assert said == ([] if note is None else [said[0]]) and (note is None or note in said[0])
