@@ -9,7 +9,9 @@ For each mix of the config (or only `--mix`), writes into its output_dir:
   {prefix}-{train,val}_stats.txt        the model card's statistics layout
   {prefix}-{train,val}-meta.json        tokenizer fingerprint, vocab, per-dataset index ranges
   stats.json, special_tokens.json
-Every file is written under a temporary name and renamed only when the whole mix is done.
+Every file is written under a temporary name and renamed only when the whole mix is done
+(data/atomic.py: a failed rename puts back what the others replaced; a killed run's leftovers go
+at the next run).
 
 Reruns and failures: an output_dir holding this mix's previous outputs (same mix name and
 filename_prefix, any other settings) is replaced as a whole when the new run succeeds (a note

@@ -416,6 +416,53 @@ def test_atomic_file_set(tmp_path):
     assert final.read_text() == "new" and list(final.parent.iterdir()) == [final]
 
 
+def test_atomic_commit_puts_back_what_a_failed_rename_replaced(tmp_path, monkeypatch):
+    from data import atomic
+
+    old_a, new_b, dir_c = tmp_path / "a.idx", tmp_path / "b.bin", tmp_path / "c.json"
+    old_a.write_text("old a")
+    dir_c.mkdir()  # a directory under a final name: its rename fails, after a's and b's
+    with pytest.raises(OSError), AtomicFileSet() as files:
+        for final in (old_a, new_b, dir_c):
+            files.path(final).write_text("new")
+        files.commit()
+    # a has its previous contents, b (new in this commit) is gone, nothing temporary is left
+    assert old_a.read_text() == "old a" and not new_b.exists() and dir_c.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.idx", "c.json"]
+
+    # Without hard links a replaced file cannot be put back: the new, complete one stays.
+    dir_c.rmdir()
+    monkeypatch.setattr(atomic.os, "link", lambda *a: (_ for _ in ()).throw(OSError("no links")))
+    with AtomicFileSet() as files:
+        files.path(old_a).write_text("new a")
+        files.commit()
+    assert old_a.read_text() == "new a"
+
+
+def test_atomic_file_set_removes_what_a_killed_run_left(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from data.atomic import _owner
+
+    final = tmp_path / "x.bin"
+    host = _owner().rsplit("-", 1)[0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    left = [tmp_path / f".x.bin.{host}-{dead}.tmp", tmp_path / f".x.bin.{host}-{dead}.old"]
+    alive = tmp_path / f".x.bin.{host}-{os.getppid()}.tmp"  # a live process: maybe writing
+    elsewhere = tmp_path / f".x.bin.otherhost-{dead}.tmp"  # another host's: cannot be checked
+    other_file = tmp_path / f".y.bin.{host}-{dead}.tmp"  # another output's: not this one's
+    for p in [*left, alive, elsewhere, other_file]:
+        p.write_text("junk")
+    with AtomicFileSet() as files:
+        files.path(final).write_text("new")
+        files.commit()
+    assert final.read_text() == "new" and not any(p.exists() for p in left)
+    assert alive.exists() and elsewhere.exists() and other_file.exists()
+
+
 def test_staged_and_scanning_routes_agree(files, pretok, make_chat_rows, monkeypatch):
     from data import pretokenize
 
