@@ -46,15 +46,16 @@ def _added_token(content: str) -> dict:
 
 def write_tokenizer_files(out_dir: Path, tok: Tokenizer, model_max_length: int) -> str:
     """tokenizer.model (copy), tokenizer_config.json (every special id of our layout as an added
-    token, ChatML chat_template), special_tokens_map.json and, when `transformers` is installed,
-    tokenizer.json (that one also needs protobuf). Returns the tokenizer class written into the
-    config.
+    token, ChatML chat_template), special_tokens_map.json and, when `tokenizers` is installed and
+    the model is BPE (Llama's is), tokenizer.json, built from the SentencePiece model directly
+    (neither transformers' converter nor protobuf is needed). Returns the tokenizer class written
+    into the config.
 
     Our ids come from SentencePiece run on each text piece between special tokens, which adds
     SentencePiece's dummy prefix to every piece. transformers' LlamaTokenizer rebuilds its own
     pipeline (a Metaspace pre-tokenizer that does not prefix a piece already starting with a
-    space), so the fast tokenizer.json is written with the SentencePiece-exact normalizer
-    (prepend "▁", spaces -> "▁") and the config names the generic fast class that loads it as is.
+    space), so tokenizer.json has the SentencePiece-exact normalizer (prepend "▁", spaces -> "▁")
+    and the config names the generic fast class that loads it as is.
 
     The added tokens are exactly the tokens our encoder splits out of the text (Megatron-LLM's
     specials and the extra ids). `<unk>` is not one of them: Megatron-LLM leaves a literal
@@ -93,37 +94,112 @@ def write_tokenizer_files(out_dir: Path, tok: Tokenizer, model_max_length: int) 
     return config["tokenizer_class"]
 
 
+def _spm_model_type(model_bytes: bytes) -> int:
+    """TrainerSpec.model_type of a serialized SentencePiece ModelProto (1 unigram, 2 BPE, 3 word,
+    4 char), read from the protobuf wire format directly so the export needs no protobuf package:
+    ModelProto field 2 is the TrainerSpec, whose field 3 is the model type (unigram if absent)."""
+
+    def varint(buf: bytes, i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            b = buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if b < 0x80:
+                return value, i
+
+    def fields(buf: bytes):
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = varint(buf, i)
+            elif wire == 1:
+                value, i = buf[i : i + 8], i + 8
+            elif wire == 2:
+                size, i = varint(buf, i)
+                value, i = buf[i : i + size], i + size
+            elif wire == 5:
+                value, i = buf[i : i + 4], i + 4
+            else:
+                raise ValueError(f"unexpected protobuf wire type {wire}")
+            yield number, value
+
+    model_type = 1
+    for number, value in fields(model_bytes):
+        if number == 2:
+            for inner, v in fields(value):
+                if inner == 3:
+                    model_type = v
+    return model_type
+
+
+def _bpe_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Merges of a SentencePiece BPE vocabulary, which stores pieces but no merges: every split of
+    a piece into two pieces is a merge, ranked by the merged piece's id (SentencePiece orders BPE
+    pieces by merge score), then by the halves' lengths and ids. This is the ranking transformers'
+    converter gives, so the fast tokenizer encodes as SentencePiece does."""
+    ranked = []
+    for piece, rank in vocab.items():
+        splits = [
+            (vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        ranked += [(rank, len(left), len(right), il, ir, left, right)
+                   for il, ir, left, right in splits]  # fmt: skip
+    ranked.sort()
+    return [(r[5], r[6]) for r in ranked]
+
+
 def _write_fast_tokenizer(out_dir: Path, tok: Tokenizer) -> bool:
     try:
+        from tokenizers import AddedToken, decoders, models, normalizers, processors
         from tokenizers import Tokenizer as FastTokenizer
-        from tokenizers import decoders, normalizers
-        from transformers import AutoTokenizer
     except ImportError:
-        print("transformers is not installed: tokenizer.json not written (the slow files are)")
+        print("tokenizers is not installed: tokenizer.json not written (the slow files are)")
         return False
-    try:  # transformers' SentencePiece converter reads the model file through protobuf
-        import google.protobuf  # noqa: F401
-    except ImportError:
+    model_bytes = Path(tok.model_path).read_bytes()
+    # Llama's tokenizer is BPE. A unigram model's tokenizers port does not segment as
+    # SentencePiece does (it matches control pieces in text), so none is written for it.
+    kind = _spm_model_type(model_bytes)
+    if kind != 2:
         print(
-            "protobuf is not installed: tokenizer.json not written (the slow files are); "
-            "`pip install protobuf` and export again to get the fast tokenizer TGI and vLLM prefer"
+            f"{tok.model_path} is not a BPE SentencePiece model (Llama's is; this one has type "
+            f"{kind}): tokenizer.json not written (the slow files are)"
         )
         return False
-    # Convert the SentencePiece model (+ added tokens) with transformers' own converter, then
-    # swap the pre-tokenizer for the normalizer that reproduces SentencePiece's dummy prefix.
-    backend = AutoTokenizer.from_pretrained(str(out_dir)).backend_tokenizer
-    backend.normalizer = normalizers.Sequence(
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    vocab = {sp.IdToPiece(i): i for i in range(tok.base_vocab_size)}
+    has_bytes = any(sp.IsByte(i) for i in range(tok.base_vocab_size))
+    # Characters outside the vocabulary: a byte_fallback model (Llama's) spells them in bytes
+    # and never needs <unk>; without byte pieces SentencePiece gives one <unk> for each run.
+    unk = None if has_bytes else sp.IdToPiece(sp.unk_id())
+    bpe = models.BPE(
+        vocab, _bpe_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=has_bytes
+    )
+    fast = FastTokenizer(bpe)
+    # SentencePiece's dummy prefix on every text piece between specials: a normalizer that
+    # prepends "▁" and turns spaces into "▁" (no pre-tokenizer, which would split the text).
+    fast.normalizer = normalizers.Sequence(
         [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
     )
-    backend.pre_tokenizer = None
+    fast.pre_tokenizer = None
+    fast.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")  # no BOS
     # Decoding as `Tokenizer.decode`: SentencePiece drops the dummy prefix of every text piece,
-    # the one after each special token included, while the Llama decoder strips only the first
-    # (giving "<|im_end|> \n" for the ids of "<|im_end|>\n"). The text after a special token
-    # always starts with that prefix space when encode made it, and a special token's text can
-    # only come from its own id (encode splits every special out of the text), so
+    # the one after each special token included, while a plain Llama decoder strips only the
+    # first (giving "<|im_end|> \n" for the ids of "<|im_end|>\n"). The text after a special
+    # token always starts with that prefix space when encode made it, and a special token's text
+    # can only come from its own id (encode splits every special out of the text), so
     # "{special} " -> "{special}" removes exactly that space.
-    backend.decoder = decoders.Sequence(
+    # Without byte pieces, <unk> decodes to SentencePiece's surface for it, " ⁇ ".
+    unk_surface = [] if unk is None else [decoders.Replace(unk, " \u2047 ")]
+    fast.decoder = decoders.Sequence(
         [
+            *unk_surface,
             decoders.Replace("▁", " "),
             decoders.ByteFallback(),
             decoders.Fuse(),
@@ -131,10 +207,14 @@ def _write_fast_tokenizer(out_dir: Path, tok: Tokenizer) -> bool:
             *(decoders.Replace(t + " ", t) for t in sorted(tok.special_tokens)),
         ]
     )
-    data = json.loads(backend.to_str())
-    # The converter declares the model's own control pieces (<unk>) as added tokens; keep only
-    # the tokens our encoder splits out.
-    data["added_tokens"] = [d for d in data["added_tokens"] if d["content"] in tok.special_tokens]
+    # The added tokens are exactly those our encoder splits out of the text, in id order: those
+    # that are pieces keep their piece's id, the others get the ids after the vocabulary.
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    wrong = {t: fast.token_to_id(t) for t, i in specials if fast.token_to_id(t) != i}
+    if wrong:
+        raise ValueError(f"tokenizer.json would give special tokens other ids than ours: {wrong}")
+    data = json.loads(fast.to_str())
     # tokenizers >= 0.20 writes each merge as a pair, which tokenizers < 0.20 (transformers < 4.45,
     # the TGI and vLLM releases of the seed's time) cannot read ("data did not match any variant
     # of untagged enum ModelWrapper"); the "left right" string form is read by every version and

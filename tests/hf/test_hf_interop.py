@@ -398,17 +398,21 @@ def test_failed_import_leaves_no_partial_iteration(tmp_path, hf_dir, capsys, mon
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_tokenizer_files_without_protobuf_say_what_is_missing(tmp_path, tokenizer, monkeypatch,
-                                                              capsys):  # fmt: skip
+def test_tokenizer_json_needs_neither_protobuf_nor_transformers(tmp_path, tokenizer, monkeypatch):
+    """tokenizer.json is built from the SentencePiece model with `tokenizers` alone: the GPU
+    image has no protobuf (transformers' converter needs it), a serving box may lack transformers.
+    """
     import sys
+
+    from tokenizers import Tokenizer as FastTokenizer
 
     from model.hf_tokenizer import write_tokenizer_files
 
-    # transformers' SentencePiece converter needs protobuf; without it transformers 5 falls back
-    # to a tiktoken reader and fails with a message about tiktoken.
-    monkeypatch.setitem(sys.modules, "google.protobuf", None)
-    assert write_tokenizer_files(tmp_path, tokenizer, 64) == "LlamaTokenizer"
-    assert "protobuf is not installed" in capsys.readouterr().out
-    assert not (tmp_path / "tokenizer.json").exists()
+    for blocked in ("google.protobuf", "transformers"):
+        monkeypatch.setitem(sys.modules, blocked, None)
+    assert write_tokenizer_files(tmp_path, tokenizer, 64) == "PreTrainedTokenizerFast"
+    fast = FastTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = "<|im_start|>user\nGrüße ☃, 42 apples<|im_end|>\n"
+    assert fast.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
     assert (tmp_path / "tokenizer.model").exists()
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["chat_template"]

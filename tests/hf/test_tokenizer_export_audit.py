@@ -11,7 +11,6 @@ from data.samples.generate import generate, tokenizer_lines
 from model.hf_tokenizer import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("google.protobuf")  # the fast tokenizer.json is only written with protobuf
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +167,66 @@ def test_tokenizer_json_merges_in_the_form_every_tokenizers_version_reads(tmp_pa
     fast = FastTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     text = "<|im_start|>user\nGrüße, 42 apples<|im_end|>\n"
     assert fast.encode(text, add_special_tokens=False).ids == tokenizer.encode(text)
+
+
+def _train_model(tmp_path, name: str, **settings) -> str:
+    """A SentencePiece model as train_sentencepiece makes one, with `settings` changed."""
+    import io
+
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    options = dict(model_type="bpe", vocab_size=600, character_coverage=1.0, byte_fallback=True,
+                   split_digits=True, normalization_rule_name="identity",
+                   remove_extra_whitespaces=False, add_dummy_prefix=True,
+                   allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                   num_threads=1, minloglevel=2)  # fmt: skip
+    options.update(settings)
+    lines = tokenizer_lines(generate())
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(lines), model_writer=buffer, **options)
+    path = tmp_path / f"{name}.model"
+    path.write_bytes(buffer.getvalue())
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"vocab_size": 1400}, {"byte_fallback": False, "character_coverage": 0.98}],
+    ids=["bpe-1400", "no-byte-fallback"],
+)
+def test_other_bpe_models_export_a_tokenizer_that_segments_as_sentencepiece(tmp_path, settings):
+    """Not only the bundled model: a larger BPE vocabulary (more merges to rank), and one
+    without byte pieces, where characters outside the vocabulary are <unk> (one per run) and
+    decode to SentencePiece's " ⁇ "."""
+    from data.tokenizer import Tokenizer
+
+    ours = Tokenizer(_train_model(tmp_path, "m", **settings))
+    out = tmp_path / "hf"
+    out.mkdir()
+    assert write_tokenizer_files(out, ours, 512) == "PreTrainedTokenizerFast"
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    texts = EDGE_TEXTS + _random_texts(ours, 300, seed=2) + ["Ω≈ç√ unseen ☃☃ x"]
+    if not settings.get("byte_fallback", True):
+        assert ours.unk_id in ours.encode(texts[-1])  # the case is really exercised
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf.encode(text) == ids, text
+        assert hf.decode(ids) == ours.decode(ids), text
+
+
+def test_a_unigram_model_exports_only_the_slow_tokenizer(tmp_path, capsys):
+    from data.tokenizer import Tokenizer
+    from model.hf_tokenizer import _spm_model_type
+
+    path = _train_model(tmp_path, "uni", model_type="unigram", vocab_size=500)
+    assert _spm_model_type(open(path, "rb").read()) == 1
+    assert write_tokenizer_files(tmp_path, Tokenizer(path), 512) == "LlamaTokenizer"
+    assert "is not a BPE SentencePiece model" in capsys.readouterr().out
+    assert not (tmp_path / "tokenizer.json").exists() and (tmp_path / "tokenizer.model").exists()
+
+
+def test_model_type_read_without_protobuf(tokenizer):
+    from model.hf_tokenizer import _spm_model_type
+
+    assert _spm_model_type(open(tokenizer.model_path, "rb").read()) == 2  # the bundled BPE model
+    assert _spm_model_type(b"") == 1  # an absent TrainerSpec: protobuf's default, unigram
