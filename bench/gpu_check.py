@@ -18,8 +18,10 @@ Steps, each under its own time budget, each reported (a failure is a loud row, n
      others down.
   5. telemetry again (clocks and power after load)
 Then it writes bench/results/<YYYY-MM-DD>-<card>.json and .md (copies under $OUT when set, with
-the per-section logs as one <stem>-logs.tar.gz) and prints the short table last. Both files are
-also written before each section, so a run killed from outside keeps its finished sections.
+the per-section logs as one <stem>-logs.tar.gz) and prints the short table last (cut to
+SUMMARY_CHARS, so the verdict above it stays in the device tool's 12,000-character output tail).
+Both files are also written before each section, so a run killed from outside keeps its finished
+sections.
 Exit status 1 when a test failed or a section crashed or timed out; the files are written
 either way.
 
@@ -76,6 +78,10 @@ FULL_SCALE = 3  # --full: every budget times this
 GRACE_S = 15  # a child's own deadline is this much before its hard kill
 MIN_SECTION_S = 20  # a section with less time left is skipped (and reported)
 INTERRUPT_S = 10  # a section past its budget gets SIGINT this long before SIGKILL
+# The device tool returns only the last 12,000 characters of a run's output. The short table
+# printed last gets at most this many of them, so the verdict lines just above it (tests,
+# ceilings, files written, ok/FAILED) always come back too; the whole table is in the files.
+SUMMARY_CHARS = 8000
 
 
 def git_commit(repo: Path = REPO) -> dict:
@@ -118,6 +124,21 @@ def git_commit(repo: Path = REPO) -> dict:
         return {"commit": f"unknown ({ref} not found)", "dirty": None}
     except OSError as e:
         return {"commit": f"unknown ({e})", "dirty": None}
+
+
+def clip_lines(text: str, limit: int, rest: str) -> str:
+    """`text` when it fits in `limit` characters; else its first whole lines within `limit`, then
+    one line with how many were left out and `rest` (where they are)."""
+    if len(text) <= limit:
+        return text
+    lines = text.splitlines()
+    kept, size = [], 0
+    for line in lines:
+        size += len(line) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    return "\n".join([*kept, f"... {len(lines) - len(kept)} more lines: {rest}"])
 
 
 def card_slug(name: str) -> str:
@@ -639,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"gpu_check {'FAILED' if failed else 'ok'} in {meta['seconds']:.0f} s on {card}")
     print()
-    print(summary)
+    print(clip_lines(summary, SUMMARY_CHARS, f"every row is in {md_path}"))
     return 1 if failed else 0
 
 

@@ -326,3 +326,25 @@ def test_gpu_tests_run_the_kernels_last():
     assert {"tests/train", "tests/parallel3d", "tests/hf"} <= set(paths)
     assert not any(p.endswith("__pycache__") for p in paths)
     assert gpu_check.ordered_test_paths("tests/train") == ["tests/train"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
+def test_gpu_check_verdict_fits_the_device_tools_output_tail(tmp_path, monkeypatch, capsys):
+    """The device tool returns the last 12,000 characters of the run's output. A long short
+    table (tune candidates, every skipped baseline of a starved run) must not push the verdict
+    lines above it out of that tail: the table printed last is cut to fit, and says where the
+    rest is."""
+    from bench import harness
+
+    long_table = "\n".join(f"op{i:03d}  " + "x" * 150 for i in range(300))  # 47k characters
+    monkeypatch.setattr(harness, "format_summary", lambda rows: long_table)
+    monkeypatch.setattr(gpu_check, "SECTIONS", [])
+    monkeypatch.delenv("OUT", raising=False)
+    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    tail = out[-12_000:]
+    assert rc == 0 and "gpu_check ok in" in tail and "wrote " in tail, tail[:300]
+    assert out.rstrip().splitlines()[-1].startswith("... "), "the cut table comes last"
+    assert "op000" in tail  # the table's first lines are the ones kept
+    [md] = tmp_path.glob("*-cpu-smoke.md")
+    assert long_table in md.read_text()  # the files keep the whole table
