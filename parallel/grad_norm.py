@@ -15,7 +15,14 @@ CPU_NORM_CHUNK = 1 << 12
 
 
 def global_grad_norm(params: list[nn.Parameter], groups: tuple = ()) -> float:
-    """L2 norm of all main grads (p.grad where there is none), every logical parameter once.
+    """`global_grad_norm_sq`'s square root on the host: one host sync."""
+    return math.sqrt(global_grad_norm_sq(params, groups).item())
+
+
+def global_grad_norm_sq(params: list[nn.Parameter], groups: tuple = ()) -> torch.Tensor:
+    """Squared L2 norm of all main grads (p.grad where there is none), every logical parameter
+    once: a 0-d fp64 tensor on the gradients' device, not read, so a caller can read it together
+    with its other scalars (one host sync for all).
 
     Each rank sums the squares of its own shards; parameters replicated over TP (norm weights,
     `p.tp_replicated`) count on TP rank 0 only. The sum is then all-reduced over `groups`: pass
@@ -23,7 +30,7 @@ def global_grad_norm(params: list[nn.Parameter], groups: tuple = ()) -> float:
     GradBuffer.finish() every DP rank holds the same, already-reduced gradients, so a DP sum
     would count each gradient dp times (with the distributed optimizer use `sharded_grad_norm`).
     Padded vocabulary rows are included; their gradients are zero (never looked up, excluded
-    from the loss), so they do not change the norm. One host sync (the returned float).
+    from the loss), so they do not change the norm.
     """
     grads = []
     for p in params:
@@ -44,7 +51,7 @@ def global_grad_norm(params: list[nn.Parameter], groups: tuple = ()) -> float:
     for g in groups:
         if group_size(g) > 1:
             dist.all_reduce(sq, group=g)
-    return math.sqrt(sq.item())
+    return sq
 
 
 def sharded_norm_segments(buf) -> list[torch.Tensor]:
@@ -70,16 +77,21 @@ def sharded_norm_segments(buf) -> list[torch.Tensor]:
 
 
 def sharded_grad_norm(segments: list[torch.Tensor], groups: tuple = ()) -> float:
-    """`global_grad_norm` with the distributed optimizer, after GradBuffer.finish(): the sum of
+    """`sharded_grad_norm_sq`'s square root on the host: one host sync."""
+    return math.sqrt(sharded_grad_norm_sq(segments, groups).item())
+
+
+def sharded_grad_norm_sq(segments: list[torch.Tensor], groups: tuple = ()) -> torch.Tensor:
+    """`global_grad_norm_sq` with the distributed optimizer, after GradBuffer.finish(): the sum of
     squares of `segments` (sharded_norm_segments: this rank's reduced pieces, each logical
     parameter once), all-reduced over `groups`: pass (dims.dp_group, dims.tp_group,
     dims.pp_group) -- the DP ranks' pieces are disjoint, so here the DP sum counts every
-    gradient once. One host sync."""
+    gradient once. No host sync."""
     sq = torch.stack(torch._foreach_norm(segments)).double().pow(2).sum()
     for g in groups:
         if group_size(g) > 1:
             dist.all_reduce(sq, group=g)
-    return math.sqrt(sq.item())
+    return sq
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

@@ -59,7 +59,9 @@ def _mark_full(model: Llama) -> None:
 
 def _embed_id_check(vocab_size: int):
     def hook(module, args):
-        check_token_ids(args[0], vocab_size)
+        # `check_ids = False`: the caller checked the host copy (see VocabParallelEmbedding)
+        if getattr(module, "check_ids", True):
+            check_token_ids(args[0], vocab_size)
 
     return hook
 

@@ -34,7 +34,9 @@ def instruct_mask(labels: torch.Tensor, loss_mask: torch.Tensor, im_start: int |
             continue
         hit = labels == tok
         for shift in range(3):
-            keep[:, shift:][hit[:, : hit.shape[1] - shift]] = 0
+            # masked_fill_, not boolean-mask assignment: that finds the mask's positions with
+            # nonzero, a host read (on a GPU a synchronisation) per call
+            keep[:, shift:].masked_fill_(hit[:, : hit.shape[1] - shift], 0)
     return loss_mask * keep
 
 
@@ -53,9 +55,11 @@ class EvalStats:
         m = loss_mask.reshape(-1).double()
         hit = (pred == labels.reshape(-1)).double()
         im = instruct_mask(labels, loss_mask, im_start, im_end).reshape(-1).double()
+        # rows by torch.full, a fill on the device: torch.tensor would copy from the host and
+        # wait for the device's queue
         self.sums += torch.stack([
             (per_token_loss.double() * m).sum(), m.sum(), (hit * m).sum(), (hit * im).sum(),
-            im.sum(), torch.tensor(float(rows), dtype=torch.float64, device=m.device),
+            im.sum(), torch.full((), float(rows), dtype=torch.float64, device=m.device),
         ])  # fmt: skip
 
     def result(self, dp_group=None, metrics=None) -> dict:

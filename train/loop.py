@@ -42,10 +42,11 @@ from parallel.data_parallel import GradBuffer
 from parallel.dims import ParallelDims
 from parallel.grad_norm import (
     clip_coefficient,
-    global_grad_norm,
-    sharded_grad_norm,
+    global_grad_norm_sq,
+    sharded_grad_norm_sq,
     sharded_norm_segments,
 )
+from parallel.layers import check_token_ids
 from parallel.pipeline import PipelineExecutor, pipeline_loss
 from parallel.pipeline_schedule import stage_spec
 from train import checkpoint as ckpt
@@ -145,6 +146,12 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if (rc.loop.bf16 and on_gpu) else torch.float32
         self.stages = build_stages(rc, dims, self.device, self.dtype)
+        for s in self.stages:
+            if s.embed is not None:
+                # train_step and evaluate check the token ids on the loader's host copy; the
+                # embedding's own check would read the device ids' range, a synchronisation
+                # per micro-batch.
+                s.embed.check_ids = False
         self.model = self.stages[0]  # the whole model at PP = 1; the first local chunk otherwise
         self.padded_vocab = self.model.padded_vocab
         fuse = rc.loop.gradient_accumulation_fusion
@@ -206,22 +213,25 @@ class Trainer:
             mb0 = micro_batches[0]
             filler = {**mb0, "loss_mask": torch.zeros_like(mb0["loss_mask"])}
             micro_batches = micro_batches + [filler] * (dims.pp - real % dims.pp)
-        # Labels and counts from the loader's host tensors: no device round trip for them.
+        # Ids, labels and counts from the loader's host tensors: no device round trip for them.
         for mb in micro_batches:
+            check_token_ids(mb["tokens"], rc.model.vocab_size)
             check_labels(mb["labels"], rc.model.vocab_size)
         # Tokens and attention pairs of the real micro-batches only: a filler's compute is
         # schedule overhead, not model FLOPs, and would inflate tokens/s and MFU.
-        counts = torch.tensor(
-            [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
-             sum(mb["tokens"].numel() for mb in micro_batches[:real]),
-             sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches[:real]),
-             real,
-             sum(mb.get("num_truncated", 0) for mb in micro_batches[:real])],
-            dtype=torch.float64, device=self.device,
-        )  # fmt: skip
+        counts = [sum(float(mb["loss_mask"].sum()) for mb in micro_batches),
+                  sum(mb["tokens"].numel() for mb in micro_batches[:real]),
+                  sum(causal_pairs(mb["cu_seqlens"]) for mb in micro_batches[:real]),
+                  real,
+                  sum(mb.get("num_truncated", 0) for mb in micro_batches[:real])]  # fmt: skip
         mbs = [to_device(mb, self.device) for mb in micro_batches]
-        _all_reduce(counts, dims.dp_group)
-        n_loss, n_tokens, n_pairs, n_micro, n_cut = (int(x) for x in counts.tolist())
+        if dims.dp > 1:
+            # The global token count divides every micro-batch's loss, so it is read before the
+            # first forward: one synchronisation per step, on DP > 1 only (at DP 1 the host
+            # numbers are the sums: no copy to the device and back).
+            t = torch.tensor(counts, dtype=torch.float64).to(self.device, non_blocking=True)
+            counts = _all_reduce(t, dims.dp_group).tolist()
+        n_loss, n_tokens, n_pairs, n_micro, n_cut = (int(x) for x in counts)
         global_mode = rc.loop.loss_reduction == "global"
         # Megatron-LLM's mean of per-micro-batch means, over every DP rank's micro-batches (their
         # number may differ between ranks when a global batch counts samples); fillers excluded.
@@ -248,13 +258,16 @@ class Trainer:
         # The loss lives on the last stage; every pipeline rank gets it, then the DP sum.
         total = pipeline_loss([logged[0]] if dims.is_last_stage else [], dims, self.device)
         _all_reduce(total, dims.dp_group)
-        step_loss = float(total) / (max(n_loss, 1) if global_mode else denom_micro)
-
         if rc.optim.distributed:
             groups = (dims.dp_group, dims.tp_group, dims.pp_group)
-            norm = sharded_grad_norm(self._norm_segments, groups)
+            sq = sharded_grad_norm_sq(self._norm_segments, groups)
         else:
-            norm = global_grad_norm(self.params, groups=(dims.tp_group, dims.pp_group))
+            sq = global_grad_norm_sq(self.params, groups=(dims.tp_group, dims.pp_group))
+        # The step's one read of the device (two fp64 scalars at once): the skip decision and
+        # the clip factor need the norm on the host before the update is launched.
+        loss_sum, sq = torch.stack([total, sq]).tolist()
+        step_loss = loss_sum / (max(n_loss, 1) if global_mode else denom_micro)
+        norm = math.sqrt(sq)
         skipped = not math.isfinite(norm)
         if skipped:
             self.skipped_total += 1
@@ -289,7 +302,8 @@ class Trainer:
             # per pipeline pass, and the last validation micro-batch may be a short one.
             run: list[dict] = []
             for mb in micro_batches:
-                check_labels(mb["labels"], vocab)  # on the host copy (see train_step)
+                check_token_ids(mb["tokens"], vocab)  # on the host copy (see train_step)
+                check_labels(mb["labels"], vocab)
                 mb = to_device(mb, self.device)
                 if run and run[0]["tokens"].numel() != mb["tokens"].numel():
                     self._eval_pass(run, add)

@@ -46,7 +46,7 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
     history: list[dict] = []
     fresh = {"loss": 0.0, "n": 0, "time": 0.0, "data": 0.0, "tokens": 0, "flops": 0.0, "skipped": 0,
              "truncated": 0}  # fmt: skip
-    acc, phases = dict(fresh), {}
+    acc, clocks = dict(fresh), []  # clocks: the interval's PhaseClocks (--log_timers)
     profiler = StepProfiler(rc.log, dims.rank, trainer.device)
     t_start = time.perf_counter()
     start_iter = trainer.iteration
@@ -73,11 +73,21 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
         lr = lr_at(rc.schedule, trainer.iteration + 1)
         profiler.before_step(trainer.iteration + 1)
         res = trainer.train_step(batch, lr)
-        if trainer.device.type == "cuda":
+        it = trainer.iteration + 1
+        logging = it % rc.log.log_interval == 0 or it == loop.train_iters
+        evaluating = bool(eval_loaders) and rc.eval.iters > 0 and it % rc.eval.interval == 0
+        saving = bool(rc.ckpt.save) and bool(
+            (rc.ckpt.save_interval and it % rc.ckpt.save_interval == 0) or it == loop.train_iters
+        )
+        if trainer.device.type == "cuda" and (logging or evaluating or saving):
+            # Only where a row is logged (or an evaluation or a save follows): between them the
+            # host loads the next batch while the device runs this step's update. The step's
+            # own host read (loss and gradient norm) keeps the host at most one update ahead,
+            # so an interval's summed step times are still its wall time.
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        for name, ms in res.phases.ms().items() if rc.log.log_timers else ():
-            phases[name] = phases.get(name, 0.0) + ms
+        if rc.log.log_timers:
+            clocks.append(res.phases)  # CUDA events: read after the synchronize above
         trainer.iteration += 1
         for path in profiler.after_step(trainer.iteration):
             log(f" profile of rank {dims.rank} written: {path}")
@@ -94,8 +104,11 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
         acc["tokens"] += res.tokens
         acc["truncated"] += res.truncated
         acc["flops"] += step_flops(rc.model, trainer.padded_vocab, res.tokens, res.pairs)
-        it = trainer.iteration
-        if it % rc.log.log_interval == 0 or it == loop.train_iters:
+        if logging:
+            phases: dict[str, float] = {}
+            for clock in clocks:
+                for name, ms in clock.ms().items():
+                    phases[name] = phases.get(name, 0.0) + ms
             elapsed = time.perf_counter() - t_start
             per_iter = elapsed / (it - start_iter)
             mem, mem_what = memory_gib()
@@ -132,12 +145,9 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
                     log(" time (ms, mean per iteration) | " + " | ".join(timers) + " |")
                 telemetry.record("train", it, row, "train")
             history.append({"type": "train", "iteration": it, **row})
-            acc, phases = dict(fresh), {}
-        if eval_loaders and rc.eval.iters > 0 and it % rc.eval.interval == 0:
+            acc, clocks = dict(fresh), []
+        if evaluating:
             evaluate(it)
-        saving = rc.ckpt.save and (
-            (rc.ckpt.save_interval and it % rc.ckpt.save_interval == 0) or it == loop.train_iters
-        )
         stop = stops.reason(it) if it < loop.train_iters else None
         if saving or (stop and rc.ckpt.save):
             t1 = time.perf_counter()
