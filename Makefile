@@ -33,6 +33,20 @@ $(error MODEL=$(MODEL) STAGE=$(STAGE): there is no $(TRAIN_ARGS); the argument f
 endif
 endif
 
+# Several nodes: each launch needs its own NODE_RANK and the head node's address. The defaults
+# would have a non-head node wait silently for a master on its own 127.0.0.1 until torchrun's
+# rendezvous times out (600 s), and a node left at NODE_RANK 0 compete with the head node.
+ifneq ($(filter train,$(MAKECMDGOALS)),)
+ifneq ($(NNODES),1)
+ifneq ($(filter file,$(origin NODE_RANK) $(origin MASTER_ADDR)),)
+$(error NNODES=$(NNODES): give each node's launch NODE_RANK (0 on the head node, another of 1 up to NNODES - 1 on each other node) and MASTER_ADDR (the head node's address, the same on every node), e.g. make train NNODES=$(NNODES) NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC=8)
+endif
+ifneq ($(shell [ "$(NODE_RANK)" -ge 0 ] 2>/dev/null && [ "$(NODE_RANK)" -lt "$(NNODES)" ] && echo ok),ok)
+$(error NODE_RANK=$(NODE_RANK): expected 0 to $(shell echo $$(($(NNODES) - 1))) with NNODES=$(NNODES))
+endif
+endif
+endif
+
 # The tiny stages run in order: stage 2 fine-tunes stage 1's final checkpoint, `make sample`
 # reads stage 2's (unless ARGS names another --load).
 ifeq ($(filter train,$(MAKECMDGOALS))$(MODEL)$(STAGE)$(findstring --load,$(ARGS)),traintiny2)

@@ -34,10 +34,33 @@ def _launch_line(*args: str, env: dict | None = None) -> str:
 def test_torchrun_gets_each_local_rank_its_share_of_the_cores(nproc, nnodes):
     """torchrun alone would set OMP_NUM_THREADS=1 and leave an offloaded Adam step on one
     core; the Makefile passes cores / local ranks (at least 1) unless the caller set it."""
-    line = _launch_line(f"NPROC={nproc}", f"NNODES={nnodes}")
+    nodes = ["NODE_RANK=1", "MASTER_ADDR=10.0.0.1"] if nnodes != "1" else []
+    line = _launch_line(f"NPROC={nproc}", f"NNODES={nnodes}", *nodes)
     want = max(1, len(os.sched_getaffinity(0)) // int(nproc))
     m = re.search(r"OMP_NUM_THREADS=\$\{OMP_NUM_THREADS:-(\d+)\} \S*torchrun ", line)
     assert m and int(m.group(1)) == want, line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_several_nodes_need_each_node_rank_and_the_head_address():
+    """With the defaults (NODE_RANK 0, MASTER_ADDR 127.0.0.1) every node but the head waited
+    silently for a master on its own localhost until torchrun's rendezvous timed out (600 s)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NODE_RANK", "MASTER_ADDR")}
+
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "train", "NNODES=2", "NPROC=2", *args], cwd=ROOT,
+                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+
+    for given in ([], ["NODE_RANK=1"], ["MASTER_ADDR=10.0.0.1"]):
+        res = make(*given)
+        assert res.returncode != 0 and "NODE_RANK" in res.stderr, (given, res.stderr)
+        assert "MASTER_ADDR (the head node's address" in res.stderr
+    res = make("NODE_RANK=2", "MASTER_ADDR=10.0.0.1")
+    assert res.returncode != 0 and "NODE_RANK=2: expected 0 to 1" in res.stderr
+    line = _launch_line("NNODES=2", "NPROC=2", env={"NODE_RANK": "1", "MASTER_ADDR": "h1"})
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 2" in line
+    res = make("NODE_RANK=1", "MASTER_ADDR=h1")
+    assert res.returncode == 0 and "--master_addr h1 --master_port" in res.stdout
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")

@@ -163,6 +163,20 @@ def _resume_hint(rc: RunConfig) -> str:
     return f"{save} holds complete checkpoints up to iteration {it}; resume with {resume}"
 
 
+def _unshared_save_message(save: str, blind: list[tuple[int, str]]) -> str:
+    """What `checkpoint.ranks_not_sharing` found, said to the user. blind: (rank, host)."""
+    if blind[0][0] == 0:
+        return f"--save {save}: rank 0 cannot write a file there; give a writable directory"
+    hosts = sorted({h for _, h in blind})
+    ranks = ("rank " if len(blind) == 1 else "ranks ") + ", ".join(str(r) for r, _ in blind)
+    return (
+        f"--save {save}: {ranks} (on {', '.join(hosts)}) do not see the file rank 0 wrote "
+        "there: every rank writes its shards into one checkpoint directory, so --save must be "
+        "on a file system that every node mounts at the same path (NFS, Lustre, ...), not on "
+        "node-local storage; give such a directory"
+    )
+
+
 def train(rc: RunConfig, argv: list[str] | None = None) -> int:
     """Set up this rank and run the loop; returns the exit code. argv: the command line, for
     the run's record in metrics.jsonl."""
@@ -209,6 +223,10 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
             # 2.7x on a busy one (OpenMP threads spinning for a core they do not get), and
             # torchrun's CPU ranks want one thread each anyway.
             torch.set_num_threads(1)
+    if rc.ckpt.save:  # before training: on node-local storage the first save would fail
+        blind = ckpt.ranks_not_sharing(rc.ckpt.save)
+        if blind:
+            return _fail(_unshared_save_message(rc.ckpt.save, blind))
     # Megatron's seeding: the same stream on every DP rank, offset per pipeline stage.
     torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)
     logging = is_logging_rank()
