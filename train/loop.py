@@ -54,10 +54,7 @@ from train.config import RunConfig, ScheduleConfig
 from train.data import TokenizerInfo, to_device
 from train.evaluate import EvalStats
 from train.lr import lr_at
-from train.metrics import (
-    causal_pairs,
-    log,
-)
+from train.metrics import causal_pairs, is_logging_rank, log
 from train.optimizer import FlatAdamW, ShardedAdamW, param_order
 from train.profile import PhaseClock
 
@@ -384,6 +381,12 @@ class Trainer:
                     log(f" deleted older checkpoints ({names}): --keep_last_n_checkpoints "
                         f"{rc.ckpt.keep_last}")  # fmt: skip
 
+    def _say(self, msg: str) -> None:
+        """A loading message, from the logging rank only (every rank loads the same checkpoint;
+        the others would print it once each)."""
+        if is_logging_rank():
+            log(msg)
+
     def load(self, path: str) -> dict | None:
         """Load --load, saved at this or any other TP/PP/DP layout: every rank reads just the
         slices of its own parameters (and optimizer state) from whatever shards are on disk.
@@ -413,13 +416,13 @@ class Trainer:
         resume = not rc.ckpt.finetune and meta.get("has_trainer_state", False)
         if not resume:
             why = "--finetune" if rc.ckpt.finetune else "a weights-only checkpoint"
-            log(f" loaded weights of {iter_dir} ({why}): iteration 0, fresh optimizer")
+            self._say(f" loaded weights of {iter_dir} ({why}): iteration 0, fresh optimizer")
             # Starting stage 2 from a stage 1 that stopped early is legal but rarely meant.
             planned = ((meta.get("args") or {}).get("loop") or {}).get("train_iters")
             done = meta.get("iteration")
             if planned and done is not None and int(done) < int(planned):
-                log(f" note: {iter_dir} is iteration {done} of the {planned} its run was set to "
-                    "train: that run did not finish")  # fmt: skip
+                self._say(f" note: {iter_dir} is iteration {done} of the {planned} its run was "
+                          "set to train: that run did not finish")  # fmt: skip
             return None
         self.iteration = int(meta["iteration"])
         self.consumed_samples = int(meta["consumed_train_samples"])
@@ -433,13 +436,13 @@ class Trainer:
             )  # fmt: skip
             self.optimizer.step_count = int(meta["optimizer"]["step"])
         else:
-            log(" optimizer state not loaded (--no_load_optim or none saved): fresh moments")
+            self._say(" optimizer state not loaded (--no_load_optim or none saved): fresh moments")
         loader_state = self._restore_rank_state(iter_dir, saved, same_layout)
         where = "" if same_layout else (
             f" (saved at tp {saved.get('tp')} pp {saved.get('pp')} dp {saved.get('dp')}, "
             f"resharded to tp {ours['tp']} pp {ours['pp']} dp {ours['dp']})"
         )  # fmt: skip
-        log(f" resumed from {iter_dir} at iteration {self.iteration}{where}")
+        self._say(f" resumed from {iter_dir} at iteration {self.iteration}{where}")
         return loader_state
 
     def _note_schedule_change(self, saved: dict, iter_dir) -> None:
@@ -462,7 +465,7 @@ class Trainer:
                      f"schedule gave {lr_at(theirs, nxt):.6E}")  # fmt: skip
         except (TypeError, ValueError, ZeroDivisionError):
             pass
-        log(line + "; give the saved values to continue its schedule")
+        self._say(line + "; give the saved values to continue its schedule")
 
     def _restore_rank_state(self, iter_dir, saved: dict, same_layout: bool) -> dict | None:
         """RNG and data position from the per-rank state files.
@@ -487,16 +490,18 @@ class Trainer:
         if not rc.ckpt.load_rng:
             return state.get("loader")
         if not any("rng" in f for f in (own, stage, state) if f is not None):
-            log(" RNG: the checkpoint holds no RNG state (--no_save_rng): generators as seeded")
+            self._say(
+                " RNG: the checkpoint holds no RNG state (--no_save_rng): generators as seeded"
+            )
         elif stage is not None and "rng" in stage:
             ckpt.set_rng_state(stage["rng"])
             if not same_layout:
-                log(f" RNG: pipeline stage {d.pp_rank}'s saved stream restored (same pipeline "
-                    "split; TP/DP ranks of a stage share it)")  # fmt: skip
+                self._say(f" RNG: pipeline stage {d.pp_rank}'s saved stream restored (same "
+                          "pipeline split; TP/DP ranks of a stage share it)")  # fmt: skip
         else:
             seed = rc.loop.seed + 100 * d.pp_rank + 1_000_003 * self.iteration
             torch.manual_seed(seed)
-            log(
+            self._say(
                 f" RNG: no saved stream maps to pipeline stage {d.pp_rank} (saved at pipeline "
                 f"size {saved.get('pp')}, now {d.pp}); reseeded with {seed} (seed + 100 x stage "
                 "+ 1000003 x iteration): dropout masks differ from an uninterrupted run"

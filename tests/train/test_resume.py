@@ -127,3 +127,18 @@ def test_weights_only_checkpoint_starts_at_iteration_zero(tmp_path):
     assert t2.load(rc2.ckpt.load) is None and t2.iteration == 0
     for n, p in t2.model.named_parameters():
         assert torch.equal(p.detach(), sd[n]), n
+
+
+@pytest.mark.parametrize(("rank", "says"), [("0", False), ("1", True)])
+def test_load_messages_come_from_the_logging_rank_only(reference_run, tmp_path, monkeypatch,
+                                                       capsys, rank, says):  # fmt: skip
+    """Every rank loads the checkpoint; the "resumed from" line came once per rank (8 times on a
+    node of 8), now only from the last rank, the one that logs."""
+    ref_dir, _, _ = reference_run
+    rc, dims, tok = tiny_run([*ARGS, "--load", str(ref_dir / "ckpt" / "iter_0000003")], tmp_path)
+    trainer = Trainer(rc, dims, tok)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    capsys.readouterr()
+    trainer.load(rc.ckpt.load)
+    assert ("resumed from" in capsys.readouterr().out) == says
