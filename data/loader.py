@@ -94,6 +94,11 @@ class SFTDataset:
         self.fingerprint: str | None = tok.get("fingerprint")
         self.vocab_size: int | None = tok.get("vocab_size")
         self.pad_id: int | None = tok.get("pad_id")
+        # For the mismatch message only (not checked: the fingerprint is what decides).
+        extra = tok.get("extra_ids")
+        self.extra_ids: list[str] | None = (
+            extra if isinstance(extra, list) and all(isinstance(x, str) for x in extra) else None
+        )
         self.dataset_ranges: dict[str, tuple[int, int]] = {
             k: (int(a), int(b)) for k, (a, b) in (meta.get("dataset_ranges") or {}).items()
         }
@@ -177,13 +182,22 @@ class SFTDataset:
         ends = np.cumsum(self.text.sizes, dtype=np.int64)
         return int(np.searchsorted(ends, element, side="right"))
 
-    def check_tokenizer(self, fingerprint: str) -> None:
-        """Refuse data made with another tokenizer (skipped when the data has no meta file)."""
+    def check_tokenizer(self, fingerprint: str, extra_ids: list[str] | None = None) -> None:
+        """Refuse data made with another tokenizer (skipped when the data has no meta file).
+        `extra_ids`: the run's --vocab_extra_ids_list, to say when they are the difference."""
         if self.fingerprint is not None and fingerprint != self.fingerprint:
+            hint = "re-run data.pretokenize with the model's tokenizer"
+            if extra_ids is not None and self.extra_ids is not None and extra_ids != self.extra_ids:
+                # The usual case: the pretokenizer adds <|im_start|>,<|im_end|> by default, while
+                # --vocab_extra_ids_list (Megatron-LLM's flag) defaults to none.
+                hint = (
+                    f"the data's extra ids are {','.join(self.extra_ids) or 'none'}, this run's "
+                    f"--vocab_extra_ids_list gives {','.join(extra_ids) or 'none'}: pass "
+                    f'--vocab_extra_ids_list "{",".join(self.extra_ids)}", or {hint}'
+                )
             raise DataError(
                 f"{self.meta_path}: made with tokenizer {self.fingerprint[:12]}..., not "
-                f"{fingerprint[:12]}... (model file or extra ids differ); re-run data.pretokenize "
-                "with the model's tokenizer"
+                f"{fingerprint[:12]}... (model file or extra ids differ); {hint}"
             )
 
     @property

@@ -268,7 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--load", required=True, help="checkpoint: save dir (follows latest) or iter dir"
     )
-    p.add_argument("--prompts", required=True, help="JSONL prompt file")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help='JSONL prompt file: per line a JSON string (a user message), {"prompt": str} or '
+        '{"messages": [{"role", "content"}, ...]}, either with an optional "system"',
+    )
     p.add_argument("--out", required=True, help="report JSON to write")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the one the checkpoint names)")
     p.add_argument(

@@ -66,10 +66,17 @@ def open_datasets(cfg: DataConfig):
         if tok is not None:
             # The tokenizer first: data made with other extra ids also fails the token-id range
             # check, whose message cannot say that the tokenizer differs.
-            SFTDataset(prefix, validate=False).check_tokenizer(tok.fingerprint)
+            SFTDataset(prefix, validate=False).check_tokenizer(tok.fingerprint, extra)
         return SFTDataset(prefix, vocab_size=tok.vocab_size if tok else None)
 
     train = open_split(cfg.train_prefix)
+    if len(train) == 0:
+        # Here, before the model is built: the loader would fail only after the checkpoint load.
+        raise DataError(
+            f"--data_path {cfg.train_prefix} holds no samples: the pretokenizer skipped or "
+            f"dropped every record (see its warnings and {cfg.train_prefix}_stats.txt); fix the "
+            "data or the mix and pretokenize again"
+        )
     valid = None
     if cfg.valid_prefix is not None and Path(cfg.valid_prefix + "-text.idx").is_file():
         valid = open_split(cfg.valid_prefix)

@@ -230,8 +230,8 @@ def convert_chat(obj, location: str, path: Path, opts: dict) -> list[Conversatio
             )
         try:
             turns.append((as_role(m["role"]), m["content"]))
-        except ValueError:
-            raise BadRecord(location, f"messages[{k}]: unknown role {m['role']!r}") from None
+        except ValueError as e:  # as_role's message lists the roles it knows
+            raise BadRecord(location, f"messages[{k}]: {e}") from None
     if not any(role == Role.ASSISTANT for role, _ in turns):
         raise BadRecord(location, "no assistant turn")
     lang = row.get("lang")

@@ -316,6 +316,25 @@ def test_dataset_checks(tmp_path):
     assert SFTDataset(no_meta).fingerprint is None
 
 
+def test_tokenizer_mismatch_by_extra_ids_names_the_flag_to_pass(tmp_path):
+    # The pretokenizer adds <|im_start|>,<|im_end|> by default; the trainer's
+    # --vocab_extra_ids_list defaults to none, the usual first-run mismatch.
+    prefix, _, _ = make_dataset(tmp_path, [5, 6])
+    meta_path = tmp_path / "ds-meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer"]["extra_ids"] = ["<|im_start|>", "<|im_end|>"]
+    meta_path.write_text(json.dumps(meta))
+    ds = SFTDataset(prefix)
+    with pytest.raises(DataError, match="extra ids differ") as e:
+        ds.check_tokenizer("0" * 64, [])
+    assert 'pass --vocab_extra_ids_list "<|im_start|>,<|im_end|>"' in str(e.value)
+    assert "this run's --vocab_extra_ids_list gives none" in str(e.value)
+    # Same extra ids: the model file differs, and the flag is no help.
+    with pytest.raises(DataError) as e:
+        ds.check_tokenizer("0" * 64, ["<|im_start|>", "<|im_end|>"])
+    assert "--vocab_extra_ids_list" not in str(e.value)
+
+
 def test_text_and_role_files_must_match(tmp_path):
     prefix, _, _ = make_dataset(tmp_path, [5, 6, 7])
     write_indexed(f"{prefix}-role", [np.ones(5), np.ones(7), np.ones(7)], np.uint16)

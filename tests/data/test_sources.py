@@ -124,6 +124,9 @@ def test_chat_kind():
         convert("chat", {"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(BadRecord, match="unknown role 'bot'"):
         convert("chat", {"messages": [{"role": "bot", "content": "hi"}]})
+    # ShareGPT's names are the usual slip: the message says which names are read.
+    with pytest.raises(BadRecord, match=r"messages\[0\]: unknown role 'human': expected system, "):
+        convert("chat", {"messages": [{"role": "human", "content": "hi"}]})
     with pytest.raises(BadRecord, match="missing column 'messages'"):
         convert("chat", {"text": "hi"})
 

@@ -195,6 +195,14 @@ def test_prompt_file_errors(tmp_path):
         read_prompts(bad)
 
 
+def test_help_says_what_a_prompt_line_holds(capsys):
+    # Without it the only way to learn the format was to read the bundled file or the code.
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert '{"prompt": str}' in out and '{"messages": [{"role", "content"}, ...]}' in out
+
+
 def test_bundled_prompts_parse():
     prompts = read_prompts(REPO / "configs" / "prompts" / "sample_prompts.jsonl")
     assert len(prompts) >= 10

@@ -1,7 +1,11 @@
 """The trainer's side of the data pipeline (train/data.py)."""
 
+import pytest
+
+from data.errors import DataError
 from tests.train.helpers import write_split
-from train.data import eval_splits
+from train.config import DataConfig
+from train.data import eval_splits, open_datasets
 
 
 def test_eval_splits_per_dataset(tmp_path):
@@ -24,3 +28,13 @@ def test_one_dataset_with_validation_samples_is_evaluated_once(tmp_path):
     # at every evaluation (twice the validation time for the same numbers).
     ds = write_split(tmp_path, "mix-val", [4, 5], {"a": [0, 2], "b": [2, 2]})
     assert list(eval_splits(ds)) == ["all"]
+
+
+def test_an_empty_training_split_is_refused_with_what_to_do(tmp_path):
+    # Every record of the mix skipped (--skip-bad-records on a file in another format): the
+    # pretokenizer still writes the split; the trainer says so before it builds the model.
+    write_split(tmp_path, "mix-train", [], {"a": [0, 0]})
+    cfg = DataConfig(f"{tmp_path}/mix-train", None, None, None, 64, 1, 2, True, False, 0)
+    with pytest.raises(DataError, match="mix-train holds no samples") as e:
+        open_datasets(cfg)
+    assert "mix-train_stats.txt" in str(e.value)
