@@ -84,7 +84,15 @@ def load_model(
     index = ckpt.ShardIndex(iter_dir)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(ckpt.read_param(index, name, meta, model.padded_vocab, dtype=dtype))
+            t = ckpt.read_param(index, name, meta, model.padded_vocab, dtype=dtype)
+            if t.shape != p.shape:  # a tensor file swapped in from another model
+                files = sorted({str(e.file) for e in index.entries[("model", name)]})
+                raise ckpt.CheckpointError(
+                    f"{', '.join(files[:2])}: {name} has shape {tuple(t.shape)} here, where "
+                    f"{iter_dir / ckpt.META_FILE}'s model config gives {tuple(p.shape)}: the "
+                    f"file is from another model; restore it, or {ckpt.another_iteration(iter_dir)}"
+                )
+            p.copy_(t)
     return model.eval(), meta, iter_dir
 
 

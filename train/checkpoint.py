@@ -44,6 +44,7 @@ from train.checkpoint_io import (
     VOCAB_PARAMS,
     CheckpointError,
     ShardIndex,
+    another_iteration,
     pad_vocab_rows,
     read_param,  # noqa: F401  (for callers, see above)
     tensor_layout,
@@ -88,6 +89,8 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
         it = int(text)
     except ValueError:
         it = -1
+    if text == "release" and (path.parent / "release").is_dir():
+        raise CheckpointError(f"{path.parent}: {_MEGATRON_LM}")
     if it < 0:
         raise CheckpointError(
             f"{path}: expected an iteration number (e.g. 500), found {text[:40]!r}; "
@@ -99,6 +102,20 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
 def _saved_iterations(save_dir: Path) -> list[str]:
     """Names of the complete iteration directories (those with a meta.json) in a save dir."""
     return sorted(p.parent.name for p in save_dir.glob(f"iter_*/{META_FILE}"))
+
+
+_MEGATRON_LM = (
+    "a Megatron-LM checkpoint (torch pickles, mp_rank_*/model_optim_rng.pt), which this trainer "
+    "does not read (it loads no pickles): convert it to a Hugging Face directory with "
+    "Megatron-LLM's weights_conversion/megatron_to_hf.py, then `python -m model.hf import HF_DIR "
+    "OUT_DIR` and --load OUT_DIR --finetune"
+)
+
+
+def _is_megatron_lm(iter_dir: Path) -> bool:
+    return any(iter_dir.glob("mp_rank_*/model_optim_rng.pt")) or any(
+        iter_dir.glob("mp_rank_*/model_rng.pt")
+    )
 
 
 def _latest_hint(save_dir: Path) -> str:
@@ -125,10 +142,12 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
         )
     it = latest_iteration(path)
     if it is None:
+        if _is_megatron_lm(path):
+            raise CheckpointError(f"{path} is {_MEGATRON_LM}")
         if any(p.is_dir() for p in path.glob("mp_rank_*")):
             raise CheckpointError(
                 f"{path} has shard directories but no {META_FILE}: an incomplete iteration (an "
-                "interrupted save or a partial copy); load another iteration"
+                f"interrupted save or a partial copy); {another_iteration(path)}"
             )
         if (path / "config.json").is_file() and (
             any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*.bin"))
@@ -145,6 +164,8 @@ def resolve_iteration_dir(path: str | os.PathLike) -> Path:
         )
     d = path / iteration_dir_name(it)
     if not (d / META_FILE).is_file():
+        if _is_megatron_lm(d):
+            raise CheckpointError(f"{d} is {_MEGATRON_LM}")
         old = path / f".old_{iteration_dir_name(it)}"
         why = (
             f"; a re-save of that iteration was interrupted and left the previous copy as {old}: "
@@ -179,7 +200,7 @@ def read_meta(iter_dir: str | os.PathLike) -> dict:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(
-            f"{path}: not valid JSON ({e}); the file is damaged: load another iteration"
+            f"{path}: not valid JSON ({e}); the file is damaged: {another_iteration(iter_dir)}"
         ) from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
@@ -213,8 +234,22 @@ def read_meta(iter_dir: str | os.PathLike) -> dict:
         _int_field(opt, "step", path, "optimizer.")
     if not isinstance(meta.get("tokenizer") or {}, dict):
         raise CheckpointError(f"{path}: 'tokenizer' must be an object")
-    if not isinstance(meta.get("layout") or {}, dict):
+    layout = meta.get("layout") or {}
+    if not isinstance(layout, dict):
         raise CheckpointError(f"{path}: 'layout' must be an object")
+    # A copy (rsync, scp) that stopped half-way, or a node's directories left out: named here,
+    # where every consumer looks first, not as a tensor the shards cover only in part.
+    tp, pp = layout.get("tp"), layout.get("pp")
+    if isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1:
+        want = [shard_dir_name(t, p) for t in range(tp) for p in range(pp)]
+        gone = [d for d in want if not (Path(iter_dir) / d).is_dir()]
+        if gone:
+            verb = "is" if len(gone) == 1 else "are"
+            raise CheckpointError(
+                f"{Path(iter_dir)}: saved at TP {tp} / PP {pp} (meta.json 'layout'), but "
+                f"{gone[:8]} {verb} missing: the copy is incomplete; copy the missing mp_rank_* "
+                f"directories, or {another_iteration(iter_dir)}"
+            )
     return meta
 
 
@@ -298,11 +333,13 @@ def _saving(save_dir: Path, iteration: int, rank: int):
             prev = None
         if prev is not None and (save_dir / iteration_dir_name(prev) / META_FILE).is_file():
             kept = f"{save_dir / LATEST_FILE} still names iteration {prev}, which is intact"
+            resume = f"resume from it with --load {save_dir}"
         else:
             kept = "no earlier checkpoint there was changed"
+            resume = "resume with --load"
         raise CheckpointError(
             f"saving iteration {iteration} to {save_dir} failed ({e}); {kept}. Free disk space "
-            "or choose a writable directory (--save), then resume with --load"
+            f"or choose a writable directory (--save), then {resume}"
         ) from e
 
 
@@ -588,8 +625,9 @@ def _read_rank_state(path: Path) -> dict:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(
-            f"{path}: not valid JSON ({e}); the file is damaged: load another iteration, or this "
-            "one with --finetune (weights only, iteration 0)"
+            f"{path}: not valid JSON ({e}); the file is damaged: "
+            f"{another_iteration(path.parent.parent)}, or this one with --finetune (weights "
+            "only, iteration 0)"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(state).__name__}")

@@ -20,6 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 MODEL_FILE = "model.safetensors"
+# What the trainer saves (fp32 or bf16 weights, fp32 optimizer state) and the export reads. An
+# integer tensor under a weight's name (a file swapped in from another tool) would be cast to
+# float by the loaders without a word.
+FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 VOCAB_PARAMS = ("embed.weight", "output.weight")  # rows = padded vocabulary
 OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -28,6 +32,32 @@ OPTIM_KINDS = ("master", "exp_avg", "exp_avg_sq")
 # there: checkpoint.py imports it back, and `ckpt.CheckpointError` is this same class.
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message saying why and what to do."""
+
+
+def another_iteration(iter_dir: str | os.PathLike) -> str:
+    """What to do about a damaged iteration directory, made concrete: the newest other complete
+    iteration (one with a meta.json) saved beside it, preferring one below it (the run's previous
+    checkpoint, which a resume from it saves over the damaged one)."""
+    iter_dir = Path(iter_dir)
+
+    def number(d: Path) -> int:
+        try:
+            return int(d.name.removeprefix("iter_"))
+        except ValueError:
+            return -1
+
+    others = sorted(
+        (p.parent for p in iter_dir.parent.glob("iter_*/meta.json") if p.parent != iter_dir),
+        key=number,
+    )
+    if not others:
+        return (
+            f"no other complete iteration is saved in {iter_dir.parent}: copy this one again "
+            "from where it was saved"
+        )
+    below = [d for d in others if number(d) < number(iter_dir)]
+    pick = (below or others)[-1]
+    return f"load another iteration instead, e.g. the newest other complete one: {pick}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,8 +109,8 @@ class ShardIndex:
             # Every (tp, pp) shard directory gets its model file from dp rank 0.
             if not (sd / MODEL_FILE).is_file():
                 raise CheckpointError(
-                    f"{sd / MODEL_FILE} is missing: the checkpoint is incomplete; load another "
-                    "iteration"
+                    f"{sd / MODEL_FILE} is missing: the checkpoint is incomplete; "
+                    f"{another_iteration(self.dir)}"
                 )
             self._add(sd / MODEL_FILE, "model")
             # Optimizer state replicated over DP is stored once (dp 0); a sharded optimizer would
@@ -96,13 +126,21 @@ class ShardIndex:
                 meta = f.metadata() or {}
                 layouts = json.loads(meta.get("tensors", "{}"))
                 keys = list(f.keys())
+                # get_dtype arrived in safetensors 0.4; without it the check is skipped
+                dtypes = {k: getattr(f.get_slice(k), "get_dtype", lambda: "F32")() for k in keys}
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
             # safetensors' own message names no file
             raise CheckpointError(
                 f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
-                "load another iteration"
+                f"{another_iteration(self.dir)}"
             ) from None
         for key in keys:
+            if dtypes[key] not in FLOAT_DTYPES:
+                raise CheckpointError(
+                    f"{file}: tensor {key} is {dtypes[key]}, expected a floating-point dtype "
+                    f"({', '.join(FLOAT_DTYPES)}): the file was not written by this trainer; "
+                    f"{another_iteration(self.dir)}"
+                )
             if key not in layouts:
                 raise CheckpointError(f"{file}: tensor {key} has no layout metadata")
             k, name = (kind, key) if kind else key.split("/", 1)

@@ -407,9 +407,14 @@ class Trainer:
                 t = ckpt.read_param(index, name, meta, padded, dim=dim,
                                     pieces=getattr(p, "tp_pieces", None))  # fmt: skip
                 if tuple(t.shape) != tuple(p.shape):
+                    # _check_compatible found meta.json's architecture to be this run's, so the
+                    # tensor file disagrees with its own meta.json (swapped in from another model)
+                    files = sorted({str(e.file) for e in index.entries[("model", name)]})
                     raise ckpt.CheckpointError(
-                        f"{iter_dir}: {name} has shape {tuple(t.shape)} here, the model wants "
-                        f"{tuple(p.shape)}; is the architecture the same (--use_checkpoint_args)?"
+                        f"{', '.join(files[:2])}: {name} has shape {tuple(t.shape)} here, where "
+                        f"{iter_dir / ckpt.META_FILE}'s model config (this run's too) gives "
+                        f"{tuple(p.shape)}: the file is from another model; restore it, or "
+                        f"{ckpt.another_iteration(iter_dir)}"
                     )
                 p.copy_(t)
         self.optimizer.sync_master_from_model()
@@ -429,6 +434,16 @@ class Trainer:
         self.skipped_total = int(meta["optimizer"].get("skipped", 0))
         self._note_schedule_change(meta.get("scheduler") or {}, iter_dir)
         if rc.ckpt.load_optim and meta.get("has_optimizer"):
+            # Every shard directory holds its optimizer file (dp rank 0 writes it); one that
+            # lacks it (a partial copy) would fail on the first tensor without naming the file.
+            gone = [sd / ckpt.optim_file_name(0) for sd in sorted(iter_dir.glob("mp_rank_*"))
+                    if sd.is_dir() and not any(sd.glob("optim_dp*.safetensors"))]  # fmt: skip
+            if gone:
+                raise ckpt.CheckpointError(
+                    f"{gone[0]} is missing, though {iter_dir / ckpt.META_FILE} records optimizer "
+                    "state (an incomplete copy): copy it, resume with --no_load_optim (these "
+                    f"weights, fresh Adam moments), or {ckpt.another_iteration(iter_dir)}"
+                )
             self.optimizer.load_state_tensors(
                 lambda kind, name, p: ckpt.read_param(
                     index, name, meta, padded, kind=kind, dim=getattr(p, "tp_dim", None),
