@@ -519,6 +519,20 @@ def pretokenize_mix(
                     )
             for out in outputs.values():
                 out.finalize()
+            if len(outputs[TRAIN].text) == 0:
+                # Every record skipped (a format the kind does not read, with
+                # --skip-bad-records) or dropped: an empty mix would only fail in the trainer,
+                # after the model is loaded; the previous outputs, if any, stay.
+                counts = "; ".join(
+                    f"{name}: {r.records} records read, {r.valid} usable, {r.bad} bad"
+                    + (f", dropped {dict(r.dropped)}" if r.dropped else "")
+                    + "".join(f"; e.g. {loc}: {why}" for loc, why in r.bad_examples[:1])
+                    for name, r in reports.items()
+                )
+                raise DataError(
+                    f"{mix.source}: mix {mix.name!r} gives no training sample ({counts}); check "
+                    "each dataset's kind and path against its files"
+                )
         finally:
             for out in outputs.values():
                 out.close()

@@ -324,6 +324,20 @@ def test_skip_bad_records_counts_several(files, pretok, make_chat_rows):
     assert stats["splits"]["train"]["total"]["total_samples"] == 4
 
 
+def test_a_mix_with_no_training_sample_is_an_error_naming_the_counts(files, pretok):
+    """A file in another format (ShareGPT's "conversations"/"from"/"value") under kind chat, with
+    --skip-bad-records: every record skipped. The run wrote an empty mix and exited 0, and the
+    trainer failed on it only after loading the model."""
+    rows = [json.dumps({"conversations": [{"from": "human", "value": "hi"}]})] * 3
+    path = files.jsonl("src/share.jsonl", rows)
+    config = files.mix("empty", [{"chat": {"path": "share.jsonl", "val_split": 0}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src", "--skip-bad-records")
+    assert rc == 2 and "Traceback" not in err
+    assert "mix 'empty' gives no training sample (chat: 3 records read, 0 usable, 3 bad" in err
+    assert f"e.g. {path}:1: " in err
+    assert _outputs(files) == []  # nothing written
+
+
 def test_parquet_missing_column_is_fatal_even_when_skipping(files, pretok):
     files.parquet("src/megacode2/x.parquet", [{"USER": "q", "RESPONSE": "a"}])
     config = files.mix("pq", [{"megacode2": {}}])
