@@ -19,7 +19,8 @@ Readers follow Open-Assistant's loaders for the datasets of the seed's mixes:
   the user and the assistant turn. As in Open-Assistant, only an empty instruction or response
   drops the row (its word filter returns the empty text, which is falsy); whitespace is kept.
 - `chat`: {"messages": [{"role", "content"}, ...]} (roles system, user/prompter, assistant,
-  context), an optional "lang".
+  context), an optional "lang". A blank assistant message drops the conversation ("blank"): it
+  would teach the model to answer with nothing.
 - `oasst_export`: see `data/sources/oasst.py`.
 """
 
@@ -234,6 +235,8 @@ def convert_chat(obj, location: str, path: Path, opts: dict) -> list[Conversatio
             raise BadRecord(location, f"messages[{k}]: {e}") from None
     if not any(role == Role.ASSISTANT for role, _ in turns):
         raise BadRecord(location, "no assistant turn")
+    if any(role == Role.ASSISTANT and _blank(text) for role, text in turns):
+        return "blank"  # counted as dropped, as a pair dataset's blank row
     lang = row.get("lang")
     if not isinstance(lang, str):
         if opts["lang"] is not None and lang is not None:  # the filter needs a code to compare

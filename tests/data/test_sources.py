@@ -129,6 +129,12 @@ def test_chat_kind():
         convert("chat", {"messages": [{"role": "human", "content": "hi"}]})
     with pytest.raises(BadRecord, match="missing column 'messages'"):
         convert("chat", {"text": "hi"})
+    # A blank reply would train the model to answer with nothing: dropped and counted, as a
+    # pair dataset's blank row; a blank user message is kept.
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]
+    assert convert("chat", {"messages": turns}) == "blank"
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": "Hello."}]
+    assert convert("chat", {"messages": turns})[0].turns[0] == (Role.USER, "")
 
 
 def test_json_lines_errors_name_file_and_line():
