@@ -23,9 +23,6 @@ import errno
 import json
 import os
 import shutil
-import socket
-import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -412,46 +409,6 @@ def prune_iterations(save_dir: str | os.PathLike, newest: int, keep: int) -> lis
     for d in doomed:
         shutil.rmtree(d)
     return doomed
-
-
-def ranks_not_sharing(save_dir: str | os.PathLike, wait_s: float = 5.0) -> list[tuple[int, str]]:
-    """Collective: the (global rank, host) of every rank that does not see a file global rank 0
-    writes into `save_dir`; empty when all do (or without a process group).
-
-    Every rank writes its shards into the directory rank 0 creates, and rank 0 renames it, so
-    `--save` must be one directory on a file system all nodes share. On node-local storage the
-    other nodes' writes fail only at the first save (after save_interval iterations, and with an
-    error about disk space); this finds it before training. The probe's name is new to every
-    rank (no NFS negative lookup cache to hide it); a rank that does not see it looks again for
-    up to `wait_s` seconds, for file systems that publish a new file late."""
-    if not _is_dist() or dist.get_world_size() == 1:
-        return []
-    rank = dist.get_rank()
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    probe = Path(save_dir) / f".shared_fs_probe_{token[0]}"
-    seen = False
-    if rank == 0:
-        try:
-            probe.write_text(token[0])
-            seen = True
-        except OSError:  # reported as rank 0 not seeing it: the directory is not usable
-            pass
-    dist.barrier()
-    deadline = time.monotonic() + wait_s
-    while rank != 0:
-        try:
-            seen = probe.read_text() == token[0]
-        except OSError:
-            seen = False
-        if seen or time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
-    views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (seen, socket.gethostname()))  # also: every rank has looked
-    if rank == 0:
-        probe.unlink(missing_ok=True)
-    return [(r, host) for r, (ok, host) in enumerate(views) if not ok]
 
 
 # ----------------------------------------------------------------------------------------------

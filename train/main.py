@@ -164,7 +164,7 @@ def _resume_hint(rc: RunConfig) -> str:
 
 
 def _unshared_save_message(save: str, blind: list[tuple[int, str]]) -> str:
-    """What `checkpoint.ranks_not_sharing` found, said to the user. blind: (rank, host)."""
+    """What `shared_fs.ranks_not_sharing` found, said to the user. blind: (rank, host)."""
     if blind[0][0] == 0:
         return f"--save {save}: rank 0 cannot write a file there; give a writable directory"
     hosts = sorted({h for _, h in blind})
@@ -187,9 +187,11 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
     from train.memory import activation_report, peak_estimate, peak_line, state_memory_line
     from train.metrics import Telemetry
     from train.run import run_training
+    from train.shared_fs import ranks_not_sharing
 
     t_setup = time.perf_counter()
     started = time.time()  # --exit_duration_in_mins counts the set-up too (as Megatron)
+
     try:
         dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend,
                                   timeout_minutes=rc.parallel.timeout_minutes)  # fmt: skip
@@ -224,7 +226,7 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
             # torchrun's CPU ranks want one thread each anyway.
             torch.set_num_threads(1)
     if rc.ckpt.save:  # before training: on node-local storage the first save would fail
-        blind = ckpt.ranks_not_sharing(rc.ckpt.save)
+        blind = ranks_not_sharing(rc.ckpt.save)
         if blind:
             return _fail(_unshared_save_message(rc.ckpt.save, blind))
     # Megatron's seeding: the same stream on every DP rank, offset per pipeline stage.

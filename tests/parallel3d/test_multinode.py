@@ -138,7 +138,7 @@ _PROBE_WORKER = r"""
 import json, os, sys
 import torch.distributed as dist
 sys.path.insert(0, os.environ["PYTHONPATH"])
-from train.checkpoint import ranks_not_sharing
+from train.shared_fs import ranks_not_sharing
 
 out, rank = sys.argv[1], int(os.environ["RANK"])
 dist.init_process_group("gloo", init_method=f"file://{out}/rdzv", rank=rank, world_size=3)
