@@ -143,3 +143,28 @@ def test_empty_system_message_is_not_rendered(tok):
     with_empty = Conversation.from_messages([("system", ""), ("user", "hi")])
     assert format_text(with_empty) == "<|im_start|>user\nhi<|im_end|>\n"
     assert render_prompt([("user", "hi")], tok, system="") == render_prompt([("user", "hi")], tok)
+
+
+def test_explicit_system_keeps_a_leading_system_turn_as_a_turn():
+    """`from_messages(..., system=...)`: an explicit system message wins and a leading system
+    turn stays a turn of its own (rendered after it), not silently replacing the explicit one."""
+    conv = Conversation.from_messages([("system", "from turns"), ("user", "hi")], system="given")
+    assert conv.system == "given"
+    assert conv.turns == [(Role.SYSTEM, "from turns"), (Role.USER, "hi")]
+    assert format_text(conv) == (
+        "<|im_start|>system\ngiven<|im_end|>\n"
+        "<|im_start|>system\nfrom turns<|im_end|>\n"
+        "<|im_start|>user\nhi<|im_end|>\n"
+    )
+
+
+def test_turn_text_is_rendered_verbatim():
+    """Leading/trailing spaces and newlines of a turn are part of the trained text: rendering
+    must not strip or normalise them (the tokens, and so the labels, would change)."""
+    conv = Conversation.from_messages(
+        [{"role": "user", "content": "  hi\n"}, {"role": "assistant", "content": "\n ok  "}]
+    )
+    assert conv.turns == [(Role.USER, "  hi\n"), (Role.ASSISTANT, "\n ok  ")]
+    assert format_text(conv) == (
+        "<|im_start|>user\n  hi\n<|im_end|>\n<|im_start|>assistant\n\n ok  <|im_end|>\n"
+    )

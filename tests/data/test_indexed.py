@@ -143,3 +143,14 @@ def test_writer_bound_cannot_exceed_its_dtype(tmp_path):
     w.add([65537, 3])
     w.finalize(tmp_path / "ok.idx")
     assert IndexedDataset(tmp_path / "ok")[0].tolist() == [65537, 3]
+
+
+def test_writer_bound_is_exact_at_the_dtype_edge(tmp_path):
+    """max_value is exclusive, so uint16 takes a bound of at most 65536: 65537 would admit the
+    value 65536, written wrapped to 0 (a silently wrong token id). The edge is pinned both ways."""
+    with pytest.raises(ValueError, match=r"max_value 65537 .* uint16"):
+        IndexedWriter(tmp_path / "w.bin", np.uint16, max_value=65537)
+    w = IndexedWriter(tmp_path / "ok.bin", np.uint16, max_value=65536)
+    w.add([65535, 0])
+    w.finalize(tmp_path / "ok.idx")
+    assert IndexedDataset(tmp_path / "ok")[0].tolist() == [65535, 0]

@@ -500,3 +500,46 @@ def test_samples_config_checks():
     # Without packing a row is a sample: the rows rules apply.
     with pytest.raises(ValueError, match="multiple of micro_batch_size x dp_size"):
         _samples_cfg(global_batch_size=6, dp_size=2, packing=False).validate()
+
+
+def test_pack_rows_fills_a_row_exactly():
+    """A sample whose length equals a row's room goes into that row (first fit is `room >= n`):
+    with `>` every exactly-fitting sample would open a new row and waste a row's worth of
+    padding, and no row could ever be filled to the last token."""
+    samples, offsets = pack_rows(np.arange(3), np.array([40, 24, 64]), 64)
+    rows = [samples[offsets[k] : offsets[k + 1]].tolist() for k in range(len(offsets) - 1)]
+    assert rows == [[0, 1], [2]]
+
+
+def test_pack_rows_keeps_at_most_eight_rows_open():
+    """The ninth row that must be opened closes the oldest: a later small sample can no longer
+    go into it (rows follow the sample order within a window of 8 open rows)."""
+    lengths = np.array([6] * 9 + [4])  # nine samples that never share a 10-token row, then 4
+    samples, offsets = pack_rows(np.arange(10), lengths, 10)
+    rows = [samples[offsets[k] : offsets[k + 1]].tolist() for k in range(len(offsets) - 1)]
+    assert rows == [[0], [1, 9], [2], [3], [4], [5], [6], [7], [8]]
+
+
+def test_drop_last_takes_an_epochs_tail_that_exactly_fills_a_global_batch(tmp_path):
+    """drop_last drops only a tail *shorter* than a global batch (`left < G`): 8 rows at G = 4
+    are two whole batches per epoch; with `<=` the second would be dropped (half the data)."""
+    prefix, _, _ = make_dataset(tmp_path, [10] * 8)
+    cfg = LoaderConfig(10, 1, 4, packing=False, shuffle=False, drop_last=True)
+    ld = BatchLoader(SFTDataset(prefix), cfg)
+    docs = [int(mb["tokens"][0, 0]) - 10 for _ in range(2) for mb in ld.next_global_batch()]
+    assert docs == list(range(8)) and ld.epoch == 0
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_shuffled_epochs_draw_only_the_given_indices(tmp_path, packing):
+    """A loader over a subset (one dataset's range, a split) shuffles that subset: the
+    permutation indexes `indices`, it is not itself taken as sample ids (which would train on
+    samples outside the subset, e.g. the validation split)."""
+    prefix, _, _ = make_dataset(tmp_path, [8] * 30)
+    cfg = LoaderConfig(16, 1, 2, packing=packing, shuffle=True)
+    ld = BatchLoader(SFTDataset(prefix), cfg, indices=np.arange(20, 30))
+    seen = set()
+    for _ in range(10):
+        for mb in ld.next_global_batch():
+            seen |= {int(t) - 10 for t in mb["tokens"].reshape(-1).tolist() if 10 <= t < 40}
+    assert seen == set(range(20, 30))

@@ -248,3 +248,28 @@ def test_offsets_past_2_pow_31_on_gpu():
     g[n - 1] = float("inf")
     _, found = grad_sq_norm_and_nonfinite(g)
     assert found.item() == 1.0 and found_nonfinite(g, torch.zeros(1, device=dev)).item() == 1.0
+
+
+def test_reference_flags_and_norm_against_their_definitions():
+    """The CPU fallbacks of found_nonfinite, grad_sq_norm_and_nonfinite and the found_inf skip
+    (what `fused_adamw` and friends run on CPU tensors outside the interpreter), checked here
+    without a kernel: the tests above run the Triton path only. The flag is sticky (one flag
+    collects several buffers), the norm is a sum of squares, and a set flag leaves every buffer
+    untouched."""
+    flag = torch.zeros(1)
+    reference.found_nonfinite(torch.tensor([1.0, float("inf")]), flag)
+    assert flag.item() == 1.0
+    reference.found_nonfinite(torch.tensor([1.0, 2.0]), flag)
+    assert flag.item() == 1.0, "a finite buffer cleared the flag"
+
+    sq, found = reference.grad_sq_norm_and_nonfinite(torch.tensor([3.0, -4.0, 0.5]))
+    assert sq.tolist() == [25.25] and found.tolist() == [0.0]
+
+    p, m, v = torch.randn(5), torch.randn(5), torch.rand(5)
+    bufs = [p, torch.randn(5), m, v]
+    before = [t.clone() for t in bufs]
+    out = torch.full((5,), 7.0, dtype=torch.bfloat16)
+    reference.adamw(*bufs, **HP, step=3, found_inf=torch.ones(1), model_out=out)
+    for a, b in zip(before, bufs):
+        assert torch.equal(a, b)
+    assert (out == 7.0).all()

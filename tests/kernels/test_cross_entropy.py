@@ -123,3 +123,25 @@ def test_vocab_parallel_on_the_kernels(tmp_path):
         job = JOBS[name]()
         why = job_outcome(name, str(tmp_path), run_jobs([job], str(tmp_path)))
         assert why is None, why
+
+
+def test_reference_shards_combine_to_the_full_loss_at_every_shard_edge():
+    """The reference itself, without a kernel or a process group: the per-shard statistics of a
+    vocabulary split in 3 shards (the last partly padding), combined as the TP all-reduces do,
+    give F.cross_entropy, with labels on every shard's first and last column. A label that is
+    the next shard's first id must count nowhere but there (`local < valid`): counted twice,
+    the loss at TP > 1 would be silently wrong for those tokens."""
+    g = torch.Generator().manual_seed(5)
+    vocab, local = 10, 4  # shards [0, 4), [4, 8), [8, 10) + 2 padding columns
+    labels = torch.tensor([0, 3, 4, 7, 8, 9, 5])
+    logits = torch.randn(labels.numel(), 3 * local, generator=g) * 3
+    stats = [
+        reference.ce_stats(logits[:, r * local : (r + 1) * local], labels, r * local,
+                           max(0, min(local, vocab - r * local)))
+        for r in range(3)
+    ]  # fmt: skip
+    m = torch.stack([st[0] for st in stats]).max(dim=0).values
+    s = sum(st[1] * torch.exp(st[0] - m) for st in stats)
+    picked = sum(st[2] for st in stats)
+    want = F.cross_entropy(logits[:, :vocab], labels, reduction="none")
+    torch.testing.assert_close(s.log() + m - picked, want)

@@ -193,3 +193,17 @@ def test_from_hf_config():
         ModelConfig.from_hf_config(dict(d, rope_scaling={"type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match="model_type='mistral'"):
         ModelConfig.from_hf_config(dict(d, model_type="mistral"))
+
+
+def test_norm_eps_from_the_config_reaches_every_norm():
+    """`norm_eps` (the seed's --layernorm_epsilon, HF's rms_norm_eps) is what the norms use, not
+    the kernel's default 1e-5: a 70B import with 1e-6 must not silently train at 1e-5. A large
+    eps on the final norm makes the difference plain against the formula computed here."""
+    cfg = CFG.replace(norm_eps=0.25)
+    m = _model(cfg)
+    assert {mod.eps for n, mod in m.named_modules() if n.endswith("norm")} == {0.25}
+    x = torch.randn(5, CFG.hidden_size) * 0.3
+    with torch.no_grad():
+        m.norm.weight.uniform_(0.5, 1.5)
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 0.25) * m.norm.weight
+        torch.testing.assert_close(m.norm(x), want)

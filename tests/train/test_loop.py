@@ -130,6 +130,23 @@ def test_non_finite_gradients_skip_the_step(fusion):
     assert not res.skipped and trainer.optimizer.step_count == 1
 
 
+def test_infinite_gradient_norm_skips_the_step():
+    """An infinite (not NaN) gradient norm skips the update too: the check is `isfinite`, not
+    `isnan`. Here only the final norm weight's gradient is +inf (a leaf: nothing else turns
+    NaN), so the norm is exactly inf; applying the step would write inf/NaN into the weights."""
+    rc, dims, tok = tiny_run()
+    trainer = Trainer(rc, dims, tok)
+    mbs = SyntheticLoader(2, 64, 2).next_global_batch()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    h = trainer.model.norm.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    res = trainer.train_step(mbs, lr=1e-2)
+    h.remove()
+    assert res.grad_norm == math.inf and res.skipped
+    assert trainer.optimizer.step_count == 0 and trainer.skipped_total == 1
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
 def test_clipping_bounds_the_update():
     rc, dims, tok = tiny_run(["--clip_grad", "1e-3", "--lr", "1.0", "--adam_beta1", "0.0",
                               "--adam_beta2", "0.0", "--weight_decay", "0"])  # fmt: skip

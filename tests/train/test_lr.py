@@ -51,3 +51,11 @@ def test_no_warmup_starts_at_lr():
     s = ScheduleConfig(lr=3e-4, min_lr=3e-5, decay_style="cosine", warmup_iters=0, decay_iters=10)
     assert lr_at(s, 0) == pytest.approx(3e-4)
     assert lr_at(s, 10) == pytest.approx(3e-5)
+
+
+def test_warmup_ending_at_the_decay_end_reaches_lr():
+    """The warm-up's last step runs at lr even when it is also the decay's last (warmup_iters ==
+    decay_iters): the warm-up case comes first, as in Megatron's get_lr."""
+    s = ScheduleConfig(lr=1.0, min_lr=0.1, decay_style="cosine", warmup_iters=10, decay_iters=10)
+    assert lr_at(s, 10) == 1.0
+    assert lr_at(s, 11) == 0.1
