@@ -102,8 +102,9 @@ def test_distributed_optimizer_saves_what_any_layout_loads(tmp_path):
 
 
 def test_incomplete_shard_set_names_what_cannot_be_resharded(saved, tmp_path):
-    """A (tp 1, pp 1) optimizer shard gone: the weights still load at TP 1, the optimizer state
-    of the tensors it held cannot be assembled, and the error names the tensor and the gap."""
+    """A (tp 1, pp 1) optimizer shard gone: the optimizer state of the tensors it held cannot be
+    assembled at any layout; the error names the missing file before any tensor is read, and
+    says how to go on (copy it, or resume with fresh moments)."""
     out, _, _ = saved
     ckpt = tmp_path / "iter_0000003"
     shutil.copytree(out / "ckpt" / "iter_0000003", ckpt)
@@ -113,4 +114,5 @@ def test_incomplete_shard_set_names_what_cannot_be_resharded(saved, tmp_path):
     with pytest.raises(CheckpointError) as e:
         trainer.load(rc.ckpt.load)
     msg = str(e.value)
-    assert "master tensor" in msg and "the shard set is incomplete" in msg, msg
+    assert "mp_rank_01_001/optim_dp000.safetensors is missing" in msg, msg
+    assert "--no_load_optim" in msg, msg
