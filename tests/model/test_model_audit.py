@@ -3,6 +3,7 @@ parameter counts, HF parity with packed documents, LIMA dropout, recompute with 
 config errors."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -99,6 +100,11 @@ def test_packed_documents_match_transformers_on_each_document(rope_scaling):
             torch.testing.assert_close(packed[cu[i] : cu[i + 1]], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="the interpreted attention's bf16 tl.dot multiplies raw bits "
+    "(triton-lang/triton#11584): error 5.6, 0.06 with the attention in fp32",
+)
 def test_bf16_on_cpu_stays_close_to_fp32():
     hf, ours = _hf_pair()
     t = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(5))
