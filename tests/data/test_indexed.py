@@ -135,22 +135,17 @@ def test_index_written_in_chunks_is_the_same(tmp_path, monkeypatch):
     assert (tmp_path / "chunked.idx").read_bytes() == (tmp_path / "whole.idx").read_bytes()
 
 
-def test_writer_bound_cannot_exceed_its_dtype(tmp_path):
-    # A bound above what uint16 holds would let 65537 through, stored as 1.
-    with pytest.raises(ValueError, match=r"max_value 70000 .* uint16"):
-        IndexedWriter(tmp_path / "w.bin", np.uint16, max_value=70000)
-    w = IndexedWriter(tmp_path / "ok.bin", np.int32, max_value=70000)
-    w.add([65537, 3])
-    w.finalize(tmp_path / "ok.idx")
-    assert IndexedDataset(tmp_path / "ok")[0].tolist() == [65537, 3]
-
-
-def test_writer_bound_is_exact_at_the_dtype_edge(tmp_path):
+@pytest.mark.parametrize(
+    ("dtype", "too_high", "highest", "values"),
+    [(np.uint16, 65537, 65536, [65535, 0]), (np.int32, 2**31 + 1, 70000, [65537, 3])],
+)
+def test_writer_bound_is_exact_at_the_dtype_edge(tmp_path, dtype, too_high, highest, values):
     """max_value is exclusive, so uint16 takes a bound of at most 65536: 65537 would admit the
-    value 65536, written wrapped to 0 (a silently wrong token id). The edge is pinned both ways."""
-    with pytest.raises(ValueError, match=r"max_value 65537 .* uint16"):
-        IndexedWriter(tmp_path / "w.bin", np.uint16, max_value=65537)
-    w = IndexedWriter(tmp_path / "ok.bin", np.uint16, max_value=65536)
-    w.add([65535, 0])
+    value 65536, written wrapped to 0 (a silently wrong token id); a wider dtype takes larger
+    ids. The edge is pinned both ways."""
+    with pytest.raises(ValueError, match=rf"max_value {too_high} .* {np.dtype(dtype).name}"):
+        IndexedWriter(tmp_path / "w.bin", dtype, max_value=too_high)
+    w = IndexedWriter(tmp_path / "ok.bin", dtype, max_value=highest)
+    w.add(values)
     w.finalize(tmp_path / "ok.idx")
-    assert IndexedDataset(tmp_path / "ok")[0].tolist() == [65535, 0]
+    assert IndexedDataset(tmp_path / "ok")[0].tolist() == values

@@ -265,6 +265,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "saving iteration 2" in msg and "No space left on device" in msg
     assert "still names iteration 1, which is intact" in msg
+    assert msg.endswith(f"resume from it with --load {tmp_path}")  # the directory, not just a flag
     assert _tree(tmp_path) == before  # no partial iteration, no temp dir, latest unchanged
 
 
