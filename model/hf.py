@@ -580,7 +580,7 @@ def export_hf(
     tok = checkpoint_tokenizer(meta, tokenizer_path)
     if pad_multiple < 1:
         raise ValueError(f"--pad-multiple {pad_multiple}: must be >= 1")
-    index = ckpt.ShardIndex(iter_dir)
+    index = ckpt.ShardIndex(iter_dir, optimizer=False)
     check_checkpoint(iter_dir, meta, index, cfg)
     rows = round_up(cfg.vocab_size, pad_multiple)
     found = index.read("norm.weight").dtype

@@ -81,7 +81,7 @@ def load_model(
     with torch.device("meta"):
         model = Llama(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
-    index = ckpt.ShardIndex(iter_dir)
+    index = ckpt.ShardIndex(iter_dir, optimizer=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             t = ckpt.read_param(index, name, meta, model.padded_vocab, dtype=dtype)

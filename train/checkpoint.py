@@ -490,7 +490,7 @@ def read_full_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     to full tensors with the padded vocabulary rows trimmed to `vocab_size`; and its meta."""
     iter_dir = resolve_iteration_dir(path)
     meta = read_meta(iter_dir)
-    index = ShardIndex(iter_dir)
+    index = ShardIndex(iter_dir, optimizer=False)
     out = {}
     for name in index.names("model"):
         t = index.read(name)

@@ -97,9 +97,12 @@ class ShardIndex:
 
     kind is "model" (model.safetensors) or one of "master", "exp_avg", "exp_avg_sq" (the
     optimizer files, keys "{kind}/{name}"). Only headers are read here; tensors are read lazily.
+    optimizer=False indexes the model files alone: a consumer of the weights (--finetune,
+    --no_load_optim, export, sampling) then does not fail on a damaged optimizer file it would
+    never read.
     """
 
-    def __init__(self, iter_dir: str | os.PathLike):
+    def __init__(self, iter_dir: str | os.PathLike, optimizer: bool = True):
         self.dir = Path(iter_dir)
         self.entries: dict[tuple[str, str], list[_Entry]] = {}
         shard_dirs = sorted(p for p in self.dir.glob("mp_rank_*") if p.is_dir())
@@ -115,8 +118,9 @@ class ShardIndex:
             self._add(sd / MODEL_FILE, "model")
             # Optimizer state replicated over DP is stored once (dp 0); a sharded optimizer would
             # write one file per dp rank, each holding its own pieces.
-            for f in sorted(sd.glob("optim_dp*.safetensors")):
-                self._add(f, None)
+            if optimizer:
+                for f in sorted(sd.glob("optim_dp*.safetensors")):
+                    self._add(f, None)
 
     def _add(self, file: Path, kind: str | None) -> None:
         if not file.is_file():
@@ -129,10 +133,12 @@ class ShardIndex:
                 # get_dtype arrived in safetensors 0.4; without it the check is skipped
                 dtypes = {k: getattr(f.get_slice(k), "get_dtype", lambda: "F32")() for k in keys}
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            # safetensors' own message names no file
+            # safetensors' own message names no file. Only a resume indexes the optimizer
+            # files, and it can go on without them.
+            optim = "" if kind else "resume with --no_load_optim (these weights, fresh Adam "
             raise CheckpointError(
                 f"{file}: not a readable safetensors file ({e}); it is truncated or corrupt: "
-                f"{another_iteration(self.dir)}"
+                f"{optim and optim + 'moments), or '}{another_iteration(self.dir)}"
             ) from None
         for key in keys:
             if dtypes[key] not in FLOAT_DTYPES:

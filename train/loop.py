@@ -396,7 +396,11 @@ class Trainer:
         iter_dir = ckpt.resolve_iteration_dir(path)
         meta = ckpt.read_meta(iter_dir)
         self._check_compatible(meta, iter_dir)
-        index = ckpt.ShardIndex(iter_dir)
+        resume = not rc.ckpt.finetune and meta.get("has_trainer_state", False)
+        with_optim = bool(resume and rc.ckpt.load_optim and meta.get("has_optimizer"))
+        # Only what will be read is indexed: --finetune or --no_load_optim go on past a damaged
+        # optimizer file (the way the messages below offer out of one).
+        index = ckpt.ShardIndex(iter_dir, optimizer=with_optim)
         padded = self.padded_vocab
         saved = meta.get("layout", {})
         ours = {"tp": self.dims.tp, "pp": self.dims.pp, "dp": self.dims.dp}
@@ -418,7 +422,6 @@ class Trainer:
                     )
                 p.copy_(t)
         self.optimizer.sync_master_from_model()
-        resume = not rc.ckpt.finetune and meta.get("has_trainer_state", False)
         if not resume:
             why = "--finetune" if rc.ckpt.finetune else "a weights-only checkpoint"
             self._say(f" loaded weights of {iter_dir} ({why}): iteration 0, fresh optimizer")
@@ -433,7 +436,7 @@ class Trainer:
         self.consumed_samples = int(meta["consumed_train_samples"])
         self.skipped_total = int(meta["optimizer"].get("skipped", 0))
         self._note_schedule_change(meta.get("scheduler") or {}, iter_dir)
-        if rc.ckpt.load_optim and meta.get("has_optimizer"):
+        if with_optim:
             # Every shard directory holds its optimizer file (dp rank 0 writes it); one that
             # lacks it (a partial copy) would fail on the first tensor without naming the file.
             gone = [sd / ckpt.optim_file_name(0) for sd in sorted(iter_dir.glob("mp_rank_*"))

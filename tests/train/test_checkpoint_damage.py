@@ -168,3 +168,28 @@ def test_resume_with_a_weight_file_of_another_model_size_names_the_file(saved_ru
         ckpt.CheckpointError, match=rf"{_model_file(d)}: .* another model; .*iter_0000001$"
     ):
         Trainer(rc, dims, tok).load(rc.ckpt.load)
+
+
+def test_a_corrupt_optimizer_file_stops_only_the_resume_that_reads_it(saved_run, tmp_path):
+    """Every loader indexed the optimizer files too, so --finetune, --no_load_optim (the way out
+    the resume message offers) and the sampler failed on a file they never read."""
+    save, d, args = _damaged_copy(saved_run, tmp_path)
+    bad = d / ckpt.shard_dir_name(0, 0) / ckpt.optim_file_name(0)
+    bad.write_bytes(bad.read_bytes()[:200])  # a copy cut short
+    before = _tree(save)
+    rc, dims, tok = tiny_run([*args, "--load", str(save)], tmp_path)
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=rf"{bad}: not a readable .* --no_load_optim \(these weights, fresh Adam moments\), "
+        r"or load another iteration .*iter_0000001$",
+    ):
+        Trainer(rc, dims, tok).load(rc.ckpt.load)
+    for flag in ("--no_load_optim", "--finetune"):
+        rc, dims, tok = tiny_run([*args, "--load", str(save), flag], tmp_path)
+        trainer = Trainer(rc, dims, tok)
+        trainer.load(rc.ckpt.load)
+        assert trainer.iteration == (2 if flag == "--no_load_optim" else 0)
+    model, _, _ = load_model(save, torch.device("cpu"), torch.float32)
+    weights, _ = ckpt.read_full_state_dict(save)
+    assert torch.equal(model.norm.weight, weights["norm.weight"])
+    assert _tree(save) == before
