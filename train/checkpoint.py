@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -258,9 +259,33 @@ def _is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
+class _RankFailed(OSError):
+    """Raised on the ranks of a save whose own part went through when another rank's failed."""
+
+
+def _together(rank: int, action: Callable[[], None] | None) -> None:
+    """Run this rank's part of one save step (None: nothing to do here), then learn whether
+    every rank's part went through; a collective in place of a barrier. A rank whose write
+    failed (a full disk on its node, a permission) used to leave the others in the barrier
+    after it until the collective's timeout (a hang under NCCL, a traceback naming no file under
+    gloo); now every rank raises, with one message naming the ranks that failed and why."""
+    err = None
+    try:
+        if action is not None:
+            action()
+    except Exception as e:
+        err = e
+    if not _is_dist():
+        if err is not None:
+            raise err
+        return
+    views: list = [None] * dist.get_world_size()
+    dist.all_gather_object(views, None if err is None else str(err))
+    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(views) if m is not None)
+    if err is not None and not isinstance(err, OSError):
+        raise err  # a bug, not the disk: its own traceback here, the message on the others
+    if failed:
+        raise _RankFailed(failed) from err
 
 
 def _fsync(path: Path) -> None:
@@ -322,7 +347,8 @@ def _saving(save_dir: Path, iteration: int, rank: int):
     try:
         yield
     except OSError as e:
-        if rank == 0 and not _is_dist():  # a lone writer: nobody else is filling the temp dir
+        # Every rank got here through _together: none is still writing into the temp dir.
+        if rank == 0:
             shutil.rmtree(_tmp_dir(save_dir, iteration), ignore_errors=True)
         try:
             prev = latest_iteration(save_dir) if save_dir.is_dir() else None
@@ -346,19 +372,23 @@ def _tmp_dir(save_dir: Path, iteration: int) -> Path:
 
 def _begin(save_dir: Path, iteration: int, rank: int) -> Path:
     tmp = _tmp_dir(save_dir, iteration)
-    if rank == 0:
+
+    def make() -> None:
         save_dir.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+
+    _together(rank, make if rank == 0 else None)
     return tmp
 
 
 def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
-    _barrier()
+    """Publish the temp dir as the iteration, then the latest file; call once every rank's
+    files are written (after a _together)."""
     final = save_dir / iteration_dir_name(iteration)
-    if rank == 0:
+
+    def publish() -> None:
         tmp = _tmp_dir(save_dir, iteration)
         # Every rank flushed its files; the directory entries that name them, before the rename.
         for d in [*tmp.glob("mp_rank_*"), tmp]:
@@ -379,7 +409,8 @@ def _commit(save_dir: Path, iteration: int, rank: int) -> Path:
             os.replace(tmp, final)
             _fsync(save_dir)  # the rename, before the latest file names the iteration
         _write_text_atomic(save_dir / LATEST_FILE, f"{iteration}\n")
-    _barrier()
+
+    _together(rank, publish if rank == 0 else None)
     return final
 
 
@@ -477,7 +508,7 @@ def write_full_checkpoint(
         has_optimizer=False,
         has_trainer_state=False,
     )
-    with _saving(save_dir, iteration, 0):
+    with _saving(save_dir, iteration, 0):  # one process writes it all
         tmp = _begin(save_dir, iteration, 0)
         (tmp / shard_dir_name(0, 0)).mkdir()
         _save_safetensors(tmp / shard_dir_name(0, 0) / MODEL_FILE, tensors, layouts)
@@ -546,27 +577,36 @@ def save_checkpoint(
     shape, written only by dp rank 0 (replicated over DP); meta: JSON, written by global rank 0;
     rank_state: this rank's RNG + loader state (JSON); ranks: (global, tp, pp, dp)."""
     save_dir = Path(save_dir)
-    rank, tp_rank, pp_rank, dp_rank = ranks
+    rank = ranks[0]
     meta = _base_meta(meta, iteration)
     with _saving(save_dir, iteration, rank):
         tmp = _begin(save_dir, iteration, rank)
-        shard = tmp / shard_dir_name(tp_rank, pp_rank)
-        shard.mkdir(exist_ok=True)
-        if dp_rank == 0:
-            layouts = {n: tensor_layout(n, p) for n, p in params.items()}
-            _save_safetensors(shard / MODEL_FILE, params, layouts)
-            if optim_state is not None:
-                tensors, olayouts = {}, {}
-                for kind, by_name in optim_state.items():
-                    for n, t in by_name.items():
-                        key = f"{kind}/{n}"
-                        tensors[key] = t
-                        olayouts[key] = dict(layouts[n], name=n)
-                _save_safetensors(shard / optim_file_name(0), tensors, olayouts)
-        _write_json(shard / state_file_name(dp_rank), rank_state)
-        if rank == 0:
-            _write_json(tmp / META_FILE, meta)
+        _together(rank, lambda: _write_rank_files(
+            tmp, params, optim_state, meta, rank_state, ranks))  # fmt: skip
         return _commit(save_dir, iteration, rank)
+
+
+def _write_rank_files(tmp: Path, params: dict[str, torch.Tensor],
+                      optim_state: dict[str, dict[str, torch.Tensor]] | None, meta: dict,
+                      rank_state: dict, ranks: tuple[int, int, int, int]) -> None:  # fmt: skip
+    """This rank's files of save_checkpoint, into the temp dir."""
+    rank, tp_rank, pp_rank, dp_rank = ranks
+    shard = tmp / shard_dir_name(tp_rank, pp_rank)
+    shard.mkdir(exist_ok=True)
+    if dp_rank == 0:
+        layouts = {n: tensor_layout(n, p) for n, p in params.items()}
+        _save_safetensors(shard / MODEL_FILE, params, layouts)
+        if optim_state is not None:
+            tensors, olayouts = {}, {}
+            for kind, by_name in optim_state.items():
+                for n, t in by_name.items():
+                    key = f"{kind}/{n}"
+                    tensors[key] = t
+                    olayouts[key] = dict(layouts[n], name=n)
+            _save_safetensors(shard / optim_file_name(0), tensors, olayouts)
+    _write_json(shard / state_file_name(dp_rank), rank_state)
+    if rank == 0:
+        _write_json(tmp / META_FILE, meta)
 
 
 def read_rank_state(iter_dir: Path, tp_rank: int, pp_rank: int, dp_rank: int) -> dict | None:
