@@ -206,7 +206,7 @@ class GradBuffer:
                 "a backward after GradBuffer.finish(): the gradients were already reduced for "
                 "this step; call zero() before the next step's backward"
             )
-        elif self._sync and self._launched[b]:
+        elif self._launched[b]:  # synced or not: that reduction would go without it
             problem = (
                 "a gradient arrived for a bucket that was already all-reduced this step: call "
                 "GradBuffer.set_sync(False) (or use `with buf.no_sync():`) for every micro-batch "

@@ -69,3 +69,35 @@ def test_sequence_parallel_params_need_tp_group():
     p.sequence_parallel, p.tp_size = True, 2
     with pytest.raises(ValueError, match="tp_group=dims.tp_group"):
         GradBuffer([p], None)
+
+
+def test_grad_buffer_rejects_a_backward_after_the_synced_one():
+    """The synced micro-batch must be the last: a backward after it (synced or not) would add to
+    buckets whose all-reduce is already launched, so that rank's gradient would miss the others'
+    reduction and the replicas would drift apart without a word."""
+    model = parallelize(full_model(), ParallelDims())
+    buf = GradBuffer(list(model.parameters()), None)
+    ids = torch.arange(16)
+    pos, cu = torch.arange(16), torch.tensor([0, 16], dtype=torch.int32)
+    model(ids, pos, cu, 16).sum().backward()  # synced: every bucket launched
+    buf.set_sync(False)
+    with pytest.raises(RuntimeError, match="already all-reduced"):
+        model(ids, pos, cu, 16).sum().backward()
+
+
+def test_grad_buffer_bucket_boundary_no_sync_and_shard_slice():
+    params = [torch.nn.Parameter(torch.zeros(256)) for _ in range(3)]
+    # A bucket closes once it holds bucket_mb: parameters of exactly that size get one each.
+    assert GradBuffer(params, None, bucket_mb=256 * 4 / 2**20).num_buckets == 3
+    empty, p = torch.nn.Parameter(torch.zeros(0)), torch.nn.Parameter(torch.zeros(3))
+    buf = GradBuffer([empty, p], None)
+    assert buf.shard_slice(empty) is None and buf.shard_slice(p) == (0, 3, 0)
+    # no_sync() restores what was set before it, also when its block raises.
+    buf.set_sync(False)
+    with buf.no_sync():
+        pass
+    assert buf._sync is False
+    buf.set_sync(True)
+    with pytest.raises(KeyError), buf.no_sync():
+        raise KeyError
+    assert buf._sync is True

@@ -302,6 +302,8 @@ def bucket_overlap_worker(dims: ParallelDims, fuse: bool = False) -> None:
     local = buf.buffer.clone() * 2  # what this rank accumulates over the two passes
     micro_loss(model, mb, None, total).backward()
     assert all(buf._launched), "the last backward did not launch every bucket"
+    with pytest.raises(RuntimeError, match="in flight"):
+        buf.zero()  # would clear the buffer under the running all-reduces
     buf.finish()
     every = comm.all_gather_dim0(local.unsqueeze(0), dims.dp_group)
     assert_close("DP sum of main grads", buf.buffer, every.sum(0), 1e-6, atol=1e-9)
