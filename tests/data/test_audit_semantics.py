@@ -54,6 +54,28 @@ def test_sample_split_sizes_are_sklearns_exact_ceil_and_int_fraction():
     assert _sizes(split_assignment(np.ones(100, dtype=bool), spec, 42)) == (28, 0)
 
 
+def test_max_val_set_leaves_the_train_part_as_it_was():
+    # The cap drops val samples (unused), it does not hand them to train: the train part is the
+    # same with and without it.
+    valid = np.ones(200, dtype=bool)
+    full = split_assignment(valid, _spec("chat", val_split=0.25, fraction=0.5), 42)
+    capped = split_assignment(
+        valid, _spec("chat", val_split=0.25, fraction=0.5, max_val_set=10), 42
+    )
+    assert _sizes(full) == (75, 50) and _sizes(capped) == (75, 10)
+    assert np.array_equal(full == TRAIN, capped == TRAIN)
+    assert np.all(full[capped == VAL] == VAL)
+
+
+def test_split_is_seeded_by_the_dataset_name_too():
+    # Two datasets of the same size in one mix do not get the same permutation.
+    valid = np.ones(100, dtype=bool)
+    a = split_assignment(valid, DatasetSpec("a", KINDS["chat"], Path("."), [], val_split=0.1), 42)
+    b = split_assignment(valid, DatasetSpec("b", KINDS["chat"], Path("."), [], val_split=0.1), 42)
+    assert _sizes(a) == _sizes(b) == (90, 10)
+    assert not np.array_equal(a, b)
+
+
 def _tree(i: int, threads: int = 2) -> dict:
     def m(role, text, replies=()):
         return {"role": role, "text": text, "lang": "en", "review_result": True, "rank": None,
@@ -235,14 +257,15 @@ def test_stats_names_are_open_assistants_dataset_names(files, pretok, make_chat_
         {"c": {"kind": "chat", "path": "c.jsonl", "val_split": 0, "fraction": 0.5}},
         {"capped": {**tree, "max_val_set": 3, "fraction": 0.5}},  # 10 val threads > 3
         {"uncapped": {**tree, "max_val_set": 10}},  # 10 val threads, not more
+        {"mid": {**tree, "max_val_set": 6}},  # 5 val trees but 10 val threads > 6
     ]
     rc, _, err = pretok(files.mix("nm", ds), "--data-root", files.root / "src")
     assert rc == 0, err
     out = files.root / "out" / "nm"
     train = _blocks((out / "nm-train_stats.txt").read_text())
-    assert train == ["ChatDataset (c)", "ListDataset", "ListDataset", "total"]
+    assert train == ["ChatDataset (c)", "ListDataset", "ListDataset", "ListDataset", "total"]
     val = _blocks((out / "nm-val_stats.txt").read_text())
-    assert val == ["Subset of ListDataset", "ListDataset", "total"]
+    assert val == ["Subset of ListDataset", "ListDataset", "Subset of ListDataset", "total"]
     splits = json.loads((out / "stats.json").read_text())["splits"]
     assert splits["val"]["datasets"]["capped"]["name"] == "Subset of ListDataset"
     assert splits["train"]["datasets"]["c"]["name"] == "ChatDataset (c)"

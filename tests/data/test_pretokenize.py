@@ -107,7 +107,23 @@ def test_stats_on_a_hand_computed_fixture(files, tok, pretok):
     assert total["skipped_tokens"] == 28 + 17 and total["skipped_samples"] == 2
     assert total["accepted_assistant_tokens"] == 19 + 19 + 18 + 22
     assert stats["datasets"]["megacode2"]["dropped"] == {"blank": 1}
+    meta = json.loads((out_dir / "st-train-meta.json").read_text())
+    assert (meta["num_samples"], meta["num_tokens"]) == (4, 156)
+    # The one-pass route assigns the usable records to train, not the dropped one.
+    assert stats["datasets"]["megacode2"]["assigned"] == {"train": 2, "val": 0}
     assert stats["datasets"]["chat"]["records"] == 4 and stats["min_assistant_tokens"] == 15
+
+
+def test_min_assistant_tokens_keeps_a_sample_with_exactly_that_many(files, pretok):
+    # Assistant tokens: chat 14, 19, 19, 9; megacode2 18, 22. "Fewer than" 19 are skipped.
+    _stats_fixture(files)
+    ds = [{"chat": {"val_split": 0}}, {"megacode2": {"val_split": 0}}]
+    config = files.mix("eq", ds, min_assistant_tokens=19)
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 0, err
+    train = json.loads((files.root / "out/eq/stats.json").read_text())["splits"]["train"]
+    assert train["datasets"]["chat"]["accepted_samples"] == 2
+    assert train["datasets"]["megacode2"]["accepted_samples"] == 1
 
 
 def test_text_bin_decode_round_trip(files, tok, pretok):
@@ -178,6 +194,9 @@ def test_fraction_val_split_max_val_set(files, pretok, make_chat_rows, tok):
     assert len(train_texts) == 45 and not train_texts & val_texts
     stats = (out / "fr-train_stats.txt").read_text()
     assert "## Stats for 'Subset of ChatDataset (chat)' (45 samples (50.0%))" in stats
+    # `fraction` samples the train part only: the val block is at 100%.
+    val_stats = (out / "fr-val_stats.txt").read_text()
+    assert "## Stats for 'Subset of ChatDataset (chat)' (4 samples (100.0%))" in val_stats
     assert json.loads((out / "stats.json").read_text())["datasets"]["chat"]["assigned"] == {
         "train": 45,
         "val": 4,
@@ -314,14 +333,17 @@ def test_bad_records_error_with_file_line_or_are_counted(
 
 
 def test_skip_bad_records_counts_several(files, pretok, make_chat_rows):
-    rows = [json.dumps(r) for r in make_chat_rows(6)]
+    rows = [json.dumps(r) for r in make_chat_rows(12)]
     rows[1], rows[4] = "not json", '{"messages": []}'
+    rows[6:11] = ["not json"] * 5
     files.jsonl("src/c.jsonl", rows)
     config = files.mix("sk", [{"chat": {"path": "c.jsonl", "val_split": 0}}])
     assert pretok(config, "--data-root", files.root / "src", "--skip-bad-records")[0] == 0
     stats = json.loads((files.root / "out/sk/stats.json").read_text())
-    assert stats["datasets"]["chat"]["bad_records"] == 2
-    assert stats["splits"]["train"]["total"]["total_samples"] == 4
+    assert stats["datasets"]["chat"]["bad_records"] == 7
+    assert stats["datasets"]["chat"]["dropped"] == {}  # bad records are not also "dropped"
+    assert len(stats["datasets"]["chat"]["bad_examples"]) == 5  # all counted, 5 shown
+    assert stats["splits"]["train"]["total"]["total_samples"] == 5
 
 
 def test_a_mix_with_no_training_sample_is_an_error_naming_the_counts(files, pretok):
@@ -546,6 +568,35 @@ def test_the_seeds_configs_are_read_verbatim(files):
     ]
 
 
+def test_config_defaults_and_bounds(files):
+    """A dataset without val_split holds out Open-Assistant's default 0.2; min_assistant_tokens
+    may be 0 (keep every sample)."""
+    from data.config import load_mixes
+
+    files.jsonl("src/chat/c.jsonl", [{}])
+    config = files.mix("d", [{"chat": {}}], min_assistant_tokens=0)
+    [mix] = load_mixes(config, files.root / "src")
+    [chat] = mix.datasets
+    assert (chat.fraction, chat.val_split, chat.max_val_set) == (1.0, 0.2, None)
+    assert mix.min_assistant_tokens == 0 and mix.rng_seed == 42
+
+
+def test_token_stats_accumulate_over_batches():
+    """The pipeline adds one batch (chunk) at a time: every counter sums over batches, and the
+    minimum and maximum are over all accepted samples of all batches."""
+    from data.stats import TokenStats
+
+    s = TokenStats("x")
+    s.add(np.array([30, 10, 50]), np.array([20, 1, 30]), np.array([True, False, True]))
+    s.add(np.array([40, 20]), np.array([25, 2]), np.array([True, False]))
+    assert (s.accepted_samples, s.skipped_samples, s.total_samples) == (3, 2, 5)
+    assert (s.accepted_tokens, s.skipped_tokens, s.accepted_assistant_tokens) == (120, 30, 75)
+    assert (s.min_tokens, s.max_tokens, s.avg_tokens) == (30, 50, 40.0)
+    # A dataset that contributed nothing: zeros, not "None" or a division by zero.
+    empty = TokenStats("e").block()
+    assert "Accepted: 0/0 (0.0%)" in empty and "Min tokens per sample: 0\n" in empty
+
+
 # -- bad input found by trying the CLI as a user would -------------------------------------------
 
 
@@ -563,11 +614,18 @@ def test_the_seeds_configs_are_read_verbatim(files):
         ("m:\n  datasets:\n    - 5\n" + TAIL, r"bad\.yaml:2: each entry of m\.datasets"),
         # Numbers as language codes used to filter out every record without a word.
         (_one("chat", "lang: [1, 2]"), r":4: dataset 'chat': lang must be a comma-separated"),
+        # A fractional cap has no meaning as a count of samples.
+        (_one("chat", "max_val_set: 2.5"), r":4: dataset 'chat': max_val_set must be an integer"),
+        ("m:\n  datasets:\n    - chat:\n    - chat:\n" + TAIL,
+         r"dataset 'chat' appears twice in mix 'm'"),
+        ("m:\n  datasets:\n    - chat:\n  output_dir: o\n  filename_prefix: a/b\n",
+         r":5: filename_prefix must be a file name"),
     ],
 )  # fmt: skip
-def test_config_value_types_are_checked(files, pretok, make_chat_rows, body, message):
+def test_config_value_types_are_checked(files, pretok, make_chat_rows, body, message, monkeypatch):
     import re
 
+    monkeypatch.chdir(files.root)  # a relative output_dir, if ever written, lands here
     files.jsonl("src/chat/c.jsonl", make_chat_rows(2))
     config = files.text("bad.yaml", body)
     rc, _, err = pretok(config, "--data-root", files.root / "src")

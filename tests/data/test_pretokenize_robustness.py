@@ -135,6 +135,27 @@ def _chunk_hook(kind: str, after: int) -> str:
     """
 
 
+def test_a_dataset_rewritten_between_the_two_passes_is_an_error(
+    files, pretok, make_chat_rows, monkeypatch
+):
+    """With a fraction the records are read twice (scan, then tokenize): a file rewritten in
+    between would route samples by a stale assignment."""
+    from data import pretokenize
+
+    files.jsonl("src/c.jsonl", make_chat_rows(10))
+    real = pretokenize._chunks
+
+    def chunks(spec, assign, tokenize):
+        if tokenize:  # after the scan: no record is usable any more
+            files.jsonl("src/c.jsonl", ['{"messages": []}'] * 10)
+        yield from real(spec, assign, tokenize)
+
+    monkeypatch.setattr(pretokenize, "_chunks", chunks)
+    config = files.mix("ch", [{"chat": {"path": "c.jsonl", "val_split": 0, "fraction": 0.5}}])
+    rc, _, err = pretok(config, "--data-root", files.root / "src")
+    assert rc == 2 and "changed between the scanning and the tokenizing pass" in err, err
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_unexpected_worker_error_names_the_record(files, make_chat_rows, workers):
     files.jsonl("src/c.jsonl", make_chat_rows(400))

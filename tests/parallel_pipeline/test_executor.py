@@ -135,3 +135,40 @@ def test_executor_validates_shapes_and_layout():
         PipelineExecutor([stage, stage], ParallelDims(), (SEQ, CFG.hidden_size))
     with pytest.raises(ValueError, match="needs torch.distributed"):
         PipelineExecutor([stage], ParallelDims(pp=2), (SEQ, CFG.hidden_size))
+
+
+def _tiny_executor(**kwargs):
+    lin = torch.nn.Linear(4, 4)
+    fwd = lambda s, x, mb: s(mb["x"])  # noqa: E731
+    return PipelineExecutor([lin], ParallelDims(), (2, 4), forward_fn=fwd, **kwargs)
+
+
+def test_executor_checks_its_bounds_and_leftovers(monkeypatch):
+    """The run-time guards: a non-scalar loss and stages without parameters are refused,
+    check=True asserts the schedule's in-flight bound, and a table that leaves a forward without
+    its backward is an error, not silently kept activations."""
+    import parallel.pipeline as pipeline
+
+    batch = [{"x": torch.randn(2, 4)} for _ in range(3)]
+    loss = lambda out, mb: out.sum()  # noqa: E731
+    assert len(_tiny_executor(check=True).step(batch, loss)) == 3
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        _tiny_executor().step(batch, lambda out, mb: out)
+    with pytest.raises(ValueError, match="at least one stage"):
+        PipelineExecutor([], ParallelDims(), (2, 4))
+    with pytest.raises(ValueError, match="no floating-point parameters"):
+        PipelineExecutor([torch.nn.ReLU()], ParallelDims(), (2, 4))
+    monkeypatch.setattr(pipeline, "max_in_flight", lambda *a: 0)
+    with pytest.raises(AssertionError, match="1 micro-batches in flight, schedule bound 0"):
+        _tiny_executor(check=True).step(batch, loss)
+    monkeypatch.undo()
+    real = pipeline.schedule
+    monkeypatch.setattr(pipeline, "schedule", lambda *a, **k: real(*a, **k)[:-1])  # no last B
+    with pytest.raises(RuntimeError, match=r"unconsumed tensors: \{'inputs': 1, 'outputs': 1\}"):
+        _tiny_executor().step(batch, loss)
+
+
+def test_pipeline_loss_sums_in_float64():
+    losses = [torch.tensor(1.0), torch.tensor(1e-8)]
+    total = pipeline_loss(losses, ParallelDims())
+    assert total.dtype == torch.float64 and total.item() == 1.0 + float(losses[1])

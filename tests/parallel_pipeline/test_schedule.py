@@ -13,6 +13,7 @@ from parallel.pipeline_schedule import (
     ScheduleError,
     _schedule,
     ideal_bubble,
+    max_in_flight,
     schedule,
     simulate,
     split_batches,
@@ -85,7 +86,8 @@ def test_warmup_counts_and_in_flight_bound(pp, m, v):
         for a in comp:
             live += 1 if a.kind == FORWARD else -1
             peak = max(peak, live)
-        assert peak == min(w + 1, m * v)
+        assert peak == min(w + 1, m * v) == max_in_flight(pp, rank, m, v)
+        assert simulate(pp, m, v).max_in_flight[rank] == peak
         if v == 1:
             assert peak == min(pp - rank, m)  # the 1F1B memory bound
 
@@ -161,6 +163,38 @@ def test_simulator_catches_a_misrouted_message():
         simulate(2, 2, tables=tables)
 
 
+def test_simulator_catches_a_message_for_the_wrong_chunk():
+    # Same micro-batch, wrong chunk: rank 1 would take stage 0's activation as stage 2's output.
+    tables = [schedule(2, r, 2, 2) for r in range(2)]
+    swap = {
+        Action(RECV_FWD, 0, 0): Action(RECV_FWD, 0, 1),
+        Action(RECV_FWD, 0, 1): Action(RECV_FWD, 0, 0),
+    }
+    tables[1] = [swap.get(a, a) for a in tables[1]]
+    with pytest.raises(ScheduleError, match=r"\(stage 0\) would be received .* \(stage 3\)"):
+        simulate(2, 2, 2, tables=tables)
+
+
+def test_simulator_catches_a_missing_or_repeated_backward():
+    f0, f1, b0, b1 = (
+        Action(FORWARD, 0),
+        Action(FORWARD, 1),
+        Action(BACKWARD, 0),
+        Action(BACKWARD, 1),
+    )
+    with pytest.raises(ScheduleError, match="every .* exactly once"):
+        simulate(1, 2, tables=[[f0, f1, b0]])
+    with pytest.raises(ScheduleError, match="without one forward"):
+        simulate(1, 2, tables=[[f0, f1, b0, b1, b0]])
+    f2, b2 = Action(FORWARD, 2), Action(BACKWARD, 2)
+    assert simulate(1, 3, tables=[[f0, f1, b0, b1, f2, b2]]).max_in_flight == [2]
+
+
+def test_simulator_message_latency():
+    # pp 2, m 1: F on rank 0, activation (0.5), F + B on rank 1, gradient (0.5), B on rank 0.
+    assert simulate(2, 1, latency=0.5).makespan == pytest.approx(1 + 0.5 + 3 + 0.5 + 2)
+
+
 def test_simulator_catches_compute_before_its_input():
     tables = [schedule(2, r, 1) for r in range(2)]
     tables[1] = [a for a in tables[1] if a.kind != RECV_FWD]
@@ -199,6 +233,10 @@ def test_stage_layers_even_split_and_interleaved_blocks():
         stage_layers(80, 3, 0)
     with pytest.raises(ValueError, match="cannot be split evenly"):
         stage_layers(8, 4, 0, 4, 0)
+    with pytest.raises(ValueError, match=r"\(rank 0, chunk 2\) is outside pipeline size 2 x 2"):
+        stage_layers(8, 2, 0, 2, 2)
+    with pytest.raises(ValueError, match="outside pipeline size"):
+        stage_layers(8, 2, 2)
 
 
 def test_stage_spec_places_embedding_and_head():

@@ -120,6 +120,84 @@ def test_vocab_repadding(tmp_path):
     assert torch.equal(part, t[bigger // 4 : bigger // 2])
 
 
+def _full_copy(iter_dir, tp_rank, file, tensors):
+    d = iter_dir / ckpt.shard_dir_name(tp_rank, 0)
+    d.mkdir(parents=True, exist_ok=True)
+    layouts = {
+        k: {"name": k.split("/")[-1], "global_shape": list(t.shape), "tp_dim": None, "pieces": None}
+        for k, t in tensors.items()
+    }
+    ckpt._save_safetensors(d / file, tensors, layouts)
+
+
+def test_replicated_copies_read_once_and_overlapping_shards_are_refused(tmp_path):
+    # A tensor replicated over TP (a norm) has a full copy in every shard directory: one is read.
+    n = torch.arange(6, dtype=torch.float32)
+    for r in range(2):
+        _full_copy(tmp_path / "a", r, "model.safetensors", {"n": n})
+    got = ckpt.ShardIndex(tmp_path / "a").read("n", dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, n.to(torch.bfloat16))
+    # Two shards that both claim rows 2..3 (a stale shard directory): neither is picked silently.
+    full = torch.arange(8 * 3, dtype=torch.float32).view(8, 3)
+    for r, pieces in enumerate([[(0, 4)], [(2, 6)]]):
+        d = tmp_path / "b" / ckpt.shard_dir_name(r, 0)
+        d.mkdir(parents=True)
+        local = torch.cat([full.narrow(0, a, b) for a, b in pieces])
+        layout = {"name": "w", "global_shape": [8, 3], "tp_dim": 0, "pieces": pieces}
+        ckpt._save_safetensors(d / "model.safetensors", {"w": local}, {"w": layout})
+    with pytest.raises(ckpt.CheckpointError, match="cover 30 of the 24"):
+        ckpt.ShardIndex(tmp_path / "b").read("w")
+
+
+def test_vocab_repadding_trims_a_bigger_padding_and_pads_moments_with_zeros(tmp_path):
+    vocab, stored, padded = 5, 8, 6  # saved at a bigger padding (higher TP), loaded at a smaller
+    torch.manual_seed(0)
+    w = torch.randn(stored, 3)
+    _full_copy(tmp_path, 0, "model.safetensors", {"output.weight": w})
+    moments = {f"{k}/output.weight": torch.rand(stored, 3) + 1 for k in ckpt.OPTIM_KINDS}
+    _full_copy(tmp_path, 0, ckpt.optim_file_name(0), moments)
+    index = ckpt.ShardIndex(tmp_path)
+    assert index.names() == index.names("exp_avg_sq") == ["output.weight"]
+    meta = {"vocab_size": vocab}
+    t = ckpt.read_param(index, "output.weight", meta, padded)
+    assert torch.equal(t, torch.cat([w[:vocab], w[:1]]))
+    for kind in ckpt.OPTIM_KINDS:
+        m = moments[f"{kind}/output.weight"]
+        t = ckpt.read_param(index, "output.weight", meta, padded, kind=kind)
+        pad = m[:1] if kind == "master" else torch.zeros(1, 3)  # Adam moments: no gradient
+        assert torch.equal(t, torch.cat([m[:vocab], pad])), kind
+
+
+def test_layout_metadata_is_written_and_required(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.zeros(2, 3)
+    t.tp_dim, t.tp_pieces, t.global_shape = 0, [(4, 2)], (8, 3)
+    assert ckpt.tensor_layout("w", t) == {
+        "name": "w", "global_shape": [8, 3], "tp_dim": 0, "pieces": [[4, 2]]
+    }  # fmt: skip
+    del t.tp_pieces
+    with pytest.raises(ckpt.CheckpointError, match="tp_dim=0 but no tp_pieces"):
+        ckpt.tensor_layout("w", t)
+    with pytest.raises(ckpt.CheckpointError, match="no mp_rank_"):
+        ckpt.ShardIndex(tmp_path)
+    d = tmp_path / ckpt.shard_dir_name(0, 0)
+    d.mkdir()
+    save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))  # another tool's file
+    with pytest.raises(ckpt.CheckpointError, match="tensor w has no layout metadata"):
+        ckpt.ShardIndex(tmp_path)
+
+
+def test_damage_message_names_the_newest_complete_iteration_below(tmp_path):
+    for i in (1, 2, 5, 9):
+        (tmp_path / f"iter_{i:07d}").mkdir()
+        if i != 5:
+            (tmp_path / f"iter_{i:07d}" / "meta.json").write_text("{}")
+    msg = ckpt.another_iteration(tmp_path / "iter_0000005")
+    assert msg.endswith(str(tmp_path / "iter_0000002"))
+    assert ckpt.another_iteration(tmp_path / "iter_0000001").endswith("iter_0000009")
+
+
 def test_resave_same_iteration_and_latest_written_last(tmp_path):
     cfg, sd = _tiny_state()
     ckpt.write_full_checkpoint(tmp_path, 3, sd, {"model": cfg.to_dict(), "v": 1})
