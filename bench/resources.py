@@ -17,6 +17,7 @@ without such spills; tests/bench/test_resources.py holds them to that.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import subprocess
@@ -48,12 +49,15 @@ def _tools():
 
 
 def available() -> bool:
-    """True when Triton's NVIDIA backend and its cuobjdump are installed (no GPU needed)."""
+    """True when Triton's NVIDIA backend and its cuobjdump are installed (no GPU needed), and its
+    ASTSource takes `constexprs` (the form compile_resources builds; Triton 3.0's takes
+    `constants` and an AttrsDescriptor instead)."""
     try:
         _tools()
         from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource
 
-        return True
+        return "constexprs" in inspect.signature(ASTSource).parameters
     except Exception:
         return False
 
@@ -371,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", help="comma-separated, e.g. 8192 or 32,8,128 (with one --family)")
     args = ap.parse_args(argv)
     if not available():
-        print("bench.resources: Triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
+        print(
+            "bench.resources: needs Triton's NVIDIA backend (ptxas, cuobjdump) and a Triton whose "
+            "ASTSource takes `constexprs`"
+        )
         return 1
     families = args.family or sorted(FAMILIES)
     for fam in families:

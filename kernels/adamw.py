@@ -102,8 +102,9 @@ if HAS_TRITON:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
         # NaN compares false, so |x| < inf is exactly "finite". Every writer stores the same 1.0,
-        # so the concurrent stores race harmlessly.
-        bad = tl.max((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0)
+        # so the concurrent stores race harmlessly. (tl.where rather than `~` on the comparison:
+        # Triton 3.0's interpreter cannot invert a boolean tensor.)
+        bad = tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=0)
         tl.store(inf_ptr, 1.0, mask=bad > 0)
 
     @triton.jit
@@ -123,7 +124,7 @@ if HAS_TRITON:
             offs = base + t * BLOCK + tl.arange(0, BLOCK)
             x = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
             acc += x * x
-            bad = tl.maximum(bad, (~(tl.abs(x) < float("inf"))).to(tl.int32))
+            bad = tl.maximum(bad, tl.where(tl.abs(x) < float("inf"), 0, 1))  # 1: not finite
         tl.store(part_sq_ptr + pid, tl.sum(acc, axis=0))
         tl.store(part_bad_ptr + pid, tl.max(bad, axis=0))
 

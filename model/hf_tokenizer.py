@@ -183,11 +183,11 @@ def _write_fast_tokenizer(out_dir: Path, tok: Tokenizer) -> bool:
     )
     fast = FastTokenizer(bpe)
     # SentencePiece's dummy prefix on every text piece between specials: a normalizer that
-    # prepends "▁" and turns spaces into "▁" (no pre-tokenizer, which would split the text).
+    # prepends "▁" and turns spaces into "▁". No pre-tokenizer, which would split the text: a new
+    # FastTokenizer has none (and tokenizers < 0.20 refuses `pre_tokenizer = None`).
     fast.normalizer = normalizers.Sequence(
         [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
     )
-    fast.pre_tokenizer = None
     fast.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")  # no BOS
     # Decoding as `Tokenizer.decode`: SentencePiece drops the dummy prefix of every text piece,
     # the one after each special token included, while a plain Llama decoder strips only the

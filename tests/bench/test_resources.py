@@ -9,7 +9,8 @@ import pytest
 from bench import resources
 
 pytestmark = pytest.mark.skipif(
-    not resources.available(), reason="needs Triton's NVIDIA backend (ptxas, cuobjdump)"
+    not resources.available(),
+    reason="needs Triton's NVIDIA backend (ptxas, cuobjdump) and ASTSource(constexprs=)",
 )
 
 

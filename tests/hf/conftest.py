@@ -63,7 +63,9 @@ def hf_dir(tmp_path_factory, sp_model, tokenizer) -> Path:
         max_position_embeddings=512,
         rms_norm_eps=1e-5,
         rope_theta=5000.0,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        # `type`, not `rope_type`: transformers 4.40 (the dev floor) accepts only `type` and
+        # `factor`; newer versions read `type` as `rope_type`.
+        rope_scaling={"type": "linear", "factor": 2.0},
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,

@@ -68,7 +68,8 @@ def test_cached_greedy_equals_recomputation(our_model, tokenizer):
 
 def test_greedy_equals_transformers_generate(exported, our_model, tokenizer):
     transformers = pytest.importorskip("transformers")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    # .float(), not dtype=: transformers < 4.56 calls it torch_dtype, later ones deprecate that.
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(exported).float()
     hf_model.eval()
     prompts = _prompts(tokenizer)
     params = SamplingParams(temperature=0.0, max_new_tokens=12)

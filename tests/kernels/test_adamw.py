@@ -16,6 +16,14 @@ SHAPES = [(7, 13), (4097,), (1,), (33, 17, 3)]  # several parameters, odd sizes
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-12, weight_decay=0.1)  # for single steps
 
 
+def _triton_version() -> tuple[int, ...]:
+    try:
+        import triton
+    except ImportError:  # the CPU reference path
+        return (99,)
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
 def _assert_model_copy(out: torch.Tensor, params: torch.Tensor, name: str = "model_out") -> None:
     """model_out must be params rounded to its dtype. On CUDA exactly (round to nearest even). The
     Triton interpreter truncates fp32 -> bf16 in every cast, so on CPU one ulp is allowed there."""
@@ -203,6 +211,11 @@ def test_grad_sq_norm_and_nonfinite(device, n, dtype):
 
 
 def test_found_nonfinite_sets_and_never_clears(device):
+    if device == "cpu" and _triton_version() < (3, 6):
+        # Its store tests `if not mask`, which the interpreter evaluates on the value, so a
+        # false scalar mask stores anyway (seen on 3.0 and 3.1; 3.6 tests `mask is None`).
+        # Compiled code is not affected: the gpu run of this test covers the kernel.
+        pytest.skip("Triton < 3.6's interpreter stores through a false scalar mask")
     g = torch.randn(12345, device=device)
     flag = torch.zeros(1, device=device)
     assert found_nonfinite(g, flag).item() == 0.0

@@ -81,7 +81,8 @@ def _hf_pair(rope_scaling=None, theta=10000.0):
     return hf, ours
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}])
+# `type`, not `rope_type`: transformers 4.40 (the dev floor) accepts only `type` and `factor`.
+@pytest.mark.parametrize("rope_scaling", [None, {"type": "linear", "factor": 2.0}])
 def test_packed_documents_match_transformers_on_each_document(rope_scaling):
     """GQA grouping (query head h uses KV head h // (heads / kv_heads)), half-split rotary, linear
     rope scaling, untied head: a packed row, positions restarting per document, gives each

@@ -83,8 +83,10 @@ def test_stage2_finetunes_from_stage1(stage1, data_dir, tmp_path, capsys):
     assert [r["iteration"] for r in train] == [2, 4, 6] and train[0]["consumed_samples"] == 8
     meta = json.loads((tmp_path / "checkpoints" / "iter_0000006" / "meta.json").read_text())
     assert meta["model"]["hidden_dropout"] == 0.25 and meta["model"]["lima_dropout"] is True
-    # started from stage 1's weights, not from scratch: the loss is far below ln(vocab)
-    assert train[0]["lm_loss"] < 0.8 * math.log(meta["vocab_size"])
+    # started from stage 1's weights, not from scratch: the loss is far below ln(vocab) (6.9;
+    # from scratch the first logged loss is 6.8). Not too close, though: the first iterations run
+    # with dropout 0.25, whose CPU masks differ between torch versions (2.4: 5.6, 2.13: 4.9).
+    assert train[0]["lm_loss"] < 0.85 * math.log(meta["vocab_size"])
 
 
 def test_stage2_runs_three_epochs(data_dir):
