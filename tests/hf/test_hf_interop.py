@@ -10,7 +10,7 @@ from data.chat import render_prompt
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.hf import export_hf, import_hf, main, parse_size
-from model.hf_io import HFWeights, SafetensorsStream, plan_shards
+from model.hf_io import HFWeights, SafetensorsStream, plan_shards, write_hf_shards
 from model.hf_tokenizer import CHATML_TEMPLATE
 from train import checkpoint as ckpt
 
@@ -24,7 +24,8 @@ TEXTS = [
 
 
 def _hf_model(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # .float(), not dtype=: transformers < 4.56 calls it torch_dtype, later ones deprecate that.
+    return transformers.AutoModelForCausalLM.from_pretrained(path).float().eval()
 
 
 def _hf_tensors(path) -> dict[str, torch.Tensor]:
@@ -231,12 +232,57 @@ def test_safetensors_stream_and_shard_planning(tmp_path):
         assert f.metadata() == {"k": "v"}
         for n, t in tensors.items():
             assert torch.equal(f.get_tensor(n), t)
+    with open(tmp_path / "x.safetensors", "rb") as f:
+        assert int.from_bytes(f.read(8), "little") % 8 == 0  # tensor data 8-byte aligned
     stream = SafetensorsStream(tmp_path / "y.safetensors", shapes, torch.float32, {})
     with pytest.raises(ValueError, match="expected a"):
         stream.write("b", torch.zeros(7))
+    with pytest.raises(ValueError, match="expected a"):
+        stream.write("a", torch.zeros(5, 3))  # the right name, not the right shape
+    stream.write("a", torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"2 tensors never written: \['b', 'c'\]"):
+        stream.close()
+    stream = SafetensorsStream(tmp_path / "z.safetensors", {"a": (2,)}, torch.float16, {})
+    stream.write("a", torch.tensor([1.0, float("-inf")]))  # an inf already: no overflow
+    with pytest.raises(ValueError, match="unexpected extra tensor b"):
+        stream.write("b", torch.zeros(2))
+    stream.close()
     assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+    assert plan_shards({"a": 5, "b": 5, "c": 2}, 8) == [["a"], ["b", "c"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
     assert parse_size("1234") == 1234
+
+
+def test_hf_shards_are_planned_in_bytes_of_the_dtype_and_read_back(tmp_path):
+    shapes = {"a": (4, 4), "b": (4, 4), "c": (8,)}  # 32, 32 and 16 bytes in bf16
+    tensors = {n: torch.randn(s).to(torch.bfloat16) for n, s in shapes.items()}
+    index = write_hf_shards(tmp_path, iter(tensors.items()), shapes, torch.bfloat16, 48)
+    assert index["metadata"]["total_size"] == 80
+    assert index["weight_map"] == {
+        "a": "model-00001-of-00002.safetensors",
+        "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors",
+    }
+    w = HFWeights(tmp_path)
+    assert w.shape("b") == (4, 4) and w.dtype("c") == torch.bfloat16
+    assert torch.equal(w.get("c"), tensors["c"])
+    # One model.safetensors without an index; a dtype the model cannot take is named.
+    from safetensors.torch import save_file
+
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file(
+        {"x": torch.ones(2, 3), "y": torch.zeros(2, dtype=torch.float64)},
+        single / "model.safetensors",
+    )
+    w = HFWeights(single)
+    assert "x" in w and w.shape("x") == (2, 3) and torch.equal(w.get("x"), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="y has dtype F64; expected F32, BF16 or F16"):
+        w.dtype("y")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"found \['pytorch_model.bin'\]: re-save them"):
+        HFWeights(tmp_path / "bin")
 
 
 def test_cli(tmp_path, hf_dir, imported, capsys):
