@@ -44,6 +44,7 @@ def test_layout_without_extra_ids(llama_like_model):
         ("<|im_start|>, <|im_end|>", ["<|im_start|>", "<|im_end|>"]),
         ("'<a>'", ["<a>"]),
         (["<x>", " <y> "], ["<x>", "<y>"]),
+        ("'<a>', \"<b>\"", ["<a>", "<b>"]),  # each item quoted on its own
         (None, []),
         ("", []),
     ],
@@ -155,6 +156,8 @@ def test_sample_tokenizer_regenerates_deterministically(tmp_path):
         ["<|im_start|>", "<|im_end|>", "x<y>"],  # a '<' inside a special: the general path
         ["<|im_start|>", "<|im_end|>", "[X]"],  # a special that does not start with '<'
         ["[X]", "<|im_start|>", "<|im_end|>"],
+        # a '>' inside a special: "<|im_start|>user" would swallow the role in the turn string
+        ["<|im_start|>", "<|im_end|>", "<|im_start|>user"],
     ],
 )
 def test_encode_turns_equals_encoding_the_turn_strings(extra):
@@ -223,3 +226,31 @@ def test_decode_reads_a_literal_u2581_as_space(tok):
     """SentencePiece escapes spaces as U+2581 "▁", so a literal one comes back as a space: the one
     text `decode(encode(text))` does not return (documented in data/tokenizer.py)."""
     assert tok.decode(tok.encode("a\u2581b c")) == "a b c"
+
+
+def test_longest_special_wins_and_base_pieces_by_name(tok):
+    t = Tokenizer(DEFAULT_TOKENIZER_PATH, ["<x>", "<x>y"])  # one a prefix of the other
+    assert t.encode("<x>y<x>") == [t.special_tokens["<x>y"], t.special_tokens["<x>"]]
+    assert tok.token_id(tok.piece(tok.unk_id)) == tok.unk_id  # the unk piece itself is a piece
+    assert tok.token_id("</s>") == tok.eos_id
+    with pytest.raises(KeyError, match="is not a piece"):
+        tok.token_id("no such piece")
+    d = tok.describe()
+    assert (d["pad_id"], d["eod_id"], d["bos_id"], d["eos_id"], d["unk_id"]) == (
+        tok.pad_id, tok.eod_id, tok.bos_id, tok.eos_id, tok.unk_id)  # fmt: skip
+    # the extra ids' order is their ids: another order is another tokenizer
+    a = Tokenizer(DEFAULT_TOKENIZER_PATH, ["<a>", "<b>"]).fingerprint
+    assert a != Tokenizer(DEFAULT_TOKENIZER_PATH, ["<b>", "<a>"]).fingerprint
+
+
+@pytest.mark.parametrize("unk, pad", [(0, 3), (1, 0)])
+def test_a_model_with_its_own_pad_piece_keeps_it(tmp_path, unk, pad):
+    lines = [f"word{i % 37} and more words {i}" for i in range(300)]
+    spm.SentencePieceTrainer.Train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"), vocab_size=60,
+        unk_id=unk, bos_id=2, eos_id=4, pad_id=pad, minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    t = Tokenizer(str(tmp_path / "m.model"), None)
+    n = t.base_vocab_size
+    assert (t.pad_id, t.bos_id, t.eos_id) == (pad, 2, 4) and "<PAD>" not in t.special_tokens
+    assert t.vocab_size == n + 4  # <CLS> <SEP> <EOD> <MASK> only

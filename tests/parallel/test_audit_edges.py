@@ -37,3 +37,33 @@ def test_take_shard_repads_the_vocabulary_with_zero_rows(source_rows):
         real = max(0, min(rows // 2, vocab - rank * rows // 2))
         assert torch.equal(got[:real], full[rank * rows // 2 :][:real])
         assert not got[real:].any(), f"rank {rank}: padding rows copied from the source"
+
+
+def test_take_shard_refuses_fewer_rows_than_the_vocabulary():
+    p = torch.nn.Parameter(torch.empty(512, 8))
+    mark_sharded(p, 0, [(0, 512)], (512, 8), 0)
+    p.vocab_rows = 300
+    with pytest.raises(ValueError, match="has 299 rows, fewer than vocab_size 300"):
+        take_shard(torch.zeros(299, 8), p)
+
+
+def test_tp1_marks_the_layout_of_any_tp_and_ignores_sequence_parallel():
+    """At TP 1 the matrices carry the dim TP would split (rows of wqkv and w13 per segment,
+    columns of wo and w2), so a checkpoint's metadata is the same at every TP size."""
+    from model.config import ModelConfig
+    from model.llama import Llama
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import parallelize
+
+    cfg = ModelConfig(name="t", vocab_size=100, hidden_size=32, ffn_hidden_size=48, num_layers=1,
+                      num_attention_heads=4, num_kv_heads=2)  # fmt: skip
+    model = parallelize(Llama(cfg), ParallelDims(), sequence_parallel=True)
+    assert model.sequence_parallel is False and model.tp == 1
+    block = next(iter(model.layers.values()))
+    layout = lambda p: (p.tp_dim, p.tp_pieces)  # noqa: E731
+    assert layout(block.attention.wqkv.weight) == (0, [(0, 32), (32, 16), (48, 16)])
+    assert layout(block.attention.wo.weight) == (1, [(0, 32)])
+    assert layout(block.mlp.w13.weight) == (0, [(0, 48), (48, 48)])
+    assert layout(block.mlp.w2.weight) == (1, [(0, 48)])
+    assert layout(block.attention_norm.weight) == (None, [])
+    assert model.output.weight.vocab_rows == 100 and model.output.weight.tp_dim == 0

@@ -92,6 +92,10 @@ def comm_worker(dims: ParallelDims) -> None:
     assert torch.equal(t, torch.full((3,), float(n * (n + 1) // 2)))
     with pytest.raises(ValueError, match="not divisible"):
         comm.reduce_scatter_to_sp(torch.zeros(n + 1, 2), g)
+    # the all-reduce leaves its input as it was (autograd may hold it)
+    x = X[r].clone()
+    comm.reduce_from_tp(x, g)
+    assert torch.equal(x, X[r])
 
     _linear_layers(dims, X[0], G)
 

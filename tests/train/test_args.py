@@ -186,6 +186,36 @@ def test_bad_flags_name_the_nearest_valid_one(argv, message):
             2,
             "--variable_seq_lengths with pipeline parallelism",
         ),
+        (
+            ["--pipeline_model_parallel_size", "2"],
+            3,
+            "world size 3 is not divisible by tensor (1) x pipeline (2)",
+        ),
+        (["--exit_duration_in_mins", "0"], 1, "--exit_duration_in_mins 0: must be > 0"),
+        (
+            ["--profile", "--profile_step_start", "3", "--profile_step_end", "3"],
+            1,
+            "want 1 <= start < end",
+        ),
+        (  # 4 layers per virtual stage x 2 stages: 8, more than the 4 layers
+            ["--pipeline_model_parallel_size", "2", "--num_layers_per_virtual_pipeline_stage", "4"],
+            2,
+            "x pipeline size 2 must divide num_layers 4",
+        ),
+        (  # 12 rows / (2 rows x DP 2) = 3 micro-batches per step, not a multiple of PP 2
+            [
+                "--pipeline_model_parallel_size",
+                "2",
+                "--num_layers_per_virtual_pipeline_stage",
+                "1",
+                "--global_batch_size",
+                "12",
+                "--global_batch_unit",
+                "rows",
+            ],
+            4,
+            "per step (3 = global_batch_size 12",
+        ),  # fmt: skip
     ],
 )
 def test_inconsistent_values_fail_before_any_work(extra, world, message):
@@ -262,3 +292,54 @@ def test_warmup_fraction_is_whole_iterations_and_a_rounding_is_named(fraction, w
     assert rc.schedule.warmup_iters == warmup and rc.schedule.decay_iters == 10
     said = [n for n in rc.notes if "--lr_warmup_fraction" in n]
     assert said == ([] if note is None else [said[0]]) and (note is None or note in said[0])
+
+
+def test_resolved_layout_and_defaults():
+    def run(argv, world=1):
+        ns, given = parse_args(argv)
+        return resolve(ns, given, world_size=world)
+
+    rc = run(_tiny("--sequence_parallel"))
+    assert not rc.parallel.sequence_parallel  # nothing to shard at TP 1
+    # 2 x 127 tokens split over TP 2 (seq_length 127 alone would not)
+    rc = run(_tiny("--tensor_model_parallel_size", "2", "--sequence_parallel", "--seq_length",
+                   "127"), world=2)  # fmt: skip
+    assert rc.parallel.sequence_parallel and rc.data.seq_length == 127
+    # no --global_batch_size: one micro-batch per DP rank (world 3 / TP 1 x PP 1)
+    rc = run([a for a in _tiny() if a not in ("--global_batch_size", "8")], world=3)
+    assert (rc.parallel.dp, rc.data.global_batch_size, rc.loop.num_microbatches) == (3, 6, 1)
+    # one layer chunk per stage (4 layers / (PP 2 x 2)) is no interleaving: no filler rounding
+    interleave = ["--pipeline_model_parallel_size", "2", "--num_layers_per_virtual_pipeline_stage"]
+    rc = run(
+        _tiny(*interleave, "2", "--global_batch_size", "3", "--micro_batch_size", "1"), world=2
+    )
+    assert rc.loop.num_microbatches == 3
+    # a warm-up as long as the decay is allowed
+    rc = run(_tiny("--lr_warmup_iters", "10", "--exit_duration_in_mins", "5"))
+    assert rc.schedule.warmup_iters == rc.schedule.decay_iters == 10
+    assert rc.loop.exit_duration_in_mins == 5 and rc.loop.exit_signal_handler is False
+    # explicit architecture: MHA and a 4 x hidden MLP unless told otherwise; without a tokenizer
+    # file, Llama-2's 32000 pieces + 5 Megatron specials + the extra ids
+    rc = run(_tiny("--vocab_extra_ids_list", "<a>,<b>")[2:] + ["--num_layers", "2",
+             "--hidden_size", "64", "--num_attention_heads", "4"])  # fmt: skip
+    m = rc.model
+    assert (m.num_kv_heads, m.ffn_hidden_size, m.vocab_size) == (4, 256, 32000 + 5 + 2)
+
+
+def test_resolved_recompute_profile_and_run_dir(tmp_path):
+    def run(*extra):
+        ns, given = parse_args(_tiny(*extra))
+        return resolve(ns, given, world_size=1)
+
+    rc = run("--recompute_granularity", "full")
+    assert (rc.loop.recompute_granularity, rc.loop.recompute_method) == ("full", "uniform")
+    assert run("--recompute_activations").loop.recompute_granularity == "selective"
+    save = str(tmp_path / "ckpt")
+    rc = run("--save", save, "--profile", "--profile_step_start", "10", "--profile_step_end", "11")
+    assert rc.log.run_dir == save and rc.log.profile == (10, 11)  # the last iteration traced
+    # with packing a row is seq_length tokens: no multiple-of-16 padding to split over TP
+    ns, given = parse_args(_tiny("--tensor_model_parallel_size", "32", "--sequence_parallel",
+                                 "--micro_batch_size", "1", "--variable_seq_lengths"))  # fmt: skip
+    with pytest.raises(ArgsError) as e:
+        resolve(ns, given, world_size=32)  # TP 32 does not divide the heads
+    assert "num_attention_heads" in str(e.value) and "x 16" not in str(e.value)

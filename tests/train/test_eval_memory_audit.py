@@ -223,6 +223,7 @@ def test_rank_params_equal_the_built_stages(fake_groups, tp, pp, extra):
             stages = build_stages(rc, _dims(tp, pp, 1, t, 0, r), "cpu", torch.float32)
             held = sum(p.numel() for s in stages for p in s.parameters())
             assert held == rank_params(rc.model, padded, tp, pp, r, virtual_stages(rc))
+            assert all(s.padded_vocab == padded for s in stages)
 
 
 @pytest.mark.parametrize("tp, dp, extra", [
@@ -304,3 +305,54 @@ def test_count_loss_mask_is_per_sample_with_or_without_packing(tmp_path):
     # every token of these samples is an assistant token; each loses one label (the last)
     want = sum(n - 1 for n in [20, 30, 9, 12, 25, 18]) / 6
     assert got["--packing"] == pytest.approx(want) and got["--no-packing"] == pytest.approx(want)
+
+
+def test_peak_estimate_of_an_interleaved_tensor_parallel_last_stage(fake_groups, monkeypatch):
+    """The last stage of TP 2 x PP 2 with four chunks of one layer each: layers are counted per
+    chunk, and the logits are the rank's vocabulary shard. (The stages alone: a Trainer at PP 2
+    wants a real process group; the states are what the CUDA allocator reports.)"""
+    from types import SimpleNamespace
+
+    from tests.parallel3d.common import run_config
+    from train.memory import peak_estimate
+
+    rc, _ = run_config(2, 2, 4, 16, ["--num_layers_per_virtual_pipeline_stage", "1"])
+    assert rc.model.num_layers == 8
+    dims = _dims(2, 2, 1, pp_rank=1)
+    trainer = SimpleNamespace(rc=rc, dims=dims, device=torch.device("cuda"), dtype=torch.float32,
+                              stages=build_stages(rc, dims, "cpu", torch.float32),
+                              padded_vocab=rc.model.padded_vocab_size(2))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 123)
+    est = peak_estimate(trainer, {"none": 1000.0, "selective": 600.0, "full": 40.0})
+    tokens = rc.data.micro_batch_size * rc.data.seq_length
+    assert est.layers == 1 and est.states == 123  # 8 layers / (2 stages x 4 chunks)
+    assert est.logits == 3 * tokens * (rc.model.padded_vocab_size(2) // 2) * 4  # fp32 shard
+
+
+def test_saved_bytes_count_activations_not_parameters():
+    """Full recompute keeps the block's inputs alone: hidden states, positions (int64) and
+    cu_seqlens (3 x int32). The other modes' bytes grow with the tokens only (a quadratic term
+    from the CPU attention's probabilities): a parameter would add a constant."""
+    from model.llama import Llama
+
+    rc, _, _ = tiny_run()
+    torch.manual_seed(0)
+    block = next(iter(Llama(rc.model).layers.values()))
+    h = rc.model.hidden_size
+    assert saved_bytes(block, 64, "full", "cpu", torch.float32) == 64 * h * 4 + 64 * 8 + 3 * 4
+    for mode in ("none", "selective"):
+        s64, s128, s192 = (
+            saved_bytes(block, n, mode, "cpu", torch.float32) for n in (64, 128, 192)
+        )
+        assert 3 * s64 - 3 * s128 + s192 in (0, 12), mode  # a T^2 + b T (+ cu_seqlens) at T = 0
+
+
+def test_parallelize_refuses_a_tp_group_of_another_size(fake_groups):
+    from model.llama import Llama
+    from parallel.dims import ParallelDims
+    from parallel.parallelize import parallelize
+
+    rc, _, _ = tiny_run()
+    dims = ParallelDims(tp=2, pp=1, dp=1, rank=0, tp_group=_Group(4, 0))
+    with pytest.raises(ValueError, match="tp=2 but its tp_group has 4 ranks"):
+        parallelize(Llama(rc.model), dims)

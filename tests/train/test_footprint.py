@@ -5,7 +5,7 @@ import pytest
 
 from model.config import PRESETS
 from tests.train.helpers import tiny_run
-from train.footprint import GIB, bytes_per_param, footprint, rank_params
+from train.footprint import GIB, Footprint, bytes_per_param, footprint, rank_params
 from train.loop import Trainer
 
 
@@ -77,3 +77,13 @@ def test_offloaded_one_process_prediction_equals_the_allocation():
                  trainer.optimizer._grad_host + trainer.optimizer._out_host)  # fmt: skip
     assert fp.params * fp.host == trainer.optimizer.host_state_bytes() - pinned
     assert "GiB of host memory" in fp.line()
+
+
+def test_line_and_total_leave_host_memory_apart():
+    # 2**30 parameters offloaded at DP 2, by hand: weights 2 B (bf16),
+    # gradients 4 + 4 / 2 = 6 B, device optimizer the staging copy 2 / 2 = 1 B; host 12 / 2 = 6 B.
+    fp = Footprint(GIB, *bytes_per_param(True, 2, True, offload=True))
+    assert fp.total_bytes == GIB * (2 + 6 + 1)  # the host bytes are not device bytes
+    assert fp.line() == (
+        "weights 2.00 + gradients 6.00 + optimizer 1.00 = 9.00 GiB (and 6.00 GiB of host memory)"
+    )

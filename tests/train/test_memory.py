@@ -3,6 +3,7 @@ micro-batches in flight (from the measured bytes per token and layer), and the l
 logits; the benchmark compares it with the measured peak on a GPU (bench_train)."""
 
 import pytest
+import torch
 
 from tests.train.helpers import tiny_run
 from train.loop import Trainer
@@ -43,3 +44,33 @@ def test_block_recompute_mixes_full_and_stored_layers():
     est = peak_estimate(t, PER_TOKEN)
     # the recomputed layer rebuilds its 960 B a token during its backward
     assert est.activations == pytest.approx((40.0 + (layers - 1) * 1000.0 + 960.0) * tokens)
+
+
+def test_block_recompute_of_more_layers_than_held_recomputes_them_all():
+    t = _trainer(["--recompute_granularity", "full", "--recompute_method", "block",
+                  "--recompute_num_layers", "5"])  # fmt: skip
+    tokens = t.rc.data.micro_batch_size * t.rc.data.seq_length
+    layers = t.rc.model.num_layers
+    assert layers < 5
+    est = peak_estimate(t, PER_TOKEN)
+    assert est.activations == pytest.approx((40.0 * layers + 960.0) * tokens)
+
+
+def test_peak_line_warns_above_92_percent_of_the_card(monkeypatch):
+    from train.memory import PeakEstimate
+
+    gib = 2**30
+    card = type("P", (), {"total_memory": 100 * gib})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: card)
+    for total, too_big in ((90, False), (95, True)):
+        est = PeakEstimate(total * gib, 0.0, 0.0, 1, 2, "none")
+        line, warn = peak_line(est, "cuda:0")
+        assert warn == too_big and line.endswith(f"= {total:.2f} GiB of 100.0 GiB on cuda:0")
+
+
+def test_state_line_names_the_offloaded_host_memory():
+    from train.memory import state_memory_line
+
+    t = _trainer(["--use_distributed_optimizer", "--optimizer_cpu_offload"])
+    host = t.optimizer.host_state_bytes()
+    assert f"; {host / 2**30:.3f} GiB more in host memory" in state_memory_line(t)

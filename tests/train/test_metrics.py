@@ -59,3 +59,50 @@ def test_mfu_peak_is_the_cards_own(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     assert peak_flops_per_gpu() == peak
+
+
+def test_small_helpers(monkeypatch):
+    from train import metrics
+
+    assert metrics.format_eta(-5.0) == "0:00:00"  # an overrun estimate is no negative ETA
+    # The last rank logs (it holds the loss when pipelined), and a lone process does.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert metrics.is_logging_rank()
+    monkeypatch.setenv("RANK", "0")
+    assert not metrics.is_logging_rank()
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    assert metrics.is_logging_rank()
+    # ru_maxrss is in KiB on Linux: 3 GiB = 3 * 2**20 KiB.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    usage = type("U", (), {"ru_maxrss": 3 * 2**20})
+    monkeypatch.setattr(metrics.resource, "getrusage", lambda *a: usage)
+    assert metrics.memory_gib() == (3.0, "max RSS")
+
+
+def test_line_details():
+    from train.metrics import eval_line
+
+    row = {"consumed_samples": 0, "iter_ms": 1.0, "lr": 1e-5, "global_batch_size": 1,
+           "lm_loss": 1.0, "grad_norm": 0.5, "skipped": 0, "tokens_per_s": 1.0, "truncated": 0,
+           "mem_gib": 1.5, "mem_what": "max RSS", "eta_s": 0}  # fmt: skip
+    assert "samples cut" not in train_line(1, 1, row)  # nothing cut: no field
+    assert "samples cut to seq_length: 2" in train_line(1, 1, {**row, "truncated": 2})
+    line = eval_line(5, "valid", {"loss": 2.0, "ppl": 7.389, "accuracy": 0.5})
+    want = " | loss: 2.000000E+00 | ppl: 7.389000E+00 | accuracy: 0.5000 |"
+    assert line == " validation (valid) at iteration 5" + want
+
+
+def test_telemetry_appends_and_keeps_non_finite_out_of_tensorboard(tmp_path):
+    scalars = []
+    for launch in range(2):  # a resume appends to the same metrics.jsonl
+        t = Telemetry(str(tmp_path), None, None, {})
+        t.tb = type("TB", (), {"add_scalar": lambda s, *a: scalars.append(a),
+                               "flush": lambda s: None, "close": lambda s: None})()  # fmt: skip
+        t.run_start(launch, {})
+        t.record("train", launch, {"lm_loss": float("nan"), "grad_norm": 1.5}, "train")
+        t.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["type"] for r in rows] == ["run_start", "train"] * 2
+    assert scalars == [("train/grad_norm", 1.5, 0), ("train/grad_norm", 1.5, 1)]
