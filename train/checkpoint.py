@@ -32,6 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from parallel.host_text import gather_texts
 
 # The tensor files' layout and reader (see checkpoint_io's docstring). read_param and
 # OPTIM_KINDS are not used here: they are imported so that callers keep finding them as
@@ -279,8 +280,7 @@ def _together(rank: int, action: Callable[[], None] | None) -> None:
         if err is not None:
             raise err
         return
-    views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, None if err is None else str(err))
+    views = gather_texts(None if err is None else str(err))
     failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(views) if m is not None)
     if err is not None and not isinstance(err, OSError):
         raise err  # a bug, not the disk: its own traceback here, the message on the others

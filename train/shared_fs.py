@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from parallel.host_text import gather_texts
+
 
 def ranks_not_sharing(save_dir: str | os.PathLike, wait_s: float = 5.0) -> list[tuple[int, str]]:
     """Collective: the (global rank, host) of every rank that does not see a file global rank 0
@@ -22,13 +24,12 @@ def ranks_not_sharing(save_dir: str | os.PathLike, wait_s: float = 5.0) -> list[
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return []
     rank = dist.get_rank()
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    probe = Path(save_dir) / f".shared_fs_probe_{token[0]}"
+    token = gather_texts(uuid.uuid4().hex if rank == 0 else None)[0]
+    probe = Path(save_dir) / f".shared_fs_probe_{token}"
     seen = False
     if rank == 0:
         try:
-            probe.write_text(token[0])
+            probe.write_text(token)
             seen = True
         except OSError:  # reported as rank 0 not seeing it: the directory is not usable
             pass
@@ -36,14 +37,14 @@ def ranks_not_sharing(save_dir: str | os.PathLike, wait_s: float = 5.0) -> list[
     deadline = time.monotonic() + wait_s
     while rank != 0:
         try:
-            seen = probe.read_text() == token[0]
+            seen = probe.read_text() == token
         except OSError:
             seen = False
         if seen or time.monotonic() > deadline:
             break
         time.sleep(0.25)
-    views: list = [None] * dist.get_world_size()
-    dist.all_gather_object(views, (seen, socket.gethostname()))  # also: every rank has looked
+    # "1host" / "0host"; also: every rank has looked
+    views = gather_texts(f"{int(seen)}{socket.gethostname()}")
     if rank == 0:
         probe.unlink(missing_ok=True)
-    return [(r, host) for r, (ok, host) in enumerate(views) if not ok]
+    return [(r, v[1:]) for r, v in enumerate(views) if v[0] != "1"]
