@@ -18,6 +18,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_delivered():
+    """The interrupt tests need Ctrl-C to arrive: a runner started in the background of a shell
+    without job control starts pytest with SIGINT ignored, which its children inherit."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
