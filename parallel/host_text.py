@@ -39,3 +39,32 @@ def gather_texts(text: str | None, width: int = WIDTH) -> list[str | None]:
         out.append(None if n < 0 else bytes(row[1 : 1 + n].to(torch.uint8).tolist()).decode(
             errors="replace"))  # fmt: skip
     return out
+
+
+def rank_span(ranks: list[int]) -> str:
+    """"rank 3", "ranks 0-7, 9": sorted global ranks, runs collapsed (1024 ranks stay one line)."""
+    runs: list[list[int]] = []
+    for r in sorted(ranks):
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    parts = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(parts)
+
+
+def agree(problem: str | None, width: int = WIDTH) -> str | None:
+    """Collective over the world group in place of a barrier: None when no rank has a problem,
+    else one text, the same on every rank, saying which ranks failed and why. Ranks with the
+    same text are named together ("ranks 0-3, 6: ..."); when every rank says the same, the text
+    alone (then it is no rank's peculiarity, and a one-process run says it that way too)."""
+    views = gather_texts(problem, width)
+    failed: dict[str, list[int]] = {}
+    for r, text in enumerate(views):
+        if text is not None:
+            failed.setdefault(text, []).append(r)
+    if not failed:
+        return None
+    if len(failed) == 1 and len(next(iter(failed.values()))) == len(views):
+        return next(iter(failed))
+    return "; ".join(f"{rank_span(ranks)}: {text}" for text, ranks in failed.items())

@@ -8,8 +8,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_ranks(worker: str, args: list[str], world: int, timeout: float, what: str) -> list[str]:
-    """Start `python worker *args` with RANK/LOCAL_RANK/WORLD_SIZE set; return each rank's log."""
+def start_ranks(worker: str, args: list[str], world: int, timeout: float) -> list[tuple[int, str]]:
+    """Start `python worker *args` with RANK/LOCAL_RANK/WORLD_SIZE set; (exit code, output) of
+    each rank, a hang killed after `timeout` seconds (and said in its output)."""
     env = dict(os.environ, WORLD_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
     procs = [
         subprocess.Popen(
@@ -21,8 +22,8 @@ def run_ranks(worker: str, args: list[str], world: int, timeout: float, what: st
         )
         for r in range(world)
     ]
-    logs, failed = [], False
-    for rank, p in enumerate(procs):
+    results = []
+    for p in procs:
         try:
             out, _ = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -31,8 +32,14 @@ def run_ranks(worker: str, args: list[str], world: int, timeout: float, what: st
                     q.kill()
             out, _ = p.communicate()
             out += "\n[timed out: likely a hang]"
-        failed |= p.returncode != 0
-        logs.append(f"--- rank {rank} (exit {p.returncode}) ---\n{out}")
-    if failed:
+        results.append((p.returncode, out))
+    return results
+
+
+def run_ranks(worker: str, args: list[str], world: int, timeout: float, what: str) -> list[str]:
+    """start_ranks, failing with every rank's output if any rank fails or hangs; each rank's log."""
+    results = start_ranks(worker, args, world, timeout)
+    logs = [f"--- rank {r} (exit {code}) ---\n{out}" for r, (code, out) in enumerate(results)]
+    if any(code != 0 for code, _ in results):
         raise AssertionError(f"{what} failed:\n" + "\n".join(logs))
     return logs

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
-from parallel.host_text import gather_texts
+from parallel.host_text import agree
 
 # The tensor files' layout and reader (see checkpoint_io's docstring). read_param and
 # OPTIM_KINDS are not used here: they are imported so that callers keep finding them as
@@ -280,8 +280,7 @@ def _together(rank: int, action: Callable[[], None] | None) -> None:
         if err is not None:
             raise err
         return
-    views = gather_texts(None if err is None else str(err))
-    failed = "; ".join(f"rank {r}: {m}" for r, m in enumerate(views) if m is not None)
+    failed = agree(None if err is None else str(err))
     if err is not None and not isinstance(err, OSError):
         raise err  # a bug, not the disk: its own traceback here, the message on the others
     if failed:

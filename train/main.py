@@ -4,16 +4,21 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from parallel.host_text import agree
 from train.args import ArgsError, no_effect_notes, parse_args
 from train.config import RunConfig
 from train.describe import describe
 from train.metrics import is_logging_rank, log
 from train.resolve import resolve
+
+T = TypeVar("T")
 
 
 def _fail(msg: str) -> int:
@@ -177,43 +182,136 @@ def _unshared_save_message(save: str, blind: list[tuple[int, str]]) -> str:
     )
 
 
+class _Refused(Exception):
+    """A start-up problem, phrased for the user; at world size > 1, agreed by every rank."""
+
+
+# Bytes of each rank's start-up message that travel (the data and checkpoint messages name
+# files and say what to do; the save agreements' 1024 can cut them).
+_MESSAGE_BYTES = 4096
+
+
+def _on_every_rank(dims, step: Callable[[], T], known: tuple[type[Exception], ...] = (),
+                   prefix: str = "") -> T:  # fmt: skip
+    """Run one start-up step on this rank, then (at world size > 1) agree with every rank on
+    whether all of theirs went through: a collective in place of hoping they did. A rank whose
+    step failed (its node does not see the data or one checkpoint file, a damaged per-rank file)
+    used to exit alone while the others went on into the first training collective: a gloo
+    traceback naming nothing there, under NCCL a hang until the timeout. Now every rank raises
+    _Refused with one message naming the ranks that failed and why.
+
+    known: the exception types that are the user's problem (their text, after `prefix`, is the
+    message); anything else is a bug, whose traceback this rank prints after the agreement."""
+    problem, bug, out = None, None, None
+    try:
+        out = step()
+    except _Refused as e:
+        problem = str(e)
+    except known as e:
+        problem = prefix + str(e)
+    except Exception as e:
+        if dims.world_size == 1:
+            raise
+        bug = e
+        problem = f"{type(e).__name__}: {e} (unexpected; rank {dims.rank} printed its traceback)"
+    if dims.world_size > 1:
+        problem = agree(problem, width=_MESSAGE_BYTES)
+    if bug is not None:
+        _fail(problem)  # every rank's log holds the whole story; the traceback follows
+        raise bug
+    if problem is not None:
+        raise _Refused(problem)
+    return out
+
+
 def train(rc: RunConfig, argv: list[str] | None = None) -> int:
     """Set up this rank and run the loop; returns the exit code. argv: the command line, for
     the run's record in metrics.jsonl."""
     from parallel.dims import ParallelDims
-    from train import checkpoint as ckpt
-    from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
-    from train.loop import Trainer
-    from train.memory import activation_report, peak_estimate, peak_line, state_memory_line
-    from train.metrics import Telemetry
-    from train.run import run_training
-    from train.shared_fs import ranks_not_sharing
 
     t_setup = time.perf_counter()
     started = time.time()  # --exit_duration_in_mins counts the set-up too (as Megatron)
-
     try:
         dims = ParallelDims.build(rc.parallel.tp, rc.parallel.pp, backend=rc.parallel.backend,
                                   timeout_minutes=rc.parallel.timeout_minutes)  # fmt: skip
     except ValueError as e:
         return _fail(str(e))
+    try:
+        return _set_up_and_run(rc, dims, argv, started, t_setup)
+    except _Refused as e:
+        return _fail(str(e))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _log_set_up(rc: RunConfig, dims, trainer, device, t_setup: float, notes: list[str],
+                train_ds, empty_valid: bool) -> None:  # fmt: skip
+    """The logging rank's start-up lines: the configuration, this rank's share, the notes."""
+    from train.memory import state_memory_line
+
+    log(describe(rc))
+    n_local = sum(p.numel() for _, p in trainer.named_parameters())
+    log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
+        f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
+        f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
+    log(" " + state_memory_line(trainer))
+    for line in notes:
+        log(line)
+    long = int((train_ds.sizes > rc.data.seq_length).sum())
+    if long:
+        # Cut on the right (Megatron-LLM's t[:seq_length + 1]): the tail of each is never
+        # trained on; the log rows count them as they come.
+        seq = rc.data.seq_length
+        log(f" note: {long:,} of {len(train_ds):,} training samples "
+            f"({100 * long / len(train_ds):.2f}%) are longer than --seq_length {seq} "
+            f"tokens; each is cut to its first {seq}")  # fmt: skip
+    if empty_valid and rc.eval.iters > 0:
+        log(f" note: the validation split {rc.data.valid_prefix} holds no samples (no "
+            "val_split in the data mix?): no validation in this run")  # fmt: skip
+
+
+def _report_activations(rc: RunConfig, dims, trainer, device, telemetry) -> None:
+    """--activation_memory_report: measure a probe micro-batch's activations per layer (a
+    collective under TP), then log them and the peak estimate from the logging rank."""
+    from train.memory import activation_report, peak_estimate, peak_line
+
+    # A probe of up to 256 tokens, split evenly over TP (x2: sequence parallelism); at least
+    # one token per rank however short seq_length is.
+    tokens = max(min(rc.data.seq_length, 256) // (2 * dims.tp), 1) * (2 * dims.tp)
+    rep = activation_report(trainer.stages, tokens, device, trainer.dtype)  # all ranks
+    if telemetry is not None:
+        per_mb = rc.data.seq_length * rc.data.micro_batch_size
+        parts = [f"{k} {v:,.0f} B/token = {v * per_mb / 2**20:.1f} MiB per micro-batch"
+                 for k, v in rep.items()]  # fmt: skip
+        log(
+            f" activation memory per layer on this rank, measured ({per_mb} tokens per "
+            f"micro-batch): {'; '.join(parts)}; this run: {rc.loop.recompute_granularity}"
+        )
+        values = {f"bytes_per_token_{k}": v for k, v in rep.items()}
+        telemetry.record("activation_memory", trainer.iteration, values, "memory")
+        line, too_big = peak_line(peak_estimate(trainer, rep), device)
+        log(" " + line)
+        if too_big:
+            log(" WARNING: that is more than 92% of the device's memory, so the first steps "
+                "may run out of it: lower --micro_batch_size, recompute more "
+                "(--recompute_granularity full), add tensor or pipeline parallelism, or "
+                "--use_distributed_optimizer (with --optimizer_cpu_offload)")  # fmt: skip
+
+
+def _set_up_and_run(rc: RunConfig, dims, argv, started: float, t_setup: float) -> int:
+    """Every start-up step that can fail on some ranks only goes through `_on_every_rank`, so
+    the ranks leave together with one message, or go on together into training."""
+    from train import checkpoint as ckpt
+    from train.data import DataError, eval_batches, eval_splits, make_loader, open_datasets
+    from train.loop import Trainer
+    from train.metrics import Telemetry
+    from train.run import run_training
+    from train.shared_fs import ranks_not_sharing
+
     if dims.dp != rc.parallel.dp:
-        return _fail(f"launched with data parallel size {dims.dp}, configured for {rc.parallel.dp}")
-    # Before any directory is made: a run that cannot start leaves nothing behind.
-    first_launch = _first_launch(rc)
-    if first_launch:
-        rc.ckpt = dataclasses.replace(rc.ckpt, load=None)
-    elif rc.ckpt.load:
-        try:
-            ckpt.resolve_iteration_dir(rc.ckpt.load)
-        except ckpt.CheckpointError as e:
-            return _fail(f"--load {rc.ckpt.load}: {e}")
-    refused, earlier = _earlier_run(rc)
-    if refused:
-        return _fail(refused)
-    problem = _make_output_dirs(rc)
-    if problem is not None:
-        return _fail(problem)
+        raise _Refused(f"launched with data parallel size {dims.dp}, configured for "
+                       f"{rc.parallel.dp}")  # fmt: skip
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -225,34 +323,64 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
             # 2.7x on a busy one (OpenMP threads spinning for a core they do not get), and
             # torchrun's CPU ranks want one thread each anyway.
             torch.set_num_threads(1)
+
+    def check_paths() -> tuple[bool, str | None]:
+        # Before any directory is made: a run that cannot start leaves nothing behind.
+        first = _first_launch(rc)
+        if not first and rc.ckpt.load:
+            try:
+                ckpt.resolve_iteration_dir(rc.ckpt.load)
+            except ckpt.CheckpointError as e:
+                raise _Refused(f"--load {rc.ckpt.load}: {e}") from e
+        refused, warning = _earlier_run(rc)
+        if refused:
+            raise _Refused(refused)
+        return first, warning
+
+    first_launch, earlier = _on_every_rank(dims, check_paths)
+    if first_launch:
+        rc.ckpt = dataclasses.replace(rc.ckpt, load=None)
+
+    def make_dirs() -> None:
+        problem = _make_output_dirs(rc)
+        if problem is not None:
+            raise _Refused(problem)
+
+    _on_every_rank(dims, make_dirs)
     if rc.ckpt.save:  # before training: on node-local storage the first save would fail
         blind = ranks_not_sharing(rc.ckpt.save)
         if blind:
-            return _fail(_unshared_save_message(rc.ckpt.save, blind))
+            raise _Refused(_unshared_save_message(rc.ckpt.save, blind))
     # Megatron's seeding: the same stream on every DP rank, offset per pipeline stage.
     torch.manual_seed(rc.loop.seed + 100 * dims.pp_rank)
     logging = is_logging_rank()
-    try:
+
+    def open_data():
         train_ds, valid_ds, tok = open_datasets(rc.data)
-        splits = eval_splits(valid_ds) if valid_ds is not None else {}
-    except (DataError, OSError, ValueError) as e:
-        return _fail(str(e))
+        return train_ds, valid_ds, tok, eval_splits(valid_ds) if valid_ds is not None else {}
+
+    train_ds, valid_ds, tok, splits = _on_every_rank(dims, open_data,
+                                                     (DataError, OSError, ValueError))  # fmt: skip
     if tok.vocab_size != rc.model.vocab_size:
         rc.model = rc.model.replace(vocab_size=tok.vocab_size)
-    try:
-        trainer = Trainer(rc, dims, tok, device)
-    except ValueError as e:
-        return _fail(str(e))
-    try:
-        loader_state = trainer.load(rc.ckpt.load) if rc.ckpt.load else None
-    except (ckpt.CheckpointError, ValueError) as e:
-        return _fail(f"--load {rc.ckpt.load}: {e}")
-    train_loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
-    if loader_state is not None:
+    trainer = _on_every_rank(dims, lambda: Trainer(rc, dims, tok, device), (ValueError,))
+
+    def load():
+        loader = make_loader(train_ds, rc.data, dims.dp_rank, dims.dp)
+        if not rc.ckpt.load:
+            return loader
         try:
-            train_loader.load_state_dict(loader_state)
-        except DataError as e:
-            return _fail(f"{rc.ckpt.load}: {e}")
+            loader_state = trainer.load(rc.ckpt.load)
+        except (ckpt.CheckpointError, ValueError) as e:
+            raise _Refused(f"--load {rc.ckpt.load}: {e}") from e
+        if loader_state is not None:
+            try:
+                loader.load_state_dict(loader_state)
+            except DataError as e:
+                raise _Refused(f"{rc.ckpt.load}: {e}") from e
+        return loader
+
+    train_loader = _on_every_rank(dims, load)
     eval_loaders = {}
     if valid_ds is not None:
         for name, indices in splits.items():
@@ -260,71 +388,40 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
                 valid_ds, rc.data, dims.dp_rank, dims.dp, idx, rc.eval.iters
             )
     empty_valid = valid_ds is not None and not eval_loaders
-    telemetry = None
-    if logging:
+
+    def open_telemetry():
+        if not logging:
+            return None
         wandb_cfg = None
         if rc.log.wandb:
             wandb_cfg = {"project": rc.log.wandb_project, "entity": rc.log.wandb_entity,
                          "id": rc.log.wandb_id, "dir": rc.log.run_dir}  # fmt: skip
-        telemetry = Telemetry(rc.log.run_dir, rc.log.tensorboard_dir, wandb_cfg, rc.to_dict())
-        telemetry.run_start(trainer.iteration, {
+        out = Telemetry(rc.log.run_dir, rc.log.tensorboard_dir, wandb_cfg, rc.to_dict())
+        out.run_start(trainer.iteration, {
             "argv": argv, "load": rc.ckpt.load, "finetune": rc.ckpt.finetune,
             "world_size": dims.world_size, "git": _git_commit()})  # fmt: skip
-        log(describe(rc))
-        n_local = sum(p.numel() for _, p in trainer.named_parameters())
-        log(f" parameters on this (tp {dims.tp_rank}, pp {dims.pp_rank}) rank: {n_local:,}; "
-            f"device {device}, dtype {trainer.dtype}, world {dims.world_size} (tp {dims.tp} pp "
-            f"{dims.pp} dp {dims.dp}); setup {time.perf_counter() - t_setup:.1f} s")  # fmt: skip
-        log(" " + state_memory_line(trainer))
-        if earlier:
-            log(earlier)
-        if first_launch:
-            log(f" note: --load {rc.ckpt.save} is this run's --save and holds no checkpoint yet: "
-                "starting from scratch (a later launch resumes from it)")  # fmt: skip
-        long = int((train_ds.sizes > rc.data.seq_length).sum())
-        if long:
-            # Cut on the right (Megatron-LLM's t[:seq_length + 1]): the tail of each is never
-            # trained on; the log rows count them as they come.
-            seq = rc.data.seq_length
-            log(f" note: {long:,} of {len(train_ds):,} training samples "
-                f"({100 * long / len(train_ds):.2f}%) are longer than --seq_length {seq} "
-                f"tokens; each is cut to its first {seq}")  # fmt: skip
-        if empty_valid and rc.eval.iters > 0:
-            log(f" note: the validation split {rc.data.valid_prefix} holds no samples (no "
-                "val_split in the data mix?): no validation in this run")  # fmt: skip
-    if rc.log.activation_memory_report:
-        # A probe of up to 256 tokens, split evenly over TP (x2: sequence parallelism); at least
-        # one token per rank however short seq_length is.
-        tokens = max(min(rc.data.seq_length, 256) // (2 * dims.tp), 1) * (2 * dims.tp)
-        rep = activation_report(trainer.stages, tokens, device, trainer.dtype)  # all ranks
-        if telemetry is not None:
-            per_mb = rc.data.seq_length * rc.data.micro_batch_size
-            parts = [f"{k} {v:,.0f} B/token = {v * per_mb / 2**20:.1f} MiB per micro-batch"
-                     for k, v in rep.items()]  # fmt: skip
-            log(
-                f" activation memory per layer on this rank, measured ({per_mb} tokens per "
-                f"micro-batch): {'; '.join(parts)}; this run: {rc.loop.recompute_granularity}"
-            )
-            values = {f"bytes_per_token_{k}": v for k, v in rep.items()}
-            telemetry.record("activation_memory", trainer.iteration, values, "memory")
-            line, too_big = peak_line(peak_estimate(trainer, rep), device)
-            log(" " + line)
-            if too_big:
-                log(" WARNING: that is more than 92% of the device's memory, so the first steps "
-                    "may run out of it: lower --micro_batch_size, recompute more "
-                    "(--recompute_granularity full), add tensor or pipeline parallelism, or "
-                    "--use_distributed_optimizer (with --optimizer_cpu_offload)")  # fmt: skip
+        return out
+
+    # The logging rank's files and loggers (W&B's login): their failure stops every rank.
+    telemetry = _on_every_rank(dims, open_telemetry, (OSError,))
+    notes = [line for line in (earlier,) if line]
+    if first_launch:
+        notes.append(f" note: --load {rc.ckpt.save} is this run's --save and holds no checkpoint "
+                     "yet: starting from scratch (a later launch resumes from it)")  # fmt: skip
     try:
-        run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry, started)
-    except ckpt.CheckpointError as e:  # a failed save: the message says what is still intact
-        return _fail(str(e))
-    except KeyboardInterrupt:  # Ctrl-C: say what is intact instead of a traceback
         if logging:
-            print(f"interrupted: {_resume_hint(rc)}", file=sys.stderr, flush=True)
-        return 130
+            _log_set_up(rc, dims, trainer, device, t_setup, notes, train_ds, empty_valid)
+        if rc.log.activation_memory_report:
+            _report_activations(rc, dims, trainer, device, telemetry)
+        try:
+            run_training(rc, dims, trainer, train_loader, eval_loaders, telemetry, started)
+        except ckpt.CheckpointError as e:  # a failed save: the message says what is intact
+            return _fail(str(e))
+        except KeyboardInterrupt:  # Ctrl-C: say what is intact instead of a traceback
+            if logging:
+                print(f"interrupted: {_resume_hint(rc)}", file=sys.stderr, flush=True)
+            return 130
     finally:
         if telemetry is not None:
             telemetry.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
