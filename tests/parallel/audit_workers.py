@@ -138,3 +138,22 @@ def none_group_worker(dims: ParallelDims) -> None:
         assert work is None and torch.equal(out, x), fn.__name__
     t = x.clone()
     assert torch.equal(comm.all_reduce_sum(t, None), x)
+
+
+def activation_memory_worker(dims: ParallelDims) -> None:
+    """train.memory's measurement on a TP 2 rank: with sequence parallelism the residual stream
+    a rank holds (and a fully recomputed block keeps) is its token shard, without it every
+    token; and sequence parallelism shrinks what a stored block keeps."""
+    from tests.parallel._harness import CFG, build
+    from train.memory import saved_bytes
+
+    tokens, h = 64, CFG.hidden_size
+    stored = {}
+    for sp in (False, True):
+        block = next(iter(build(dims, sp).layers.values()))
+        held = tokens // dims.tp if sp else tokens
+        # hidden states (fp32), positions (int64), cu_seqlens (3 x int32)
+        full = saved_bytes(block, tokens, "full", "cpu", torch.float32, dims.tp, sp)
+        assert full == held * h * 4 + tokens * 8 + 3 * 4, (sp, full)
+        stored[sp] = saved_bytes(block, tokens, "none", "cpu", torch.float32, dims.tp, sp)
+    assert stored[True] < stored[False], stored

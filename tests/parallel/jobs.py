@@ -31,4 +31,5 @@ JOBS: dict[str, Callable[[], Job]] = {
     "align-dp3": lambda: Job("align-dp3", 3, 1, audit_workers.sharded_alignment_worker),
     "none-group-w3": lambda: Job("none-group-w3", 3, 3, audit_workers.none_group_worker),
     "ce-edges-tp3": lambda: Job("ce-edges-tp3", 3, 3, audit_workers.cross_entropy_edges_worker),
+    "memory-tp2": lambda: Job("memory-tp2", 2, 2, audit_workers.activation_memory_worker),
 }

@@ -16,8 +16,11 @@ from parallel.parallelize import take_shard
 #   none-group-w3  group=None never means the world group in the plain collectives
 #   ce-edges-tp3   vocab-parallel cross-entropy edges at TP 3 (partial padding, all masked, ties)
 #   padding-tp2    padding rows get no gradient and never win argmax, through training
+#   memory-tp2     the activation measurement holds a rank's token shard under SP
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["align-dp3", "none-group-w3", "ce-edges-tp3", "padding-tp2"])
+@pytest.mark.parametrize(
+    "job", ["align-dp3", "none-group-w3", "ce-edges-tp3", "padding-tp2", "memory-tp2"]
+)
 def test_parallel_audit_job(dist_job, job):
     dist_job(job)
 
