@@ -37,6 +37,7 @@ from model.sampling import (
     generate,
     load_model,
 )
+from train.cpu import one_thread_unless_asked
 
 # The system message the model card recommends (Llama-2's official one), verbatim with its
 # trailing newline before <|im_end|>.
@@ -180,6 +181,7 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 def build_report(args: argparse.Namespace) -> dict:
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    one_thread_unless_asked(device)
     prompts = read_prompts(args.prompts)  # a bad prompt file fails before the model loads
     model, meta, iter_dir = load_model(args.load, device, dtype)
     tok: Tokenizer = checkpoint_tokenizer(meta, args.tokenizer)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from parallel.host_text import agree
 from train.args import ArgsError, no_effect_notes, parse_args
 from train.config import RunConfig
+from train.cpu import one_thread_unless_asked
 from train.describe import describe
 from train.metrics import is_logging_rank, log
 from train.resolve import resolve
@@ -317,12 +318,7 @@ def _set_up_and_run(rc: RunConfig, dims, argv, started: float, t_setup: float) -
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            # One intra-op thread unless asked otherwise: measured on the tiny preset, a second
-            # thread gains 1.3x on an idle 2-core machine (0.55 vs 0.72 s/iteration) and loses
-            # 2.7x on a busy one (OpenMP threads spinning for a core they do not get), and
-            # torchrun's CPU ranks want one thread each anyway.
-            torch.set_num_threads(1)
+    one_thread_unless_asked(device)
 
     def check_paths() -> tuple[bool, str | None]:
         # Before any directory is made: a run that cannot start leaves nothing behind.
