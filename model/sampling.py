@@ -117,17 +117,23 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     reads KV head h // (heads / kv_heads). Through torch's SDPA, whose memory-efficient backend
     (fp32 and an arbitrary mask on CUDA) need not hold the (B, heads, T, S) scores that a prefill
     of long prompts would otherwise materialise (64 heads x 4k^2 x 4 B = 4 GiB per prompt and
-    layer). The KV heads are repeated here rather than with `enable_gqa`, which not every
-    backend takes."""
+    layer). GQA without repeating the KV heads (nor `enable_gqa`, which not every backend
+    takes): a KV head's group of query heads is one longer query sequence over its keys, so the
+    cache is read once per step, not heads / kv_heads times."""
     b, t, nh, hd = q.shape
-    rep = nh // k.shape[2]
+    nkv = k.shape[2]
+    rep = nh // nkv
+    # (B, T, kv, rep, hd) -> (B, kv, rep * T, hd): query rows ordered (group member, position)
+    qg = q.float().view(b, t, nkv, rep, hd).permute(0, 2, 3, 1, 4).reshape(b, nkv, rep * t, hd)
+    visible = mask[:, None, None].expand(b, 1, rep, t, mask.shape[-1])
     out = F.scaled_dot_product_attention(
-        q.float().transpose(1, 2),  # (B, heads, T, hd)
-        k.float().transpose(1, 2).repeat_interleave(rep, dim=1),  # (B, heads, S, hd)
-        v.float().transpose(1, 2).repeat_interleave(rep, dim=1),
-        attn_mask=mask[:, None],  # (B, 1, T, S)
-    )  # (B, heads, T, hd)
-    return out.transpose(1, 2).reshape(b, t, nh * hd).to(q.dtype)
+        qg,
+        k.float().transpose(1, 2),  # (B, kv, S, hd)
+        v.float().transpose(1, 2),
+        attn_mask=visible.reshape(b, 1, rep * t, mask.shape[-1]),
+    )  # (B, kv, rep * T, hd)
+    out = out.view(b, nkv, rep, t, hd).permute(0, 3, 1, 2, 4)  # (B, T, kv, rep, hd)
+    return out.reshape(b, t, nh * hd).to(q.dtype)
 
 
 def forward_cached(

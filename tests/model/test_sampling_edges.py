@@ -66,3 +66,21 @@ def test_padded_vocabulary_rows_are_never_generated():
         gen = torch.Generator().manual_seed(0)
         for c in generate(model, prompts, params, set(), VOCAB, generator=gen):
             assert len(c.tokens) == 6 and max(c.tokens) < VOCAB, c.tokens
+
+
+def test_cached_attention_groups_query_heads_over_their_kv_head():
+    """_attend (the KV-cache path) against the explicit softmax with repeated KV heads: 8 query
+    heads over 2 KV heads, a prefill of 5 queries, rows whose visible keys differ (padding)."""
+    from model.sampling import _attend
+
+    gen = torch.Generator().manual_seed(3)
+    b, t, s, nh, nkv, hd = 3, 5, 7, 8, 2, 16
+    q = torch.randn(b, t, nh, hd, generator=gen)
+    k, v = (torch.randn(b, s, nkv, hd, generator=gen) for _ in range(2))
+    mask = torch.rand(b, t, s, generator=gen) < 0.6
+    mask[..., 0] = True  # every query sees at least one key
+    kr, vr = (x.repeat_interleave(nh // nkv, dim=2) for x in (k, v))  # head h -> KV head h // 4
+    scores = torch.einsum("bthd,bshd->bhts", q, kr) / hd**0.5
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    want = torch.einsum("bhts,bshd->bthd", probs, vr).reshape(b, t, nh * hd)
+    torch.testing.assert_close(_attend(q, k, v, mask), want, rtol=1e-5, atol=1e-5)
