@@ -42,7 +42,7 @@ def gather_texts(text: str | None, width: int = WIDTH) -> list[str | None]:
 
 
 def rank_span(ranks: list[int]) -> str:
-    """"rank 3", "ranks 0-7, 9": sorted global ranks, runs collapsed (1024 ranks stay one line)."""
+    """ "rank 3", "ranks 0-7, 9": sorted global ranks, runs collapsed (1024 ranks stay one line)."""
     runs: list[list[int]] = []
     for r in sorted(ranks):
         if runs and r == runs[-1][1] + 1:
