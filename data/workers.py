@@ -8,7 +8,10 @@ of workers.
 """
 
 import multiprocessing as mp
+import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -40,11 +43,23 @@ def init_worker(model_path: str, extra_ids: list[str]) -> None:
     _TOKENIZER = Tokenizer(model_path, extra_ids)
 
 
-def _init_pool_worker(model_path: str, extra_ids: list[str]) -> None:
+def _init_pool_worker(model_path: str, extra_ids: list[str], parent: int) -> None:
     # Ctrl-C reaches the whole process group: the main process alone handles it (and stops the
     # workers), so that an interrupt prints one message, not a traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     init_worker(model_path, extra_ids)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once the main process `parent` is gone. A main process that is killed
+    outright (SIGKILL, the out-of-memory killer) cleans up nothing: its workers, waiting on a
+    task queue whose write end they hold themselves, never saw it end and stayed alive for good,
+    and with them the resource tracker. Polled: on Linux a parent-death signal would fire when
+    the thread that started the worker ends, which need not be the main process ending."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 @dataclass
@@ -192,7 +207,7 @@ class Workers:
                 self.workers,
                 mp_context=mp.get_context("spawn"),
                 initializer=_init_pool_worker,
-                initargs=(model_path, extra_ids),
+                initargs=(model_path, extra_ids, os.getpid()),
             )
 
     def map(self, chunks: Iterator[Chunk]) -> Iterator[ChunkResult]:
