@@ -237,13 +237,45 @@ def train(rc: RunConfig, argv: list[str] | None = None) -> int:
                                   timeout_minutes=rc.parallel.timeout_minutes)  # fmt: skip
     except ValueError as e:
         return _fail(str(e))
+    code = 1  # an exception on its way out
     try:
-        return _set_up_and_run(rc, dims, argv, started, t_setup)
+        code = _set_up_and_run(rc, dims, argv, started, t_setup)
     except _Refused as e:
-        return _fail(str(e))
+        code = _fail(str(e))
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _shut_down(code, sys.exc_info()[1])
+    return code
+
+
+# How long the process group may take to shut down once the run is over. It takes milliseconds;
+# under torch 2.4 and 2.5 a gloo rank sometimes never returns from it (README, "Versions").
+_SHUTDOWN_S = 60.0
+
+
+def _shut_down(code: int, error: BaseException | None) -> None:
+    """destroy_process_group, bounded: a run that has trained, saved and said so must end. A
+    watchdog exits the process with the run's code (after printing the error on its way out, if
+    any) when the shutdown has not returned after _SHUTDOWN_S seconds."""
+    import threading
+    import traceback
+
+    done = threading.Event()
+
+    def watchdog() -> None:
+        if done.wait(_SHUTDOWN_S):
+            return
+        if error is not None:
+            traceback.print_exception(error)
+        print(f"warning: torch.distributed did not shut down within {_SHUTDOWN_S:.0f} s (torch "
+              f"{torch.__version__}); the run is over: exiting with code {code}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        sys.stdout.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="shutdown-watchdog", daemon=True).start()
+    dist.destroy_process_group()
+    done.set()
 
 
 def _log_set_up(rc: RunConfig, dims, trainer, device, t_setup: float, notes: list[str],

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from tests.gloo_ranks import REPO, run_ranks
@@ -85,3 +86,56 @@ def train_stage1(run: Path, data: Path, nproc: int, args: list[str]) -> tuple[li
 def by_iteration(rows: list[dict], key: str = "lm_loss", kind: str = "train") -> dict:
     """iteration -> rows[key] of the metrics rows of one type."""
     return {r["iteration"]: r[key] for r in rows if r["type"] == kind}
+
+
+# `python -m train`'s main on gloo ranks (file:// rendezvous), with faults made on some ranks:
+#   no-data@R        rank R does not see the data (its --data_path elsewhere)
+#   bug@R            rank R's data opening raises a RuntimeError (a bug, not the user's problem)
+#   hang-shutdown@R  rank R's torch.distributed shutdown never returns (as under torch 2.4/2.5
+#                    gloo, sometimes); main's watchdog is given 2 s
+_MAIN_WORKER = r"""
+import dataclasses, os, sys, time
+import torch.distributed as dist
+sys.path.insert(0, os.environ["PYTHONPATH"])
+from train import data as train_data, main
+
+rdzv, faults, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank,
+                        world_size=int(os.environ["WORLD_SIZE"]))
+real_open = train_data.open_datasets
+for fault in filter(None, faults.split(",")):
+    what, _, who = fault.partition("@")
+    if int(who) != rank:
+        continue
+    if what == "no-data":
+        train_data.open_datasets = lambda cfg: real_open(
+            dataclasses.replace(cfg, train_prefix=cfg.train_prefix + "-elsewhere"))
+    elif what == "bug":
+        def broken(cfg):
+            raise RuntimeError("a bug while opening the data")
+        train_data.open_datasets = broken
+    elif what == "hang-shutdown":
+        dist.destroy_process_group = lambda *a, **k: time.sleep(3600)
+        main._SHUTDOWN_S = 2.0
+    else:
+        raise SystemExit(f"unknown fault {fault}")
+sys.exit(main.main(argv))
+"""
+
+
+def launch_main(tmp: Path, name: str, world: int, faults: str, args: list[str],
+                timeout: float = 150.0) -> list[tuple[int, str]]:  # fmt: skip
+    """The tiny stage-1 args (128 tokens, 2 per micro-batch, one micro-batch per rank, no
+    activation report, logs under tmp/run) plus `args`, on `world` gloo ranks with `faults`
+    ("" for none; see above): (exit code, output) of each rank."""
+    from tests.gloo_ranks import start_ranks
+
+    worker = tmp / "main_worker.py"
+    worker.write_text(textwrap.dedent(_MAIN_WORKER))
+    argv = [f"@{STAGE1}", "--seq_length", "128", "--micro_batch_size", "2",
+            "--global_batch_size", str(2 * world), "--log_interval", "1",
+            "--eval_interval", "100", "--lr_warmup_iters", "1", "--no-activation_memory_report",
+            "--run_dir", str(tmp / "run"), "--tensorboard_dir", str(tmp / "run" / "tb"),
+            *args]  # fmt: skip
+    return start_ranks(str(worker), [str(tmp / f"rdzv_{name}"), faults, *argv], world, timeout)

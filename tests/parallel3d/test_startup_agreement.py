@@ -8,45 +8,7 @@ the same message naming the ranks that failed and why, and a bug (an unexpected 
 prints its traceback on its own rank. `python -m train`'s main on gloo ranks.
 """
 
-import textwrap
-from pathlib import Path
-
-from tests.gloo_ranks import start_ranks
-from tests.parallel3d.common import STAGE1
-
-_WORKER = r"""
-import dataclasses, os, sys
-import torch.distributed as dist
-sys.path.insert(0, os.environ["PYTHONPATH"])
-from train import data as train_data, main
-
-rdzv, faults, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-rank = int(os.environ["RANK"])
-dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank,
-                        world_size=int(os.environ["WORLD_SIZE"]))
-real_open = train_data.open_datasets
-for fault in faults.split(","):
-    what, _, who = fault.partition("@")
-    if who and int(who) == rank and what == "no-data":  # this node does not see the data
-        train_data.open_datasets = lambda cfg: real_open(
-            dataclasses.replace(cfg, train_prefix=cfg.train_prefix + "-elsewhere"))
-    if who and int(who) == rank and what == "bug":
-        def broken(cfg):
-            raise RuntimeError("a bug while opening the data")
-        train_data.open_datasets = broken
-sys.exit(main.main(argv))
-"""
-
-
-def _launch(tmp: Path, name: str, world: int, faults: str, args: list[str]):
-    worker = tmp / "worker.py"
-    worker.write_text(textwrap.dedent(_WORKER))
-    argv = [f"@{STAGE1}", "--seq_length", "128", "--micro_batch_size", "2",
-            "--global_batch_size", str(2 * world), "--log_interval", "1",
-            "--eval_interval", "100", "--lr_warmup_iters", "1", "--no-activation_memory_report",
-            "--run_dir", str(tmp / "run"), "--tensorboard_dir", str(tmp / "run" / "tb"),
-            *args]  # fmt: skip
-    return start_ranks(str(worker), [str(tmp / f"rdzv_{name}"), faults, *argv], world, 150)
+from tests.parallel3d.common import launch_main as _launch
 
 
 def _logs(results) -> str:
