@@ -120,8 +120,8 @@ class FlatAdamW:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], cfg: OptimizerConfig):
         self.cfg = cfg
         decay, no_decay = split_by_decay(named_params)
-        self.groups = [
-            g for g in (_Group(decay, cfg.weight_decay), _Group(no_decay, 0.0)) if g.numel
+        self.groups = [  # an empty group is left out (a _Group needs a parameter)
+            _Group(named, wd) for named, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if named
         ]
         self.step_count = 0  # optimizer steps taken (skipped steps do not count)
 

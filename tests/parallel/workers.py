@@ -233,6 +233,16 @@ def cross_entropy_worker(dims: ParallelDims) -> None:
     (loss * mask).sum().div(mask.sum()).backward()
     assert_close("vocab-parallel CE grad", local.grad, ref_in.grad[:, cols], 1e-5, atol=1e-8)
     assert torch.equal(argmax(full[:, cols], g, vocab), full[:, :vocab].argmax(-1))
+    # Every real logit negative (about -100; padding -50, excluded): a rank of padding only (TP 4)
+    # bids -inf, never a value that would beat them. No vocab_size: every column is real, the
+    # padding's 50 wins at column 300. All equal: the tie goes to the lowest id, rank 0's column
+    # 0, as torch.argmax.
+    low = full - 100.0
+    assert torch.equal(argmax(low[:, cols], g, vocab), low[:, :vocab].argmax(-1))
+    assert torch.equal(argmax(full[:, cols], g), full.argmax(-1))
+    assert torch.equal(
+        argmax(torch.zeros(T, padded // n), g, vocab), torch.zeros(T, dtype=torch.long)
+    )
 
     bad = labels.clone()
     bad[5] = vocab

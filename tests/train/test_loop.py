@@ -156,6 +156,27 @@ def test_clipping_bounds_the_update():
     assert res.grad_norm > 1e-3  # clipping was active; the norm logged is the pre-clip norm
 
 
+def test_clipping_scales_the_gradients_the_update_sees():
+    """--clip_grad below the gradient norm: the update is AdamW's on the gradients times
+    max_norm / (norm + 1e-6), the logged norm the norm before clipping. eps 1e-3 dwarfs the
+    clipped gradients, so the update follows their scale: unclipped, the same step would move
+    each weight by about lr / 2, hundreds of times further."""
+    rc, dims, tok = tiny_run(["--clip_grad", "1e-2", "--weight_decay", "0", "--adam_eps", "1e-3"])
+    trainer = Trainer(rc, dims, tok)
+    ref = _reference_copy(trainer)
+    mbs = SyntheticLoader(2, 64, 2).next_global_batch()
+    res = trainer.train_step(mbs, lr=1e-3)
+    _hand_loss(ref, mbs, VOCAB, "global").backward()
+    norm = math.sqrt(sum(q.grad.double().pow(2).sum().item() for q in ref.parameters()))
+    assert res.grad_norm == pytest.approx(norm, rel=1e-5) and norm > 1.0
+    for q in ref.parameters():
+        q.grad.mul_(1e-2 / (norm + 1e-6))
+    torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.0,
+                      foreach=False).step()  # fmt: skip
+    for (n, p), (_, q) in zip(trainer.model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_tiny_loop_lowers_the_loss(tmp_path):
     rc, dims, tok = tiny_run(["--train_iters", "60", "--log_interval", "10"], tmp_path)
     trainer = Trainer(rc, dims, tok)

@@ -59,3 +59,14 @@ def test_warmup_ending_at_the_decay_end_reaches_lr():
     s = ScheduleConfig(lr=1.0, min_lr=0.1, decay_style="cosine", warmup_iters=10, decay_iters=10)
     assert lr_at(s, 10) == 1.0
     assert lr_at(s, 11) == 0.1
+
+
+def test_inverse_square_root_is_floored_at_min_lr_within_the_decay():
+    """Inverse-square-root is max(min_lr, lr * sqrt(W) / sqrt(s)), as Megatron: with lr 1,
+    warm-up 4 and min_lr 0.5 the formula reaches 0.5 at step 16 and would fall to 0.25 by step
+    64 -- the floor holds it at min_lr for the rest of the decay, not only after it."""
+    isr = ScheduleConfig(lr=1.0, min_lr=0.5, decay_style="inverse-square-root", warmup_iters=4,
+                         decay_iters=100)  # fmt: skip
+    assert lr_at(isr, 9) == pytest.approx(2 / 3, rel=1e-12)
+    assert lr_at(isr, 16) == pytest.approx(0.5, rel=1e-12)
+    assert [lr_at(isr, s) for s in (17, 64, 100, 101)] == [0.5] * 4
