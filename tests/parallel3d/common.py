@@ -127,7 +127,8 @@ sys.exit(main.main(argv))
 def launch_main(tmp: Path, name: str, world: int, faults: str, args: list[str],
                 timeout: float = 150.0) -> list[tuple[int, str]]:  # fmt: skip
     """The tiny stage-1 args (128 tokens, 2 per micro-batch, one micro-batch per rank, no
-    activation report, logs under tmp/run) plus `args`, on `world` gloo ranks with `faults`
+    activation report, logs under tmp/run, checkpoints in tmp/ckpt) plus `args` (later flags
+    win), on `world` gloo ranks with `faults`
     ("" for none; see above): (exit code, output) of each rank."""
     from tests.gloo_ranks import start_ranks
 
@@ -137,5 +138,5 @@ def launch_main(tmp: Path, name: str, world: int, faults: str, args: list[str],
             "--global_batch_size", str(2 * world), "--log_interval", "1",
             "--eval_interval", "100", "--lr_warmup_iters", "1", "--no-activation_memory_report",
             "--run_dir", str(tmp / "run"), "--tensorboard_dir", str(tmp / "run" / "tb"),
-            *args]  # fmt: skip
+            "--save", str(tmp / "ckpt"), *args]  # fmt: skip
     return start_ranks(str(worker), [str(tmp / f"rdzv_{name}"), faults, *argv], world, timeout)
