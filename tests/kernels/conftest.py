@@ -8,6 +8,7 @@ Devices: "cpu" runs the Triton kernels in the interpreter (only when TRITON_INTE
 import pytest
 import torch
 
+from kernels import tuning
 from kernels._triton import HAS_TRITON, INTERPRET
 
 
@@ -70,3 +71,16 @@ def assert_close_to_ref(
 
 # Tolerances for the `atol` term per dtype (the "small atol" of the pass rule).
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def fake_card(tmp_path, monkeypatch):
+    """A CUDA card 'NVIDIA Fake' whose table is tmp_path/nvidia-fake.json (no GPU needed: only the
+    lookup runs)."""
+    path = tmp_path / "nvidia-fake.json"
+    monkeypatch.setattr(tuning, "_card_table_path", lambda index, directory: path)
+    monkeypatch.setattr(tuning, "_card_name", lambda index: "NVIDIA Fake", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    tuning.load_table.cache_clear()
+    yield path
+    tuning.load_table.cache_clear()

@@ -243,19 +243,6 @@ def test_adamw_nan_in_one_buffer_skips_all(device):
 # ---------------------------------------------------------------- tuning table
 
 
-@pytest.fixture
-def fake_card(tmp_path, monkeypatch):
-    """A CUDA card 'NVIDIA Fake' whose table is tmp_path/nvidia-fake.json (no GPU needed: only the
-    lookup runs)."""
-    path = tmp_path / "nvidia-fake.json"
-    monkeypatch.setattr(tuning, "_card_table_path", lambda index, directory: path)
-    monkeypatch.setattr(tuning, "_card_name", lambda index: "NVIDIA Fake", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    tuning.load_table.cache_clear()
-    yield path
-    tuning.load_table.cache_clear()
-
-
 def _tuned(path):
     from kernels.rmsnorm import FwdConfig
 

@@ -9,36 +9,18 @@ every file and directory of the iteration must be fsynced before the rename, and
 the latest file is replaced. One process, os.fsync / os.replace spied on.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from model.config import ModelConfig
+from tests.train.helpers import fs_events
 from train import checkpoint as ckpt
 
 CFG = ModelConfig(name="durable", vocab_size=40, hidden_size=32, ffn_hidden_size=48,
                   num_layers=1, num_attention_heads=2, num_kv_heads=2,
                   max_position_embeddings=16, make_vocab_size_divisible_by=8)  # fmt: skip
-
-
-def _spy(monkeypatch) -> list[tuple[str, str, str]]:
-    """Events in order: ("fsync", path, ""), ("replace", src, dst)."""
-    events: list[tuple[str, str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
-        return real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
 
 
 def _check_order(events, save_dir: Path, final: Path) -> None:
@@ -68,7 +50,7 @@ def test_save_checkpoint_flushes_before_naming(tmp_path, monkeypatch):
     optim = {k: {n: torch.randn_like(t) for n, t in model.items()} for k in ckpt.OPTIM_KINDS}
     meta = {"model": CFG.to_dict(), "has_trainer_state": True, "has_optimizer": True,
             "consumed_train_samples": 4, "optimizer": {"step": 2, "skipped": 0}}  # fmt: skip
-    events = _spy(monkeypatch)
+    events = fs_events(monkeypatch)
     final = ckpt.save_checkpoint(tmp_path / "save", 2, params=model, optim_state=optim,
                                  meta=meta, rank_state={"loader": {"step": 2}},
                                  ranks=(0, 0, 0, 0))  # fmt: skip
@@ -82,6 +64,6 @@ def test_write_full_checkpoint_flushes_before_naming(tmp_path, monkeypatch, resa
     sd = {n: torch.randn(s) for n, s in CFG.param_shapes(CFG.padded_vocab_size(1)).items()}
     if resave:
         ckpt.write_full_checkpoint(tmp_path / "save", 5, sd, {"model": CFG.to_dict()})
-    events = _spy(monkeypatch)
+    events = fs_events(monkeypatch)
     final = ckpt.write_full_checkpoint(tmp_path / "save", 5, sd, {"model": CFG.to_dict()})
     _check_order(events, tmp_path / "save", final)

@@ -118,3 +118,24 @@ def write_split(tmp_path, name: str, lengths: list[int], ranges: dict) -> SFTDat
     meta = {"tokenizer": {"vocab_size": 100, "pad_id": 0}, "dataset_ranges": ranges}
     (tmp_path / f"{name}-meta.json").write_text(json.dumps(meta))
     return SFTDataset(f"{tmp_path}/{name}")
+
+
+def fs_events(monkeypatch) -> list[tuple[str, str, str]]:
+    """Record the checkpoint writer's fsyncs and renames, in order: ("fsync", path, "") and
+    ("replace", src, dst), both still done."""
+    import os
+
+    events: list[tuple[str, str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

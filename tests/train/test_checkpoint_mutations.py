@@ -18,7 +18,7 @@ import torch
 import train.run
 import train.stop
 from model.config import ModelConfig
-from tests.train.helpers import SyntheticLoader, tiny_run
+from tests.train.helpers import SyntheticLoader, fs_events, tiny_run
 from train import checkpoint as ckpt
 from train.config import LoopConfig
 from train.loop import StepResult, Trainer
@@ -165,31 +165,13 @@ def test_missing_shard_directories_are_named_at_any_tp_and_pp(tmp_path):
 # saving: temp dir, fsync, rename, latest file
 
 
-def _spy(monkeypatch) -> list[tuple[str, str, str]]:
-    """Events in order: ("fsync", path, ""), ("replace", src, dst)."""
-    events: list[tuple[str, str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), ""))
-        return real_fsync(fd)
-
-    def replace(src, dst):
-        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
-
-
 def test_the_latest_file_is_flushed_renamed_and_its_directory_flushed(tmp_path, monkeypatch):
     """The latest file is written under another name and fsynced before the rename that
     replaces it (else a power loss could leave it empty), and the directory is fsynced after
     that rename, before pruning deletes what the old latest file named."""
     save = (tmp_path / "save").resolve()
     _save(save, 1)
-    events = _spy(monkeypatch)
+    events = fs_events(monkeypatch)
     _save(save, 2)
     latest = str(save / ckpt.LATEST_FILE)
     (i,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == latest]
@@ -299,7 +281,7 @@ def test_a_resave_moves_the_previous_copy_aside_by_a_rename(tmp_path, monkeypatc
     copied and deleted (a crash in between would leave half of it where --load looks)."""
     save = (tmp_path / "save").resolve()
     _save(save, 4)
-    events = _spy(monkeypatch)
+    events = fs_events(monkeypatch)
     _save(save, 4)
     final = save / ckpt.iteration_dir_name(4)
     assert ("replace", str(final), str(save / ".old_iter_0000004")) in events
