@@ -192,8 +192,7 @@ class _Refused(Exception):
 _MESSAGE_BYTES = 4096
 
 
-def _on_every_rank(dims, step: Callable[[], T], known: tuple[type[Exception], ...] = (),
-                   prefix: str = "") -> T:  # fmt: skip
+def _on_every_rank(dims, step: Callable[[], T], known: tuple[type[Exception], ...] = ()) -> T:
     """Run one start-up step on this rank, then (at world size > 1) agree with every rank on
     whether all of theirs went through: a collective in place of hoping they did. A rank whose
     step failed (its node does not see the data or one checkpoint file, a damaged per-rank file)
@@ -201,15 +200,15 @@ def _on_every_rank(dims, step: Callable[[], T], known: tuple[type[Exception], ..
     traceback naming nothing there, under NCCL a hang until the timeout. Now every rank raises
     _Refused with one message naming the ranks that failed and why.
 
-    known: the exception types that are the user's problem (their text, after `prefix`, is the
-    message); anything else is a bug, whose traceback this rank prints after the agreement."""
+    known: the exception types that are the user's problem (their text is the message);
+    anything else is a bug, whose traceback this rank prints after the agreement."""
     problem, bug, out = None, None, None
     try:
         out = step()
     except _Refused as e:
         problem = str(e)
     except known as e:
-        problem = prefix + str(e)
+        problem = str(e)
     except Exception as e:
         if dims.world_size == 1:
             raise
@@ -432,7 +431,7 @@ def _set_up_and_run(rc: RunConfig, dims, argv, started: float, t_setup: float) -
 
     # The logging rank's files and loggers (W&B's login): their failure stops every rank.
     telemetry = _on_every_rank(dims, open_telemetry, (OSError,))
-    notes = [line for line in (earlier,) if line]
+    notes = [earlier] if earlier else []
     if first_launch:
         notes.append(f" note: --load {rc.ckpt.save} is this run's --save and holds no checkpoint "
                      "yet: starting from scratch (a later launch resumes from it)")  # fmt: skip
