@@ -49,7 +49,10 @@ def rotary_cos_sin(
     return angles.cos(), angles.sin()
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, upcast: bool) -> torch.Tensor:
+def rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, upcast: bool = True
+) -> torch.Tensor:
+    """x: (tokens, heads, head_dim) rotated by fp32 cos, sin: (tokens, head_dim/2)."""
     # Half-split ("rotate_half", GPT-NeoX / Hugging Face) layout: pairs are (i, i + head_dim/2).
     dtype = x.dtype
     if upcast:
@@ -72,7 +75,7 @@ def rotary(
     """Rotary embedding of q and k.   q: (tokens, heads, head_dim), k: (tokens, kv_heads, head_dim),
     positions: (tokens,) integer positions (restarting at 0 for each packed document)."""
     cos, sin = rotary_cos_sin(positions, q.shape[-1], theta, scaling_factor)
-    return _rotate(q, cos, sin, upcast), _rotate(k, cos, sin, upcast)
+    return rotate(q, cos, sin, upcast), rotate(k, cos, sin, upcast)
 
 
 def attention(

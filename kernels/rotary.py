@@ -548,6 +548,22 @@ class _RotaryInplace(torch.autograd.Function):
         return dx, None, None, None, None
 
 
+def _reference_from_table(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.rotary` with cos/sin read from the table's rows, as the kernel reads them."""
+    if positions.device.type == "cpu" and positions.numel():
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cos_sin.shape[0]:
+            raise ValueError(
+                f"rotary: positions {lo}..{hi} need a cos_sin table of more than {hi} rows, got "
+                f"{cos_sin.shape[0]} (max_positions): a sequence must stay below the model's "
+                "max_position_embeddings"
+            )
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    return reference.rotate(q, cos, sin), reference.rotate(k, cos, sin)
+
+
 def rotary(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -569,10 +585,14 @@ def rotary(
     instead of computing them unless the card's tuned settings say computing is faster. Every
     position must be below max_positions: that is not checked (it would cost a device sync), and
     a position past the table reads out of bounds. The reference path (CPU without the
-    interpreter) checks the table's shape and computes the same values itself."""
+    interpreter) reads the same table rows, so a table that is too short or wrong shows on the CPU
+    too, and there a position past its end is an error."""
     if not use_triton(q):
         _check(q, k, positions, cos_sin)
-        q_out, k_out = reference.rotary(q, k, positions, theta, scaling_factor)
+        if cos_sin is None:
+            q_out, k_out = reference.rotary(q, k, positions, theta, scaling_factor)
+        else:
+            q_out, k_out = _reference_from_table(q, k, positions, cos_sin)
         if not inplace:
             return q_out, k_out
         return q.copy_(q_out), k.copy_(k_out)

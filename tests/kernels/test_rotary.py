@@ -429,6 +429,24 @@ def test_reference_path_cos_sin(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_reference_path_reads_the_table(monkeypatch):
+    """Without Triton the table's rows are what rotates, as in the kernel: a table built with other
+    settings changes the result, and a position past its end is a clear error, not a silent
+    recomputation (the model's table length is then checked on the CPU too)."""
+    monkeypatch.setattr(rot_mod, "use_triton", lambda x: False)
+    _, q, k, _ = _qkv_views(5, 2, 1, 64, torch.float32, "cpu", seed=59)
+    positions = torch.tensor([0, 1, 2, 0, 7])
+    other = rotary_cos_sin(8, 64, 500000.0, 2.0)
+    want = reference.rotary(q, k, positions, 500000.0, 2.0)
+    got = rotary(q, k, positions, cos_sin=other)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    short = rotary_cos_sin(7, 64)
+    with pytest.raises(
+        ValueError, match=r"positions 0\.\.7 need a cos_sin table of more than 7 rows, got 7"
+    ):
+        rotary(q, k, positions, cos_sin=short)
+
+
 def test_reference_path_inplace(monkeypatch):
     """Without Triton (plain CPU), inplace=True still writes into q and k."""
     monkeypatch.setattr(rot_mod, "use_triton", lambda x: False)

@@ -98,6 +98,21 @@ def test_layers_share_one_rope_table():
     assert table.shape == (CFG.max_position_embeddings, CFG.head_dim)
 
 
+def test_positions_reach_the_last_table_row_and_no_further():
+    """A sequence of max_position_embeddings tokens uses the table's last row; one position more
+    is refused on the CPU as the kernel would read past the table. (Rotary is relative: a
+    constant shift of every position leaves the output unchanged, so only the table's end shows
+    an off-by-one.)"""
+    cfg = CFG.replace(max_position_embeddings=24)
+    m = _model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(3))
+    cu = torch.tensor([0, 24], dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.isfinite(m(tokens, torch.arange(24), cu, 24)).all()
+        with pytest.raises(ValueError, match=r"positions 1\.\.24 need a cos_sin table of more"):
+            m(tokens, torch.arange(24) + 1, cu, 24)
+
+
 def test_lima_dropout_probabilities():
     cfg = CFG.replace(num_layers=5, hidden_dropout=0.25, lima_dropout=True)
     assert [cfg.layer_dropout(i) for i in range(5)] == [0.0, 0.0625, 0.125, 0.1875, 0.25]
