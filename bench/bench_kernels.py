@@ -119,7 +119,7 @@ def rotary_from_table(q, k, positions, cos_sin) -> tuple[torch.Tensor, torch.Ten
     """reference.rotary with cos/sin gathered from the model's [cos | sin] table (the values
     reference.rotary_cos_sin computes) instead of computed: the inputs ours gets."""
     cos, sin = cos_sin[positions].chunk(2, dim=-1)  # (tokens, head_dim/2) each
-    return reference._rotate(q, cos, sin, True), reference._rotate(k, cos, sin, True)
+    return reference.rotate(q, cos, sin, True), reference.rotate(k, cos, sin, True)
 
 
 def _bytes_formula(module: str, name: str):
