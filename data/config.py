@@ -156,7 +156,8 @@ def _number(
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
         raise DataError(f"{where}: {key} must be {kind}, found {value!r}")
-    if (value < lo or (lo_open and value == lo)) or (value > hi or (hi_open and value == hi)):
+    # Written as what is inside, so that NaN (`.nan` in YAML), which compares false, is outside.
+    if not ((lo < value if lo_open else lo <= value) and (value < hi if hi_open else value <= hi)):
         lb = "(" if lo_open else "["
         rb = ")" if hi_open else "]"
         raise DataError(f"{where}: {key} = {value!r} is outside {lb}{lo}, {hi}{rb}")

@@ -460,6 +460,12 @@ def check_output_dir(mix: MixConfig) -> bool:
             f"output_dir {out} of mix {mix.name!r} exists and is not a directory: set another "
             "output_dir (or --output-dir)"
         )
+    above = next((p for p in out.parents if p.exists()), None)  # found before any tokenizing
+    if above is not None and not above.is_dir():
+        raise DataError(
+            f"output_dir {out} of mix {mix.name!r} is under {above}, which is a file, not a "
+            "directory: set another output_dir (or --output-dir)"
+        )
     stats = out / "stats.json"
     if not stats.exists():
         return False

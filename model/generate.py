@@ -334,6 +334,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Checked before the model is loaded and the prompts generated, not when the report is due.
     if Path(args.out).is_dir():
         p.error(f"--out {args.out} is a directory; give the report's file name, e.g. report.json")
+    above = next((d for d in Path(args.out).parents if d.exists()), None)
+    if above is not None and not above.is_dir():
+        p.error(f"--out {args.out} is under {above}, a file: give a path in a directory")
     return args
 
 

@@ -447,7 +447,10 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"size {text!r}: expected e.g. 5GB, 500MB or a byte count")
     base = 1024 if m.group(3) else 1000
     power = " KMGT".index((m.group(2) or " ").upper())
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:  # 0 would put every tensor in a shard of its own
+        raise argparse.ArgumentTypeError(f"size {text!r}: must be at least 1 byte, e.g. 5GB")
+    return size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,8 +473,9 @@ def import_hf(
     """Convert a HF Llama directory into a checkpoint (TP=1, PP=1 on disk; `--load` reshards it
     to whatever layout the run uses). Returns the iteration directory."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if tp < 1:
-        raise ValueError(f"--tp {tp}: must be at least 1")
+    if tp < 1 or pp < 1:
+        flag, value = ("--tp", tp) if tp < 1 else ("--pp", pp)
+        raise ValueError(f"{flag} {value}: must be at least 1")
     _check_import_target(out_dir)
     hf_config = read_hf_config(hf_dir)
     tok = Tokenizer(tokenizer_path or str(hf_dir / "tokenizer.model"), vocab_extra_ids_list)

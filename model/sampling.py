@@ -40,8 +40,8 @@ class SamplingParams:
         # Name only the values that are wrong: listing every field made a bad top_p read as
         # "temperature 1.0 must be >= 0".
         problems = []
-        if not self.temperature >= 0:
-            problems.append(f"temperature {self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 <= self.temperature < float("inf"):  # inf: every token equally likely
+            problems.append(f"temperature {self.temperature} must be >= 0 and finite (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             problems.append(f"top_p {self.top_p} must be in (0, 1]")
         if self.top_k < 0:

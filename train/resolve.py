@@ -3,6 +3,7 @@ flags, the vocabulary, the parallel layout, and every check, so that all problem
 together (ArgsError) before any work starts."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -178,10 +179,10 @@ def _check_architecture(model: ModelConfig) -> list[str]:
         if getattr(model, f) < 1:
             problems.append(f"--{flag[f]} {getattr(model, f)}: must be >= 1")
     for f in ("rope_theta", "rope_scaling_factor", "norm_eps"):
-        if not getattr(model, f) > 0:
-            problems.append(f"--{flag[f]} {getattr(model, f)}: must be > 0")
-    if not model.init_std >= 0:
-        problems.append(f"--init_method_std {model.init_std}: must be >= 0")
+        if not 0 < getattr(model, f) < math.inf:
+            problems.append(f"--{flag[f]} {getattr(model, f)}: must be > 0 and finite")
+    if not 0 <= model.init_std < math.inf:
+        problems.append(f"--init_method_std {model.init_std}: must be >= 0 and finite")
     return problems
 
 
@@ -190,27 +191,30 @@ def _check_ranges(ns) -> list[str]:
     would otherwise fail deep inside, or train silently on nonsense)."""
     problems = []
     at_least = {"global_batch_size": 1, "seq_length": 2, "lr_decay_iters": 1, "exit_interval": 1,
-                "lr_warmup_iters": 0, "keep_last_n_checkpoints": 1}  # fmt: skip
+                "lr_warmup_iters": 0, "keep_last_n_checkpoints": 1, "seed": 0}  # fmt: skip
     for name, low in at_least.items():
         v = getattr(ns, name)
         if v is not None and v < low:
             problems.append(f"--{name} {v}: must be >= {low}")
     if ns.exit_duration_in_mins is not None and not ns.exit_duration_in_mins > 0:
         problems.append(f"--exit_duration_in_mins {ns.exit_duration_in_mins:g}: must be > 0")
-    if not ns.distributed_timeout_minutes > 0:
+    if not 0 < ns.distributed_timeout_minutes < math.inf:  # a timedelta cannot hold inf
         problems.append(
-            f"--distributed_timeout_minutes {ns.distributed_timeout_minutes}: must be > 0"
+            f"--distributed_timeout_minutes {ns.distributed_timeout_minutes}: must be > 0 and "
+            "finite"
         )
     for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
         v = getattr(ns, name)
         if v is not None and not v >= 0:  # also NaN
             problems.append(f"--{name} {v}: must be >= 0")
+        elif name != "clip_grad" and v == math.inf:  # clip_grad inf only never clips
+            problems.append(f"--{name} {v}: must be >= 0 and finite")
     for name in ("adam_beta1", "adam_beta2"):
         v = getattr(ns, name)
         if not 0 <= v < 1:
             problems.append(f"--{name} {v}: must be in [0, 1)")
-    if not ns.adam_eps > 0:  # Adam divides by sqrt(v) + eps; v is 0 on never-used vocab rows
-        problems.append(f"--adam_eps {ns.adam_eps}: must be > 0")
+    if not 0 < ns.adam_eps < math.inf:  # Adam divides by sqrt(v) + eps; v is 0 on unused rows
+        problems.append(f"--adam_eps {ns.adam_eps}: must be > 0 and finite")
     if ns.lr_warmup_fraction is not None and not 0 <= ns.lr_warmup_fraction <= 1:
         problems.append(f"--lr_warmup_fraction {ns.lr_warmup_fraction}: must be in [0, 1]")
     return problems
@@ -309,6 +313,11 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             "parallel size"
         )
     dp = max(1, world_size // (tp * pp))
+    if ns.profile and not any(0 <= r < world_size for r in ns.profile_ranks):
+        notes.append(
+            f"--profile_ranks {' '.join(map(str, ns.profile_ranks))}: no such rank at world size "
+            f"{world_size} (ranks 0 to {world_size - 1}), so nothing is traced"
+        )
     sp = ns.sequence_parallel and tp > 1
     if ns.sequence_parallel and tp == 1:
         notes.append("--sequence_parallel ignored at tensor parallel size 1 (as Megatron)")
@@ -404,6 +413,11 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
         problems.append("--eval_iters must be >= 0")
     if ns.save_interval is not None and ns.save_interval < 1:
         problems.append("--save_interval must be >= 1")
+    elif ns.save_interval is not None and not ns.save:
+        problems.append(
+            f"--save_interval {ns.save_interval} without --save: no checkpoint would be written; "
+            "give --save DIR, or drop --save_interval"
+        )
     if ns.finetune and not ns.load:
         problems.append("--finetune needs --load (the weights to start from)")
     if ns.use_checkpoint_args and not ns.load:
@@ -433,6 +447,11 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             )
         if not (ns.run_dir or ns.save):
             problems.append("--profile writes into <run_dir>/profile: give --run_dir or --save")
+        negative = [r for r in ns.profile_ranks if r < 0]
+        if negative:
+            problems.append(
+                f"--profile_ranks {' '.join(map(str, negative))}: ranks are numbered from 0"
+            )
     problems += _check_ranges(ns)
     problems += _check_output_dirs(ns)
     _fail(problems)
@@ -452,7 +471,10 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
                 + (" (none: give --lr_warmup_iters 1 or more for a warm-up)" if warmup == 0 else "")
             )
     if warmup > decay_iters and ns.lr_decay_style != "constant":
-        _fail([f"warm-up ({warmup} iterations) is longer than the decay ({decay_iters})"])
+        source = "--lr_decay_iters" if ns.lr_decay_iters is not None else "--train_iters"
+        msg = (f"warm-up ({warmup} iterations, --lr_warmup_iters) is longer than the decay "
+               f"({decay_iters}, {source}): lower --lr_warmup_iters or raise {source}")  # fmt: skip
+        _fail([msg])
 
     prefix = ns.data_path[0]
     valid = prefix[: -len("-train")] + "-val" if prefix.endswith("-train") else None

@@ -387,6 +387,9 @@ def _one(dataset: str, option: str) -> str:
         (_one("chat", "fraction: 1.5"), r":4: dataset 'chat': fraction = 1.5 is outside \(0, 1\]"),
         (_one("chat", "val_split: 1"), r"val_split = 1 is outside \[0, 1\)"),
         (_one("oasst_export", "top_k: 0"), r"top_k = 0 is outside"),
+        # NaN compares false with every bound: fraction was a traceback, val_split accepted.
+        (_one("chat", "fraction: .nan"), r":4: dataset 'chat': fraction = nan is outside"),
+        (_one("chat", "val_split: .nan"), r":4: dataset 'chat': val_split = nan is outside"),
         ("m:\n  datasets: [chat]\n  output_dir: o\n", r"mix 'm' has no 'filename_prefix'"),
         ("m:\n  datasets:\n    - chat: {}\n   bad indent: x\n", r":4: invalid YAML"),
         ("m: {}\nm: {}\n", r":2: duplicate key 'm'"),
@@ -693,6 +696,12 @@ def test_output_dir_of_another_mix_is_not_clobbered(files, pretok, make_chat_row
         first, "--data-root", files.root / "src", "--output-dir", files.root / "afile"
     )
     assert rc == 2 and "exists and is not a directory" in err and "Traceback" not in err
+    # ... or is under a file: refused before tokenizing, not as a bare OSError when writing.
+    rc, _, err = pretok(
+        first, "--data-root", files.root / "src", "--output-dir", files.root / "afile" / "sub"
+    )
+    assert rc == 2 and f"is under {files.root / 'afile'}, which is a file" in err
+    assert "Errno" not in err and "Traceback" not in err
     files.text("other/stats.json", '{"accuracy": 1}')
     rc, _, err = pretok(
         first, "--data-root", files.root / "src", "--output-dir", files.root / "other"

@@ -1,5 +1,6 @@
 """HF import/export: logits against transformers, bitwise round trips, vocabulary rows, files."""
 
+import argparse
 import json
 
 import pytest
@@ -251,6 +252,8 @@ def test_safetensors_stream_and_shard_planning(tmp_path):
     assert plan_shards({"a": 5, "b": 5, "c": 2}, 8) == [["a"], ["b", "c"]]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
     assert parse_size("1234") == 1234
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 1 byte"):
+        parse_size("0")  # was accepted: one shard per tensor
 
 
 def test_hf_shards_are_planned_in_bytes_of_the_dtype_and_read_back(tmp_path):
@@ -388,6 +391,8 @@ def test_import_refuses_bad_targets_and_layouts(tmp_path, hf_dir, capsys):
         main(["import", str(hf_dir), str(tmp_path / "out"), "--tp", "0"]) == 1
     )  # was ZeroDivisionError
     assert "--tp 0: must be at least 1" in capsys.readouterr().err
+    assert main(["import", str(hf_dir), str(tmp_path / "out"), "--pp=-1"]) == 1
+    assert "--pp -1: must be at least 1" in capsys.readouterr().err  # was "must divide"
     # A training run's save directory: its `latest` file must not be pointed at the import.
     run = tmp_path / "run"
     (run / "iter_0000100").mkdir(parents=True)

@@ -58,6 +58,7 @@ BASE = ["--load", "ckpt", "--prompts", "p.jsonl", "--out", "r.json"]
     [
         (["--top_p", "1.5"], r"top_p 1\.5 must be in \(0, 1\]"),
         (["--temperature", "-1"], r"temperature -1\.0 must be >= 0"),
+        (["--temperature", "inf"], r"temperature inf must be >= 0 and finite"),  # was accepted
         (["--top_k", "-2"], r"top_k -2 must be >= 0"),
         (["--max_new_tokens", "0"], r"max_new_tokens 0 must be >= 1"),
         # Custom values with presets only were silently ignored.
@@ -74,6 +75,14 @@ def test_sampling_flags_rejected_when_parsed(capsys, flags, message):
     assert re.search(message, err), err
     if "top_p" in flags:  # only the wrong value is named, not "temperature 1.0 must be >= 0"
         assert "temperature" not in err
+
+
+def test_out_under_a_file_is_refused_before_the_model_loads(tmp_path, capsys):
+    # It used to fail only when the report was written, after every prompt was generated.
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit):
+        parse_args([*BASE[:4], "--out", str(tmp_path / "afile" / "r.json")])
+    assert f"is under {tmp_path / 'afile'}, a file" in capsys.readouterr().err
 
 
 def test_sampling_flags_accepted():

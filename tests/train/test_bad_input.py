@@ -47,12 +47,46 @@ def _resolve(argv, world=1):
         (["--num_attention_heads", "0"], "--num_attention_heads 0: must be >= 1"),
         (["--make_vocab_size_divisible_by", "0"], "--make_vocab_size_divisible_by 0: must be >= 1"),
         (["--rope_theta", "0"], "--rope_theta 0.0: must be > 0"),
+        # inf and a negative seed were accepted: NaN losses, or a traceback in the loader.
+        (["--lr", "inf"], "--lr inf: must be >= 0 and finite"),
+        (["--weight_decay", "inf"], "--weight_decay inf: must be >= 0 and finite"),
+        (["--adam_eps", "inf"], "--adam_eps inf: must be > 0 and finite"),
+        (["--rope_theta", "inf"], "--rope_theta inf: must be > 0 and finite"),
+        (["--init_method_std", "inf"], "--init_method_std inf: must be >= 0 and finite"),
+        (
+            ["--distributed_timeout_minutes", "inf"],
+            "--distributed_timeout_minutes inf: must be > 0 and finite",
+        ),
+        (["--seed=-1"], "--seed -1: must be >= 0"),
     ],
 )
 def test_out_of_range_values_name_the_flag(extra, message):
     with pytest.raises(ArgsError) as e:
         _resolve(_tiny(*extra))
     assert message in str(e.value)
+
+
+def test_contradictory_flags_name_both_and_what_to_change(tmp_path):
+    with pytest.raises(ArgsError, match="--save_interval 5 without --save: no checkpoint would"):
+        _resolve(_tiny("--save_interval", "5"))
+    _resolve(_tiny("--save_interval", "5", "--save", str(tmp_path)))
+    with pytest.raises(ArgsError) as e:
+        _resolve(_tiny("--lr_warmup_iters", "20"))
+    assert "(20 iterations, --lr_warmup_iters) is longer than the decay (10, --train_iters): " \
+        "lower --lr_warmup_iters or raise --train_iters" in str(e.value)  # fmt: skip
+    with pytest.raises(ArgsError, match=r"decay \(5, --lr_decay_iters\): .* raise --lr_decay"):
+        _resolve(_tiny("--lr_warmup_iters", "6", "--lr_decay_iters", "5"))
+
+
+def test_profile_ranks_outside_the_run(tmp_path):
+    profile = ["--profile", "--profile_step_start", "1", "--profile_step_end", "2",
+               "--run_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(ArgsError, match="--profile_ranks -1: ranks are numbered from 0"):
+        _resolve(_tiny(*profile, "--profile_ranks=-1"))
+    rc = _resolve(_tiny(*profile, "--profile_ranks", "5"), world=2)
+    assert any("--profile_ranks 5: no such rank at world size 2" in n for n in rc.notes)
+    rc = _resolve(_tiny(*profile, "--profile_ranks", "1"), world=2)
+    assert not any("--profile_ranks" in n for n in rc.notes)
 
 
 def test_bad_world_size_variable(monkeypatch):
