@@ -377,6 +377,36 @@ def _consumed(parser: argparse.ArgumentParser, argv: list[str], i: int) -> bool:
     return action is not None and action.nargs != 0
 
 
+# Other trainers' names (Hugging Face Trainer, torchtitan) for what this one spells the
+# Megatron way: difflib would offer a look-alike instead (--learning_rate -> --clip_grad).
+_OTHER_NAMES = {
+    "learning_rate": "--lr",
+    "max_steps": "--train_iters",
+    "num_train_epochs": "--train_iters or --train_samples (there are no epochs)",
+    "warmup_steps": "--lr_warmup_iters",
+    "warmup_ratio": "--lr_warmup_fraction",
+    "lr_scheduler_type": "--lr_decay_style",
+    "per_device_train_batch_size": "--micro_batch_size",
+    "batch_size": "--micro_batch_size (rows a forward) and --global_batch_size (a step)",
+    "gradient_accumulation_steps": (
+        "--global_batch_size (= --micro_batch_size x data-parallel ranks x accumulation steps)"
+    ),
+    "max_grad_norm": "--clip_grad",
+    "adam_epsilon": "--adam_eps",
+    "output_dir": "--save",
+    "resume_from_checkpoint": "--load",
+    "max_seq_length": "--seq_length",
+    "max_seq_len": "--seq_length",
+    "seq_len": "--seq_length",
+    "gradient_checkpointing": "--recompute_granularity full",
+    "logging_steps": "--log_interval",
+    "save_steps": "--save_interval",
+    "eval_steps": "--eval_interval",
+    "tensor_parallel_degree": "--tensor_model_parallel_size",
+    "pipeline_parallel_degree": "--pipeline_model_parallel_size",
+}
+
+
 def _unknown_message(
     parser: argparse.ArgumentParser, unknown: list[str], argv: list[str], origins: list[str]
 ) -> str:
@@ -394,7 +424,10 @@ def _unknown_message(
             flag.replace("-", "_"), [k.replace("-", "_") for k in known], n=1, cutoff=0.5
         )
         hint = ""
-        if guess:
+        other = _OTHER_NAMES.get(flag.lstrip("-").replace("-", "_").lower())
+        if other:
+            hint = f"; this trainer's flag for it is {other}"
+        elif guess:
             real = next(k for k in known if k.replace("-", "_") == guess[0])
             hint = f"; did you mean {real}?"
         lines.append(f"unknown flag {flag}{at}{hint}")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+import train.args as args_mod
 from model.config import PRESETS
 from train import checkpoint as ckpt
 from train.args import ArgsError, parse_args
@@ -91,6 +92,12 @@ def _tiny(*extra):
         ),
         (["--tensor-model-parallel-size", "2"], "did you mean --tensor_model_parallel_size?"),
         (["--lr_warmup_iter=5"], "did you mean --lr_warmup_iters?"),
+        # other trainers' names get ours, not a look-alike (difflib said --clip_grad)
+        (
+            ["--learning_rate", "1e-4"],
+            "unknown flag --learning_rate; this trainer's flag for it is --lr",
+        ),
+        (["--gradient-accumulation-steps=4"], "flag for it is --global_batch_size (= --micro"),
         (["--lr_decay_style", "exponential"], "invalid choice: 'exponential'"),
     ],
 )
@@ -343,3 +350,11 @@ def test_resolved_recompute_profile_and_run_dir(tmp_path):
     with pytest.raises(ArgsError) as e:
         resolve(ns, given, world_size=32)  # TP 32 does not divide the heads
     assert "num_attention_heads" in str(e.value) and "x 16" not in str(e.value)
+
+
+def test_other_trainers_names_point_at_real_flags():
+    """Every flag the hints for other trainers' names offer exists."""
+    known = set(args_mod._option_strings(args_mod.build_parser()))
+    for hint in args_mod._OTHER_NAMES.values():
+        named = {w for w in hint.replace("(", " ").split() if w.startswith("--")}
+        assert named and named <= known, hint
