@@ -365,7 +365,8 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
         problems.append(str(e))
 
     if ns.micro_batch_size is None or ns.micro_batch_size < 1:
-        problems.append("--micro_batch_size (>= 1) is required")
+        given = "" if ns.micro_batch_size is None else f" (got {ns.micro_batch_size})"
+        problems.append(f"--micro_batch_size (>= 1) is required{given}")
     micro = ns.micro_batch_size or 1
     global_bs = ns.global_batch_size if ns.global_batch_size is not None else micro * dp
     by_samples = ns.packing and ns.global_batch_unit == "samples"
@@ -397,11 +398,15 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
             f"{model.max_position_embeddings}"
         )
     if not ns.train_iters or ns.train_iters < 1:
-        problems.append("--train_iters (>= 1) is required")
+        given = "" if ns.train_iters is None else f" (got {ns.train_iters})"
+        problems.append(f"--train_iters (>= 1) is required{given}")
     if ns.lr is None:
         problems.append("--lr is required")
     elif ns.min_lr > ns.lr:
-        problems.append(f"--min_lr {ns.min_lr} exceeds --lr {ns.lr}")
+        problems.append(
+            f"--min_lr {ns.min_lr} exceeds --lr {ns.lr}: the schedule decays from --lr down to "
+            "--min_lr; lower --min_lr or raise --lr"
+        )
     if ns.lr_warmup_fraction is not None and ns.lr_warmup_iters:
         problems.append("give only one of --lr_warmup_fraction and --lr_warmup_iters")
     if not ns.data_path:
