@@ -466,6 +466,13 @@ def check_output_dir(mix: MixConfig) -> bool:
             f"output_dir {out} of mix {mix.name!r} is under {above}, which is a file, not a "
             "directory: set another output_dir (or --output-dir)"
         )
+    # Where the outputs (or the missing folders leading to them) would be created.
+    nearest = out if out.exists() else above
+    if nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+        raise DataError(
+            f"output_dir {out} of mix {mix.name!r}: no permission to write into {nearest}: set "
+            "another output_dir (or --output-dir)"
+        )
     stats = out / "stats.json"
     if not stats.exists():
         return False

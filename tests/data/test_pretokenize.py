@@ -708,3 +708,23 @@ def test_output_dir_of_another_mix_is_not_clobbered(files, pretok, make_chat_row
     )
     assert rc == 2 and "not written by data.pretokenize" in err
     assert (files.root / "other/stats.json").read_text() == '{"accuracy": 1}'
+
+
+def test_output_dir_without_write_permission_is_refused_before_tokenizing(tmp_path, monkeypatch):
+    """A folder the user may not write into (a shared cluster's dataset directory) is named
+    before any tokenizing, whether the output_dir exists or would be created under it. (The
+    tests run as root, which os.access lets write anywhere, so the permission is faked.)"""
+    import re
+    from types import SimpleNamespace
+
+    import data.pretokenize as pre
+    from data.errors import DataError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(pre.os, "access", lambda p, mode: Path(p) != locked)
+    for out, where in ((locked / "a" / "b", locked), (locked, locked)):
+        mix = SimpleNamespace(name="m", output_dir=out)
+        with pytest.raises(DataError, match=f"no permission to write into {re.escape(str(where))}"):
+            pre.check_output_dir(mix)
+    assert pre.check_output_dir(SimpleNamespace(name="m", output_dir=tmp_path / "free")) is False
