@@ -454,10 +454,13 @@ def _save(rows: list, meta: dict, doc: dict, stem: Path, logdir: Path):
         # dozen loose logs would crowd out the results and the card's tuning table.
         archive = dest / f"{stem.name}-logs.tar.gz"
         tmp = archive.with_name(archive.name + ".tmp")
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(logdir, arcname=f"{stem.name}-logs")
-        tmp.replace(archive)
-        copies.append(str(archive))
+        try:
+            with tarfile.open(tmp, "w:gz") as tar:
+                tar.add(logdir, arcname=f"{stem.name}-logs")
+            tmp.replace(archive)
+            copies.append(str(archive))
+        except (OSError, tarfile.TarError) as e:  # the results above matter more than the logs
+            print(f"gpu_check: could not archive the logs into $OUT: {e}", flush=True)
     return json_path, md_path, copies, summary
 
 
@@ -637,7 +640,14 @@ def main(argv: list[str] | None = None) -> int:
 
     doc["telemetry"]["after"] = telemetry()
     meta["seconds"] = round(time.time() - t_start, 1)
-    json_path, md_path, copies, summary = _save(rows, meta, doc, out_dir / stem, logdir)
+    try:
+        json_path, md_path, copies, summary = _save(rows, meta, doc, out_dir / stem, logdir)
+    except OSError as e:  # still print the table: it is all that comes back then
+        print(f"gpu_check: could not save the final results: {e}", flush=True)
+        from bench.harness import format_summary
+
+        json_path = md_path = "(not written)"
+        copies, summary, failed = [], format_summary(rows), True
 
     # The short table last (the device tool returns only the end of the output); every row is
     # in the .md and the JSON.

@@ -348,3 +348,49 @@ def test_gpu_check_verdict_fits_the_device_tools_output_tail(tmp_path, monkeypat
     assert "op000" in tail  # the table's first lines are the ones kept
     [md] = tmp_path.glob("*-cpu-smoke.md")
     assert long_table in md.read_text()  # the files keep the whole table
+
+
+# one row with a FAKE TIMING: the plumbing of the results, not a measurement
+FAKE_PLAIN = """
+from bench.harness import Row
+def gpu_rows(ceilings, quick, deadline=None, device="cuda"):
+    return [Row("fakeop", "1x1", "bf16", "fwd", "ours", ms=1.0, bytes=10**6).fill_rates(ceilings)]
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
+def test_gpu_check_prints_its_table_when_the_results_cannot_be_written(
+    tmp_path, monkeypatch, capsys
+):
+    """A results folder that fails at the end (disk full, $OUT gone) still leaves the table in
+    the output, which is then all that comes back from the device, and the run says it failed;
+    a log archive that cannot be written does not cost the results written before it."""
+    (tmp_path / "fake_plain.py").write_text(FAKE_PLAIN)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(gpu_check, "SECTIONS", [("good", "fake_plain", 60)])
+    monkeypatch.delenv("OUT", raising=False)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gpu_check, "_save", no_space)
+    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "could not save the final results: [Errno 28]" in out
+    assert out.rstrip().splitlines()[-1].startswith("fakeop"), out[-500:]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(gpu_check, "SECTIONS", [("good", "fake_plain", 60)])
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+
+    def broken_tar(*args, **kwargs):
+        raise tarfile.TarError("broken")
+
+    monkeypatch.setattr(gpu_check.tarfile, "open", broken_tar)
+    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path / "res2")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "could not archive the logs into $OUT: broken" in out
+    assert len(list((tmp_path / "out").glob("*-cpu-smoke.json"))) == 1
