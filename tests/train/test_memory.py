@@ -74,3 +74,28 @@ def test_state_line_names_the_offloaded_host_memory():
     t = _trainer(["--use_distributed_optimizer", "--optimizer_cpu_offload"])
     host = t.optimizer.host_state_bytes()
     assert f"; {host / 2**30:.3f} GiB more in host memory" in state_memory_line(t)
+
+
+def test_a_storage_saved_twice_counts_once():
+    """The measurement counts each saved storage once, however many backward nodes keep it:
+    here every node saves the block's input alone (x * x keeps it twice, sin once more), so the
+    bytes are exactly the input's, a count by hand independent of the model. Counting each save
+    would report three times what the backward holds, and the start-up estimate with it."""
+    from types import SimpleNamespace
+
+    from train.memory import saved_bytes
+
+    class Saver(torch.nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.attention_norm = SimpleNamespace(weight=torch.ones(hidden))
+            self.attention = SimpleNamespace(recompute_core=False)
+            self.mlp = SimpleNamespace(recompute_act=False)
+            self.recompute_norms = False
+
+        def forward(self, h, positions, cu_seqlens, max_seqlen):
+            return h * h + h.sin()
+
+    tokens, hidden = 10, 24
+    got = saved_bytes(Saver(hidden), tokens, "none", "cpu", torch.float32)
+    assert got == tokens * hidden * 4
