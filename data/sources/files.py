@@ -128,8 +128,10 @@ def _open_binary(path: Path):
 
 def _iter_jsonl(path: Path, f, first_line: int = 1) -> Iterator[tuple[str, bytes]]:
     for lineno, line in enumerate(f, start=first_line):
-        if lineno == first_line and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a byte-order mark (Windows editors), which json.loads refuses
+        if line.startswith(b"\xef\xbb\xbf"):
+            # A byte-order mark (Windows editors), which json.loads refuses: at the top, or at
+            # any line of files joined with `cat`.
+            line = line[3:]
         if line.strip():
             yield f"{path}:{lineno}", line
 

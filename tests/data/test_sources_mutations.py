@@ -111,6 +111,15 @@ def test_a_json_array_after_blank_lines_or_a_byte_order_mark(files, prefix):
     assert [obj for _, obj in iter_records(p)] == [{"a": 1}, {"a": 2}]
 
 
+def test_a_byte_order_mark_at_any_line_of_json_lines(files):
+    """Files saved by Windows editors start with a byte-order mark; joined with `cat`, the marks
+    stand at the start of later lines too. Each is dropped, as the first one is, instead of
+    making a valid record a bad one."""
+    bom = b"\xef\xbb\xbf"
+    p = files.raw("joined.jsonl", bom + b'{"a": 1}\n' + bom + b'{"a": 2}\n')
+    assert [decode_line(raw, loc) for loc, raw in iter_records(p)] == [{"a": 1}, {"a": 2}]
+
+
 def test_invalid_utf8_in_a_json_array_names_the_file(files):
     """A JSON array cannot be read past a byte that is not UTF-8: one DataError naming the file
     and the byte, not a UnicodeDecodeError traceback."""
