@@ -33,6 +33,11 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def _backup(final: Path) -> Path:
+    """Where commit() links the previous `final` while it renames (`.NAME.HOST-PID.old`)."""
+    return final.with_name(f".{final.name}.{_owner()}.old")
+
+
 def _glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
@@ -69,12 +74,14 @@ class AtomicFileSet:
         # Each previous file is first linked under a backup name (the final name keeps its
         # contents meanwhile), so a failed rename can put back the ones already replaced.
         done: list[tuple[Path, Path | None, bool]] = []
+        current: tuple[Path, Path, bool] | None = None  # (tmp, final, existed) being renamed
         try:
             for tmp, final in self._pending:
                 backup = None
                 existed = final.exists()
+                current = (tmp, final, existed)
                 if final.is_file():
-                    backup = final.with_name(f".{final.name}.{_owner()}.old")
+                    backup = _backup(final)
                     backup.unlink(missing_ok=True)
                     try:
                         os.link(final, backup)
@@ -82,7 +89,15 @@ class AtomicFileSet:
                         backup = None
                 os.replace(tmp, final)
                 done.append((final, backup, existed))
+                current = None
         except BaseException:
+            if current is not None:
+                tmp, final, existed = current
+                backup = _backup(final)
+                if tmp.exists():  # not renamed: the final name kept its contents
+                    backup.unlink(missing_ok=True)
+                else:  # renamed, but stopped before it was counted
+                    done.append((final, backup if backup.exists() else None, existed))
             for final, backup, existed in reversed(done):
                 if backup is not None:
                     os.replace(backup, final)
