@@ -339,7 +339,10 @@ def rel_err(outs, refs) -> float:
     err = 0.0
     for o, r in zip(outs, refs):
         o, r = o.float(), r.float()
-        err = max(err, ((o - r).norm() / r.norm().clamp_min(1e-30)).item())
+        e = ((o - r).norm() / r.norm().clamp_min(1e-30)).item()
+        if math.isnan(e):  # max(0.0, nan) is 0.0: a NaN output would pass every check
+            return e
+        err = max(err, e)
     return err
 
 
