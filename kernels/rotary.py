@@ -552,15 +552,14 @@ def _reference_from_table(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference.rotary` with cos/sin read from the table's rows, as the kernel reads them."""
-    if positions.device.type == "cpu" and positions.numel():
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= cos_sin.shape[0]:
-            raise ValueError(
-                f"rotary: positions {lo}..{hi} need a cos_sin table of more than {hi} rows, got "
-                f"{cos_sin.shape[0]} (max_positions): a sequence must stay below the model's "
-                "max_position_embeddings"
-            )
-    cos, sin = cos_sin[positions].chunk(2, dim=-1)
+    try:
+        rows = cos_sin[positions]
+    except IndexError as e:  # CPU indexing checks the bounds itself: no host read of positions
+        raise ValueError(
+            f"rotary: {e}: the cos_sin table has {cos_sin.shape[0]} rows (max_positions); a "
+            "sequence must stay below the model's max_position_embeddings"
+        ) from None
+    cos, sin = rows.chunk(2, dim=-1)
     return reference.rotate(q, cos, sin), reference.rotate(k, cos, sin)
 
 

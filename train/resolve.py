@@ -419,9 +419,11 @@ def resolve(ns, given: set[str], world_size: int | None = None) -> RunConfig:
     if ns.save_interval is not None and ns.save_interval < 1:
         problems.append("--save_interval must be >= 1")
     elif ns.save_interval is not None and not ns.save:
-        problems.append(
-            f"--save_interval {ns.save_interval} without --save: no checkpoint would be written; "
-            "give --save DIR, or drop --save_interval"
+        # A note, not an error: an args file's --save_interval with the --save left out on
+        # purpose (a trial run, a benchmark) is a run users mean, as in Megatron-LLM.
+        notes.append(
+            f"--save_interval {ns.save_interval} without --save: no checkpoint will be written "
+            "(give --save DIR to keep them)"
         )
     if ns.finetune and not ns.load:
         problems.append("--finetune needs --load (the weights to start from)")

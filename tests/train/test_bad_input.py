@@ -67,9 +67,10 @@ def test_out_of_range_values_name_the_flag(extra, message):
 
 
 def test_contradictory_flags_name_both_and_what_to_change(tmp_path):
-    with pytest.raises(ArgsError, match="--save_interval 5 without --save: no checkpoint would"):
-        _resolve(_tiny("--save_interval", "5"))
-    _resolve(_tiny("--save_interval", "5", "--save", str(tmp_path)))
+    rc = _resolve(_tiny("--save_interval", "5"))
+    assert any("--save_interval 5 without --save: no checkpoint will be" in n for n in rc.notes)
+    rc = _resolve(_tiny("--save_interval", "5", "--save", str(tmp_path)))
+    assert not any("--save_interval" in n for n in rc.notes)
     with pytest.raises(ArgsError) as e:
         _resolve(_tiny("--lr_warmup_iters", "20"))
     assert "(20 iterations, --lr_warmup_iters) is longer than the decay (10, --train_iters): " \
