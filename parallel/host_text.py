@@ -29,7 +29,8 @@ def gather_texts(text: str | None, width: int = WIDTH) -> list[str | None]:
     if text is not None:
         data = text.encode()[:width]
         rows[rank, 0] = len(data) + 1
-        rows[rank, 1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if data:  # torch.frombuffer refuses an empty buffer: "" is the length row alone
+            rows[rank, 1 : 1 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     rows = rows.to(_device())
     dist.all_reduce(rows)
     out: list[str | None] = []

@@ -280,7 +280,7 @@ def _together(rank: int, action: Callable[[], None] | None) -> None:
         if err is not None:
             raise err
         return
-    failed = agree(None if err is None else str(err))
+    failed = agree(None if err is None else str(err) or repr(err))
     if err is not None and not isinstance(err, OSError):
         raise err  # a bug, not the disk: its own traceback here, the message on the others
     if failed:

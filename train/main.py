@@ -208,7 +208,7 @@ def _on_every_rank(dims, step: Callable[[], T], known: tuple[type[Exception], ..
     except _Refused as e:
         problem = str(e)
     except known as e:
-        problem = str(e)
+        problem = str(e) or repr(e)  # OSError() has no text: say at least what it was
     except Exception as e:
         if dims.world_size == 1:
             raise
