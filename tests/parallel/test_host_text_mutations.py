@@ -6,19 +6,9 @@ bytes or a text longer than the default width through agree, and its two failing
 sort by text in the same order as by rank, so those behaviours could change unnoticed."""
 
 import pytest
-import torch.distributed as dist
 
 from parallel import host_text
 from parallel.host_text import WIDTH, agree, gather_texts
-
-
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-rank gloo world group for this test only."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_an_empty_text_is_a_text_not_none(one_rank):

@@ -87,15 +87,6 @@ def test_every_rank_agrees_with_the_wide_message_width(monkeypatch, capsys):
     assert "error: rank 1: KeyError: 'k' (unexpected; rank 1 printed its traceback)" in err
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A 1-rank gloo world group for this test only."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_a_known_exception_with_no_text_still_stops_the_ranks(one_rank):
     """A step that failed with an exception whose text is empty (OSError()) is agreed as a
     failure like any other: before, agree("") raised ValueError inside the collective on that
