@@ -338,11 +338,16 @@ def load_mixes(
             )
         list_line = _line(body, "datasets")
         specs = [_dataset(e, config_path, str(name), data_root, list_line) for e in datasets]
-        seen = set()
-        for s in specs:
+        seen: dict[str, int] = {}
+        for entry, s in zip(datasets, specs):
+            line = _line(entry) or list_line
             if s.name in seen:
-                raise DataError(f"{config_path}: dataset {s.name!r} appears twice in mix {name!r}")
-            seen.add(s.name)
+                raise DataError(
+                    f"{config_path}:{line}: dataset {s.name!r} appears twice in mix {name!r} "
+                    f"(first at line {seen[s.name]}); give one of them another name and "
+                    "`kind: <the dataset's kind>`"
+                )
+            seen[s.name] = line
         mat = body.get("min_assistant_tokens")
         if mat is not None:
             where_mat = f"{config_path}:{_line(body, 'min_assistant_tokens')}"

@@ -620,7 +620,7 @@ def test_token_stats_accumulate_over_batches():
         # A fractional cap has no meaning as a count of samples.
         (_one("chat", "max_val_set: 2.5"), r":4: dataset 'chat': max_val_set must be an integer"),
         ("m:\n  datasets:\n    - chat:\n    - chat:\n" + TAIL,
-         r"dataset 'chat' appears twice in mix 'm'"),
+         r"bad\.yaml:4: dataset 'chat' appears twice in mix 'm' \(first at line 3\)"),
         ("m:\n  datasets:\n    - chat:\n  output_dir: o\n  filename_prefix: a/b\n",
          r":5: filename_prefix must be a file name"),
     ],
