@@ -26,6 +26,7 @@ same way and streams them into HF shards.
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -483,6 +484,15 @@ def import_hf(
         cfg = config_from_hf(hf_config, tok.vocab_size, name=f"hf:{hf_dir.resolve()}")
     except ValueError as e:  # an unsupported feature: name the file it comes from
         raise ValueError(f"{hf_dir / 'config.json'}: {e}") from None
+    split = (cfg.num_attention_heads, cfg.num_kv_heads, cfg.ffn_hidden_size)
+    if any(n % tp for n in split):
+        g = math.gcd(*split)
+        fits = [d for d in range(1, g + 1) if g % d == 0]
+        raise ValueError(
+            f"--tp {tp}: must divide num_attention_heads {split[0]}, num_key_value_heads "
+            f"{split[1]} and intermediate_size {split[2]} of {hf_dir / 'config.json'}; "
+            f"possible: {', '.join(map(str, fits))}"
+        )
     cfg.validate(tp)
     if pp < 1 or cfg.num_layers % pp:
         raise ValueError(f"--pp {pp}: must divide num_layers ({cfg.num_layers})")

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -296,7 +297,7 @@ def test_cli(tmp_path, hf_dir, imported, capsys):
     assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 1}  # resharded when loaded
     # 4 query heads, 2 KV heads, 2 layers: TP 4 and PP 3 cannot work
     assert main(["import", str(hf_dir), str(tmp_path / "b"), "--tp", "4"]) == 1
-    assert "num_kv_heads" in capsys.readouterr().err
+    assert "num_key_value_heads 2" in capsys.readouterr().err
     assert main(["import", str(hf_dir), str(tmp_path / "c"), "--pp", "3"]) == 1
     assert "--pp 3" in capsys.readouterr().err
     assert main(["import", str(hf_dir), str(tmp_path / "a")]) == 1  # never overwrites
@@ -393,6 +394,13 @@ def test_import_refuses_bad_targets_and_layouts(tmp_path, hf_dir, capsys):
     assert "--tp 0: must be at least 1" in capsys.readouterr().err
     assert main(["import", str(hf_dir), str(tmp_path / "out"), "--pp=-1"]) == 1
     assert "--pp -1: must be at least 1" in capsys.readouterr().err  # was "must divide"
+    # The model's own sizes and the possible values, not the trainer's --ffn_hidden_size.
+    assert main(["import", str(hf_dir), str(tmp_path / "out"), "--tp", "3"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        r"--tp 3: must divide num_attention_heads \d+, .*config\.json; possible: 1, 2", err
+    )
+    assert "--ffn_hidden_size" not in err and "--tensor_model_parallel_size" not in err
     # A training run's save directory: its `latest` file must not be pointed at the import.
     run = tmp_path / "run"
     (run / "iter_0000100").mkdir(parents=True)
