@@ -188,6 +188,12 @@ def build_report(args: argparse.Namespace) -> dict:
     if args.num_prompts and args.num_prompts < len(prompts):
         keep = sorted(random.Random(args.seed).sample(range(len(prompts)), args.num_prompts))
         prompts = [prompts[i] for i in keep]
+    elif args.num_prompts and args.num_prompts > len(prompts):
+        print(
+            f"model.generate: --num_prompts {args.num_prompts}: {args.prompts} holds "
+            f"{len(prompts)} prompts; every one is used",
+            file=sys.stderr,
+        )
     system = args.system if args.system is not None else SYSTEM_PRESETS[args.system_preset]
     ids = []
     for p in prompts:

@@ -384,6 +384,24 @@ def test_report_stops_at_eos(tmp_path, random_ckpt, tokenizer):
     assert result["outputs"] == [tokenizer.decode([first, second])]
 
 
+def test_more_prompts_asked_than_the_file_holds_says_so(tmp_path, random_ckpt, capsys):
+    """--num_prompts above the file's count uses every prompt and says so (the seed's 250 asked
+    of a shorter file would otherwise look like a sampled subset in the report)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('"hi"\n"there"\n')
+    out = tmp_path / "r.json"
+    argv = ["--load", str(random_ckpt), "--prompts", str(prompts), "--out", str(out),
+            "--sampling", "greedy", "--max_new_tokens", "1"]  # fmt: skip
+    assert main([*argv, "--num_prompts", "250"]) == 0
+    assert f"--num_prompts 250: {prompts} holds 2 prompts; every one is used" in (
+        capsys.readouterr().err
+    )
+    assert len(json.loads(out.read_text())["prompts"]) == 2
+    assert main([*argv, "--num_prompts", "1"]) == 0
+    assert "--num_prompts" not in capsys.readouterr().err
+    assert len(json.loads(out.read_text())["prompts"]) == 1
+
+
 @pytest.mark.parametrize("omp", [None, "2"])
 def test_cpu_sampling_runs_one_thread_unless_asked(tmp_path, random_ckpt, monkeypatch, omp):
     """Two OpenMP threads on a 2-core machine with a core taken by another process made the
