@@ -331,6 +331,10 @@ def write_json(rows: list[Row], meta: dict, path: str | Path) -> Path:
 def read_json(path: str | Path) -> tuple[list[Row], dict]:
     """(rows, whole document) of a file written by write_json."""
     doc = json.loads(Path(path).read_text())
+    if not isinstance(doc, dict):
+        # e.g. gpu_check's own <section>-rows.json logs, a bare list of rows: a ValueError, which
+        # bench.plots reports as "not a gpu_check result" and skips, not an AttributeError
+        raise ValueError(f"{path}: expected a JSON object, found {type(doc).__name__}")
     return [Row.from_dict(d) for d in doc.get("rows", [])], doc
 
 
