@@ -14,6 +14,7 @@ from data.errors import BadRecord, DataError
 from data.sources import KINDS, has_filtered_words, iter_records, list_files, parse_langs
 from data.sources.files import decode_line, iter_blocks
 from data.sources.kinds import file_lang
+from tests.data.test_sources import convert as _convert
 
 # -- files: list_files ------------------------------------------------------------------------
 
@@ -208,15 +209,6 @@ def test_tar_without_data_members_is_an_error(files):
 
 
 # -- kinds ------------------------------------------------------------------------------------
-
-
-def _convert(kind: str, row, path: str = "x.jsonl", **opts):
-    options = dict(KINDS[kind].options)
-    options.update(opts)
-    if "lang" in options:
-        options["lang"] = parse_langs(options["lang"])
-    raw = json.dumps(row).encode() if isinstance(row, dict) else row
-    return KINDS[kind].convert(raw, f"{path}:7", Path(path), options)
 
 
 def test_language_lists_ignore_blanks_around_codes():
