@@ -13,6 +13,9 @@ Rows:
   accumulation is timed). Baseline "sdpa_flash": `scaled_dot_product_attention` restricted to
   the flash backend, with `enable_gqa=True` where that backend takes it, else with K/V repeated
   (materialised) to the query heads (the row's note says which).
+- "attn_kernels" (at 4k and 8k): the backward's dQ and dK/dV kernels timed apart, each row's
+  TFLOP/s over the matmuls that kernel runs (recomputation included; see `kernel_rows`), to
+  show which of the two the backward's time is in.
 - "attn_mix": 35 documents with the seed's length mix (mean 473.5 as in its pretokenizer report;
   log-normal quantiles, 34..4096 tokens, see `mix_lengths`), about 4 rows of 4096 tokens; one
   training step of attention (fwd + bwd).
@@ -202,10 +205,45 @@ def speed_rows(b: _Bench, quick: bool) -> None:
                     goals=_goals(pass_, seq),
                 )
                 ours = b.measure(row, attention_padded, pass_, None, [q, k, v])
+                if pass_ == "bwd" and ours is not None and (cpu or seq >= 4096):
+                    kernel_rows(
+                        b, q, k, v, shape, dt, attn_flops([seq] * batch, heads, HEAD_DIM, "fwd")
+                    )
                 if not cpu:
                     base = Row("attn", shape, dt, pass_, "sdpa_flash", flops=flops, note=note)
                     b.measure(base, lambda q, k, v: _sdpa(q, k, v, gqa), pass_, ours, [q, k, v])
             del q, k, v
+
+
+def kernel_rows(b: _Bench, q, k, v, shape: str, dt: str, fwd_flops: float) -> None:
+    """The backward's two kernels timed apart (op "attn_kernels"; no goals): where the
+    backward's time goes. Each row counts the matmuls its kernel runs, recomputation included,
+    so its TFLOP/s is that kernel's own rate: dQ recomputes QK^T and dO V^T, then dS K (1.5x
+    the forward's FLOPs); dK/dV recomputes both too, then P^T dO and dS^T Q (2x). Together 3.5x,
+    against the convention's 2.5x. Triton path only (CUDA, or the interpreter on CPU)."""
+    from kernels._triton import use_triton
+    from kernels.attention import backward_launches
+
+    if not use_triton(q):
+        return
+    batch, seq = q.shape[:2]
+    note = "matmuls this kernel runs, recomputation included"
+    rows = [
+        Row("attn_kernels", shape, dt, "dq", OURS, flops=1.5 * fwd_flops, note=note),
+        Row("attn_kernels", shape, dt, "dkdv", OURS, flops=2.0 * fwd_flops, note=note),
+    ]
+    try:
+        g = torch.Generator(device=b.device).manual_seed(7)
+        do = _randn((batch * seq, *q.shape[2:]), b.device, g)
+        cu = torch.arange(batch + 1, dtype=torch.int32, device=b.device) * seq
+        launches = backward_launches(*(x.flatten(0, 1) for x in (q, k, v)), cu, seq, do)
+    except Exception as e:  # the other rows must survive a failure here
+        for row in rows:
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            b.rows.append(row)
+        return
+    for row, launch in zip(rows, launches):
+        b.measure(row, launch, "fwd", None, [])
 
 
 def mix_rows(b: _Bench) -> None:

@@ -37,6 +37,7 @@ bwd 206 / 286 / 334 / 360, 1.04-1.21x.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -534,48 +535,62 @@ def _forward(q, k, v, row_start, max_seqlen: int, scale: float):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
         tokens, heads, heads // k.shape[1], _bucket(max_seqlen),
     )  # fmt: skip
-    meta = dict(
-        HEAD_DIM=head_dim,
-        BLOCK_D=_block_d(head_dim),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    _launch("fwd", _fwd_kernel, grid, args, head_dim, _bucket(max_seqlen), **meta)
+    _launch("fwd", _fwd_kernel, grid, args, head_dim, _bucket(max_seqlen), **_meta(q))
     return out, lse
 
 
-@on_tensor_device
-def _backward(do, q, k, v, out, lse, row_start, cu_seqlens, max_seqlen: int, scale: float):
-    tokens, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    dq = _empty((tokens, heads, head_dim), q.dtype, q.device)
-    dk = _empty((tokens, kv_heads, head_dim), k.dtype, k.device)
-    dv = _empty((tokens, kv_heads, head_dim), v.dtype, v.device)
-    if tokens == 0:
-        return dq, dk, dv
-    delta = _empty((heads, tokens), torch.float32, q.device)
-    num_docs = cu_seqlens.numel() - 1
-    bucket = _bucket(max_seqlen)
-    meta = dict(
+def _meta(q: torch.Tensor) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    group = heads // kv_heads
+
+
+@on_tensor_device
+def _dq_pass(do, q, k, v, out, lse, row_start, max_seqlen: int, scale: float):
+    """The backward's first launch: dQ, and delta = rowsum(dO * O) (heads, tokens) fp32 for the
+    dK/dV launch. tokens > 0."""
+    tokens, heads, head_dim = q.shape
+    dq = _empty((tokens, heads, head_dim), q.dtype, q.device)
+    delta = _empty((heads, tokens), torch.float32, q.device)
+    bucket = _bucket(max_seqlen)
     dq_args = (
         q, k, v, out, do, dq, lse, delta, row_start, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
-        lse.stride(0), tokens, heads, group, bucket,
+        lse.stride(0), tokens, heads, heads // k.shape[1], bucket,
     )  # fmt: skip
     dq_grid = lambda m: (triton.cdiv(tokens, m["BLOCK_M"]) * heads,)
-    _launch("dq", _dq_kernel, dq_grid, dq_args, head_dim, bucket, **meta)
+    _launch("dq", _dq_kernel, dq_grid, dq_args, head_dim, bucket, **_meta(q))
+    return dq, delta
+
+
+@on_tensor_device
+def _dkdv_pass(do, q, k, v, lse, delta, cu_seqlens, max_seqlen: int, scale: float):
+    """The backward's second launch: dK and dV, each KV head's summed over its query heads."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    dk = _empty((tokens, kv_heads, head_dim), k.dtype, k.device)
+    dv = _empty((tokens, kv_heads, head_dim), v.dtype, v.device)
+    num_docs = cu_seqlens.numel() - 1
+    bucket = _bucket(max_seqlen)
     dkdv_args = (
         q, k, v, do, dk, dv, lse, delta, cu_seqlens, num_docs, _search_steps(num_docs),
         scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), tokens, kv_heads, group, bucket,
+        lse.stride(0), tokens, kv_heads, heads // kv_heads, bucket,
     )  # fmt: skip
     dkdv_grid = lambda m: (triton.cdiv(tokens, m["BLOCK_N"]) * kv_heads,)
-    _launch("dkdv", _dkdv_kernel, dkdv_grid, dkdv_args, head_dim, bucket, **meta)
+    _launch("dkdv", _dkdv_kernel, dkdv_grid, dkdv_args, head_dim, bucket, **_meta(q))
+    return dk, dv
+
+
+def _backward(do, q, k, v, out, lse, row_start, cu_seqlens, max_seqlen: int, scale: float):
+    if q.shape[0] == 0:
+        return tuple(_empty(x.shape, x.dtype, x.device) for x in (q, k, v))
+    dq, delta = _dq_pass(do, q, k, v, out, lse, row_start, max_seqlen, scale)
+    dk, dv = _dkdv_pass(do, q, k, v, lse, delta, cu_seqlens, max_seqlen, scale)
     return dq, dk, dv
 
 
@@ -698,3 +713,46 @@ def attention_padded(
         return res.view(batch, seq, heads, head_dim)
     out, lse = res
     return out.view(batch, seq, heads, head_dim), lse.view(heads, batch, seq).transpose(0, 1)
+
+
+def backward_launches(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dout: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> tuple[Callable[[], tuple], Callable[[], tuple]]:
+    """The backward's two launches as separate calls, for benchmarks and profiles (`attention`'s
+    backward runs both; its time alone does not say which kernel to work on).
+
+    Shapes as for `attention`; dout: (tokens, heads, head_dim). Runs the forward and the dQ
+    launch once here, because the dK/dV launch reads the dQ launch's delta; then returns
+    `dq_launch()` -> (dq, delta) and `dkdv_launch()` -> (dk, dv), each running its kernel alone
+    on the same inputs. Triton path only: CUDA tensors, or CPU under TRITON_INTERPRET=1.
+    """
+    _check(q, k, v, cu_seqlens)
+    if not use_triton(q):
+        raise ValueError(
+            "kernels.attention.backward_launches: times the Triton kernels, so it needs CUDA "
+            "tensors (or TRITON_INTERPRET=1 on CPU)"
+        )
+    if q.shape[0] == 0 or dout.shape != q.shape:
+        raise ValueError(
+            f"kernels.attention.backward_launches: expected at least one token and dout shaped "
+            f"like q {tuple(q.shape)}; got dout {tuple(dout.shape)}"
+        )
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    row_start = _doc_starts(cu, q.shape[0])
+    out, lse = _forward(q, k, v, row_start, max_seqlen, scale)
+    _, delta = _dq_pass(dout, q, k, v, out, lse, row_start, max_seqlen, scale)
+
+    def dq_launch() -> tuple:
+        return _dq_pass(dout, q, k, v, out, lse, row_start, max_seqlen, scale)
+
+    def dkdv_launch() -> tuple:
+        return _dkdv_pass(dout, q, k, v, lse, delta, cu, max_seqlen, scale)
+
+    return dq_launch, dkdv_launch

@@ -124,3 +124,52 @@ def test_rotary_bytes_same_both_passes(dtype_bytes):
     """Rotary's backward is the same rotation: the same bytes either way."""
     a = rotary_bytes(3, 2, 1, 8, dtype_bytes, False)
     assert a == rotary_bytes(3, 2, 1, 8, dtype_bytes, True) == 2 * 3 * 3 * 8 * dtype_bytes + 24
+
+
+class _Caller(_Recorder):
+    """A _Recorder that also runs the measured call once (no timing)."""
+
+    def measure(self, row, fn, pass_, refs, inputs, dout=None):
+        self.rows.append(row)
+        return [fn(*inputs)]
+
+
+def test_attention_kernel_rows_count_each_kernels_matmuls(monkeypatch):
+    """The backward's kernels timed apart: dQ runs QK^T, dO V^T and dS K (1.5x the forward's
+    FLOPs), dK/dV runs QK^T, dO V^T, P^T dO and dS^T Q (2x); each row runs its own launch
+    over the flattened batch with one document per sequence. A failure to set them up is
+    reported on both rows, not raised into the other attention rows."""
+    import torch
+
+    import kernels._triton
+    import kernels.attention
+
+    calls = []
+
+    def fake_launches(q, k, v, cu, max_seqlen, do):
+        calls.append((q.shape, k.shape, cu.tolist(), max_seqlen, do.shape))
+        return (lambda: "dq"), (lambda: "dkdv")
+
+    monkeypatch.setattr(kernels._triton, "use_triton", lambda x: True)
+    monkeypatch.setattr(kernels.attention, "backward_launches", fake_launches)
+    q = torch.zeros(2, 8, 4, 16)
+    k = torch.zeros(2, 8, 2, 16)
+    b = _Caller()
+    bench_attention.kernel_rows(b, q, k, k, "B2 S8", "bf16", 1000.0)
+    assert calls == [((16, 4, 16), (16, 2, 16), [0, 8, 16], 8, (16, 4, 16))]
+    assert [(r.op, r.pass_, r.impl, r.flops) for r in b.rows] == [
+        ("attn_kernels", "dq", "ours", 1500.0),
+        ("attn_kernels", "dkdv", "ours", 2000.0),
+    ]
+
+    def broken(*args):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(kernels.attention, "backward_launches", broken)
+    b = _Caller()
+    bench_attention.kernel_rows(b, q, k, k, "B2 S8", "bf16", 1000.0)
+    assert [r.error for r in b.rows] == ["RuntimeError: no kernel"] * 2
+    monkeypatch.setattr(kernels._triton, "use_triton", lambda x: False)
+    b = _Caller()
+    bench_attention.kernel_rows(b, q, k, k, "B2 S8", "bf16", 1000.0)
+    assert b.rows == []

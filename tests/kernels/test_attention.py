@@ -218,6 +218,31 @@ def test_backward_is_deterministic(device, seed):
         assert torch.equal(a, b)
 
 
+def test_backward_launches_reproduce_the_backward(device, seed, monkeypatch):
+    """bench_attention times the backward's two kernels apart (`backward_launches`): each
+    launch alone gives its share of the autograd backward bit for bit, and delta is
+    rowsum(dO * O) per head."""
+    lens = [70, 1, 33]
+    q, k, v = _inputs(sum(lens), 4, 2, 32, torch.float16, device)
+    cu = _cu(lens, device)
+    do = torch.randn(sum(lens), 4, 32, dtype=torch.float16, device=device)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = attention(*leaves, cu, max(lens))
+    out.backward(do)
+    dq_launch, dkdv_launch = attn.backward_launches(q, k, v, cu, max(lens), do)
+    dq, delta = dq_launch()
+    dk, dv = dkdv_launch()
+    for got, want in zip((dq, dk, dv), (x.grad for x in leaves)):
+        assert torch.equal(got, want)
+    want_delta = (do.float() * out.detach().float()).sum(-1).T
+    torch.testing.assert_close(delta, want_delta, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="dout shaped like q"):
+        attn.backward_launches(q, k, v, cu, max(lens), do[:, :2])
+    monkeypatch.setattr(attn, "use_triton", lambda x: False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        attn.backward_launches(q, k, v, cu, max(lens), do)
+
+
 def test_rejects_bad_input(device):
     cu = _cu([8], device)
     q = torch.randn(8, 2, 24, device=device)
