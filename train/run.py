@@ -63,7 +63,7 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
             history.append({"type": "eval", "iteration": it, "dataset": name, **res})
 
     stop = None
-    if trainer.iteration >= loop.train_iters:
+    if trainer.iteration >= loop.train_iters and telemetry is not None:
         log(f" iteration {trainer.iteration} already reaches --train_iters {loop.train_iters}: "
             "nothing to train (raise --train_iters to go on)")  # fmt: skip
     while trainer.iteration < loop.train_iters:
@@ -162,7 +162,8 @@ def _run_training(rc: RunConfig, dims: ParallelDims, trainer: Trainer, train_loa
             if rc.ckpt.save:
                 again = f"--load {rc.ckpt.save}" + (" --no_finetune" if rc.ckpt.finetune else "")
                 resume = f"; resume with {again}"
-            log(f" exiting at iteration {it}: {stop}{resume}")
+            if telemetry is not None:
+                log(f" exiting at iteration {it}: {stop}{resume}")
             break
     for path in profiler.finish(trainer.iteration):  # a window cut short by the run's end
         log(f" profile of rank {dims.rank} written: {path}")

@@ -434,11 +434,22 @@ def test_a_rank_state_that_is_not_an_object_is_refused(tmp_path):
 # the loop (train/run.py), over scripted steps and a clock that only the steps move
 
 
+class _Telemetry:
+    """The logging rank's Telemetry, minus the files: records what would be written."""
+
+    def __init__(self):
+        self.records = []
+
+    def record(self, kind, it, row, section):
+        self.records.append((kind, it))
+
+
 def _scripted(extra: list[str], tmp_path, monkeypatch, *, save=True, skip_at=(), evals=True,
-              rc_change=None, load_at=0, on_step=None):  # fmt: skip
+              rc_change=None, load_at=0, on_step=None, logging=True):  # fmt: skip
     """run_training over scripted steps (loss 10 x iteration; skipped at `skip_at`), each of
-    which takes exactly one second of a fake clock: timings in the rows are exact.
-    Returns (trainer, history, saved iterations, evaluated iterations, stdout lines)."""
+    which takes exactly one second of a fake clock: timings in the rows are exact. logging:
+    run as the logging rank (a telemetry stand-in) or as any other rank (None).
+    Returns (trainer, history, saved iterations, evaluated iterations)."""
     rc, dims, tok = tiny_run(extra, tmp_path if save else None)
     if rc_change:
         rc.ckpt = dataclasses.replace(rc.ckpt, **rc_change)
@@ -467,8 +478,24 @@ def _scripted(extra: list[str], tmp_path, monkeypatch, *, save=True, skip_at=(),
     trainer.save = lambda state: saved.append(trainer.iteration)
     trainer.evaluate = evaluate
     history = run_training(rc, dims, trainer, SyntheticLoader(2, 64, 1),
-                           {"all": list} if evals else {}, None)  # fmt: skip
+                           {"all": list} if evals else {},
+                           _Telemetry() if logging else None)  # fmt: skip
     return trainer, history, saved, evaluated
+
+
+def test_only_the_logging_rank_prints_the_loop_s_lines(tmp_path, monkeypatch, capsys):
+    """Every rank runs the loop; only the logging rank (the one with telemetry) prints, so an
+    exit or a finished run's "nothing to train" reads once, not once per rank."""
+    _scripted(["--train_iters", "9", "--exit_interval", "2", "--log_interval", "1"], tmp_path,
+              monkeypatch, logging=False)  # fmt: skip
+    _scripted(["--train_iters", "2"], tmp_path, monkeypatch, load_at=2, logging=False)
+    assert capsys.readouterr().out == ""
+    _scripted(["--train_iters", "9", "--exit_interval", "2", "--log_interval", "1"], tmp_path,
+              monkeypatch)  # fmt: skip
+    _scripted(["--train_iters", "2"], tmp_path, monkeypatch, load_at=2)
+    out = capsys.readouterr().out
+    assert out.count("exiting at iteration 2") == 1 and out.count("nothing to train") == 1
+    assert out.count(" iteration        1/       9 |") == 1, out
 
 
 def test_without_save_interval_only_the_last_iteration_is_saved(tmp_path, monkeypatch):
