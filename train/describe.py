@@ -46,7 +46,9 @@ def megatron_differences(ns, prefix: str, valid: str | None, global_bs: int,
         out.append(
             f"--packing: a step is {global_bs} samples (Megatron-LLM's one padded sample per "
             f"row), packed into as many rows of {ns.seq_length} tokens as they fill: the same "
-            "samples and epochs, without the padding's compute"
+            "samples and epochs, without the padding's compute; so a step runs the micro-batches "
+            f"of {ns.micro_batch_size} rows those rows need, fewer than [loop] num_microbatches "
+            "(the unpacked count, an upper bound) when samples are short"
         )
     epochs = _epochs_line(prefix, ns.seq_length, by_rows, rows)
     if epochs is not None:
