@@ -45,6 +45,35 @@ def poisoned_empty(*shape, dtype, device) -> torch.Tensor:
     return poison(torch.empty(*shape, dtype=dtype, device=device))
 
 
+def framed(rows: int, cols: int, dtype, device, like: torch.Tensor | None = None, edge=None):
+    """(buffer, view): a (rows, cols) view at the front of a (rows + 1, cols + 5) buffer whose
+    rest (a band after each row, a row after the last) holds `edge`. The view holds `like`, or
+    NaN for an output. Inputs take the default edge, NaN, so a read past a row's end or past the
+    last row shows up in the result; outputs take a finite edge, so that `frame_intact` sees any
+    write there, a NaN read from an input's frame included. `view[0]` of a one-row frame is a
+    1-D buffer with the edge behind its end."""
+    buf = poisoned_empty(rows + 1, cols + 5, dtype=dtype, device=device)
+    if edge is not None:
+        buf.fill_(edge)
+    view = buf[:rows, :cols]
+    if like is None:
+        poison(view)
+    else:
+        view.copy_(like.reshape(rows, cols))
+    return buf, view
+
+
+OUT_EDGE = -777.0  # the `edge` of an output's frame: a value no kernel here writes
+
+
+def frame_intact(buf: torch.Tensor, rows: int, cols: int, edge=None) -> bool:
+    """Every element of `framed`'s buffer outside its (rows, cols) view still holds `edge`."""
+    outside = torch.ones(buf.shape, dtype=torch.bool, device=buf.device)
+    outside[:rows, :cols] = False
+    rest = buf[outside]
+    return bool((rest.isnan() if edge is None else rest == edge).all())
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

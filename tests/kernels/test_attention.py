@@ -18,7 +18,7 @@ import torch
 import kernels.attention as attn
 from kernels import reference
 from kernels.attention import attention, attention_padded
-from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+from tests.kernels.conftest import ATOL, OUT_EDGE, assert_close_to_ref, poisoned_empty
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -328,3 +328,61 @@ def test_every_candidate_cuda(kind, head_dim, monkeypatch, seed):
     for spec in attn._CANDIDATES[kind][dclass]:
         _force(monkeypatch, {kind: spec})
         _check_against_reference(q, k, v, _cu(lens, "cuda"), max(lens))
+
+
+@pytest.mark.parametrize("lens", [[2, 157, 31, 97], [1, 94, 33, 126]], ids=str)
+def test_document_edges_off_the_block_grid(device, lens, seed):
+    """Documents starting and ending one or two tokens past a key or query block edge (2, 33;
+    ends 159, 287, 95 = -1 mod 32), long enough that blocks inside them take the unmasked path:
+    the last unmasked key block must end at the diagonal, and a key block's unmasked queries at
+    its document's end, exactly."""
+    q, k, v = _inputs(sum(lens), 2, 1, 32, torch.float32, device)
+    _check_against_reference(q, k, v, _cu(lens, device), max(lens))
+
+
+# Keys past the last token load as 0 and score 0 against an LSE of about -360: exp2 overflows
+# in those lanes (numpy warns under the interpreter) before the mask sets them to 0.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_scores_far_below_zero(device, seed):
+    """Every key scores about -360 (-520 in log2 units) against every query: the online softmax
+    must shift by the running row max, not by a fixed start of 0 (exp2 would underflow to 0/0)."""
+    tokens, head_dim = 100, 32
+    u = torch.randn(head_dim, device=device)
+    u = 6.0 * u / u.norm()
+    q = u + 0.05 * torch.randn(tokens, 2, head_dim, device=device)
+    k = -u + 0.05 * torch.randn(tokens, 1, head_dim, device=device)
+    v = torch.randn(tokens, 1, head_dim, device=device)
+    cu = _cu([60, 40], device)
+    # Forward only: at |scores| ~ 360 the backward's recomputation of P from the saved LSE is
+    # ill-conditioned in fp32 (relative error ~ |LSE| * eps), beyond the pass rule's allowance.
+    out, lse = attention(q, k, v, cu, 60, softmax_scale=10.0, return_lse=True)
+    do = torch.zeros_like(out)
+    ref = _reference(q, k, v, do, cu, 10.0, accurate=True)
+    lowp = _reference(q, k, v, do, cu, 10.0, accurate=False)
+    for name, a, r, lp in zip(("out", "lse"), (out, lse), ref, lowp):
+        atol = ATOL[torch.float32] * max(1.0, r.abs().max().item())
+        assert_close_to_ref(a, r, lp, atol=atol, name=name)
+
+
+def test_no_write_past_any_buffer(device, monkeypatch, seed):
+    """Every buffer the kernels write (row starts, out, lse, delta, dq, dk, dv) is the front of a
+    longer allocation whose rest holds a sentinel; it must come back untouched, even where a
+    kernel stores NaN. (A store past the end can land in a tensor the caching allocator placed
+    next to it.) The guard is as long as the buffer: no block runs further past the end."""
+    guarded = []
+
+    def empty(shape, dtype, device):
+        n = math.prod(shape)
+        buf = poisoned_empty(2 * n + 4096, dtype=dtype, device=device)
+        buf[n:] = OUT_EDGE if dtype.is_floating_point else 777
+        guarded.append((buf, n))
+        return buf[:n].view(shape)
+
+    monkeypatch.setattr(attn, "_empty", empty)
+    lens = [37, 1, 93]  # 131 tokens: the last block of every kernel runs past the end
+    q, k, v = _inputs(sum(lens), 4, 2, 48, torch.float32, device)
+    _check_against_reference(q, k, v, _cu(lens, device), max(lens))
+    assert len(guarded) >= 7
+    for buf, n in guarded:
+        sentinel = OUT_EDGE if buf.is_floating_point() else 777
+        assert (buf[n:] == sentinel).all(), f"a store past the end of a {buf.dtype} buffer of {n}"

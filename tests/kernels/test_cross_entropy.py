@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from kernels import reference
 from kernels.cross_entropy import ce_grad, ce_stats
 from parallel.cross_entropy import cross_entropy
-from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+from tests.kernels.conftest import (
+    ATOL,
+    OUT_EDGE,
+    assert_close_to_ref,
+    frame_intact,
+    framed,
+    poisoned_empty,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (tokens, local columns, real columns, shard start): odd sizes; Llama-2's vocabulary padded to
@@ -145,3 +152,35 @@ def test_reference_shards_combine_to_the_full_loss_at_every_shard_edge():
     picked = sum(st[2] for st in stats)
     want = F.cross_entropy(logits[:, :vocab], labels, reduction="none")
     torch.testing.assert_close(s.log() + m - picked, want)
+
+
+def test_shard_edges_masked_steps_and_nan_frames(device):
+    """Labels on both sides of both edges of the shard [start, start + local), the next shard's
+    first id among them (not this shard's: picked 0); rows whose first steps are all -inf (the
+    running max stays -inf for a whole step, as under a vocabulary mask); logits and gradient
+    in NaN frames (conftest.framed): no read or write past a row, in every candidate and with
+    32-column steps."""
+    from kernels import cross_entropy as ce_mod
+
+    tokens, local, start = 6, 100, 300
+    g = torch.Generator().manual_seed(41)
+    logits = torch.randn(tokens, local, generator=g) * 4
+    logits[:2, :70] = float("-inf")
+    labels = torch.tensor([start + 80, start + local - 1, start - 1, start + local, start, 0])
+    dloss = torch.rand(tokens, generator=g) + 0.5
+    logits, labels, dloss = logits.to(device), labels.to(device), dloss.to(device)
+    frame, view = framed(tokens, local, torch.float32, device, logits)
+    rm, rs, rp = reference.ce_stats(logits, labels, start, local)
+    for cfg in [*ce_mod.candidates_stats(local), ce_mod.StatsConfig(32, 4)]:
+        out = tuple(poisoned_empty(tokens, dtype=torch.float32, device=device) for _ in range(3))
+        m, s, picked = ce_stats(view, labels, start, local, out=out, cfg=cfg)
+        torch.testing.assert_close(m, rm, rtol=0, atol=0, msg=str(cfg))
+        torch.testing.assert_close(s, rs, rtol=1e-5, atol=0, msg=str(cfg))
+        torch.testing.assert_close(picked, rp, rtol=0, atol=0, msg=str(cfg))
+    want = reference.ce_grad(logits, labels, start, local, rm, rs, dloss)
+    for cfg in ce_mod.candidates_grad(local):
+        gframe, grad = framed(tokens, local, torch.float32, device, edge=OUT_EDGE)
+        ce_grad(view, labels, start, local, rm, rs, dloss, grad=grad, cfg=cfg)
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=str(cfg))
+        assert frame_intact(gframe, tokens, local, OUT_EDGE), cfg
+    assert frame_intact(frame, tokens, local)

@@ -8,7 +8,14 @@ import torch
 from kernels import reference
 from kernels import rmsnorm as rms_mod
 from kernels.rmsnorm import _rmsnorm_bwd, _rmsnorm_fwd, rmsnorm
-from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+from tests.kernels.conftest import (
+    ATOL,
+    OUT_EDGE,
+    assert_close_to_ref,
+    frame_intact,
+    framed,
+    poisoned_empty,
+)
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -198,3 +205,35 @@ def test_tuned_table_overrides_heuristic(monkeypatch):
     entries[("rmsnorm_fwd", "hidden=4096")] = {"warps": 8, "block": 64}
     with pytest.warns(UserWarning, match="rmsnorm_fwd.*unknown parameter.*block"):
         assert rms_mod._fwd_config(4096, cuda) == rms_mod.FwdConfig(8, 1)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-block", "chunked"])
+def test_nothing_read_or_written_outside_the_rows(device, chunked, monkeypatch):
+    """Every tensor, read or written, sits in a NaN frame (a band after each row, a row after the
+    last, a tail after each vector): a masked load that reaches one column or row too far reads
+    NaN, a store that does writes into the frame, in every tuning candidate. `chunked` shrinks
+    the register limits as test_wide_rows_chunked does (column chunks and the row-dot kernel)."""
+    if chunked:
+        monkeypatch.setattr(rms_mod, "_MAX_FWD_BLOCK", 64)
+        monkeypatch.setattr(rms_mod, "_MAX_BWD_BLOCK", 64)
+        monkeypatch.setattr(rms_mod, "_CHUNK", 32)
+    rows, hidden, dtype = 5, 123, torch.float32
+    x, w, dy = _inputs((rows, hidden), dtype, device, seed=23)
+    (xb, xv), (dyb, dyv) = (framed(rows, hidden, dtype, device, t) for t in (x, dy))
+    wb, wv = framed(1, hidden, dtype, device, w)
+    for cfg in rms_mod.candidates_fwd(hidden):
+        yb, y = framed(rows, hidden, dtype, device, edge=OUT_EDGE)
+        rb, rstd = framed(1, rows, torch.float32, device, edge=OUT_EDGE)
+        _rmsnorm_fwd(xv, wv[0], EPS, out=y, rstd=rstd[0], cfg=cfg)
+        _check(("y",), (y,), x, w, dy)
+        assert frame_intact(yb, rows, hidden, OUT_EDGE), cfg
+        assert frame_intact(rb, 1, rows, OUT_EDGE), cfg
+    for cfg in rms_mod.candidates_bwd(hidden):
+        dxb, dx = framed(rows, hidden, dtype, device, edge=OUT_EDGE)
+        dwb, dw = framed(1, hidden, dtype, device, edge=OUT_EDGE)
+        _rmsnorm_bwd(dyv, xv, wv[0], rstd[0], dx=dx, dweight=dw[0], cfg=cfg)
+        _check((None, "dx", "dweight"), (None, dx, dw[0]), x, w, dy)
+        assert frame_intact(dxb, rows, hidden, OUT_EDGE), cfg
+        assert frame_intact(dwb, 1, hidden, OUT_EDGE), cfg
+    for buf, r, c in ((xb, rows, hidden), (dyb, rows, hidden), (wb, 1, hidden)):
+        assert frame_intact(buf, r, c)

@@ -9,7 +9,14 @@ import torch
 from kernels import reference, tuning
 from kernels import rotary as rot_mod
 from kernels.rotary import _rotary_apply, rotary, rotary_cos_sin
-from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+from tests.kernels.conftest import (
+    ATOL,
+    OUT_EDGE,
+    assert_close_to_ref,
+    frame_intact,
+    framed,
+    poisoned_empty,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DOC_LENGTHS = (19, 1, 11, 6)  # packed documents: positions restart at 0 at each one
@@ -456,3 +463,30 @@ def test_reference_path_inplace(monkeypatch):
     q_out, k_out = rotary(q, k, positions, inplace=True)
     assert q_out is q and k_out is k
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
+
+
+def test_candidates_in_nan_frames_with_a_strided_table(device):
+    """q, k and both outputs in NaN frames (conftest.framed: a band after each token's heads, a
+    token after the last), 3 of 4 heads per tile and 12 of 16 frequencies: no candidate reads or
+    writes outside the tensors. The cos/sin table is a view with column stride 2 whose other
+    columns are NaN, so its column stride must be honoured."""
+    heads, kv_heads, head_dim = 3, 1, 24
+    tokens, theta, factor, dtype = 7, 10000.0, 2.0, torch.float32
+    table = torch.full((64, 2 * head_dim), float("nan"), device=device)[:, ::2]
+    table.copy_(rotary_cos_sin(64, head_dim, theta, factor, device))
+    positions = torch.tensor([5, 0, 1, 2, 63, 3, 9], device=device)
+    q, k, *_ = _case_inputs((heads, kv_heads, head_dim, 0, 0), dtype, device)
+    q, k = q[:tokens], k[:tokens]
+
+    def frame(t, like=None):  # an input's frame (NaN) when `like` is given, else an output's
+        edge = None if like is not None else OUT_EDGE
+        buf, view = framed(tokens, t.shape[1] * head_dim, dtype, device, like, edge)
+        return buf, view.view(tokens, t.shape[1], head_dim)
+
+    (qb, qv), (kb, kv) = frame(q, q), frame(k, k)
+    for cfg in rot_mod.candidates(heads, kv_heads, head_dim):
+        (qob, qo), (kob, ko) = frame(q), frame(k)
+        _rotary_apply(qv, kv, positions, theta, factor, q_out=qo, k_out=ko, cfg=cfg, cos_sin=table)
+        _check(("q_out", "k_out"), (qo, ko), q, k, q, k, positions, theta, factor)
+        for buf, t, edge in ((qob, q, OUT_EDGE), (kob, k, OUT_EDGE), (qb, q, None), (kb, k, None)):
+            assert frame_intact(buf, tokens, t.shape[1] * head_dim, edge), cfg

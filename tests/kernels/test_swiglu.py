@@ -7,7 +7,14 @@ import torch
 
 from kernels import reference
 from kernels.swiglu import _swiglu_bwd, _swiglu_fwd, swiglu
-from tests.kernels.conftest import ATOL, assert_close_to_ref, poisoned_empty
+from tests.kernels.conftest import (
+    ATOL,
+    OUT_EDGE,
+    assert_close_to_ref,
+    frame_intact,
+    framed,
+    poisoned_empty,
+)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (rows..., ffn): odd ffn, Llama-2 7B/13B/70B FFN sizes at 1-2 rows, a 3-D batch.
@@ -161,3 +168,30 @@ def test_tuned_table_per_pass(monkeypatch):
     cuda = torch.device("cuda", 0)  # only its type is read
     assert swiglu_mod._config(3584, cuda, backward=True) == swiglu_mod.Config(1024, 4)
     assert swiglu_mod._config(3584, cuda, backward=False) == swiglu_mod._heuristic(3584)
+
+
+@pytest.mark.parametrize("ffn", [1000, 2048])
+def test_every_candidate_in_a_nan_frame(device, ffn):
+    """Each tuning candidate on tensors in NaN frames (see conftest.framed): nothing read or
+    written past a row's end or the last row, at a ragged ffn (flat blocks span rows and the
+    last one runs past the last row) and at 2048, a multiple of every block (as Llama-3's 14336
+    is of 512, 1024 and 2048). Then a d(gate_up) with a column stride."""
+    from kernels import swiglu as swiglu_mod
+
+    rows, dtype = 3, torch.float32
+    gate_up, dout = _inputs((rows, ffn), dtype, device, seed=37)
+    gub, gu = framed(rows, 2 * ffn, dtype, device, gate_up)
+    db, dv = framed(rows, ffn, dtype, device, dout)
+    for cfg in swiglu_mod.candidates(ffn):
+        ob, out = framed(rows, ffn, dtype, device, edge=OUT_EDGE)
+        dgb, dgu = framed(rows, 2 * ffn, dtype, device, edge=OUT_EDGE)
+        swiglu_mod._swiglu_fwd(gu, out=out, cfg=cfg)
+        swiglu_mod._swiglu_bwd(dv, gu, dgate_up=dgu, cfg=cfg)
+        _check(out, dgu, gate_up, dout)
+        assert frame_intact(ob, rows, ffn, OUT_EDGE), cfg
+        assert frame_intact(dgb, rows, 2 * ffn, OUT_EDGE), cfg
+    assert frame_intact(gub, rows, 2 * ffn) and frame_intact(db, rows, ffn)
+    # d(gate_up) given with a column stride (a transposed buffer): dup's columns are strided too
+    dgu = poisoned_empty(2 * ffn, rows, dtype=dtype, device=device).t()
+    swiglu_mod._swiglu_bwd(dv, gu, dgate_up=dgu)
+    _check(None, dgu, gate_up, dout)
