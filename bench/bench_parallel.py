@@ -234,10 +234,16 @@ def gpu_rows(
                 row.error = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
     if "fwd+bwd" in measured and not cpu:
-        for r in rows[:2]:  # what link speed would make a layer's comm take as long as its compute
-            need = r.bytes / measured["fwd+bwd"] / 1e6
-            r.note += f"; {need:.0f} GB/s per GPU equals the measured layer time"
+        add_link_notes(rows[:2], measured["fwd+bwd"])
     return rows
+
+
+def add_link_notes(byte_rows: list[Row], layer_ms: float) -> None:
+    """On each communication row: the link speed at which that layer's communication would take
+    as long as its measured compute (bytes per ms / 1e6 = GB/s)."""
+    for r in byte_rows:
+        need = r.bytes / layer_ms / 1e6
+        r.note += f"; {need:.0f} GB/s per GPU equals the measured layer time"
 
 
 def main(argv: list[str] | None = None) -> int:

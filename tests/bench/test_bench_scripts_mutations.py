@@ -301,6 +301,13 @@ def test_tp_sp_bytes_of_the_seed_layout():
     assert rows[1].note.startswith("1120 MiB/GPU/layer, 80 layers: 87.5 GiB per micro-batch")
 
 
+def test_link_note_is_the_link_speed_matching_the_layer_time():
+    """896 MiB moved in a layer measured at 2.5 ms: 939,524,096 B / 2.5e-3 s = 375.8 GB/s."""
+    row = Row("comm", "s", "bf16", "fwd", "model", bytes=896 * MiB, note="bytes")
+    bench_parallel.add_link_notes([row], 2.5)
+    assert row.note == "bytes; 376 GB/s per GPU equals the measured layer time"
+
+
 def test_layer_flops_of_a_tp8_rank():
     """70B at TP 8: hidden 8192, 8 query heads + 1 KV head of 128, FFN 3584 local.
     GEMM parameters 8192 x 10 x 128 (wqkv) + 1024 x 8192 (wo) + 3 x 8192 x 3584 (w13, w2);
