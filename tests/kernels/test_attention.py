@@ -321,13 +321,16 @@ def test_dkdv_sixteen_query_steps(monkeypatch, seed):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_every_candidate_cuda(kind, head_dim, monkeypatch, seed):
     """Autotuning may pick any candidate on long sequences: each one is right in bf16 on a packed
-    batch with documents of 1 to 2314 tokens."""
-    lens = [1, 17, 64, 200, 1500, 2314]
+    batch with documents of 1 to 2314 tokens, and stores nothing past the end of a buffer (4133
+    tokens: every block size leaves the last block ragged)."""
+    lens = [1, 17, 64, 200, 1500, 2314, 37]
     q, k, v = _inputs(sum(lens), 8, 2, head_dim, torch.bfloat16, "cuda")
     dclass = 64 if head_dim <= 64 else 128
+    guarded = _guard_writes(monkeypatch)
     for spec in attn._CANDIDATES[kind][dclass]:
         _force(monkeypatch, {kind: spec})
         _check_against_reference(q, k, v, _cu(lens, "cuda"), max(lens))
+        _assert_no_write_past(guarded, spec)
 
 
 @pytest.mark.parametrize("lens", [[2, 157, 31, 97], [1, 94, 33, 126]], ids=str)
@@ -364,11 +367,12 @@ def test_scores_far_below_zero(device, seed):
         assert_close_to_ref(a, r, lp, atol=atol, name=name)
 
 
-def test_no_write_past_any_buffer(device, monkeypatch, seed):
-    """Every buffer the kernels write (row starts, out, lse, delta, dq, dk, dv) is the front of a
-    longer allocation whose rest holds a sentinel; it must come back untouched, even where a
-    kernel stores NaN. (A store past the end can land in a tensor the caching allocator placed
-    next to it.) The guard is as long as the buffer: no block runs further past the end."""
+def _guard_writes(monkeypatch) -> list:
+    """Make every buffer the kernels write (row starts, out, lse, delta, dq, dk, dv) the front of
+    a longer allocation whose rest holds a sentinel; `_assert_no_write_past` then checks that
+    rest. (A store past the end can land in a tensor the caching allocator placed next to it.)
+    The guard is as long as the buffer plus 4096 elements: no block runs further past the end.
+    Returns the list the (allocation, length) pairs are appended to."""
     guarded = []
 
     def empty(shape, dtype, device):
@@ -379,10 +383,25 @@ def test_no_write_past_any_buffer(device, monkeypatch, seed):
         return buf[:n].view(shape)
 
     monkeypatch.setattr(attn, "_empty", empty)
+    return guarded
+
+
+def _assert_no_write_past(guarded: list, what: object = "") -> None:
+    assert len(guarded) >= 7, f"{len(guarded)} guarded buffers: the kernels did not all run"
+    for buf, n in guarded:
+        sentinel = OUT_EDGE if buf.is_floating_point() else 777
+        assert (buf[n:] == sentinel).all(), (
+            f"a store past the end of a {buf.dtype} buffer of {n} {what}"
+        )
+    guarded.clear()
+
+
+def test_no_write_past_any_buffer(device, monkeypatch, seed):
+    """Nothing is stored past the end of any buffer the kernels write, even where a kernel
+    stores NaN (see _guard_writes); on CUDA every autotune candidate is checked the same way in
+    test_every_candidate_cuda."""
+    guarded = _guard_writes(monkeypatch)
     lens = [37, 1, 93]  # 131 tokens: the last block of every kernel runs past the end
     q, k, v = _inputs(sum(lens), 4, 2, 48, torch.float32, device)
     _check_against_reference(q, k, v, _cu(lens, device), max(lens))
-    assert len(guarded) >= 7
-    for buf, n in guarded:
-        sentinel = OUT_EDGE if buf.is_floating_point() else 777
-        assert (buf[n:] == sentinel).all(), f"a store past the end of a {buf.dtype} buffer of {n}"
+    _assert_no_write_past(guarded)
