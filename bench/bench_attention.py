@@ -206,16 +206,25 @@ def speed_rows(b: _Bench, quick: bool) -> None:
                 )
                 ours = b.measure(row, attention_padded, pass_, None, [q, k, v])
                 if pass_ == "bwd" and ours is not None and (cpu or seq >= 4096):
-                    kernel_rows(
-                        b, q, k, v, shape, dt, attn_flops([seq] * batch, heads, HEAD_DIM, "fwd")
-                    )
+                    fwd_flops = attn_flops([seq] * batch, heads, HEAD_DIM, "fwd")
+                    # on CPU these rows run the kernels in the interpreter, not the reference
+                    kdt = "bf16 (interpreter)" if cpu else dt
+                    kernel_rows(b, q, k, v, shape, kdt, fwd_flops)
                 if not cpu:
                     base = Row("attn", shape, dt, pass_, "sdpa_flash", flops=flops, note=note)
                     b.measure(base, lambda q, k, v: _sdpa(q, k, v, gqa), pass_, ours, [q, k, v])
             del q, k, v
 
 
-def kernel_rows(b: _Bench, q, k, v, shape: str, dt: str, fwd_flops: float) -> None:
+def kernel_rows(
+    b: _Bench,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: str,
+    dt: str,
+    fwd_flops: float,
+) -> None:
     """The backward's two kernels timed apart (op "attn_kernels"; no goals): where the
     backward's time goes. Each row counts the matmuls its kernel runs, recomputation included,
     so its TFLOP/s is that kernel's own rate: dQ recomputes QK^T and dO V^T, then dS K (1.5x

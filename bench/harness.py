@@ -134,7 +134,7 @@ class Row:
     op: str
     shape: str
     dtype: str
-    pass_: str  # 'fwd' | 'bwd' | 'step'
+    pass_: str  # 'fwd' | 'bwd' | 'step', or a kernel of a pass (attn_kernels: 'dq', 'dkdv')
     impl: str
     ms: float | None = None
     ms_p20: float | None = None

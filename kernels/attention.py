@@ -618,8 +618,7 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check(q, k, v, cu_seqlens) -> None:
-    where = "kernels.attention.attention"
+def _check(q, k, v, cu_seqlens, where: str = "kernels.attention.attention") -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"{where}: expected q (tokens, heads, head_dim) and k, v (tokens, kv_heads, head_dim); "
@@ -732,16 +731,22 @@ def backward_launches(
     `dq_launch()` -> (dq, delta) and `dkdv_launch()` -> (dk, dv), each running its kernel alone
     on the same inputs. Triton path only: CUDA tensors, or CPU under TRITON_INTERPRET=1.
     """
-    _check(q, k, v, cu_seqlens)
+    where = "kernels.attention.backward_launches"
+    _check(q, k, v, cu_seqlens, where)
     if not use_triton(q):
         raise ValueError(
-            "kernels.attention.backward_launches: times the Triton kernels, so it needs CUDA "
-            "tensors (or TRITON_INTERPRET=1 on CPU)"
+            f"{where}: times the Triton kernels, so it needs CUDA tensors (or TRITON_INTERPRET=1 "
+            "on CPU)"
         )
     if q.shape[0] == 0 or dout.shape != q.shape:
         raise ValueError(
-            f"kernels.attention.backward_launches: expected at least one token and dout shaped "
-            f"like q {tuple(q.shape)}; got dout {tuple(dout.shape)}"
+            f"{where}: expected at least one token and dout shaped like q {tuple(q.shape)}; got "
+            f"dout {tuple(dout.shape)}"
+        )
+    if dout.dtype != q.dtype or dout.device != q.device:
+        raise ValueError(
+            f"{where}: dout is {dout.dtype} on {dout.device}; q is {q.dtype} on {q.device}: give "
+            "dout the same dtype and device"
         )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cu = cu_seqlens.to(torch.int32).contiguous()

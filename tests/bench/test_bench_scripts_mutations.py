@@ -419,7 +419,9 @@ def test_pipeline_worker_rows(tmp_path):
     assert len(row["measured_bubble_per_rank"]) == 2
     for idle in row["measured_bubble_per_rank"]:
         busy_ms = (1 - idle) * row["step_ms"]
-        assert 96.0 * 0.98 <= busy_ms <= 96.0 * 1.4, row
+        # up to 1.7x: 16 sleeps a rank may each overshoot on a loaded machine; a chunk time
+        # not divided by v would double it
+        assert 96.0 * 0.98 <= busy_ms <= 96.0 * 1.7, row
     assert row["message_latency_ms"] > 0
 
 
@@ -593,7 +595,8 @@ def test_attention_speed_rows_time_the_kernels_after_the_backward(monkeypatch):
     b = _Timed({"ours": 1.0}, result=["the gradients"])
     bench_attention.speed_rows(b, quick=True)
     fwd = 2 * 4 * 4 * 128 * 128**2 / 2  # B2 S128 H4 D128, causal
-    assert calls == [(["fwd", "bwd"], "B2 S128 H4/2 D128", "bf16 (cpu ref)", fwd)]
+    # on CPU the kernel rows exist only under the interpreter, and say so
+    assert calls == [(["fwd", "bwd"], "B2 S128 H4/2 D128", "bf16 (interpreter)", fwd)]
     assert [r.dtype for r in b.rows] == ["bf16 (cpu ref)"] * 2
 
 

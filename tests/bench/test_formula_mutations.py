@@ -131,6 +131,7 @@ class _Caller(_Recorder):
 
     def measure(self, row, fn, pass_, refs, inputs, dout=None):
         self.rows.append(row)
+        self.ran = [*getattr(self, "ran", []), (row.pass_, fn(*inputs))]
         return [fn(*inputs)]
 
 
@@ -161,6 +162,7 @@ def test_attention_kernel_rows_count_each_kernels_matmuls(monkeypatch):
         ("attn_kernels", "dq", "ours", 1500.0),
         ("attn_kernels", "dkdv", "ours", 2000.0),
     ]
+    assert b.ran == [("dq", "dq"), ("dkdv", "dkdv")]  # each row times its own launch
 
     def broken(*args):
         raise RuntimeError("no kernel")

@@ -111,3 +111,18 @@ def test_a_split_without_samples_or_unreadable_has_no_epoch_note(tmp_path, monke
         monkeypatch.setattr(indexed.IndexedDataset, "__init__", unreadable)
     notes = "\n".join(_resolve(2, "--data_path", prefix).notes)
     assert "epochs of its" not in notes and "lr(s - 1)" in notes
+
+
+def test_the_packing_note_names_the_micro_batch_upper_bound():
+    """Packed samples fill fewer rows than samples: the note says that [loop] num_microbatches
+    (64 / (2 x DP 1) = 32 here) is the unpacked count, an upper bound, and the micro-batch size
+    in rows."""
+    rc = _resolve(1)
+    notes = "\n".join(rc.notes)
+    assert rc.loop.num_microbatches == 32
+    assert (
+        "the micro-batches of 2 rows those rows need, fewer than [loop] num_microbatches" in notes
+    )
+    assert "(the unpacked count, an upper bound)" in notes
+    rc = _resolve(1, "--no-packing")
+    assert "num_microbatches" not in "\n".join(rc.notes)
