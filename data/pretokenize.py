@@ -454,6 +454,16 @@ def check_output_dir(mix: MixConfig) -> bool:
     """Refuse an output_dir that is a file or holds another mix's outputs (stats.json and
     special_tokens.json are not prefixed, so they would be replaced). True when it holds this
     mix's previous outputs, which a successful run replaces as a whole."""
+    try:
+        return _check_output_dir(mix)
+    except OSError as e:  # e.g. a name too long: even asking whether the path exists fails
+        raise DataError(
+            f"output_dir {mix.output_dir} of mix {mix.name!r}: cannot use it "
+            f"({e.strerror or repr(e)}): set another output_dir (or --output-dir)"
+        ) from e
+
+
+def _check_output_dir(mix: MixConfig) -> bool:
     out = mix.output_dir
     if out.exists() and not out.is_dir():
         raise DataError(

@@ -728,3 +728,16 @@ def test_output_dir_without_write_permission_is_refused_before_tokenizing(tmp_pa
         with pytest.raises(DataError, match=f"no permission to write into {re.escape(str(where))}"):
             pre.check_output_dir(mix)
     assert pre.check_output_dir(SimpleNamespace(name="m", output_dir=tmp_path / "free")) is False
+
+
+def test_output_dir_whose_name_is_too_long_is_refused_with_the_flag(tmp_path):
+    """Even asking whether a 300-character name exists fails (ENAMETOOLONG): the error names the
+    mix, the output_dir and the flag, not only the OS's text."""
+    from types import SimpleNamespace
+
+    import data.pretokenize as pre
+    from data.errors import DataError
+
+    mix = SimpleNamespace(name="m", output_dir=tmp_path / ("a" * 300) / "m")
+    with pytest.raises(DataError, match=r"of mix 'm': cannot use it \(File name too long\): set"):
+        pre.check_output_dir(mix)
