@@ -473,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out-dir", default=None, help="where the JSON and .md go (default bench/results)"
     )
     ap.add_argument(
+        "--log-dir",
+        default=None,
+        help="where each section's log goes (default: a new gpu_check_logs_* temporary folder; "
+        "with $OUT set they are also archived there)",
+    )
+    ap.add_argument(
         "--budget-s", type=float, default=TOTAL_BUDGET_S, help="whole-run budget in seconds"
     )
     ap.add_argument("--tests-path", default="tests", help="what pytest -m gpu runs")
@@ -524,9 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(tempfile.mkdtemp(prefix="gpu_check_smoke_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{card_slug(card)}"
-    logdir = Path(tempfile.mkdtemp(prefix="gpu_check_logs_"))
+    if args.log_dir:
+        logdir = Path(args.log_dir)
+        logdir.mkdir(parents=True, exist_ok=True)
+    else:
+        logdir = Path(tempfile.mkdtemp(prefix="gpu_check_logs_"))
     mode = "quick" if quick else "full"
     print(f"gpu_check: {card} ({device}), {mode} mode, budget {total_budget:.0f} s", flush=True)
+    print(f"gpu_check: section logs in {logdir}", flush=True)
 
     meta = {
         "date": date,
@@ -538,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_commit(),
         "versions": _versions(),
         "argv": sys.argv,
+        "log_dir": str(logdir),
         "budgets_s": {},
         "seconds": None,
     }

@@ -231,6 +231,8 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
             str(tmp_path / "test_fake_gpu.py"),
             "--test-shards",
             "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
         ]
     )
     out = capsys.readouterr().out
@@ -277,6 +279,11 @@ def test_gpu_check_sections_report_crashes_and_timeouts(tmp_path, monkeypatch, c
     with tarfile.open(archive) as tar:
         names = {Path(n).name for n in tar.getnames()}
     assert {"tests-0.log", "tests-1-junit.xml", "cut.log", "good-rows.json"} <= names
+    # --log-dir keeps them where it says (the default is a new temporary folder), and the
+    # results name that folder
+    assert doc["meta"]["log_dir"] == str(tmp_path / "logs")
+    assert names <= {p.name for p in (tmp_path / "logs").iterdir()} | {json_path.stem + "-logs"}
+    assert f"section logs in {tmp_path / 'logs'}" in out
     assert out.rstrip().splitlines()[-1].startswith("slow"), "the short table must come last"
 
 
@@ -340,7 +347,9 @@ def test_gpu_check_verdict_fits_the_device_tools_output_tail(tmp_path, monkeypat
     monkeypatch.setattr(harness, "format_summary", lambda rows: long_table)
     monkeypatch.setattr(gpu_check, "SECTIONS", [])
     monkeypatch.delenv("OUT", raising=False)
-    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path)])
+    rc = gpu_check.main(
+        ["--cpu-smoke", "--out-dir", str(tmp_path), "--log-dir", str(tmp_path / "logs")]
+    )
     out = capsys.readouterr().out
     tail = out[-12_000:]
     assert rc == 0 and "gpu_check ok in" in tail and "wrote " in tail, tail[:300]
@@ -375,7 +384,9 @@ def test_gpu_check_prints_its_table_when_the_results_cannot_be_written(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(gpu_check, "_save", no_space)
-    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path / "res")])
+    rc = gpu_check.main(
+        ["--cpu-smoke", "--out-dir", str(tmp_path / "res"), "--log-dir", str(tmp_path / "l1")]
+    )
     out = capsys.readouterr().out
     assert rc == 1 and "could not save the final results: [Errno 28]" in out
     assert out.rstrip().splitlines()[-1].startswith("fakeop"), out[-500:]
@@ -390,7 +401,9 @@ def test_gpu_check_prints_its_table_when_the_results_cannot_be_written(
         raise tarfile.TarError("broken")
 
     monkeypatch.setattr(gpu_check.tarfile, "open", broken_tar)
-    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path / "res2")])
+    rc = gpu_check.main(
+        ["--cpu-smoke", "--out-dir", str(tmp_path / "res2"), "--log-dir", str(tmp_path / "l2")]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "could not archive the logs into $OUT: broken" in out
     assert len(list((tmp_path / "out").glob("*-cpu-smoke.json"))) == 1
