@@ -91,6 +91,22 @@ class ParallelDims:
             )
         return world_size // (tp * pp)
 
+    @staticmethod
+    def check_backend(backend: str, cuda: bool, pp: int) -> None:
+        """Refuse a backend that cannot move this run's tensors, before any rank connects.
+
+        gloo sends and receives CPU tensors only (torch.distributed's backend table: send/recv
+        on GPU is not supported), and pipeline stages exchange activations on the GPU, so gloo
+        with GPUs and PP > 1 would fail at the first send. Its GPU collectives (all-reduce,
+        all-gather, reduce-scatter) are supported, so TP and DP alone are left to run."""
+        if backend == "gloo" and cuda and pp > 1:
+            raise ValueError(
+                f"--distributed_backend gloo with GPUs and pipeline_model_parallel_size {pp}: "
+                "gloo cannot send or receive CUDA tensors, which pipeline stages exchange. Use "
+                "--distributed_backend nccl (the default when CUDA is available), or train on "
+                "CPU with the GPUs hidden (CUDA_VISIBLE_DEVICES=)"
+            )
+
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, backend: str | None = None,
               timeout_minutes: float = 10.0) -> "ParallelDims":  # fmt: skip
@@ -108,6 +124,7 @@ class ParallelDims:
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if not dist.is_initialized():
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            cls.check_backend(backend, torch.cuda.is_available(), pp)
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=timeout)

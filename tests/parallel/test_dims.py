@@ -27,6 +27,29 @@ def test_world_size_check_names_the_fix():
         ParallelDims.check(6, tp=2, pp=2)
 
 
+def test_gloo_with_gpus_and_pipeline_stages_is_refused_before_connecting(monkeypatch):
+    """gloo cannot send CUDA tensors: with GPUs and PP > 1 the run is refused by name before
+    init_process_group (which would otherwise wait for every rank, then fail at the first
+    send); TP/DP-only gloo runs and CPU runs go on."""
+    import torch.distributed as dist
+
+    def no_connect(*args, **kwargs):
+        raise AssertionError("init_process_group must not be reached")
+
+    monkeypatch.setattr(dist, "init_process_group", no_connect)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    with pytest.raises(
+        ValueError, match=r"backend gloo .* pipeline_model_parallel_size 2: .* nccl"
+    ):
+        ParallelDims.build(tp=2, pp=2, backend="gloo")
+    ParallelDims.check_backend("gloo", cuda=True, pp=1)  # TP/DP collectives: supported
+    ParallelDims.check_backend("gloo", cuda=False, pp=4)  # CPU: the CI's own setup
+    ParallelDims.check_backend("nccl", cuda=True, pp=4)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES="):
+        ParallelDims.check_backend("gloo", cuda=True, pp=2)
+
+
 def test_the_distributed_timeout_reaches_every_group():
     """--distributed_timeout_minutes: the default group and every TP/PP/DP group wait that long
     for the slowest rank (a 70B checkpoint's save can outlast the default 10 minutes)."""
