@@ -11,6 +11,26 @@ import torch.distributed as dist
 AXES = ("tp", "dp", "pp")
 
 
+def local_cuda_device() -> torch.device:
+    """This process's GPU: cuda:LOCAL_RANK (torchrun), or the only one it sees when a launcher
+    gives each process its own GPU through CUDA_VISIBLE_DEVICES (srun --gpus-per-task=1), where
+    LOCAL_RANK still counts the node's processes. A LOCAL_RANK past several visible GPUs is an
+    error that says so, not CUDA's "invalid device ordinal" from the first allocation."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda", 0)
+    if local >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"LOCAL_RANK {local}, but this process sees {count} GPUs"
+            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+            + f": launch at most {count} processes per node (torchrun --nproc_per_node), or "
+            "give each process one GPU"
+        )
+    return torch.device("cuda", local)
+
+
 @dataclass
 class ParallelDims:
     """Megatron rank order: TP innermost (stays inside a node), then DP, then PP outermost.
@@ -126,7 +146,7 @@ class ParallelDims:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             cls.check_backend(backend, torch.cuda.is_available(), pp)
             if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(local_cuda_device())
             dist.init_process_group(backend, timeout=timeout)
         rank = dist.get_rank()
         dims = cls(tp=tp, pp=pp, dp=dp, rank=rank)

@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from parallel.dims import local_cuda_device
 from parallel.host_text import agree
 from train.args import ArgsError, no_effect_notes, parse_args
 from train.config import RunConfig
@@ -345,7 +346,7 @@ def _set_up_and_run(rc: RunConfig, dims, argv, started: float, t_setup: float) -
         raise _Refused(f"launched with data parallel size {dims.dp}, configured for "
                        f"{rc.parallel.dp}")  # fmt: skip
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = _on_every_rank(dims, local_cuda_device, known=(ValueError,))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -70,3 +70,25 @@ def test_the_distributed_timeout_reaches_every_group():
     assert rc.parallel.timeout_minutes == 45
     with pytest.raises(ArgsError, match="--distributed_timeout_minutes 0.0: must be > 0"):
         tiny_run(["--distributed_timeout_minutes", "0"])
+
+
+def test_the_local_gpu_is_local_rank_or_the_only_one_visible(monkeypatch):
+    """torchrun: cuda:LOCAL_RANK. One GPU per process (srun --gpus-per-task=1 sets
+    CUDA_VISIBLE_DEVICES per task while LOCAL_RANK counts the node's tasks): cuda:0. A
+    LOCAL_RANK past several visible GPUs is refused by name instead of CUDA's "invalid device
+    ordinal" at the first allocation."""
+    import torch
+
+    from parallel.dims import local_cuda_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert local_cuda_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_cuda_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK 3, .* 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        local_cuda_device()
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_cuda_device() == torch.device("cuda", 0)

@@ -196,6 +196,18 @@ def test_training_on_the_cpu_takes_one_thread_unless_asked(tmp_path, monkeypatch
     assert calls == ([1] if omp is None else [])
 
 
+def test_a_local_rank_past_the_visible_gpus_is_refused_by_name(monkeypatch, capsys):
+    """A process whose LOCAL_RANK names no GPU it sees stops at set-up with the reason, before
+    its first CUDA call (CUDA would say "invalid device ordinal" at the first allocation)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d})"))
+    assert main_mod.main(_tiny()) != 0
+    assert "LOCAL_RANK 5, but this process sees 2 GPUs" in capsys.readouterr().err
+
+
 def test_the_command_line_recorded_is_without_the_program(monkeypatch):
     """`python -m train ARGS` records ARGS (sys.argv[1:]) in metrics.jsonl's run_start, the same
     list a caller passing argv gets recorded; not the program's path."""
