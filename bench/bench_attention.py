@@ -39,6 +39,7 @@ from bench.harness import (
     Row,
     add_ratios,
     format_table,
+    release_cached_memory,
     time_quantiles,
     write_json,
 )
@@ -162,8 +163,7 @@ class _Bench:
             return None
         finally:
             self.rows.append(row)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_cached_memory()
 
 
 def _goals(pass_: str, seq: int) -> dict:

@@ -40,6 +40,7 @@ from bench.harness import (
     Row,
     add_ratios,
     graph_stream,
+    release_cached_memory,
     seeded,
     time_graph,
     time_quantiles,
@@ -370,8 +371,7 @@ def _measure(
         row.error = _why(e)
         return row, None
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
 
 def _compiled(fn: Callable, device: str) -> Callable:
@@ -482,8 +482,7 @@ def adamw_rows(
         except Exception as e:
             row.error = _why(e)
         finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_cached_memory()
         rows.append(row)
 
     def ours(grad_dtype, with_out, block=None, num_warps=None, check=True):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from bench.bench_attention import mix_lengths
-from bench.harness import Row, add_ratios, print_table, write_json
+from bench.harness import Row, add_ratios, print_table, release_cached_memory, write_json
 from data.chat import Role
 from data.loader import LoaderConfig, build_micro_batch, pack_rows
 from kernels.linear import fp32_out_addmm
@@ -232,8 +232,7 @@ def rows_for(
             continue
         finally:
             gc.collect()
-            if not cpu:
-                torch.cuda.empty_cache()
+            release_cached_memory()
             last_case_s = time.time() - t_case
         # The next case's length: one warm-up step and `steps` timed ones at this case's rate.
         # This one's whole length counts the compiling and autotuning the first case does for
@@ -306,8 +305,7 @@ def optimizer_rows(numel: int, device: str, steps: int, deadline: float | None =
         finally:
             w = grads = opt = None  # noqa: F841 -- free the buffers before the next case
             gc.collect()
-            if not cpu:
-                torch.cuda.empty_cache()
+            release_cached_memory()
         q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [0] * 9
         row.ms, row.ms_p20, row.ms_p80 = statistics.median(times), q[1], q[7]
         per_billion = row.ms / numel * 1e9 / 1e3

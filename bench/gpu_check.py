@@ -255,6 +255,9 @@ def run_tests(budget_s: float, logdir: Path, tests_path: str, shards: int = 1) -
     def one(i: int) -> dict:
         name = "tests" if shards == 1 else f"tests-{i}"
         xml = logdir / f"{name}-junit.xml"
+        # An earlier run's report in a reused --log-dir must not stand in for this run's when
+        # pytest dies before writing one (SIGKILL at the limit, a crash at start-up).
+        xml.unlink(missing_ok=True)
         cmd = base + [f"--junitxml={xml}"]
         env = None
         if shards > 1:
@@ -307,6 +310,9 @@ def run_section(
 ) -> dict:
     """Run `module.gpu_rows` in a child process; returns the section record with its rows."""
     result = logdir / f"{name}-rows.json"
+    # An earlier run's rows in a reused --log-dir must not be reported as this run's when the
+    # child dies before writing its own (a crash, a SIGKILL at the limit).
+    result.unlink(missing_ok=True)
     ceil = logdir / "ceilings.json"
     ceil.write_text(json.dumps(ceilings))
     deadline = time.time() + max(budget_s - GRACE_S, budget_s / 2)

@@ -113,6 +113,21 @@ def graph_stream():
     return torch.cuda.stream(stream)
 
 
+def release_cached_memory() -> None:
+    """Hand the caching allocator's free blocks back to the device between measurements (the
+    `finally` of every family's measurement; a no-op without CUDA).
+
+    Never raises: after a sticky CUDA error (an illegal address in a kernel) every CUDA call
+    fails, cudaFree too (the allocator's release_block is C10_CUDA_CHECK(cudaFree(...))), and a
+    `finally` that raised would lose every row the section had measured. The error is already on
+    the row that failed, and each later measurement fails on its own, loudly."""
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError:  # torch.AcceleratorError, a poisoned context, is a RuntimeError
+            pass
+
+
 def time_ms(
     fn: Callable[[], object], warmup: int = 25, rep: int = 100, cuda: bool | None = None
 ) -> float:
