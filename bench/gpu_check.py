@@ -78,6 +78,8 @@ FULL_SCALE = 3  # --full: every budget times this
 GRACE_S = 15  # a child's own deadline is this much before its hard kill
 MIN_SECTION_S = 20  # a section with less time left is skipped (and reported)
 INTERRUPT_S = 10  # a section past its budget gets SIGINT this long before SIGKILL
+# After SIGKILL, how long to wait for the group's leader to go before leaving it behind.
+KILLED_WAIT_S = 30.0
 # The device tool returns only the last 12,000 characters of a run's output. The short table
 # printed last gets at most this many of them, so the verdict lines just above it (tests,
 # ceilings, files written, ok/FAILED) always come back too; the whole table is in the files.
@@ -184,7 +186,13 @@ def _run(cmd: list[str], timeout_s: float, log: Path, env: dict | None = None) -
                 rc = proc.wait(timeout=INTERRUPT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                rc = proc.wait()
+                try:
+                    rc = proc.wait(timeout=KILLED_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    # Stuck in the driver (uninterruptible): leave it, the other sections and
+                    # the table at the end matter more than its exit status.
+                    rc = -signal.SIGKILL
+                    print(f"gpu_check: the process writing {log.name} outlived SIGKILL", flush=True)
     text = log.read_text(errors="replace")
     return {
         "returncode": rc,

@@ -104,3 +104,29 @@ def test_a_dead_test_shard_is_not_given_the_last_runs_counts(tmp_path, monkeypat
     monkeypatch.setattr(gpu_check, "_run", killed)
     rec = gpu_check.run_tests(30, tmp_path, "tests", shards=1)
     assert rec["passed"] is None and rec["failed"] is None and not rec["ok"]
+
+
+def test_a_child_that_outlives_sigkill_is_left_behind(tmp_path, monkeypatch, capsys):
+    """A child stuck in the driver (uninterruptible) survives SIGKILL: after KILLED_WAIT_S the
+    run leaves it and goes on to the next section, with the section marked timed out (FAKE
+    process: nothing is started)."""
+    signals, waits = [], []
+
+    class Stuck:
+        pid = 12345
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            raise gpu_check.subprocess.TimeoutExpired("child", timeout)
+
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", Stuck)
+    monkeypatch.setattr(gpu_check.os, "killpg", lambda pid, sig: signals.append((pid, sig)))
+    rec = gpu_check._run(["python3", "-c", "pass"], 30.0, tmp_path / "stuck.log")
+    sig = gpu_check.signal
+    assert signals == [(12345, sig.SIGINT), (12345, sig.SIGKILL)]
+    assert waits == [30.0 - gpu_check.INTERRUPT_S, gpu_check.INTERRUPT_S, gpu_check.KILLED_WAIT_S]
+    assert rec["timed_out"] and rec["returncode"] == -sig.SIGKILL
+    assert "stuck.log outlived SIGKILL" in capsys.readouterr().out
