@@ -206,13 +206,21 @@ def ordered_test_paths(tests_path: str) -> list[str]:
     """`tests_path`, with its `kernels` folder last when it has one: the other GPU tests (bf16
     training, the optimizers, HF) take seconds, the kernels' hundreds of compiles take most of
     the budget, so a run interrupted at its deadline still has the quick ones."""
-    root = REPO / tests_path
+    root = REPO / tests_path  # an absolute tests_path stays itself
     if not (root / "kernels").is_dir():
         return [tests_path]
-    first = sorted(p for p in root.iterdir() if p.is_dir() and p.name[0] not in "._")
-    return [str(p.relative_to(REPO)) for p in first if p.name != "kernels"] + [
-        str((root / "kernels").relative_to(REPO))
-    ]  # fmt: skip
+    first = sorted(
+        p
+        for p in root.iterdir()
+        if p.name[0] not in "._"
+        and p.name != "kernels"
+        and (p.is_dir() or (p.name.startswith("test_") and p.suffix == ".py"))
+    )
+    return [_repo_relative(p) for p in [*first, root / "kernels"]]
+
+
+def _repo_relative(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def default_test_shards() -> int:

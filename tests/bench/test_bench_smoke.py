@@ -333,6 +333,24 @@ def test_gpu_tests_run_the_kernels_last():
     assert {"tests/train", "tests/parallel3d", "tests/hf"} <= set(paths)
     assert not any(p.endswith("__pycache__") for p in paths)
     assert gpu_check.ordered_test_paths("tests/train") == ["tests/train"]
+    # the tests folder's own test files are not left out (tests/test_makefile.py), nor its
+    # helpers taken for tests
+    assert "tests/test_makefile.py" in paths and "tests/conftest.py" not in paths
+    assert "tests/gloo_ranks.py" not in paths
+
+
+def test_gpu_tests_at_an_absolute_path_outside_the_checkout(tmp_path):
+    """--tests-path may name a folder outside the repository (a copy of the tests): its paths
+    stay absolute instead of failing relative_to."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test_top.py").write_text("")
+    paths = gpu_check.ordered_test_paths(str(tmp_path))
+    assert paths == [
+        str(tmp_path / "test_top.py"),
+        str(tmp_path / "train"),
+        str(tmp_path / "kernels"),
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
