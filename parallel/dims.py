@@ -14,19 +14,31 @@ AXES = ("tp", "dp", "pp")
 def local_cuda_device() -> torch.device:
     """This process's GPU: cuda:LOCAL_RANK (torchrun), or the only one it sees when a launcher
     gives each process its own GPU through CUDA_VISIBLE_DEVICES (srun --gpus-per-task=1), where
-    LOCAL_RANK still counts the node's processes. A LOCAL_RANK past several visible GPUs is an
-    error that says so, not CUDA's "invalid device ordinal" from the first allocation."""
+    LOCAL_RANK still counts the node's processes. More local processes than visible GPUs
+    (LOCAL_WORLD_SIZE, set by torchrun) or a LOCAL_RANK past several visible GPUs is an error
+    that says so, not CUDA's "invalid device ordinal" at the first allocation or NCCL's
+    duplicate-GPU error at the first collective.
+
+    Checked on each rank by itself: under NCCL it runs before init_process_group, where no rank
+    can hear another (torchrun stops the others when one exits)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"this process sees {count} GPUs" + (
+        f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    )
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    if per_node is not None and int(per_node) > count:
+        raise ValueError(
+            f"{per_node} processes on this node (LOCAL_WORLD_SIZE), but {seen}: launch at most "
+            f"{count} per node (torchrun --nproc_per_node {count}, make train NPROC={count})"
+        )
     if count == 1:
         return torch.device("cuda", 0)
     if local >= count:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise ValueError(
-            f"LOCAL_RANK {local}, but this process sees {count} GPUs"
-            + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
-            + f": launch at most {count} processes per node (torchrun --nproc_per_node), or "
-            "give each process one GPU"
+            f"LOCAL_RANK {local}, but {seen}: launch at most {count} processes per node "
+            "(torchrun --nproc_per_node), or give each process one GPU"
         )
     return torch.device("cuda", local)
 
@@ -115,10 +127,18 @@ class ParallelDims:
     def check_backend(backend: str, cuda: bool, pp: int) -> None:
         """Refuse a backend that cannot move this run's tensors, before any rank connects.
 
-        gloo sends and receives CPU tensors only (torch.distributed's backend table: send/recv
-        on GPU is not supported), and pipeline stages exchange activations on the GPU, so gloo
-        with GPUs and PP > 1 would fail at the first send. Its GPU collectives (all-reduce,
-        all-gather, reduce-scatter) are supported, so TP and DP alone are left to run."""
+        gloo's send and recv hand the tensor's pointer to its TCP transport (ProcessGroupGloo,
+        and torch.distributed's backend table marks them unsupported on GPU), and pipeline
+        stages exchange activations on the GPU: gloo with GPUs and PP > 1 is refused. The calls
+        made at PP 1 (all-reduce, all-gather into a tensor, reduce-scatter into a tensor, which
+        ProcessGroupGloo runs as an all-reduce, broadcast, barrier) have CUDA paths there (the
+        table's older versions mark some unsupported), so TP and DP alone are left to run; no
+        GPU run with gloo has been made here. NCCL needs GPUs."""
+        if backend == "nccl" and not cuda:
+            raise ValueError(
+                "--distributed_backend nccl, but torch sees no GPU (torch.cuda.is_available() is "
+                "False): use --distributed_backend gloo (the default without CUDA) on CPU"
+            )
         if backend == "gloo" and cuda and pp > 1:
             raise ValueError(
                 f"--distributed_backend gloo with GPUs and pipeline_model_parallel_size {pp}: "

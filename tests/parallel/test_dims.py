@@ -48,6 +48,10 @@ def test_gloo_with_gpus_and_pipeline_stages_is_refused_before_connecting(monkeyp
     ParallelDims.check_backend("nccl", cuda=True, pp=4)
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES="):
         ParallelDims.check_backend("gloo", cuda=True, pp=2)
+    # nccl without a GPU is named as such (it used to reach local_cuda_device: "sees 0 GPUs")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"backend nccl, but torch sees no GPU.*backend gloo"):
+        ParallelDims.build(tp=4, backend="nccl")
 
 
 def test_the_distributed_timeout_reaches_every_group():
@@ -81,6 +85,7 @@ def test_the_local_gpu_is_local_rank_or_the_only_one_visible(monkeypatch):
 
     from parallel.dims import local_cuda_device
 
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert local_cuda_device() == torch.device("cuda", 3)
@@ -91,4 +96,15 @@ def test_the_local_gpu_is_local_rank_or_the_only_one_visible(monkeypatch):
     with pytest.raises(ValueError, match=r"LOCAL_RANK 3, .* 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)"):
         local_cuda_device()
     monkeypatch.delenv("LOCAL_RANK")
+    assert local_cuda_device() == torch.device("cuda", 0)
+    # torchrun --nproc_per_node 2 on a one-GPU machine: both would take cuda:0 (NCCL refuses a
+    # GPU twice in one communicator); refused by name instead, on every local rank
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(ValueError, match=r"^2 processes on this node .* sees 1 GPUs: .* 1 per"):
+            local_cuda_device()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process, the one GPU
     assert local_cuda_device() == torch.device("cuda", 0)

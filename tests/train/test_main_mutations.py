@@ -201,6 +201,7 @@ def test_a_local_rank_past_the_visible_gpus_is_refused_by_name(monkeypatch, caps
     its first CUDA call (CUDA would say "invalid device ordinal" at the first allocation)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d})"))
