@@ -177,6 +177,7 @@ def _run(cmd: list[str], timeout_s: float, log: Path, env: dict | None = None) -
             start_new_session=True,
         )
         soft = max(1.0, timeout_s - INTERRUPT_S)
+        left_running = False
         try:
             rc, timed_out = proc.wait(timeout=soft), False
         except subprocess.TimeoutExpired:
@@ -191,12 +192,14 @@ def _run(cmd: list[str], timeout_s: float, log: Path, env: dict | None = None) -
                 except subprocess.TimeoutExpired:
                     # Stuck in the driver (uninterruptible): leave it, the other sections and
                     # the table at the end matter more than its exit status.
-                    rc = -signal.SIGKILL
+                    rc, left_running = -signal.SIGKILL, True
                     print(f"gpu_check: the process writing {log.name} outlived SIGKILL", flush=True)
     text = log.read_text(errors="replace")
     return {
         "returncode": rc,
         "timed_out": timed_out,
+        # still there after SIGKILL: it may hold GPU memory the later sections then lack
+        "left_running": left_running,
         "seconds": round(time.time() - t0, 1),
         "tail": text[-3000:],
     }
@@ -271,8 +274,8 @@ def run_tests(budget_s: float, logdir: Path, tests_path: str, shards: int = 1) -
     def one(i: int) -> dict:
         name = "tests" if shards == 1 else f"tests-{i}"
         xml = logdir / f"{name}-junit.xml"
-        # An earlier run's report in a reused --log-dir must not stand in for this run's when
-        # pytest dies before writing one (SIGKILL at the limit, a crash at start-up).
+        # A report already in logdir (main refuses a used --log-dir; a caller may not) must not
+        # stand in for this run's when pytest dies before writing one (SIGKILL, a crash).
         xml.unlink(missing_ok=True)
         cmd = base + [f"--junitxml={xml}"]
         env = None
@@ -287,6 +290,7 @@ def run_tests(budget_s: float, logdir: Path, tests_path: str, shards: int = 1) -
         "shards": shards,
         "returncode": max((p["returncode"] for p in parts), key=lambda rc: (rc not in (0, 5), rc)),
         "timed_out": any(p["timed_out"] for p in parts),
+        "left_running": any(p.get("left_running") for p in parts),
         "seconds": max(p["seconds"] for p in parts),
         "tail": "\n".join(p["tail"][-3000 // shards :] for p in parts),
         "failed_ids": [f for p in parts for f in p["failed_ids"]],
@@ -326,8 +330,8 @@ def run_section(
 ) -> dict:
     """Run `module.gpu_rows` in a child process; returns the section record with its rows."""
     result = logdir / f"{name}-rows.json"
-    # An earlier run's rows in a reused --log-dir must not be reported as this run's when the
-    # child dies before writing its own (a crash, a SIGKILL at the limit).
+    # Rows already in logdir (main refuses a used --log-dir; a caller may not) must not be
+    # reported as this run's when the child dies before writing its own (a crash, a SIGKILL).
     result.unlink(missing_ok=True)
     ceil = logdir / "ceilings.json"
     ceil.write_text(json.dumps(ceilings))
@@ -497,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--log-dir",
         default=None,
-        help="where each section's log goes (default: a new gpu_check_logs_* temporary folder; "
-        "with $OUT set they are also archived there)",
+        help="where each section's log goes, an empty or new folder (default: a new "
+        "gpu_check_logs_* temporary folder; with $OUT set they are also archived there)",
     )
     ap.add_argument(
         "--budget-s", type=float, default=TOTAL_BUDGET_S, help="whole-run budget in seconds"
@@ -554,6 +558,15 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"{date}-{card_slug(card)}"
     if args.log_dir:
         logdir = Path(args.log_dir)
+        if logdir.is_dir() and any(logdir.iterdir()):
+            # Its files would be archived with this run's (a section skipped or with another
+            # shard count leaves an earlier run's in place), and deleting them is not ours to do.
+            print(
+                f"gpu_check: --log-dir {logdir} already holds files (an earlier run's logs would "
+                "travel with this run's): give an empty or new folder",
+                file=sys.stderr,
+            )
+            return 2
         logdir.mkdir(parents=True, exist_ok=True)
     else:
         logdir = Path(tempfile.mkdtemp(prefix="gpu_check_logs_"))
@@ -656,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
             status = "ok" if rec["ok"] else "FAILED"
             if not rec["ok"]:
                 why = "timed out" if rec["timed_out"] else f"exit {rec['returncode']}"
+                if rec.get("left_running"):
+                    why += " (still running after SIGKILL: later sections may lack its memory)"
                 last = rec["tail"].strip().splitlines()[-1:] or [""]
                 rows.append(
                     Row(
@@ -670,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {status}, {len(new)} rows in {rec['seconds']} s", flush=True)
         failed |= status != "ok"
         keep = ("seconds", "returncode", "timed_out") + (("tail",) if status != "ok" else ())
+        keep += ("left_running",) if rec.get("left_running") else ()
         doc["sections"][name] = {"status": status, **{k: rec[k] for k in keep}}
 
     doc["telemetry"]["after"] = telemetry()

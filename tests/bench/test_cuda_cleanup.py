@@ -18,6 +18,9 @@ from bench.harness import OURS, Row
 from tests.bench.test_bench_scripts_mutations import CPU_SHAPE, fake_gpu_train  # noqa: F401
 
 POISONED = "CUDA error: an illegal memory access was encountered"
+# What a sticky CUDA error raises: torch.AcceleratorError from torch 2.8 (a RuntimeError), a plain
+# RuntimeError before (the project's floor is torch 2.4)
+CUDA_ERROR = getattr(torch, "AcceleratorError", RuntimeError)
 
 
 @pytest.fixture
@@ -27,7 +30,7 @@ def poisoned(monkeypatch) -> list:
 
     def empty_cache():
         calls.append(1)
-        raise torch.AcceleratorError(POISONED)
+        raise CUDA_ERROR(POISONED)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
@@ -35,7 +38,7 @@ def poisoned(monkeypatch) -> list:
 
 
 def _crash(*args):
-    raise torch.AcceleratorError(POISONED)
+    raise CUDA_ERROR(POISONED)
 
 
 def test_release_cached_memory_survives_a_poisoned_context(poisoned):
@@ -49,7 +52,7 @@ def test_kernel_measurement_keeps_its_error_row(poisoned):
     )
     timing = dict(warmup=1, rep=5, cuda=False)
     row, result = bench_kernels._measure(case, OURS, _crash, None, {}, timing, None)
-    assert result is None and row.error == f"AcceleratorError: {POISONED}"
+    assert result is None and row.error == f"{CUDA_ERROR.__name__}: {POISONED}"
     assert poisoned == [1]
 
 
@@ -63,7 +66,7 @@ def test_attention_measurement_keeps_its_error_row(poisoned):
     b = bench_attention._Bench({}, "cpu", True, None)
     row = Row("attn", "B1", "bf16", "fwd", OURS)
     assert b.measure(row, _crash, "fwd", None, []) is None
-    assert b.rows == [row] and row.error == f"AcceleratorError: {POISONED}"
+    assert b.rows == [row] and row.error == f"{CUDA_ERROR.__name__}: {POISONED}"
     assert poisoned == [1]
 
 
@@ -128,5 +131,40 @@ def test_a_child_that_outlives_sigkill_is_left_behind(tmp_path, monkeypatch, cap
     sig = gpu_check.signal
     assert signals == [(12345, sig.SIGINT), (12345, sig.SIGKILL)]
     assert waits == [30.0 - gpu_check.INTERRUPT_S, gpu_check.INTERRUPT_S, gpu_check.KILLED_WAIT_S]
-    assert rec["timed_out"] and rec["returncode"] == -sig.SIGKILL
+    assert rec["timed_out"] and rec["returncode"] == -sig.SIGKILL and rec["left_running"]
     assert "stuck.log outlived SIGKILL" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
+def test_a_section_left_running_is_named_in_the_results(tmp_path, monkeypatch):
+    """The record and the section's error row say the child outlived SIGKILL: the sections
+    after it may fail for the memory it still holds (FAKE section record: nothing runs)."""
+
+    def stuck(name, *args):
+        return dict(returncode=-9, timed_out=True, left_running=True, ok=False, seconds=4, tail="x")
+
+    monkeypatch.setattr(gpu_check, "SECTIONS", [("kernels", "bench.bench_kernels", 60)])
+    monkeypatch.setattr(gpu_check, "run_section", lambda *a: {**stuck(*a), "rows": []})
+    monkeypatch.delenv("OUT", raising=False)
+    args = ["--cpu-smoke", "--out-dir", str(tmp_path / "res"), "--log-dir", str(tmp_path / "l")]
+    assert gpu_check.main(args) == 1
+    [json_path] = (tmp_path / "res").glob("*-cpu-smoke.json")
+    rows, doc = harness.read_json(json_path)
+    assert doc["sections"]["kernels"]["left_running"] is True
+    [row] = [r for r in rows if r.op == "kernels"]
+    assert "timed out (still running after SIGKILL" in row.error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU smoke mode")
+def test_a_log_dir_holding_files_is_refused_and_kept(tmp_path, monkeypatch, capsys):
+    """An earlier run's files in --log-dir would travel in this run's log archive: the run is
+    refused before measuring anything, and the files stay as they were."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "train-rows.json").write_text("[]")
+    monkeypatch.setattr(gpu_check, "SECTIONS", [])  # were the refusal gone, nothing long runs
+    rc = gpu_check.main(["--cpu-smoke", "--out-dir", str(tmp_path / "r"), "--log-dir", str(logs)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--log-dir {logs} already holds files" in err
+    assert [p.name for p in logs.iterdir()] == ["train-rows.json"]
+    assert not list((tmp_path / "r").glob("*.json"))
