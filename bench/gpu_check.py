@@ -527,6 +527,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args)
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is not None and (log_dir.is_file() or (log_dir.is_dir() and any(log_dir.iterdir()))):
+        # Its files would be archived with this run's (a section skipped or with another shard
+        # count leaves an earlier run's in place), and deleting them is not ours to do.
+        print(
+            f"gpu_check: --log-dir {log_dir} already holds files (an earlier run's logs would "
+            "travel with this run's) or is a file: give an empty or new folder",
+            file=sys.stderr,
+        )
+        return 2
 
     t_start = time.time()
     import torch
@@ -556,17 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(tempfile.mkdtemp(prefix="gpu_check_smoke_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{date}-{card_slug(card)}"
-    if args.log_dir:
-        logdir = Path(args.log_dir)
-        if logdir.is_dir() and any(logdir.iterdir()):
-            # Its files would be archived with this run's (a section skipped or with another
-            # shard count leaves an earlier run's in place), and deleting them is not ours to do.
-            print(
-                f"gpu_check: --log-dir {logdir} already holds files (an earlier run's logs would "
-                "travel with this run's): give an empty or new folder",
-                file=sys.stderr,
-            )
-            return 2
+    if log_dir is not None:
+        logdir = log_dir
         logdir.mkdir(parents=True, exist_ok=True)
     else:
         logdir = Path(tempfile.mkdtemp(prefix="gpu_check_logs_"))

@@ -167,4 +167,6 @@ def test_a_log_dir_holding_files_is_refused_and_kept(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert rc == 2 and f"--log-dir {logs} already holds files" in err
     assert [p.name for p in logs.iterdir()] == ["train-rows.json"]
-    assert not list((tmp_path / "r").glob("*.json"))
+    assert not (tmp_path / "r").exists()  # refused before anything is written
+    rc = gpu_check.main(["--cpu-smoke", "--log-dir", str(logs / "train-rows.json")])
+    assert rc == 2 and "or is a file" in capsys.readouterr().err
